@@ -1,0 +1,68 @@
+"""Reading and writing checkpoint files safely.
+
+Reading defaults to ``torch.load(weights_only=True)``: a checkpoint from the internet can run arbitrary code when
+unpickled, so full unpickling is opt-in (``trusted=True``) and the refusal says how to opt in. Writing is atomic
+(temporary file + rename) so an interrupted save never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "extract_state_dict", "read_checkpoint", "save_atomic"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, untrusted or does not fit the model."""
+
+
+def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False) -> Any:
+    """Load a checkpoint file onto the CPU; only tensors and plain containers unless ``trusted``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as err:
+        if not trusted and "weights_only" in str(err):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects beyond tensors and plain containers, which safe loading "
+                "refuses (they can execute code). If you trust where the file comes from, load it with "
+                "trusted=True (CLI: --trust_checkpoint true)."
+            ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def extract_state_dict(obj: Any, keys: tuple[str, ...] = ("model", "state_dict", "model_ema")) -> dict[str, Any]:
+    """The state dict inside a checkpoint container (VMamba's ``model`` entry, Lightning's ``state_dict``, ...)."""
+    if isinstance(obj, dict):
+        for key in keys:
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise CheckpointError(
+        f"no state dict found in checkpoint: expected a dict of tensors or one under any of {keys}; "
+        f"got {type(obj).__name__} with keys {list(obj)[:8] if isinstance(obj, dict) else '-'}"
+    )
+
+
+def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

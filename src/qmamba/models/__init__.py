@@ -1,0 +1,72 @@
+"""Model registry: ``build_backbone(name)`` and ``build_model(name)`` for every preset.
+
+Names: ``qmamba_tiny``, ``qmamba_tiny5``, ``qmamba_small``, ``qmamba_base``, ``lqmamba_tiny``, ``lqmamba_small``,
+``lqmamba_base``, ``vmamba_tiny_s1l8``, ``vmamba_tiny_s2l5``, ``vmamba_small``, ``vmamba_base``,
+``vmamba_vanilla_tiny`` (v0), ``vim_tiny``, ``vim_small``, and the CPU test presets ``qmamba_test``,
+``lqmamba_test``, ``vim_test``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .qmamba import QMamba, QualityHead
+from .vim import VIM_PRESETS, Vim
+from .vmamba import VMAMBA_PRESETS, LoadReport, VMamba, load_official_checkpoint
+
+__all__ = [
+    "QMamba",
+    "QualityHead",
+    "LoadReport",
+    "VMamba",
+    "Vim",
+    "build_backbone",
+    "build_model",
+    "list_models",
+    "load_official_checkpoint",
+]
+
+
+def list_models() -> list[str]:
+    """All registered backbone / model names."""
+    return sorted([*VMAMBA_PRESETS, *VIM_PRESETS])
+
+
+def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, trusted: bool = False,
+                   **overrides: Any) -> VMamba | Vim:
+    """Build a registered backbone; ``pretrained`` is an official VMamba ImageNet checkpoint file.
+
+    ``overrides`` replace preset arguments (e.g. ``drop_path_rate=0.1``, ``scan_backend="torch"``).
+    ``trusted`` allows full unpickling of the checkpoint file (only for files from a source you trust).
+    """
+    if name in VMAMBA_PRESETS:
+        backbone: VMamba | Vim = VMamba(**{**VMAMBA_PRESETS[name], **overrides})
+    elif name in VIM_PRESETS:
+        backbone = Vim(**{**VIM_PRESETS[name], **overrides})  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if pretrained is not None:
+        if not isinstance(backbone, VMamba):
+            raise ValueError(f"{name}: only VMamba-family backbones load official VMamba checkpoints")
+        load_official_checkpoint(backbone, pretrained, trusted=trusted)
+    return backbone
+
+
+def build_model(
+    name: str,
+    pretrained: str | os.PathLike[str] | None = None,
+    trusted: bool = False,
+    head_features: tuple[str, ...] = ("pooled",),
+    head_hidden: int | None = None,
+    head_dropout: float = 0.0,
+    **overrides: Any,
+) -> QMamba:
+    """The IQA regressor: ``build_backbone(name, pretrained, **overrides)`` plus a :class:`QualityHead`."""
+    backbone = build_backbone(name, pretrained, trusted=trusted, **overrides)
+    dims = {"pooled": backbone.num_features, **{f"stage{i}": d for i, d in enumerate(backbone.stage_dims)}}
+    unknown = [f for f in head_features if f not in dims]
+    if unknown:
+        raise ValueError(f"head_features {unknown} not produced by {name}; choose from {sorted(dims)}")
+    head = QualityHead([dims[f] for f in head_features], head_features, head_hidden, head_dropout)
+    return QMamba(backbone, head)

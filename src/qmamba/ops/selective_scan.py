@@ -1,0 +1,334 @@
+"""Mamba's selective scan with per-call backend dispatch.
+
+Math (mamba-ssm's ``selective_scan_fn`` conventions): for batch b, channel d (group g = d // (D / G)), state n, step l,
+
+    delta = softplus(delta + delta_bias)            (each part optional)
+    h[l, n] = exp(delta[l] * A[d, n]) * h[l-1, n] + delta[l] * B[b, g, n, l] * u[b, d, l]
+    y[l]    = sum_n C[b, g, n, l] * h[l, n] + D[d] * u[b, d, l]
+
+Backends:
+
+* ``cuda``: mamba-ssm's fused kernel, imported lazily on first use (the package cannot even be imported without
+  its compiled extension, so nothing here touches it at import time).
+* ``torch``: pure PyTorch, fp32 internally, a blocked linear scan with a hand-written backward (see
+  :mod:`qmamba.ops.linear_scan`). Used for CPU tensors and for GPUs without mamba-ssm.
+* :func:`selective_scan_reference`: a plain sequential loop under autograd, kept for tests and benchmarks.
+
+``auto`` picks ``cuda`` for CUDA tensors when the kernel imports, else ``torch`` -- decided per call, so CPU and GPU
+models can share a process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qmamba.ops.linear_scan import linear_scan_reference, scan, scan_adjoint
+
+__all__ = [
+    "ScanBackend",
+    "cuda_selective_scan_available",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_reference",
+    "selective_scan_torch",
+    "validate_backend",
+]
+
+ScanBackend = Literal["auto", "cuda", "torch"]
+_BACKENDS = ("auto", "cuda", "torch")
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _load_cuda_kernel() -> Callable[..., Tensor] | None:
+    """mamba-ssm's ``selective_scan_fn``, or None when the package or its compiled extension is missing."""
+    try:
+        import selective_scan_cuda  # noqa: F401  (the compiled extension; fails fast without it)
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as err:  # ImportError, undefined symbols (OSError), CUDA init errors, ...
+        log.debug("mamba-ssm selective scan unavailable: %s", err)
+        return None
+    return selective_scan_fn
+
+
+def cuda_selective_scan_available() -> bool:
+    """True when mamba-ssm's CUDA selective scan can be imported."""
+    return _load_cuda_kernel() is not None
+
+
+def validate_backend(backend: str) -> ScanBackend:
+    """Return ``backend`` if it names a backend, else raise."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"scan backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend  # type: ignore[return-value]
+
+
+def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda", "torch"]:
+    """The backend that runs for tensors on ``device``; raises a clear error when ``cuda`` cannot."""
+    validate_backend(backend)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "cuda" if device.type == "cuda" and cuda_selective_scan_available() else "torch"
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"scan backend 'cuda' was requested for tensors on {device}; it runs on CUDA tensors only. "
+            "Use backend 'auto' (or 'torch') to run elsewhere."
+        )
+    if not cuda_selective_scan_available():
+        raise RuntimeError(
+            "scan backend 'cuda' was requested but mamba-ssm's selective_scan_cuda extension cannot be imported. "
+            "Install it with `MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation --no-cache-dir "
+            "mamba-ssm==2.3.2.post1` against your torch build, or use backend 'auto'/'torch'."
+        )
+    return "cuda"
+
+
+def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _n_groups(B: Tensor, C: Tensor) -> int:
+    groups = {x.shape[1] for x in (B, C) if x.dim() == 4}
+    if len(groups) > 1:
+        raise ValueError(f"B and C have different group counts: {tuple(B.shape)} vs {tuple(C.shape)}")
+    return groups.pop() if groups else 1
+
+
+def _grouped(x: Tensor, groups: int) -> Tensor:
+    """B or C as a tensor that broadcasts against the grouped layout (batch, G, D/G, N, L)."""
+    if x.dim() == 2:  # constant (dim, N)
+        return x.view(1, groups, x.shape[0] // groups, x.shape[1], 1)
+    if x.dim() == 3:  # (batch, N, L): a single group shared by all channels
+        return x.view(x.shape[0], 1, 1, *x.shape[1:])
+    return x.unsqueeze(2)  # (batch, G, N, L)
+
+
+def _discretise(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None
+) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """Shared set-up of the pure-PyTorch scans: decay exp(delta*A), input delta*B*u and the map from states to y.
+
+    Everything is laid out as (batch, G, D/G, N, L) so grouped B/C broadcast without being copied per channel.
+    """
+    batch, dim, length = u.shape
+    groups = _n_groups(B, C)
+    if dim % groups:
+        raise ValueError(f"{dim} channels cannot be split into {groups} groups of B/C")
+    Bg, Cg = _grouped(B.float(), groups), _grouped(C.float(), groups)
+    u5 = u.view(batch, groups, dim // groups, 1, length)
+    delta5 = delta.view(batch, groups, dim // groups, 1, length)
+    A5 = A.float().view(1, groups, dim // groups, A.shape[1], 1)
+    decay = torch.exp(delta5 * A5)
+    inputs = (delta5 * u5) * Bg
+
+    def output(h: Tensor) -> Tensor:
+        y = (h * Cg).sum(3).view(batch, dim, length)
+        return y if D is None else y + D.float()[:, None] * u
+
+    return decay, inputs, output
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Fused pure-PyTorch selective scan (fp32): blocked scan forward, hand-written adjoint backward.
+
+    Saves u, the pre-softplus delta and the states h; the decay exp(delta * A) is recomputed in backward. The
+    gradient w.r.t. the pre-activation x = delta * A of the decay a = exp(x) is g[l] * h[l-1] * a[l], where g is the
+    adjoint state (:func:`qmamba.ops.linear_scan.scan_adjoint`).
+    """
+
+    @staticmethod
+    def _setup(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, softplus: bool):  # noqa: ANN205
+        batch, dim, length = u.shape
+        groups = _n_groups(B, C)
+        shape5 = (batch, groups, dim // groups, 1, length)
+        delta5 = (F.softplus(dt) if softplus else dt).view(shape5)
+        A5 = A.view(1, groups, dim // groups, A.shape[1], 1)
+        Bg, Cg = _grouped(B, groups), _grouped(C, groups)
+        decay = torch.exp(delta5 * A5)
+        full = torch.broadcast_shapes(decay.shape, Bg.shape, Cg.shape, shape5)
+        return shape5, full, delta5, u.view(shape5), A5, Bg, Cg, decay.expand(full)
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):  # type: ignore[override]  # noqa: ANN001
+        dt = delta if delta_bias is None else delta + delta_bias[:, None]
+        shape5, full, delta5, u5, _, Bg, Cg, decay = _SelectiveScanFn._setup(u, dt, A, B, C, delta_softplus)
+        length = u.shape[-1]
+        inputs = ((delta5 * u5) * Bg).expand(full)
+        h = scan(decay.reshape(-1, length), inputs.reshape(-1, length)).view(full)
+        y = (h * Cg).sum(3).view(u.shape)
+        if D is not None:
+            y.addcmul_(D[:, None], u)
+        ctx.save_for_backward(u, dt, A, B, C, D, h)
+        ctx.delta_softplus = delta_softplus
+        ctx.has_bias = delta_bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]  # noqa: ANN001, ANN205
+        u, dt, A, B, C, D, h = ctx.saved_tensors
+        shape5, full, delta5, u5, A5, Bg, Cg, decay = _SelectiveScanFn._setup(u, dt, A, B, C, ctx.delta_softplus)
+        length = u.shape[-1]
+        gy5 = grad_y.view(shape5)
+        grad_C = _reduce_to(gy5 * h, Cg.shape, C.shape)
+        g = scan_adjoint(decay.reshape(-1, length), (gy5 * Cg).expand(full).reshape(-1, length)).view(full)
+        grad_x = torch.zeros(full, dtype=g.dtype, device=g.device)  # d loss / d (delta * A)
+        torch.mul(g[..., 1:], h[..., :-1], out=grad_x[..., 1:])
+        grad_x.mul_(decay)
+        grad_A = _reduce_to(grad_x * delta5, A5.shape, A.shape)
+        grad_B = _reduce_to(g * (delta5 * u5), Bg.shape, B.shape)
+        grad_du = (g * Bg).sum(3, keepdim=True)  # d loss / d (delta * u)
+        grad_delta = (grad_x * A5).sum(3, keepdim=True) + grad_du * u5
+        grad_u = grad_du * delta5
+        grad_D = None
+        if D is not None:
+            grad_u = grad_u + gy5 * D.view(shape5[1:-1] + (1,))
+            grad_D = (grad_y * u).sum((0, 2))
+        if ctx.delta_softplus:
+            grad_delta = grad_delta * torch.sigmoid(dt).view(shape5)
+        grad_delta = grad_delta.view(u.shape)
+        grad_bias = grad_delta.sum((0, 2)) if ctx.has_bias else None
+        return grad_u.view(u.shape), grad_delta, grad_A, grad_B, grad_C, grad_D, grad_bias, None
+
+
+def _reduce_to(grad: Tensor, broadcast_shape: tuple[int, ...], shape: torch.Size) -> Tensor:
+    """Sum a full-size gradient down to the broadcast view of an input, then back to the input's own shape."""
+    return grad.sum_to_size(broadcast_shape).reshape(shape)
+
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (batch, dim, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"A must be (dim, N) = ({u.shape[1]}, N); got {tuple(A.shape)}")
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported by qmamba's scans")
+    for name, x in (("B", B), ("C", C)):
+        if x.dim() not in (2, 3, 4) or (x.dim() > 2 and (x.shape[0] != u.shape[0] or x.shape[-1] != u.shape[2])):
+            raise ValueError(f"{name} must be (dim, N), (batch, N, L) or (batch, G, N, L); got {tuple(x.shape)}")
+        if x.shape[-2 if x.dim() > 2 else 1] != A.shape[1]:
+            raise ValueError(f"{name}'s state size does not match A's N = {A.shape[1]}: {tuple(x.shape)}")
+
+
+def _pure_scan(
+    recurrence: Callable[[Tensor, Tensor], Tensor],
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+) -> Tensor:
+    _check_shapes(u, delta, A, B, C)
+    delta32 = _prepare_delta(delta.float(), delta_bias, delta_softplus)
+    decay, inputs, output = _discretise(u.float(), delta32, A, B, C, D)
+    return output(recurrence(decay, inputs)).to(u.dtype)
+
+
+def selective_scan_torch(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Pure-PyTorch selective scan: fp32 inside, output in u's dtype, exact gradients, any device."""
+    _check_shapes(u, delta, A, B, C)
+    y = _SelectiveScanFn.apply(
+        u.float(), delta.float(), A.float(), B.float(), C.float(),
+        None if D is None else D.float(), None if delta_bias is None else delta_bias.float(), delta_softplus,
+    )
+    return y.to(u.dtype)
+
+
+def selective_scan_reference(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """Sequential reference: the recurrence as a Python loop over L under plain autograd (slow)."""
+    return _pure_scan(linear_scan_reference, u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def _selective_scan_cuda(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+) -> Tensor:
+    """mamba-ssm's kernel with its dtype contract applied: delta, B, C in u's dtype; A, D, bias fp32."""
+    kernel = _load_cuda_kernel()
+    assert kernel is not None  # resolve_backend checked it
+
+    def last_contiguous(x: Tensor) -> Tensor:
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    dtype = u.dtype
+    B = B.float() if B.dim() == 2 else last_contiguous(B.to(dtype))
+    C = C.float() if C.dim() == 2 else last_contiguous(C.to(dtype))
+    return kernel(
+        last_contiguous(u),
+        last_contiguous(delta.to(dtype)),
+        A.float().contiguous(),
+        B,
+        C,
+        None if D is None else D.float().contiguous(),
+        None,
+        None if delta_bias is None else delta_bias.float().contiguous(),
+        delta_softplus,
+    )
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: ScanBackend = "auto",
+) -> Tensor:
+    """Selective scan of ``u`` (batch, dim, L) with mamba-ssm's argument conventions.
+
+    Args:
+        u: inputs (batch, dim, L) in fp32, fp16 or bf16.
+        delta: step sizes, same shape as u (cast to u's dtype for the CUDA kernel).
+        A: state matrix (dim, N), used in fp32.
+        B: input projection: grouped (batch, G, N, L), (batch, N, L) or constant (dim, N).
+        C: output projection, same forms as B.
+        D: optional skip weight (dim,), fp32.
+        delta_bias: optional (dim,) bias added to delta before the softplus, fp32.
+        delta_softplus: apply softplus to delta.
+        backend: ``auto`` (CUDA kernel for CUDA tensors when installed), ``cuda`` or ``torch``.
+
+    Returns:
+        y (batch, dim, L) in u's dtype.
+    """
+    if resolve_backend(backend, u.device) == "cuda":
+        return _selective_scan_cuda(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)

@@ -1,0 +1,202 @@
+"""Selective scan, linear scan, causal conv and scan orders against plain reference implementations."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qmamba.ops import causal_conv1d, linear_scan, selective_scan, selective_scan_reference, selective_scan_torch
+from qmamba.ops.causal_conv1d import causal_conv1d_torch
+from qmamba.ops.linear_scan import linear_scan_reference
+from qmamba.ops.scan_order import ScanOrder, direction_positions
+from qmamba.ops.selective_scan import resolve_backend
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _scan_inputs(batch, dim, n, length, bc_form, seed=0):
+    """Random selective-scan inputs; bc_form is 'grouped:<G>', 'single' (batch, N, L) or 'constant' (dim, N).
+
+    delta is positive so that the recurrence decays with or without the softplus.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, dim, length, generator=g)
+    delta = 0.5 * torch.rand(batch, dim, length, generator=g)
+    A = -(torch.rand(dim, n, generator=g) + 0.1)
+    if bc_form.startswith("grouped"):
+        groups = int(bc_form.split(":")[1])
+        B = torch.randn(batch, groups, n, length, generator=g)
+        C = torch.randn(batch, groups, n, length, generator=g)
+    elif bc_form == "single":
+        B, C = torch.randn(batch, n, length, generator=g), torch.randn(batch, n, length, generator=g)
+    else:
+        B, C = torch.randn(dim, n, generator=g), torch.randn(dim, n, generator=g)
+    D = torch.randn(dim, generator=g)
+    bias = 0.5 * torch.rand(dim, generator=g)
+    return [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+
+
+@pytest.mark.parametrize(
+    "batch,dim,n,length,bc_form",
+    [
+        (2, 8, 1, 37, "grouped:4"),  # VMamba layout, L prime
+        (2, 16, 1, 196, "grouped:4"),  # L = 14 * 14
+        (1, 12, 3, 64, "grouped:2"),  # N > 1, power-of-two L
+        (2, 6, 4, 50, "single"),  # Mamba / Vim layout
+        (2, 6, 2, 23, "constant"),
+        (3, 4, 1, 1, "grouped:1"),  # a single step
+        (1, 4, 2, 2, "single"),
+    ],
+)
+@pytest.mark.parametrize("softplus", [True, False])
+def test_torch_scan_matches_sequential_reference(batch, dim, n, length, bc_form, softplus):
+    args = _scan_inputs(batch, dim, n, length, bc_form)
+    y = selective_scan_torch(*args, delta_softplus=softplus)
+    y_ref = selective_scan_reference(*args, delta_softplus=softplus)
+    assert y.shape == (batch, dim, length)
+    assert _rel_err(y, y_ref) < 1e-5
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, args, grad_out)
+    grads_ref = torch.autograd.grad(y_ref, args, grad_out)
+    for name, g, g_ref in zip("u delta A B C D delta_bias".split(), grads, grads_ref, strict=True):
+        assert g.shape == g_ref.shape, name
+        assert _rel_err(g, g_ref) < 1e-5, name
+
+
+def test_optional_arguments_default_to_none():
+    u, delta, A, B, C, _, _ = _scan_inputs(2, 8, 1, 20, "grouped:2")
+    y = selective_scan(u, delta, A, B, C)  # no D, no bias, no softplus
+    assert torch.allclose(y, selective_scan_reference(u, delta, A, B, C), rtol=1e-5, atol=1e-6)
+
+
+def test_scan_keeps_input_dtype_and_computes_in_fp32():
+    args = _scan_inputs(2, 8, 1, 30, "grouped:4")
+    u16, delta16 = args[0].detach().bfloat16(), args[1].detach().bfloat16()
+    y = selective_scan(u16, delta16, *[a.detach() for a in args[2:5]], args[5].detach(), args[6].detach(), True)
+    assert y.dtype == torch.bfloat16
+    y32 = selective_scan(u16.float(), delta16.float(), *[a.detach() for a in args[2:5]], args[5].detach(),
+                         args[6].detach(), True)
+    assert torch.allclose(y.float(), y32, rtol=1e-2, atol=1e-2)
+
+
+def test_long_sequence_is_stable():
+    """Strong decay over 20k steps: cumulative products underflow; a division-based scan would blow up."""
+    batch, dim, length = 1, 4, 20_000
+    u = torch.randn(batch, dim, length)
+    delta = torch.full((batch, dim, length), 5.0)
+    A = -torch.full((dim, 1), 8.0)
+    B, C = torch.randn(batch, 1, 1, length), torch.randn(batch, 1, 1, length)
+    with torch.no_grad():
+        y = selective_scan_torch(u, delta, A, B, C)
+        y_ref = selective_scan_reference(u, delta, A, B, C)
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, y_ref) < 1e-5
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 101])
+def test_linear_scan_broadcasts_and_matches_loop(length):
+    a = torch.rand(3, 1, length, requires_grad=True)  # broadcast over the middle axis
+    b = torch.randn(3, 5, length, requires_grad=True)
+    h, h_ref = linear_scan(a, b), linear_scan_reference(a, b)
+    assert torch.allclose(h, h_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(h)
+    for x, y in zip(torch.autograd.grad(h, (a, b), g), torch.autograd.grad(h_ref, (a, b), g), strict=True):
+        assert x.shape == y.shape
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_scan_gradcheck_double():
+    a = (0.3 + 0.6 * torch.rand(2, 3, 11, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(2, 3, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear_scan, (a, b))
+
+
+def test_backend_selection_errors_are_clear():
+    with pytest.raises(ValueError, match="scan backend must be one of"):
+        resolve_backend("triton", torch.device("cpu"))  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="CUDA tensors only"):
+        resolve_backend("cuda", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    args = [a.detach() for a in _scan_inputs(1, 4, 1, 5, "grouped:1")]
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        selective_scan(*args, backend="cuda")
+
+
+def test_auto_backend_never_imports_mamba_ssm_on_cpu():
+    code = (
+        "import sys, torch; from qmamba.models import build_model; "
+        "m = build_model('qmamba_test'); m(torch.randn(1, 3, 32, 32)).sum().backward(); "
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('mamba_ssm', 'selective_scan_cuda', 'causal_conv1d')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _causal_conv_loop(x, weight, bias):
+    width = weight.shape[1]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[-1]):
+        for k in range(width):
+            src = t - (width - 1) + k
+            if src >= 0:
+                out[..., t] += weight[:, k] * x[..., src]
+    return torch.nn.functional.silu(out + bias[:, None])
+
+
+@pytest.mark.parametrize("width", [2, 4, 5])
+def test_causal_conv1d_torch_matches_loop(width):
+    x, weight, bias = torch.randn(2, 6, 13), torch.randn(6, width), torch.randn(6)
+    y = causal_conv1d(x, weight, bias, activation="silu")
+    assert torch.allclose(y, _causal_conv_loop(x, weight, bias), atol=1e-5)
+    assert torch.allclose(causal_conv1d_torch(x, weight, bias, "silu"), y)
+    with pytest.raises(RuntimeError, match="causal-conv1d backend 'cuda'"):
+        causal_conv1d(x, weight, bias, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------- scan orders
+def test_cross_scan_directions_match_vmamba():
+    height, width = 3, 5  # H != W catches transposition mistakes
+    grid = torch.arange(height * width).view(height, width)
+    assert direction_positions("h", height, width).tolist() == grid.flatten().tolist()
+    assert direction_positions("v", height, width).tolist() == grid.t().flatten().tolist()
+    assert direction_positions("h_flip", height, width).tolist() == grid.flatten().flip(0).tolist()
+    assert direction_positions("v_flip", height, width).tolist() == grid.t().flatten().flip(0).tolist()
+
+
+@pytest.mark.parametrize("k,column_first", [(2, False), (3, False), (2, True), (4, True)])
+def test_window_scan_follows_localmamba_formula(k, column_first):
+    height, width = 5, 7
+    hp, wp = -(-height // k) * k, -(-width // k) * k
+    seq = direction_positions(f"w{k}{'c' if column_first else ''}", height, width)
+    assert len(seq) == hp * wp
+    for i in range(height):
+        for j in range(width):
+            if column_first:
+                p = ((j // k) * (hp // k) + i // k) * k * k + (j % k) * k + (i % k)
+            else:
+                p = ((i // k) * (wp // k) + j // k) * k * k + (i % k) * k + (j % k)
+            assert seq[p] == i * width + j
+    assert (seq == -1).sum() == hp * wp - height * width
+
+
+@pytest.mark.parametrize("directions", [("h", "v", "h_flip", "v_flip"), ("w3", "w3c", "w3_flip", "w2c_flip")])
+def test_scan_then_unscan_recovers_each_direction(directions):
+    height, width = 5, 6
+    x = torch.randn(2, 3, height * width)
+    order = ScanOrder(directions, height, width)
+    seqs = order.scan(x)
+    assert seqs.shape == (2, len(directions), 3, order.length)
+    back = order.unscan(seqs)
+    for k in range(len(directions)):
+        assert torch.equal(back[:, k], x)
+
+
+def test_unknown_direction_is_rejected():
+    with pytest.raises(ValueError, match="unknown scan direction"):
+        direction_positions("diagonal", 4, 4)
