@@ -7,12 +7,14 @@ unpickled, so full unpickling is opt-in (``trusted=True``) and the refusal says 
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from qmamba.atomic import write_bytes_atomic
 
 __all__ = ["CheckpointError", "extract_state_dict", "read_checkpoint", "save_atomic"]
 
@@ -53,16 +55,7 @@ def extract_state_dict(obj: Any, keys: tuple[str, ...] = ("model", "state_dict",
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` that replaces ``path`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getvalue())

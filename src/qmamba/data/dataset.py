@@ -1,0 +1,83 @@
+"""Torch datasets over label tables: one image (or its evaluation crops) and its normalised score per item."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .catalog import DatasetInfo
+from .images import read_rgb
+
+__all__ = ["IQADataset", "ScoreScale"]
+
+
+class ScoreScale:
+    """Maps a dataset's native scores to [0, 1] with higher = better, and back.
+
+    Universal training needs one scale and direction across datasets; metrics and outputs are reported on the
+    native scale (so a DMOS dataset's predictions are DMOS again).
+    """
+
+    def __init__(self, low: float, high: float, lower_better: bool) -> None:
+        if not high > low:
+            raise ValueError(f"score range must have high > low, got ({low}, {high})")
+        self.low, self.high, self.lower_better = float(low), float(high), bool(lower_better)
+
+    @classmethod
+    def of(cls, info: DatasetInfo) -> ScoreScale:
+        return cls(*info.score_range, info.lower_better)
+
+    def to_unit(self, score: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        unit = (score - self.low) / (self.high - self.low)
+        return 1.0 - unit if self.lower_better else unit
+
+    def to_native(self, unit: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        unit = 1.0 - unit if self.lower_better else unit
+        return unit * (self.high - self.low) + self.low
+
+    def as_dict(self) -> dict[str, float | bool]:
+        return {"low": self.low, "high": self.high, "lower_better": self.lower_better}
+
+
+class IQADataset(Dataset):
+    """Items ``{"image", "target", "index", "dataset"}`` (+ ``"path"``); target is the unit-scale score.
+
+    ``image`` is (3, h, w) for a training transform or (n, 3, h, w) for multi-crop evaluation. Without scores
+    (``scores=None``, e.g. prediction on new images) the target is NaN.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        scores: np.ndarray | None,
+        transform: Callable[[np.ndarray], torch.Tensor],
+        dataset_index: int = 0,
+        cache: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.targets = np.full(len(self.paths), np.nan, np.float32) if scores is None else scores.astype(np.float32)
+        self.transform = transform
+        self.dataset_index = dataset_index
+        self.cache = cache  # decoded images shared by the splits of one process (small datasets, CPU runs)
+
+    def _image(self, path: str) -> np.ndarray:
+        if self.cache is None:
+            return read_rgb(path)
+        if path not in self.cache:
+            self.cache[path] = read_rgb(path)
+        return self.cache[path]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {
+            "image": self.transform(self._image(self.paths[index])),
+            "target": torch.tensor(self.targets[index]),
+            "index": index,
+            "dataset": self.dataset_index,
+            "path": self.paths[index],
+        }

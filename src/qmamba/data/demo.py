@@ -1,0 +1,293 @@
+"""Two small IQA datasets built offline from scikit-image's bundled photographs, in official on-disk formats.
+
+* ``demo_kadid`` (KADID-10k format: ``images/I01.png``, ``images/I01_01_01.png``, ``dmos.csv``): 81 references
+  of 256x192 (I01-I11 one per source photograph, I12-I81 procedural dead-leaves images for content diversity) x 7
+  distortion types x 5 levels = 2,835 images.
+* ``demo_koniq`` (KonIQ-10k format: ``1024x768/<id>.jpg``, ``koniq10k_scores_and_distributions.csv`` and the
+  official-split file ``koniq10k_distributions_sets.csv``): other crops of the photographs with 1-2 random
+  distortions at random strengths, saved as JPEG.
+
+Scores follow a documented, content-dependent rule (:func:`simulated_mos`), not the distortion level alone: a
+blend of the distortion's nominal severity and the multi-scale SSIM (:func:`ms_ssim`, on luminance) between the
+distorted and the pristine image, ``MOS = 1 + 4 * (0.4 * (1 - severity) + 0.6 * MS-SSIM^4)``.
+For the KonIQ-style set 100 simulated votes on the 1-5 scale are drawn around that MOS (normal, sd 0.6, rounded and
+clipped); ``MOS`` is their mean, ``SD`` their deviation and ``MOS_zscore = 25 * (MOS - 1)`` puts it on 0-100.
+Held-out content: the KonIQ-style split file assigns whole source photographs to train / validation / test, and
+the KADID-style set is split by reference (= photograph) like the real dataset. Distortions were chosen so that
+their strength is visible without the reference (contrast or colour changes would need the pristine image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFilter
+
+from qmamba.atomic import write_text_atomic
+
+__all__ = ["DISTORTIONS", "build_demo_datasets", "ms_ssim", "simulated_mos"]
+
+# The natural photographs bundled with scikit-image (no download) plus matplotlib's sample photo; gray ones become
+# gray RGB. Like KADID-10k's curated references they should be pristine natural scenes: skimage's clock (soft,
+# dim), moon (blurred), hubble_deep_field (star fields look like noise) and the microscopy images are left out.
+SOURCES = (
+    "astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "motorcycle_left", "rocket",
+    "grace_hopper",
+)
+DEAD_LEAVES = 70  # procedural references added to the 11 photographs: 81 references, as many as KADID-10k
+REFERENCE_SIZE = (256, 192)  # (width, height): KADID's 4:3 aspect (512x384) at half size
+KONIQ_SIZE = (256, 192)
+
+
+def _gray_rgb(image: np.ndarray) -> np.ndarray:
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
+
+
+def _load_source(name: str) -> np.ndarray:
+    if name == "grace_hopper":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            return np.asarray(Image.open(f).convert("RGB"))
+    if name == "motorcycle_left":
+        from skimage import data
+
+        return np.asarray(data.stereo_motorcycle()[0])
+    from skimage import data
+
+    return _gray_rgb(np.asarray(getattr(data, name)()))
+
+
+def dead_leaves(seed: int, size: tuple[int, int] = REFERENCE_SIZE) -> np.ndarray:
+    """A dead-leaves image: occluding discs with power-law radii (density ~ r^-3), the scale-invariant model of
+    natural images behind the texture-acutance charts of camera IQA (ISO 19567-2). Each image draws its own radius
+    range and palette; each disc a colour and a gentle shading gradient, so flat areas are not perfectly flat."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    r_min, r_max = rng.uniform(2.0, 6.0), rng.uniform(40.0, 120.0)
+    canvas = np.zeros((height, width, 3), np.float64)
+    covered = np.zeros((height, width), bool)
+    base = rng.uniform(30, 225, size=(int(rng.integers(3, 9)), 3))  # a per-image palette
+    y, x = np.mgrid[0:height, 0:width]
+    while not covered.all():
+        u = rng.random()  # inverse CDF of p(r) ~ r^-3 on [r_min, r_max]
+        r = (r_min**-2 - u * (r_min**-2 - r_max**-2)) ** -0.5
+        cy, cx = rng.uniform(-r, height + r), rng.uniform(-r, width + r)
+        top, bottom = max(0, int(cy - r)), min(height, int(cy + r) + 1)
+        left, right = max(0, int(cx - r)), min(width, int(cx + r) + 1)
+        if top >= bottom or left >= right:
+            continue
+        yy, xx = y[top:bottom, left:right], x[top:bottom, left:right]
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & ~covered[top:bottom, left:right]
+        if not disc.any():
+            continue
+        colour = np.clip(base[rng.integers(len(base))] + rng.normal(0, 25, 3), 0, 255)
+        shade = 1.0 + 0.15 * ((yy - cy) * rng.normal() + (xx - cx) * rng.normal()) / max(r, 1.0)
+        canvas[top:bottom, left:right][disc] = np.clip(colour[None, :] * shade[disc][:, None], 0, 255)
+        covered[top:bottom, left:right] |= disc  # painted front to back: later discs lie underneath
+    return canvas.round().astype(np.uint8)
+
+
+def _crop(image: np.ndarray, size: tuple[int, int], where: tuple[float, float]) -> np.ndarray:
+    """``size`` (w, h) crop whose top-left is at fraction ``where`` (y, x) of the free range, after shrinking
+    photographs much larger than ``size`` (bicubic, only ever down) so the crop shows most of the scene."""
+    width, height = size
+    scale = max(width / image.shape[1], height / image.shape[0])
+    if scale < 0.8:
+        new_size = (round(image.shape[1] * scale / 0.8), round(image.shape[0] * scale / 0.8))
+        image = np.asarray(Image.fromarray(image).resize(new_size, Image.BICUBIC))
+    top = int(round(where[0] * (image.shape[0] - height)))
+    left = int(round(where[1] * (image.shape[1] - width)))
+    return np.ascontiguousarray(image[top : top + height, left : left + width])
+
+
+# ------------------------------------------------------------------------------------------------ distortions
+def _blur(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=0.4 + 3.2 * s)))
+
+
+def _noise(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(image + rng.normal(0, 3 + 32 * s, image.shape), 0, 255).astype(np.uint8)
+
+
+def _jpeg(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(round(45 - 42 * s)))
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def _pixelate(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    factor = 1.5 + 5 * s
+    h, w = image.shape[:2]
+    small = Image.fromarray(image).resize((max(1, int(w / factor)), max(1, int(h / factor))), Image.BICUBIC)
+    return np.asarray(small.resize((w, h), Image.BICUBIC))
+
+
+def _jpeg2000(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG2000", quality_mode="rates", quality_layers=[20 + 280 * s])
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def _impulse(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    out = image.copy()
+    mask = rng.random(image.shape[:2]) < 0.004 + 0.1 * s
+    out[mask] = rng.choice([0, 255], size=(int(mask.sum()), 1))
+    return out
+
+
+def _motion(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    length = 2 + int(round(12 * s))
+    kernel = np.ones(length) / length
+    out = np.apply_along_axis(lambda row: np.convolve(row, kernel, mode="same"), 1, image.astype(np.float64))
+    return out.clip(0, 255).astype(np.uint8)
+
+
+DISTORTIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {
+    "gaussian_blur": _blur,
+    "white_noise": _noise,
+    "jpeg": _jpeg,
+    "pixelate": _pixelate,
+    "jpeg2000": _jpeg2000,
+    "impulse_noise": _impulse,
+    "motion_blur": _motion,
+}
+LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)  # strength s of the five KADID-style levels
+
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik 2003
+
+
+def ms_ssim(distorted: np.ndarray, reference: np.ndarray) -> float:
+    """Multi-scale SSIM on luminance: Gaussian-window SSIM at 5 dyadic scales (2x2 mean pooling between scales),
+    combined as a weighted geometric mean with the standard MS-SSIM weights."""
+    from skimage.metrics import structural_similarity
+
+    def luma(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+    def halve(x: np.ndarray) -> np.ndarray:
+        h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
+        return x[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    a, b = luma(distorted), luma(reference)
+    score = 1.0
+    for weight in MS_SSIM_WEIGHTS:
+        ssim = structural_similarity(a, b, data_range=255.0, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False)
+        score *= max(float(ssim), 1e-6) ** weight
+        a, b = halve(a), halve(b)
+    return score
+
+
+def simulated_mos(distorted: np.ndarray, reference: np.ndarray, severity: float) -> float:
+    """The demo's rating rule on the 1-5 scale: MOS = 1 + 4 * (0.4 * (1 - severity) + 0.6 * MS-SSIM^4).
+
+    ``severity`` in [0, 1] is the distortion's nominal strength (KADID's levels are designed to be perceptually
+    spaced); MS-SSIM to the pristine image makes the score depend on the content (texture masks noise, flat
+    areas hide blur). The 4th power spreads the high-quality end, where MS-SSIM crowds near 1.
+    """
+    fidelity = float(np.clip(ms_ssim(distorted, reference), 0.0, 1.0)) ** 4
+    return 1.0 + 4.0 * (0.4 * (1.0 - severity) + 0.6 * fidelity)
+
+
+# ---------------------------------------------------------------------------------------------------- builders
+def build_kadid_style(root: Path, sources: tuple[str, ...] = SOURCES, dead_leaves_count: int = DEAD_LEAVES,
+                      seed: int = 0) -> pd.DataFrame:
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    references = [lambda source=source: _crop(_load_source(source), REFERENCE_SIZE, (0.5, 0.5)) for source in sources]
+    references += [lambda i=i: dead_leaves(seed=1000 + i) for i in range(dead_leaves_count)]
+    for r, make_reference in enumerate(references, start=1):
+        reference = make_reference()
+        ref_name = f"I{r:02d}.png"
+        Image.fromarray(reference).save(images / ref_name)
+        for d, distortion in enumerate(DISTORTIONS.values(), start=1):
+            for level, strength in enumerate(LEVELS, start=1):
+                rng = np.random.default_rng([seed, r, d, level])
+                distorted = distortion(reference, strength, rng)
+                name = f"I{r:02d}_{d:02d}_{level:02d}.png"
+                Image.fromarray(distorted).save(images / name)
+                rows.append((name, ref_name, round(simulated_mos(distorted, reference, strength), 3), 0.0))
+    table = pd.DataFrame(rows, columns=["dist_img", "ref_img", "dmos", "var"])
+    write_text_atomic(root / "dmos.csv", table.to_csv(index=False))
+    return table
+
+
+def build_koniq_style(
+    root: Path, sources: tuple[str, ...] = SOURCES, crops_per_source: int = 3, variants: int = 6, seed: int = 1
+) -> pd.DataFrame:
+    folder = root / "1024x768"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    # whole photographs go to one split (held-out content): ~70 / 10 / 20 %
+    order = rng.permutation(len(sources))
+    n_test, n_val = max(1, round(0.2 * len(sources))), max(1, round(0.1 * len(sources)))
+    split_of = {sources[i]: "test" for i in order[:n_test]}
+    split_of.update({sources[i]: "validation" for i in order[n_test : n_test + n_val]})
+    names = list(DISTORTIONS)
+    rows = []
+    for s, source in enumerate(sources):
+        photo = _load_source(source)
+        for c in range(crops_per_source):
+            pristine = _crop(photo, KONIQ_SIZE, (rng.random(), rng.random()))
+            for v in range(variants):
+                image, intact = pristine, 1.0
+                for kind in rng.choice(names, size=1 + int(rng.random() < 0.4), replace=False):
+                    strength = float(rng.random())
+                    image = DISTORTIONS[kind](image, strength, rng)
+                    intact *= 1.0 - strength
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+                stored = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+                mos = simulated_mos(stored, pristine, severity=1.0 - intact)
+                votes = np.clip(np.rint(rng.normal(mos, 0.6, 100)), 1, 5).astype(int)
+                counts = np.bincount(votes, minlength=6)[1:]
+                name = f"{10_000_000 + 1000 * s + 100 * c + v}.jpg"
+                (folder / name).write_bytes(buffer.getvalue())
+                mean = float(votes.mean())
+                rows.append([name, *counts, counts.sum(), mean, float(votes.std()), 25.0 * (mean - 1.0),
+                             split_of.get(source, "training")])
+    columns = ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD", "MOS_zscore", "set"]
+    table = pd.DataFrame(rows, columns=columns)
+    scores = table[columns[:-1]].round(4)
+    write_text_atomic(root / "koniq10k_scores_and_distributions.csv", scores.to_csv(index=False))
+    # the official split file: vote fractions, MOS on the 0-100 scale, and the set column
+    sets = table[["image_name", "c1", "c2", "c3", "c4", "c5", "c_total"]].copy()
+    sets[["c1", "c2", "c3", "c4", "c5"]] = sets[["c1", "c2", "c3", "c4", "c5"]].div(sets["c_total"], axis=0)
+    sets["MOS"], sets["SD"], sets["set"] = table["MOS_zscore"], table["SD"], table["set"]
+    write_text_atomic(root / "koniq10k_distributions_sets.csv", sets.round(4).to_csv(index=False))
+    return table
+
+
+def build_demo_datasets(out: str | Path = "data/demo", force: bool = False) -> dict[str, Path]:
+    """Build both demo datasets under ``out`` (skipped when their label files already exist)."""
+    out = Path(out)
+    targets = {"demo_kadid": out / "kadid10k", "demo_koniq": out / "koniq10k"}
+    if force or not (targets["demo_kadid"] / "dmos.csv").is_file():
+        build_kadid_style(targets["demo_kadid"])
+    if force or not (targets["demo_koniq"] / "koniq10k_distributions_sets.csv").is_file():
+        build_koniq_style(targets["demo_koniq"])
+    return targets
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qmamba demo-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the label files exist")
+    args = parser.parse_args(argv)
+    for name, path in build_demo_datasets(args.out, args.force).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

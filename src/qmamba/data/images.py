@@ -1,0 +1,38 @@
+"""Reading images for IQA: every file becomes an RGB uint8 array without changing its pixels' quality."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .catalog import DatasetError
+
+__all__ = ["ImageReadError", "read_rgb"]
+
+
+class ImageReadError(DatasetError):
+    """An image file is missing, truncated or in an unsupported format."""
+
+
+def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array of an image file.
+
+    EXIF orientation is applied (phone photos); grayscale, palette, RGBA (alpha dropped) and CMYK images are
+    converted to RGB; 16-bit images are rescaled to 8 bits by their bit depth, not by their content.
+    """
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(image, dtype=np.float64)
+                depth = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+                return np.repeat((array / depth * 255.0).round().clip(0, 255).astype(np.uint8)[..., None], 3, -1)
+            if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+                image = image.convert("RGBA")
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError as err:
+        raise ImageReadError(f"image file not found: {path}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err} (corrupt or unsupported file)") from err

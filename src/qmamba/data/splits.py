@@ -1,0 +1,65 @@
+"""Train / validation / test splits following the IQA protocols, deterministic for a seed and saved with the run.
+
+* ``content``: split by reference image (synthetic datasets) so that no scene is in two splits;
+* ``random``: split by image (authentic datasets);
+* ``official``: the split column provided by the dataset (KonIQ-10k, FLIVE).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from qmamba.atomic import write_text_atomic
+
+from .catalog import DatasetError
+
+__all__ = ["Protocol", "make_splits", "save_splits"]
+
+Protocol = Literal["content", "random", "official"]
+SPLITS = ("train", "val", "test")
+
+
+def make_splits(
+    table: pd.DataFrame, protocol: Protocol, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Row indices per split. Fractions are of the whole dataset; the validation part comes out of training."""
+    if protocol == "official":
+        if "split" not in table or table["split"].isna().any():
+            raise DatasetError("the official split needs a 'split' label for every image (e.g. KonIQ's "
+                               "koniq10k_distributions_sets.csv next to the scores file)")
+        return {s: np.flatnonzero(table["split"].to_numpy() == s) for s in SPLITS}
+    if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 - test_fraction:
+        raise ValueError(f"bad split fractions: test {test_fraction}, val {val_fraction}")
+    if protocol == "content":
+        if table["content"].isna().any():
+            raise DatasetError("a content-disjoint split needs a reference id ('content') for every image")
+        units = table["content"].astype(str).to_numpy()
+    elif protocol == "random":
+        units = np.arange(len(table)).astype(str)
+    else:
+        raise ValueError(f"unknown split protocol {protocol!r}")
+    unique = np.unique(units)  # sorted, so the permutation depends on the seed alone
+    order = unique[np.random.default_rng(seed).permutation(len(unique))]
+    n_test = max(1, round(test_fraction * len(unique)))
+    n_val = round(val_fraction * len(unique))
+    if val_fraction > 0:
+        n_val = max(1, n_val)
+    groups = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    if len(groups["train"]) == 0:
+        raise DatasetError(f"too few {'references' if protocol == 'content' else 'images'} ({len(unique)}) to split")
+    return {s: np.flatnonzero(np.isin(units, groups[s])) for s in SPLITS}
+
+
+def save_splits(table: pd.DataFrame, splits: dict[str, np.ndarray], path: str | os.PathLike[str]) -> None:
+    """Write ``name,split`` rows (CSV) atomically, so a run records exactly what it trained and tested on."""
+    rows = [(table.loc[i, "name"] if "name" in table else table.loc[i, "path"], split)
+            for split, idx in splits.items() for i in idx]
+    buffer = io.StringIO()
+    pd.DataFrame(rows, columns=["name", "split"]).to_csv(buffer, index=False)
+    write_text_atomic(Path(path), buffer.getvalue())

@@ -1,0 +1,54 @@
+"""Callbacks and plugins: prediction CSV writer, atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from qmamba.atomic import write_bytes_atomic, write_text_atomic
+
+__all__ = ["AtomicCheckpointIO", "PredictionWriter"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed, so a crash never leaves a truncated ``last.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes_atomic(path, buffer.getvalue())
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predictions.csv`` (dataset, path, score on the dataset's native scale) into the run folder.
+
+    Args:
+        output: file name or path; relative paths are resolved inside the trainer's log dir.
+    """
+
+    def __init__(self, output: str = "predictions.csv") -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any,
+                           batch_indices: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        per_loader = predictions if predictions and isinstance(predictions[0], list) else [predictions]
+        rows = [(batch["dataset"], path, score) for loader in per_loader for batch in loader
+                for path, score in zip(batch["path"], batch["score"], strict=True)]
+        path = Path(self.output)
+        if not path.is_absolute():
+            path = Path(trainer.log_dir or ".") / path
+        write_text_atomic(path, pd.DataFrame(rows, columns=["dataset", "path", "score"]).to_csv(index=False))

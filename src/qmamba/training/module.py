@@ -1,0 +1,216 @@
+"""The IQA LightningModule: QMamba regression with per-dataset metrics, multi-crop evaluation and scatter plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from torchmetrics import CatMetric
+
+from qmamba.atomic import write_text_atomic
+from qmamba.data.dataset import ScoreScale
+from qmamba.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from qmamba.models import build_model, load_official_checkpoint
+from qmamba.training.losses import IQALoss
+from qmamba.training.metrics import iqa_metrics
+from qmamba.training.plots import scatter_figure
+
+__all__ = ["QMambaIQA"]
+
+log = logging.getLogger(__name__)
+
+
+class QMambaIQA(L.LightningModule):
+    """No-reference IQA with a QMamba regressor trained on unit-scale scores (higher = better).
+
+    Args:
+        backbone: registered backbone (``qmamba_tiny``, ``lqmamba_small``, ``qmamba_test``, ...).
+        pretrained: official VMamba ImageNet checkpoint loaded into the backbone when fitting starts.
+        trust_checkpoint: allow full unpickling of ``pretrained`` (only for files you trust).
+        backbone_args: preset overrides, e.g. ``{drop_path_rate: 0.1, scan_backend: torch, dim: 24}``.
+        head_features: backbone features pooled by the head (``pooled``; ``stage2`` etc. for multi-scale).
+        head_hidden: hidden width of an optional MLP head.
+        head_dropout: dropout before the regressor.
+        loss: regression loss on unit-scale scores.
+        smoothl1_beta: transition point of the smooth-L1 loss (scores lie in [0, 1]).
+        plcc_weight: weight of an added (1 - PLCC) / 2 batch loss.
+        rank_weight: weight of an added pairwise margin-ranking loss.
+        optimizer: optimizer factory, called with parameter groups (no weight decay on norms, biases, A_logs, Ds).
+        scheduler: optional epoch-wise LR scheduler factory.
+        scatter_points: at most this many points per predicted-vs-MOS scatter figure.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "qmamba_tiny",
+        pretrained: str | None = None,
+        trust_checkpoint: bool = False,
+        backbone_args: dict[str, Any] | None = None,
+        head_features: tuple[str, ...] = ("pooled",),
+        head_hidden: int | None = None,
+        head_dropout: float = 0.0,
+        loss: Literal["smoothl1", "l1", "mse"] = "smoothl1",
+        smoothl1_beta: float = 0.1,
+        plcc_weight: float = 0.0,
+        rank_weight: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        scatter_points: int = 2000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model = build_model(backbone, head_features=tuple(head_features), head_hidden=head_hidden,
+                                 head_dropout=head_dropout, **(backbone_args or {}))
+        self.criterion = IQALoss(loss, smoothl1_beta, plcc_weight, rank_weight)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.dataset_names: list[str] = ["default"]
+        self.scales: list[ScoreScale] = [ScoreScale(0.0, 1.0, False)]
+        self.eval_stores = nn.ModuleDict()
+        self.preprocessing: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Unit-scale quality scores (B,) of a (B, 3, H, W) batch."""
+        return self.model(images)
+
+    # -------------------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "names"):
+            self.dataset_names, self.scales = list(datamodule.names), list(datamodule.scales)
+            self.preprocessing.update(crop_size=datamodule.crop_size, eval_crops=datamodule.eval_crops)
+        for split in ("val", "test", "predict"):
+            for i in range(len(self.dataset_names)):
+                self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({"preds": CatMetric(), "target": CatMetric()})
+        if stage == "fit" and self.hparams.pretrained:
+            report = load_official_checkpoint(self.model.backbone, self.hparams.pretrained,
+                                              trusted=self.hparams.trust_checkpoint)
+            log.info("backbone initialised from %s (%s)", self.hparams.pretrained, report)
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                skip = param.ndim < 2 or getattr(param, "_no_weight_decay", False)
+                (no_decay if skip else decay).append(param)
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        trainable = sum(p.numel() for p in decay + no_decay)
+        log.info("optimising %d of %d parameters (%d without weight decay)", trainable,
+                 sum(p.numel() for p in self.parameters()), sum(p.numel() for p in no_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                          "interval": "epoch"}}
+
+    # ----------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        preds = self.model(batch["image"]).float()
+        loss = self.criterion(preds, batch["target"].float())
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(preds))
+        return loss
+
+    # ------------------------------------------------------------------------------------- evaluation (crops)
+    def _image_scores(self, images: Tensor) -> Tensor:
+        """(B, n, 3, h, w) crops -> (B,) scores, each the mean over its image's crops (fp32)."""
+        if images.dim() == 4:
+            return self.model(images).float()
+        batch, crops = images.shape[:2]
+        return self.model(images.flatten(0, 1)).float().view(batch, crops).mean(1)
+
+    def _store(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> Tensor:
+        preds = self._image_scores(batch["image"])
+        store = self.eval_stores[f"{split}_{dataloader_idx}"]
+        store["preds"].update(preds)
+        store["target"].update(batch["target"].float())
+        return preds
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._store("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._store("test", batch, dataloader_idx)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        unit = self._image_scores(batch["image"])
+        scale = self.scales[dataloader_idx]
+        return {"path": list(batch["path"]), "score": scale.to_native(unit).tolist(),
+                "dataset": self.dataset_names[dataloader_idx]}
+
+    def _epoch_metrics(self, split: str) -> dict[str, dict[str, float]]:
+        """Compute (on every rank: it synchronises) and reset the metrics of each dataset, on its native scale."""
+        results: dict[str, dict[str, float]] = {}
+        for i, (name, scale) in enumerate(zip(self.dataset_names, self.scales, strict=True)):
+            store = self.eval_stores[f"{split}_{i}"]
+            if store["preds"].update_count == 0:
+                continue
+            preds, target = scale.to_native(store["preds"].compute()), scale.to_native(store["target"].compute())
+            store["preds"].reset()
+            store["target"].reset()
+            results[name] = iqa_metrics(preds, target, logistic=split == "test")
+            results[name]["images"] = float(preds.numel())
+            if split == "val" and not self.trainer.sanity_checking:
+                self._log_scatter(name, preds, target, results[name])
+        for name, metrics in results.items():
+            for key, value in metrics.items():
+                if key != "images":
+                    self.log(f"{split}/{name}/{key}", value, add_dataloader_idx=False)
+        if results:
+            for key in ("srcc", "plcc"):
+                mean = sum(m[key] for m in results.values()) / len(results)
+                self.log(f"{split}/{key}", mean, prog_bar=split == "val", add_dataloader_idx=False)
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        results = self._epoch_metrics("test")
+        self._report_test(results)
+
+    @rank_zero_only
+    def _log_scatter(self, name: str, preds: Tensor, target: Tensor, metrics: dict[str, float]) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not hasattr(experiment, "add_figure"):
+            return
+        figure = scatter_figure(preds, target, f"{name} epoch {self.current_epoch}: SRCC {metrics['srcc']:.3f} "
+                                f"PLCC {metrics['plcc']:.3f}", self.hparams.scatter_points)
+        if figure is not None:
+            experiment.add_figure(f"val/{name}/scatter", figure, global_step=self.global_step, close=True)
+
+    @rank_zero_only
+    def _report_test(self, results: dict[str, dict[str, float]]) -> None:
+        """Print the final table and write ``test_results.json`` next to the run."""
+        if not results:
+            return
+        header = f"{'dataset':<16} {'images':>7} {'SRCC':>7} {'PLCC':>7} {'KRCC':>7} {'RMSE':>9} {'PLCC(4PL)':>10}"
+        lines = [header, "-" * len(header)]
+        for name, m in results.items():
+            lines.append(f"{name:<16} {int(m['images']):>7d} {m['srcc']:>7.4f} {m['plcc']:>7.4f} {m['krcc']:>7.4f} "
+                         f"{m['rmse']:>9.4f} {m.get('plcc_logistic', float('nan')):>10.4f}")
+        print("\n" + "\n".join(lines) + "\n", flush=True)
+        log_dir = self.trainer.log_dir
+        if log_dir:
+            payload = {"checkpoint": self.trainer.ckpt_path, "results": results}
+            write_text_atomic(Path(log_dir) / "test_results.json", json.dumps(payload, indent=2) + "\n")
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Everything `qmamba score` needs besides the weights: datasets, score scales, preprocessing."""
+        checkpoint["qmamba"] = {
+            "datasets": self.dataset_names,
+            "scales": [s.as_dict() for s in self.scales],
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in self.preprocessing.items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("qmamba")
+        if meta:
+            self.dataset_names = list(meta["datasets"])
+            self.scales = [ScoreScale(**s) for s in meta["scales"]]
+            self.preprocessing.update(meta["preprocessing"])

@@ -1,0 +1,104 @@
+"""The `qmamba` command end to end: fit, then test and predict from the saved checkpoint in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from iqa_fixtures import make_kadid
+from qmamba.cli import main
+
+CONF = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A run folder with a KADID-format fixture and a config pointing at it; cwd = tmp_path (runs/ lands there)."""
+    make_kadid(tmp_path / "kadid")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONF.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, config
+
+
+def _qmamba(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "qmamba", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_fit_fast_dev_run(workdir):
+    _, config = workdir
+    main(["fit", "--config", str(config), "--trainer.fast_dev_run", "true"])
+
+
+def test_fit_then_test_and_predict_in_fresh_processes(workdir):
+    root, config = workdir
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "2"])
+    run = root / "runs" / "tiny"
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    splits = pd.read_csv(run / "splits" / "tiny_kadid.csv")
+    refs = splits.assign(ref=splits["name"].str[:3]).groupby("ref")["split"].nunique()
+    assert (refs == 1).all()  # content-disjoint: every reference in exactly one split
+
+    result = _qmamba("test", "--config", str(run / "config.yaml"), "--ckpt_path",
+                     str(run / "checkpoints" / "best.ckpt"), cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SRCC" in result.stdout and "tiny_kadid" in result.stdout
+    results = json.loads((run / "test_results.json").read_text())["results"]["tiny_kadid"]
+    assert {"srcc", "plcc", "krcc", "rmse", "plcc_logistic"} <= set(results)
+
+    result = _qmamba("predict", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
+                     "--trainer.callbacks+=qmamba.training.callbacks.PredictionWriter", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert len(predictions) == results["images"] and predictions["score"].between(-5, 10).all()
+
+
+def test_config_error_is_a_message_not_a_traceback(workdir, capsys):
+    _, config = workdir
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--model.init_args.bogus_option", "1"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "bogus_option" in err and "Traceback" not in err
+
+
+def test_missing_dataset_folder_is_reported(workdir, capsys):
+    root, config = workdir
+    config.write_text(config.read_text().replace(str(root / "kadid"), str(root / "nowhere")))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--trainer.fast_dev_run", "true"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "data/README.md" in err
+
+
+def test_checkpoint_alias_without_a_run_is_reported(workdir, capsys):
+    _, config = workdir
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(config), "--ckpt_path", "best"])
+    assert "best.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_tensorboard_has_metrics_and_scatter(workdir):
+    root, config = workdir
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "runs" / "tiny"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"val/tiny_kadid/srcc", "val/tiny_kadid/plcc", "val/srcc", "train/loss"} <= set(tags["scalars"])
+    assert "val/tiny_kadid/scatter" in tags["images"]
+
+
+def test_module_help_and_version():
+    result = subprocess.run([sys.executable, "-m", "qmamba", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "qmamba" in result.stdout

@@ -1,0 +1,149 @@
+"""Data layer: official-format loaders, split protocols, image reading, transforms, score scales, DataModule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from iqa_fixtures import make_kadid, make_koniq, pattern
+from qmamba.data import (
+    DatasetConfig,
+    DatasetError,
+    IQADataModule,
+    ImageReadError,
+    ScoreScale,
+    dataset_info,
+    load_dataset,
+    read_rgb,
+)
+from qmamba.data.splits import make_splits
+from qmamba.data.transforms import EvalCrops, TrainCrop, crop_grid
+
+
+def test_kadid_loader_reads_the_official_layout(tmp_path):
+    make_kadid(tmp_path, refs=4)
+    table = load_dataset("kadid10k", tmp_path)
+    assert len(table) == 4 * 5
+    assert table["content"].nunique() == 4
+    assert table["path"].map(lambda p: p.endswith(".png")).all()
+    info = dataset_info("kadid10k")
+    assert info.score_range == (1.0, 5.0) and not info.lower_better and info.protocol == "content"
+
+
+def test_koniq_loader_reads_scores_and_official_split(tmp_path):
+    make_koniq(tmp_path, n=20)
+    table = load_dataset("koniq10k", tmp_path)
+    assert len(table) == 20 and table["content"].isna().all()
+    assert table["score"].between(0, 100).all()
+    assert table["split"].value_counts().to_dict() == {"train": 12, "test": 4, "val": 4}
+    mos = load_dataset("koniq10k", tmp_path, score="MOS")
+    assert mos["score"].between(1, 5).all()
+
+
+def test_missing_folder_and_label_file_name_the_fix(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist.*data/README.md"):
+        load_dataset("kadid10k", tmp_path / "nope")
+    with pytest.raises(DatasetError, match=r"expected .*dmos\.csv"):
+        load_dataset("kadid10k", tmp_path)
+
+
+def test_bad_label_rows_are_rejected(tmp_path):
+    table = make_kadid(tmp_path, refs=2).astype({"dmos": object})
+    table.loc[3, "dmos"] = "n/a"
+    table.to_csv(tmp_path / "dmos.csv", index=False)
+    with pytest.raises(DatasetError, match="no valid score"):
+        load_dataset("kadid10k", tmp_path)
+    table.loc[3, "dmos"] = 3.0
+    pd.concat([table, table.iloc[:1]]).to_csv(tmp_path / "dmos.csv", index=False)
+    with pytest.raises(DatasetError, match="duplicate"):
+        load_dataset("kadid10k", tmp_path)
+
+
+@pytest.mark.parametrize("protocol", ["content", "random"])
+def test_splits_are_disjoint_deterministic_and_seeded(tmp_path, protocol):
+    make_kadid(tmp_path, refs=10)
+    table = load_dataset("kadid10k", tmp_path)
+    splits = make_splits(table, protocol, seed=3, test_fraction=0.2, val_fraction=0.1)
+    assert sorted(np.concatenate(list(splits.values())).tolist()) == list(range(len(table)))
+    if protocol == "content":
+        groups = [set(table.loc[idx, "content"]) for idx in splits.values()]
+        assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+        assert [len(g) for g in groups] == [7, 1, 2]
+    again = make_splits(table, protocol, seed=3, test_fraction=0.2, val_fraction=0.1)
+    assert all(np.array_equal(splits[s], again[s]) for s in splits)
+    other = make_splits(table, protocol, seed=4, test_fraction=0.2, val_fraction=0.1)
+    assert not np.array_equal(splits["test"], other["test"])
+
+
+def test_read_rgb_converts_modes_and_reports_corrupt_files(tmp_path):
+    rgb = pattern(0)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "sixteen.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    for name in ("gray.png", "rgba.png", "sixteen.png", "cmyk.jpg"):
+        image = read_rgb(tmp_path / name)
+        assert image.shape == (*rgb.shape[:2], 3) and image.dtype == np.uint8, name
+    assert np.array_equal(read_rgb(tmp_path / "sixteen.png")[..., 0], rgb[..., 0])  # 16-bit rescaled, not stretched
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        read_rgb(tmp_path / "broken.jpg")
+    with pytest.raises(ImageReadError, match="not found"):
+        read_rgb(tmp_path / "absent.png")
+
+
+def test_eval_crops_are_deterministic_and_cover_the_image():
+    image = pattern(1, size=(80, 60))
+    crops = EvalCrops(32, count=5)
+    a, b = crops(image), crops(image)
+    assert a.shape == (5, 3, 32, 32) and torch.equal(a, b)
+    grid = crop_grid(60, 80, 32, 4)
+    assert grid[0] == (0, 0) and grid[-1] == (28, 48)
+    assert crop_grid(60, 80, 32, 1) == [(14, 24)]
+
+
+def test_train_crops_are_random_native_resolution_and_seeded():
+    image = pattern(2, size=(80, 60))
+    first = [TrainCrop(32, seed=0)(image) for _ in range(1)][0]
+    transform = TrainCrop(32, seed=0)
+    crops = [transform(image) for _ in range(4)]
+    assert crops[0].shape == (3, 32, 32)
+    assert torch.equal(first, crops[0])  # same seed, same first crop
+    assert not all(torch.equal(crops[0], c) for c in crops[1:])
+    with pytest.raises(DatasetError, match="smaller than the 96x96 crop"):
+        TrainCrop(96, seed=0)(image)
+
+
+def test_score_scale_round_trip_and_direction():
+    dmos = ScoreScale(0.0, 100.0, lower_better=True)
+    values = np.array([0.0, 25.0, 100.0])
+    assert np.allclose(dmos.to_unit(values), [1.0, 0.75, 0.0])
+    assert np.allclose(dmos.to_native(dmos.to_unit(values)), values)
+
+
+def test_datamodule_builds_per_dataset_loaders(tmp_path):
+    make_kadid(tmp_path / "kadid", refs=6)
+    make_koniq(tmp_path / "koniq", n=20)
+    dm = IQADataModule(
+        [DatasetConfig("kadid10k", str(tmp_path / "kadid"), label="a"), DatasetConfig("koniq10k", str(tmp_path / "koniq"))],
+        batch_size=4, crop_size=32, eval_crops=3, test_fraction=0.34, val_fraction=0.17, num_workers=0,
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and ((batch["target"] >= 0) & (batch["target"] <= 1)).all()
+    val = dm.val_dataloader()
+    assert len(val) == 2 and next(iter(val[0]))["image"].shape[1:] == (3, 3, 32, 32)
+    assert [len(d) for d in dm.split("test")] == [2 * 5, 4]  # koniq: official split from its split file
+    with pytest.raises(ValueError, match="unique"):
+        IQADataModule([DatasetConfig("kadid10k"), DatasetConfig("kadid10k")])
+
+
+def test_missing_images_fail_before_training(tmp_path):
+    make_kadid(tmp_path, refs=3)
+    (tmp_path / "images" / "I02_01_03.png").unlink()
+    dm = IQADataModule([DatasetConfig("kadid10k", str(tmp_path))], num_workers=0)
+    with pytest.raises(DatasetError, match="I02_01_03.png"):
+        dm.setup("fit")

@@ -1,0 +1,73 @@
+"""Training pieces: losses, metrics, schedules, parameter groups, the module's multi-crop evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qmamba.training import IQALoss, QMambaIQA, WarmupCosine, WarmupStepDecay, iqa_metrics
+from qmamba.training.metrics import logistic_plcc
+
+
+def test_metrics_match_definitions():
+    target = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    preds = torch.tensor([1.1, 1.9, 3.5, 3.9, 5.2])
+    m = iqa_metrics(preds, target, logistic=True)
+    assert m["srcc"] == pytest.approx(1.0) and m["krcc"] == pytest.approx(1.0)
+    assert m["plcc"] == pytest.approx(float(np.corrcoef(preds, target)[0, 1]), abs=1e-6)
+    assert m["rmse"] == pytest.approx(float(torch.sqrt(((preds - target) ** 2).mean())), abs=1e-6)
+    assert m["plcc_logistic"] >= m["plcc"] - 1e-3
+    bf16 = iqa_metrics(preds.bfloat16(), target)  # computed in float32 whatever comes in
+    assert bf16["srcc"] == pytest.approx(1.0)
+
+
+def test_logistic_plcc_linearises_a_monotone_curve():
+    x = np.linspace(-3, 3, 50)
+    y = 1 / (1 + np.exp(-2 * x))
+    assert logistic_plcc(x, y) > 0.999 > float(np.corrcoef(x, y)[0, 1])
+
+
+@pytest.mark.parametrize("base", ["smoothl1", "l1", "mse"])
+def test_loss_terms(base):
+    target = torch.tensor([0.1, 0.4, 0.9, 0.6])
+    assert IQALoss(base)(target.clone(), target).item() == pytest.approx(0.0, abs=1e-7)
+    reversed_order = target.flip(0)
+    plain = IQALoss(base)(reversed_order, target)
+    with_terms = IQALoss(base, plcc_weight=1.0, rank_weight=1.0, rank_margin=0.1)(reversed_order, target)
+    assert with_terms > plain
+    with pytest.raises(ValueError):
+        IQALoss("huber")  # type: ignore[arg-type]
+
+
+def test_schedules():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    step = WarmupStepDecay(opt, warmup_epochs=3, step_epochs=3, gamma=0.1, start_factor=1e-3)
+    factors = [step.lr_lambdas[0](e) for e in range(10)]
+    assert factors[0] == pytest.approx(1e-3) and factors[3] == 1.0 and factors[6] == pytest.approx(0.1)
+    assert factors[9] == pytest.approx(0.01)
+    cosine = WarmupCosine(opt, max_epochs=10, warmup_epochs=1, min_factor=0.0)
+    assert cosine.lr_lambdas[0](1) == 1.0 and cosine.lr_lambdas[0](10) == pytest.approx(0.0, abs=1e-9)
+    assert cosine.lr_lambdas[0](6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 9)))
+
+
+def test_no_weight_decay_on_norms_biases_and_ssm_parameters():
+    module = QMambaIQA(backbone="qmamba_test", optimizer=lambda groups: torch.optim.AdamW(groups, weight_decay=0.05))
+    optimizer = module.configure_optimizers()
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    no_decay_names = {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]}
+    assert {"A_logs", "Ds", "bias", "weight"} >= no_decay_names >= {"A_logs", "Ds", "bias"}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert not any(names[id(p)].endswith(("A_logs", "Ds")) for p in decay["params"])
+
+
+def test_multi_crop_score_is_the_mean_over_crops():
+    module = QMambaIQA(backbone="qmamba_test").eval()
+    crops = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        per_crop = module(crops.flatten(0, 1)).view(2, 3)
+        assert torch.allclose(module._image_scores(crops), per_crop.mean(1), atol=1e-6)
