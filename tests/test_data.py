@@ -147,3 +147,23 @@ def test_missing_images_fail_before_training(tmp_path):
     dm = IQADataModule([DatasetConfig("kadid10k", str(tmp_path))], num_workers=0)
     with pytest.raises(DatasetError, match="I02_01_03.png"):
         dm.setup("fit")
+
+
+def test_demo_builders_write_loadable_official_formats(tmp_path):
+    pytest.importorskip("skimage")
+    from qmamba.data.demo import build_kadid_style, build_koniq_style, dead_leaves, simulated_mos
+
+    kadid = build_kadid_style(tmp_path / "kadid", sources=("astronaut",), dead_leaves_count=1)
+    table = load_dataset("kadid10k", tmp_path / "kadid")
+    assert len(table) == len(kadid) == 2 * 7 * 5 and table["content"].nunique() == 2
+    assert table["score"].between(1, 5).all()
+    # content-dependent: the same distortion and level scores differently on the two references
+    same_level = table[table["name"].str.endswith("_02_03.png")]["score"]
+    assert same_level.nunique() == 2
+    build_koniq_style(tmp_path / "koniq", sources=("astronaut", "coffee", "rocket", "chelsea", "brick"),
+                      crops_per_source=1, variants=2)
+    koniq = load_dataset("koniq10k", tmp_path / "koniq")
+    assert len(koniq) == 10 and set(koniq["split"]) == {"train", "val", "test"}
+    image = dead_leaves(seed=3)
+    assert image.shape == (192, 256, 3) and image.std() > 10
+    assert simulated_mos(image, image, severity=0.0) == pytest.approx(5.0)

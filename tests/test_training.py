@@ -71,3 +71,18 @@ def test_multi_crop_score_is_the_mean_over_crops():
     with torch.no_grad():
         per_crop = module(crops.flatten(0, 1)).view(2, 3)
         assert torch.allclose(module._image_scores(crops), per_crop.mean(1), atol=1e-6)
+
+
+def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
+    import os
+
+    from qmamba.atomic import write_text_atomic
+
+    target = tmp_path / "results" / "out.json"
+    write_text_atomic(target, "first")
+    write_text_atomic(target, "second")
+    assert target.read_text() == "second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]  # no temporary files left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -199,24 +201,33 @@ def simulated_mos(distorted: np.ndarray, reference: np.ndarray, severity: float)
 
 
 # ---------------------------------------------------------------------------------------------------- builders
+def _kadid_reference(images: Path, r: int, source: str | int, seed: int) -> list[tuple[str, str, float, float]]:
+    """Write reference ``r`` (a photograph name, or the seed of a dead-leaves image) and its 35 distorted
+    versions; return their label rows. One task of :func:`build_kadid_style`'s process pool."""
+    if isinstance(source, str):
+        reference = _crop(_load_source(source), REFERENCE_SIZE, (0.5, 0.5))
+    else:
+        reference = dead_leaves(seed=source)
+    ref_name = f"I{r:02d}.png"
+    Image.fromarray(reference).save(images / ref_name)
+    rows = []
+    for d, distortion in enumerate(DISTORTIONS.values(), start=1):
+        for level, strength in enumerate(LEVELS, start=1):
+            distorted = distortion(reference, strength, np.random.default_rng([seed, r, d, level]))
+            name = f"I{r:02d}_{d:02d}_{level:02d}.png"
+            Image.fromarray(distorted).save(images / name)
+            rows.append((name, ref_name, round(simulated_mos(distorted, reference, strength), 3), 0.0))
+    return rows
+
+
 def build_kadid_style(root: Path, sources: tuple[str, ...] = SOURCES, dead_leaves_count: int = DEAD_LEAVES,
                       seed: int = 0) -> pd.DataFrame:
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
-    rows = []
-    references = [lambda source=source: _crop(_load_source(source), REFERENCE_SIZE, (0.5, 0.5)) for source in sources]
-    references += [lambda i=i: dead_leaves(seed=1000 + i) for i in range(dead_leaves_count)]
-    for r, make_reference in enumerate(references, start=1):
-        reference = make_reference()
-        ref_name = f"I{r:02d}.png"
-        Image.fromarray(reference).save(images / ref_name)
-        for d, distortion in enumerate(DISTORTIONS.values(), start=1):
-            for level, strength in enumerate(LEVELS, start=1):
-                rng = np.random.default_rng([seed, r, d, level])
-                distorted = distortion(reference, strength, rng)
-                name = f"I{r:02d}_{d:02d}_{level:02d}.png"
-                Image.fromarray(distorted).save(images / name)
-                rows.append((name, ref_name, round(simulated_mos(distorted, reference, strength), 3), 0.0))
+    references: list[str | int] = [*sources, *(1000 + i for i in range(dead_leaves_count))]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:  # references are independent
+        jobs = [pool.submit(_kadid_reference, images, r, source, seed) for r, source in enumerate(references, 1)]
+        rows = [row for job in jobs for row in job.result()]
     table = pd.DataFrame(rows, columns=["dist_img", "ref_img", "dmos", "var"])
     write_text_atomic(root / "dmos.csv", table.to_csv(index=False))
     return table
