@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help install demo demo-data test test-fast bench-scan clean
+.PHONY: help install demo demo-data test test-fast lint bench-scan clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: install ## install, then run the whole test suite (slow tests included)
 
 test-fast: ## run the tests not marked slow (no install)
 	$(PYTHON) -m pytest -m "not slow"
+
+lint: ## ruff over the sources, tests and benchmarks
+	$(PYTHON) -m ruff check src tests benchmarks
 
 bench-scan: ## selective-scan backends vs the sequential reference (CPU table)
 	$(PYTHON) benchmarks/scan.py

@@ -85,7 +85,8 @@ def main() -> None:
     if args.device == "cuda" and cuda_selective_scan_available():
         backends["cuda"] = lambda *a, **k: selective_scan(*a, **k, backend="cuda")
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
-    header = f"{'shape (B, K*D, N, L)':<24} {'backend':<11} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>8} {'fwd+bwd x':>10}"
+    header = (f"{'shape (B, K*D, N, L)':<24} {'backend':<11} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>8} "
+              f"{'fwd+bwd x':>10}")
     print(header)
     print("-" * len(header))
     for batch in args.batches:
@@ -95,7 +96,8 @@ def main() -> None:
             ref = None
             if batch in args.reference_batches:
                 ref = measure(selective_scan_reference, inputs, args.device, 1)
-                print(f"{shape:<24} {'reference':<11} {ref[0] * 1e3:>10.1f} {ref[1] * 1e3:>11.1f} {'1.0':>8} {'1.0':>10}")
+                print(f"{shape:<24} {'reference':<11} {ref[0] * 1e3:>10.1f} {ref[1] * 1e3:>11.1f} {'1.0':>8} "
+                      f"{'1.0':>10}")
             for name, scan in backends.items():
                 fwd, fwd_bwd = measure(scan, inputs, args.device, args.repeats)
                 speedup = (f"{ref[0] / fwd:>8.1f} {ref[1] / fwd_bwd:>10.1f}" if ref else f"{'-':>8} {'-':>10}")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
+import torch
 from iqa_fixtures import make_kadid
+
 from qmamba.cli import main
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -102,3 +103,16 @@ def test_tensorboard_has_metrics_and_scatter(workdir):
 def test_module_help_and_version():
     result = subprocess.run([sys.executable, "-m", "qmamba", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "qmamba" in result.stdout
+
+
+def test_fit_resumes_from_last_checkpoint(workdir):
+    root, config = workdir
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    last = root / "runs" / "tiny" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=True)["global_step"]
+    assert first > 0
+    main(["fit", "--config", str(root / "runs" / "tiny" / "config.yaml"), "--trainer.max_epochs", "2",
+          "--ckpt_path", str(last)])
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 2 * first  # one more epoch on top of the restored one, not a restart
+    assert "qmamba" in resumed and resumed["qmamba"]["datasets"] == ["tiny_kadid"]

@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from iqa_fixtures import make_kadid, make_koniq, pattern
 from PIL import Image
 
-from iqa_fixtures import make_kadid, make_koniq, pattern
 from qmamba.data import (
     DatasetConfig,
     DatasetError,
-    IQADataModule,
     ImageReadError,
+    IQADataModule,
     ScoreScale,
     dataset_info,
     load_dataset,
@@ -128,7 +128,8 @@ def test_datamodule_builds_per_dataset_loaders(tmp_path):
     make_kadid(tmp_path / "kadid", refs=6)
     make_koniq(tmp_path / "koniq", n=20)
     dm = IQADataModule(
-        [DatasetConfig("kadid10k", str(tmp_path / "kadid"), label="a"), DatasetConfig("koniq10k", str(tmp_path / "koniq"))],
+        [DatasetConfig("kadid10k", str(tmp_path / "kadid"), label="a"),
+         DatasetConfig("koniq10k", str(tmp_path / "koniq"))],
         batch_size=4, crop_size=32, eval_crops=3, test_fraction=0.34, val_fraction=0.17, num_workers=0,
     )
     dm.setup("fit")

@@ -24,7 +24,11 @@ class QualityHead(nn.Module):
     """
 
     def __init__(
-        self, in_dims: list[int], features: tuple[str, ...] = ("pooled",), hidden: int | None = None, dropout: float = 0.0
+        self,
+        in_dims: list[int],
+        features: tuple[str, ...] = ("pooled",),
+        hidden: int | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.features = tuple(features)

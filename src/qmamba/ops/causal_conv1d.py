@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
