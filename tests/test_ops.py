@@ -200,3 +200,11 @@ def test_scan_then_unscan_recovers_each_direction(directions):
 def test_unknown_direction_is_rejected():
     with pytest.raises(ValueError, match="unknown scan direction"):
         direction_positions("diagonal", 4, 4)
+
+
+def test_channels_must_split_into_groups():
+    u, delta = torch.randn(1, 6, 5), torch.rand(1, 6, 5)
+    A, B = -torch.rand(6, 1), torch.randn(1, 4, 1, 5)
+    for scan in (selective_scan_torch, selective_scan_reference):
+        with pytest.raises(ValueError, match="cannot be split into 4 groups"):
+            scan(u, delta, A, B, B)

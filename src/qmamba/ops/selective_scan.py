@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +91,6 @@ def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda
     return "cuda"
 
 
-def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    return F.softplus(delta) if delta_softplus else delta
-
-
 def _n_groups(B: Tensor, C: Tensor) -> int:
     groups = {x.shape[1] for x in (B, C) if x.dim() == 4}
     if len(groups) > 1:
@@ -113,29 +107,31 @@ def _grouped(x: Tensor, groups: int) -> Tensor:
     return x.unsqueeze(2)  # (batch, G, N, L)
 
 
-def _discretise(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None
-) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-    """Shared set-up of the pure-PyTorch scans: decay exp(delta*A), input delta*B*u and the map from states to y.
+class _Layout(NamedTuple):
+    """The scan's operands in the grouped layout (batch, G, D/G, N, L): grouped B/C broadcast, never copied."""
 
-    Everything is laid out as (batch, G, D/G, N, L) so grouped B/C broadcast without being copied per channel.
-    """
+    shape5: tuple[int, ...]  # (batch, G, D/G, 1, L)
+    full: torch.Size  # shape of the states h
+    delta5: Tensor  # softplus'ed delta (when asked)
+    u5: Tensor
+    A5: Tensor
+    Bg: Tensor
+    Cg: Tensor
+    decay: Tensor  # exp(delta * A), expanded to ``full``
+
+
+def _grouped_layout(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, softplus: bool) -> _Layout:
     batch, dim, length = u.shape
     groups = _n_groups(B, C)
     if dim % groups:
         raise ValueError(f"{dim} channels cannot be split into {groups} groups of B/C")
-    Bg, Cg = _grouped(B.float(), groups), _grouped(C.float(), groups)
-    u5 = u.view(batch, groups, dim // groups, 1, length)
-    delta5 = delta.view(batch, groups, dim // groups, 1, length)
-    A5 = A.float().view(1, groups, dim // groups, A.shape[1], 1)
+    shape5 = (batch, groups, dim // groups, 1, length)
+    delta5 = (F.softplus(dt) if softplus else dt).view(shape5)
+    A5 = A.view(1, groups, dim // groups, A.shape[1], 1)
+    Bg, Cg = _grouped(B, groups), _grouped(C, groups)
     decay = torch.exp(delta5 * A5)
-    inputs = (delta5 * u5) * Bg
-
-    def output(h: Tensor) -> Tensor:
-        y = (h * Cg).sum(3).view(batch, dim, length)
-        return y if D is None else y + D.float()[:, None] * u
-
-    return decay, inputs, output
+    full = torch.broadcast_shapes(decay.shape, Bg.shape, Cg.shape, shape5)
+    return _Layout(shape5, full, delta5, u.view(shape5), A5, Bg, Cg, decay.expand(full))
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -147,21 +143,9 @@ class _SelectiveScanFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def _setup(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, softplus: bool):  # noqa: ANN205
-        batch, dim, length = u.shape
-        groups = _n_groups(B, C)
-        shape5 = (batch, groups, dim // groups, 1, length)
-        delta5 = (F.softplus(dt) if softplus else dt).view(shape5)
-        A5 = A.view(1, groups, dim // groups, A.shape[1], 1)
-        Bg, Cg = _grouped(B, groups), _grouped(C, groups)
-        decay = torch.exp(delta5 * A5)
-        full = torch.broadcast_shapes(decay.shape, Bg.shape, Cg.shape, shape5)
-        return shape5, full, delta5, u.view(shape5), A5, Bg, Cg, decay.expand(full)
-
-    @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus):  # type: ignore[override]  # noqa: ANN001
         dt = delta if delta_bias is None else delta + delta_bias[:, None]
-        shape5, full, delta5, u5, _, Bg, Cg, decay = _SelectiveScanFn._setup(u, dt, A, B, C, delta_softplus)
+        shape5, full, delta5, u5, _, Bg, Cg, decay = _grouped_layout(u, dt, A, B, C, delta_softplus)
         length = u.shape[-1]
         inputs = ((delta5 * u5) * Bg).expand(full)
         h = scan(decay.reshape(-1, length), inputs.reshape(-1, length)).view(full)
@@ -176,7 +160,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]  # noqa: ANN001, ANN205
         u, dt, A, B, C, D, h = ctx.saved_tensors
-        shape5, full, delta5, u5, A5, Bg, Cg, decay = _SelectiveScanFn._setup(u, dt, A, B, C, ctx.delta_softplus)
+        shape5, full, delta5, u5, A5, Bg, Cg, decay = _grouped_layout(u, dt, A, B, C, ctx.delta_softplus)
         length = u.shape[-1]
         gy5 = grad_y.view(shape5)
         grad_C = _reduce_to(gy5 * h, Cg.shape, C.shape)
@@ -219,23 +203,6 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
             raise ValueError(f"{name}'s state size does not match A's N = {A.shape[1]}: {tuple(x.shape)}")
 
 
-def _pure_scan(
-    recurrence: Callable[[Tensor, Tensor], Tensor],
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    delta_bias: Tensor | None,
-    delta_softplus: bool,
-) -> Tensor:
-    _check_shapes(u, delta, A, B, C)
-    delta32 = _prepare_delta(delta.float(), delta_bias, delta_softplus)
-    decay, inputs, output = _discretise(u.float(), delta32, A, B, C, D)
-    return output(recurrence(decay, inputs)).to(u.dtype)
-
-
 def selective_scan_torch(
     u: Tensor,
     delta: Tensor,
@@ -266,7 +233,14 @@ def selective_scan_reference(
     delta_softplus: bool = False,
 ) -> Tensor:
     """Sequential reference: the recurrence as a Python loop over L under plain autograd (slow)."""
-    return _pure_scan(linear_scan_reference, u, delta, A, B, C, D, delta_bias, delta_softplus)
+    _check_shapes(u, delta, A, B, C)
+    dt = delta.float() if delta_bias is None else delta.float() + delta_bias.float()[:, None]
+    layout = _grouped_layout(u.float(), dt, A.float(), B.float(), C.float(), delta_softplus)
+    h = linear_scan_reference(layout.decay, (layout.delta5 * layout.u5) * layout.Bg)
+    y = (h * layout.Cg).sum(3).view(u.shape)
+    if D is not None:
+        y = y + D.float()[:, None] * u.float()
+    return y.to(u.dtype)
 
 
 def _selective_scan_cuda(
