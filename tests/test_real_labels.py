@@ -43,3 +43,25 @@ def test_kadid_real_table_counts_and_content_split(tmp_path):
     splits = make_splits(table, "content", seed=0, test_fraction=0.2)
     test_refs = set(table.loc[splits["test"], "content"])
     assert len(test_refs) == 16 and not test_refs & set(table.loc[splits["train"], "content"])
+
+
+def test_csiq_real_label_file(tmp_path):
+    (tmp_path / "csiq_label.txt").write_bytes((LABELS / "original" / "csiq_label.txt").read_bytes())
+    table = load_dataset("csiq", tmp_path)
+    assert len(table) == 866 and table["content"].nunique() == 30
+    assert table["score"].between(0, 1).all()
+    folders = table["path"].map(lambda p: Path(p).parent.name).value_counts().to_dict()
+    assert folders == {"awgn": 150, "jpeg": 150, "jpeg2000": 150, "fnoise": 150, "blur": 150, "contrast": 116}
+
+
+def test_tid2013_real_names_resolve_case_insensitively(tmp_path):
+    meta = pd.read_csv(LABELS / "converted" / "meta_info_TID2013Dataset.csv")
+    lines = [f"{mos} {name}" for mos, name in zip(meta["mos"], meta["dist_name"], strict=True)]
+    (tmp_path / "mos_with_names.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "distorted_images").mkdir()
+    (tmp_path / "distorted_images" / "I01_01_2.BMP").write_bytes(b"")  # on disk with another case than labelled
+    table = load_dataset("tid2013", tmp_path)
+    assert len(table) == 3_000 and table["content"].nunique() == 25
+    assert table["score"].min() == pytest.approx(0.24, abs=0.01)
+    assert table["score"].max() == pytest.approx(7.21, abs=0.01)
+    assert table.loc[table["name"] == "i01_01_2.bmp", "path"].item().endswith("distorted_images/I01_01_2.BMP")

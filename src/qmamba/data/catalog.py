@@ -134,3 +134,41 @@ def _kadid10k(root: Path) -> pd.DataFrame:
         "content": [Path(r).stem for r in labels["ref_img"]],
         "name": labels["dist_img"],
     })
+
+
+_CSIQ_FOLDERS = {"AWGN": "awgn", "JPEG": "jpeg", "jpeg2000": "jpeg2000", "fnoise": "fnoise", "BLUR": "blur",
+                 "contrast": "contrast"}
+
+
+@_register(DatasetInfo("csiq", (0.0, 1.0), True, "content", "data/csiq"))
+def _csiq(root: Path) -> pd.DataFrame:
+    """CSIQ from the widely used ``csiq_label.txt`` (``<ref>.<TOKEN>.<level>.png <dmos>``, DMOS 0-1, lower is
+    better) with images in ``dst_imgs/<type>/`` (the token picks the folder)."""
+    path = _require(root / "csiq_label.txt", "csiq")
+    labels = pd.read_csv(path, sep=r"\s+", header=None, names=["name", "dmos"], engine="python")
+    tokens = labels["name"].str.split(".").str[1]
+    unknown = sorted(set(tokens) - set(_CSIQ_FOLDERS))
+    if unknown:
+        raise DatasetError(f"csiq: {path} names distortion tokens {unknown}; expected {sorted(_CSIQ_FOLDERS)}")
+    return pd.DataFrame({
+        "path": [str(root / "dst_imgs" / _CSIQ_FOLDERS[t] / n) for t, n in zip(tokens, labels["name"], strict=True)],
+        "score": labels["dmos"],
+        "content": labels["name"].str.split(".").str[0],
+        "name": labels["name"],
+    })
+
+
+@_register(DatasetInfo("tid2013", (0.0, 9.0), False, "content", "data/tid2013"))
+def _tid2013(root: Path) -> pd.DataFrame:
+    """TID2013: ``mos_with_names.txt`` (``<mos> <name>`` per line, MOS 0-9) and ``distorted_images/``. The release
+    mixes the case of file names (``i01_01_2.bmp``, ``I01_11_1.BMP``), so names are matched case-insensitively."""
+    path = _require(root / "mos_with_names.txt", "tid2013")
+    labels = pd.read_csv(path, sep=r"\s+", header=None, names=["mos", "name"], engine="python")
+    folder = root / "distorted_images"
+    on_disk = {p.name.lower(): p.name for p in folder.iterdir()} if folder.is_dir() else {}
+    return pd.DataFrame({
+        "path": [str(folder / on_disk.get(n.lower(), n)) for n in labels["name"]],
+        "score": labels["mos"],
+        "content": "I" + labels["name"].str[1:3],
+        "name": labels["name"],
+    })
