@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from qmamba.atomic import write_bytes_atomic, write_text_atomic
+from qmamba.atomic import write_text_atomic
+from qmamba.checkpoint import save_atomic
 
 __all__ = ["AtomicCheckpointIO", "PredictionWriter"]
 
@@ -25,9 +24,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_bytes_atomic(path, buffer.getvalue())
+        save_atomic(checkpoint, path)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -85,7 +85,7 @@ class QMambaIQA(L.LightningModule):
         if datamodule is not None and hasattr(datamodule, "names"):
             self.dataset_names, self.scales = list(datamodule.names), list(datamodule.scales)
             self.preprocessing.update(crop_size=datamodule.crop_size, eval_crops=datamodule.eval_crops)
-        for split in ("val", "test", "predict"):
+        for split in ("val", "test"):
             for i in range(len(self.dataset_names)):
                 self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({"preds": CatMetric(), "target": CatMetric()})
         if stage == "fit" and self.hparams.pretrained:
@@ -123,12 +123,10 @@ class QMambaIQA(L.LightningModule):
         batch, crops = images.shape[:2]
         return self.model(images.flatten(0, 1)).float().view(batch, crops).mean(1)
 
-    def _store(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> Tensor:
-        preds = self._image_scores(batch["image"])
+    def _store(self, split: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         store = self.eval_stores[f"{split}_{dataloader_idx}"]
-        store["preds"].update(preds)
+        store["preds"].update(self._image_scores(batch["image"]))
         store["target"].update(batch["target"].float())
-        return preds
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._store("val", batch, dataloader_idx)
