@@ -5,14 +5,14 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help install demo demo-data test test-fast lint bench-scan clean
+.PHONY: help install demo demo-data test test-fast lint bench-scan benchmark transfer clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-install: ## install qmamba (editable) with its test and demo dependencies; torch first if missing
+install: ## install qmamba (editable) with its test, demo and export dependencies; torch first if missing
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
-	$(PIP) install -q -e ".[test,demo]"
+	$(PIP) install -q -e ".[test,demo,export]"
 
 DEMO_RUN := runs/demo
 
@@ -31,6 +31,33 @@ test-fast: ## run the tests not marked slow (no install)
 
 lint: ## ruff over the sources, tests and benchmarks
 	$(PYTHON) -m ruff check src tests benchmarks
+
+DATASET ?= livec
+SPLITS ?= 10
+
+benchmark: ## the paper protocol on one dataset: make benchmark DATASET=livec SPLITS=10 (configs/task/<DATASET>.yaml)
+	$(PYTHON) -m qmamba benchmark --config configs/task/$(DATASET).yaml --splits $(SPLITS) --out runs/benchmark/$(DATASET)
+
+# make transfer SRC=koniq DST=livec [METHODS=none,styleprompt | all]: train the source model if its checkpoint is
+# missing, then adapt it to DST with each method and test. Names: a configs/task/<name>.yaml (koniq and kadid are
+# short for koniq10k and kadid10k) or a configs/demo/<name>.yaml (demo_kadid, demo_koniq: runs on a CPU).
+SRC ?= demo_kadid
+DST ?= demo_koniq
+METHODS ?= none,styleprompt
+TRANSFER_RUNS := runs/transfer
+canonical = $(if $(filter koniq,$(1)),koniq10k,$(if $(filter kadid,$(1)),kadid10k,$(1)))
+config_for = $(or $(firstword $(wildcard configs/task/$(1).yaml configs/demo/$(1).yaml)),$(error no config for '$(1)': expected configs/task/$(1).yaml or configs/demo/$(1).yaml))
+SRC_NAME := $(call canonical,$(SRC))
+DST_NAME := $(call canonical,$(DST))
+SOURCE_CKPT := $(TRANSFER_RUNS)/source_$(SRC_NAME)/checkpoints/best.ckpt
+
+$(TRANSFER_RUNS)/source_%/checkpoints/best.ckpt:
+	$(PYTHON) -m qmamba fit --config $(call config_for,$*) --trainer.logger.init_args.save_dir $(TRANSFER_RUNS) \
+		--trainer.logger.init_args.name source_$*
+
+transfer: install $(if $(findstring demo_,$(SRC_NAME) $(DST_NAME)),demo-data) $(SOURCE_CKPT) ## adapt a trained model to another dataset: make transfer SRC=koniq DST=livec [METHODS=all]
+	$(PYTHON) -m qmamba transfer --source $(SOURCE_CKPT) --config $(call config_for,$(DST_NAME)) --methods $(METHODS) \
+		--src-name $(SRC_NAME) --dst-name $(DST_NAME) --out $(TRANSFER_RUNS)/$(SRC_NAME)_to_$(DST_NAME)
 
 bench-scan: ## selective-scan backends vs the sequential reference (CPU table)
 	$(PYTHON) benchmarks/scan.py

@@ -116,3 +116,60 @@ def test_fit_resumes_from_last_checkpoint(workdir):
     resumed = torch.load(last, weights_only=True)
     assert resumed["global_step"] == 2 * first  # one more epoch on top of the restored one, not a restart
     assert "qmamba" in resumed and resumed["qmamba"]["datasets"] == ["tiny_kadid"]
+
+
+def test_benchmark_runs_n_splits_summarises_and_skips_finished_ones(workdir, capsys):
+    root, config = workdir
+    main(["benchmark", "--config", str(config), "--splits", "2", "--out", "bench", "--", "--trainer.max_epochs", "1"])
+    out = root / "bench"
+    rows = pd.read_csv(out / "results.csv")
+    assert rows["split"].tolist() == [0, 1] and (rows["dataset"] == "tiny_kadid").all()
+    split_files = [pd.read_csv(out / f"split_0{i}" / "splits" / "tiny_kadid.csv") for i in (0, 1)]
+    tests = [set(s.loc[s["split"] == "test", "name"]) for s in split_files]
+    assert tests[0] != tests[1]  # split_seed follows the split index
+    summary = json.loads((out / "summary.json").read_text())["summary"]["tiny_kadid"]
+    assert summary["srcc"]["splits"] == 2
+    assert summary["srcc"]["median"] == pytest.approx(rows["srcc"].median())
+    assert "median" in capsys.readouterr().out
+
+    (out / "split_01" / "test_results.json").unlink()  # as if split 1 was interrupted after training
+    stamp = (out / "split_00" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
+    main(["benchmark", "--config", str(config), "--splits", "2", "--out", "bench", "--", "--trainer.max_epochs", "1"])
+    assert (out / "split_00" / "checkpoints" / "best.ckpt").stat().st_mtime_ns == stamp  # finished split skipped
+    assert (out / "split_01" / "test_results.json").is_file()
+    assert len(pd.read_csv(out / "results.csv")) == 2
+
+
+@pytest.mark.slow
+def test_two_process_ddp_universal_fit_then_test(tmp_path):
+    """A real 2-process DDP run (gloo, CPU) over two datasets through the CLI; every test image scored once."""
+    from iqa_fixtures import make_koniq
+
+    make_kadid(tmp_path / "kadid")
+    make_koniq(tmp_path / "koniq", n=30)
+    config = tmp_path / "universal.yaml"
+    config.write_text(CONF.read_text().replace(
+        "      - {name: kadid10k, root: KADID_ROOT, label: tiny_kadid}\n",
+        f"      - {{name: kadid10k, root: {tmp_path / 'kadid'}, label: tiny_kadid}}\n"
+        f"      - {{name: koniq10k, root: {tmp_path / 'koniq'}, label: tiny_koniq}}\n"))
+    result = _qmamba("fit", "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                     "--trainer.max_epochs", "2", "--data.init_args.sampling", "balanced", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    tags = set()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in run.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"val/tiny_kadid/srcc", "val/tiny_koniq/srcc", "val/srcc"} <= tags
+
+    result = _qmamba("test", "--config", str(run / "config.yaml"), "--ckpt_path", "best", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run / "test_results.json").read_text())["results"]
+    splits = {name: pd.read_csv(run / "splits" / f"{name}.csv") for name in ("tiny_kadid", "tiny_koniq")}
+    for name, table in splits.items():  # sharded without padding: the gathered count is the test split's size
+        assert results[name]["images"] == (table["split"] == "test").sum()

@@ -4,6 +4,10 @@
     qmamba test --config runs/demo/config.yaml --ckpt_path runs/demo/checkpoints/best.ckpt
     qmamba test --config runs/demo/config.yaml --ckpt_path best        # alias resolved inside the run folder
     qmamba demo-data --out data/demo
+    qmamba benchmark --config configs/task/livec.yaml --splits 10   # the N-split protocol (median SRCC/PLCC)
+    qmamba score --ckpt_path runs/demo/checkpoints/best.ckpt photos/ -o scores.csv
+    qmamba export --ckpt_path runs/demo/checkpoints/best.ckpt --output qmamba.onnx
+    qmamba transfer --source runs/x/checkpoints/best.ckpt --config configs/task/livec.yaml --methods all
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 import qmamba  # noqa: E402
 from qmamba.training.callbacks import AtomicCheckpointIO  # noqa: E402
 
-__all__ = ["QMambaCLI", "main"]
+__all__ = ["QMambaCLI", "main", "run_lightning_cli"]
 
 log = logging.getLogger("qmamba")
 CHECKPOINT_ALIASES = ("best", "last")
@@ -89,7 +93,8 @@ def run_dir(config: Any) -> Path:
     return Path(save_dir) / str(name)
 
 
-def _lightning_cli(args: ArgsType) -> None:
+def run_lightning_cli(args: ArgsType) -> None:
+    """One LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) with qmamba's classes."""
     from qmamba.data import IQADataModule
     from qmamba.training import QMambaIQA
 
@@ -104,6 +109,8 @@ def _lightning_cli(args: ArgsType) -> None:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         trainer_defaults={
+            # the DataModule shards data itself (MultiDatasetBatchSampler, unpadded evaluation shards)
+            "use_distributed_sampler": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "runs", "name": "default", "version": ""}},
         },
@@ -118,7 +125,32 @@ def _demo_data(argv: list[str]) -> None:
     demo_main(argv)
 
 
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {"demo-data": _demo_data}
+def _benchmark(argv: list[str]) -> None:
+    from qmamba.benchmark import main as benchmark_main
+
+    benchmark_main(argv)
+
+
+def _transfer(argv: list[str]) -> None:
+    from qmamba.transfer import main as transfer_main
+
+    transfer_main(argv)
+
+
+def _score(argv: list[str]) -> None:
+    from qmamba.scoring import main as score_main
+
+    score_main(argv)
+
+
+def _export(argv: list[str]) -> None:
+    from qmamba.export import main as export_main
+
+    export_main(argv)
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "demo-data": _demo_data, "benchmark": _benchmark, "transfer": _transfer, "score": _score, "export": _export}
 
 
 def main(args: ArgsType = None) -> None:
@@ -131,7 +163,7 @@ def main(args: ArgsType = None) -> None:
         if isinstance(argv, list) and argv and argv[0] in EXTRA_COMMANDS:
             EXTRA_COMMANDS[argv[0]](list(argv[1:]))
         else:
-            _lightning_cli(args)
+            run_lightning_cli(args)
     except (DatasetError, CheckpointError) as err:  # user-fixable input problems: a message, not a traceback
         print(f"qmamba: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

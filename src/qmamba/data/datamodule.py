@@ -1,20 +1,27 @@
-"""The IQA DataModule: one or several datasets, split by protocol, one validation / test loader per dataset."""
+"""The IQA DataModule: one or several datasets, split by protocol, one validation / test loader per dataset.
+
+With several datasets (universal IQA) training batches come from :class:`MultiDatasetBatchSampler` (shares by
+strategy, single-dataset batches, DDP sharding); scores are trained on each dataset's [0, 1] higher-is-better scale
+(:class:`ScoreScale`: min-max over the dataset's known range, DMOS flipped) and reported on the native scale.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from .catalog import DatasetError, dataset_info, load_dataset
+from .checks import CheckMode, check_images, report_problems
 from .dataset import IQADataset, ScoreScale
+from .sampler import MultiDatasetBatchSampler, ShardSampler, Strategy, dataset_shares
 from .splits import make_splits, save_splits
 from .transforms import EvalCrops, TrainCrop
 
@@ -33,6 +40,9 @@ class DatasetConfig:
         label: name used in metric keys and outputs (default: ``name``), e.g. ``demo_kadid``.
         protocol: ``auto`` (the dataset's community protocol), ``content``, ``random`` or ``official``.
         options: loader options, e.g. ``{resolution: 512x384}`` for KonIQ.
+        short_side: resize images to this shorter side before training (once, into ``cache_dir``); ``auto`` is
+            the dataset's default (512 for SPAQ, native resolution for the others), None keeps the originals.
+        cache_dir: folder of the resized copies (default ``<root>/qmamba_short<N>``).
     """
 
     name: str
@@ -40,6 +50,8 @@ class DatasetConfig:
     label: str | None = None
     protocol: Literal["auto", "content", "random", "official"] = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    short_side: int | Literal["auto"] | None = "auto"
+    cache_dir: str | None = None
 
     @property
     def key(self) -> str:
@@ -62,6 +74,16 @@ class IQADataModule(L.LightningDataModule):
         num_workers: data-loading processes.
         cache_images: keep decoded images in memory (each loader process holds its own copy): for small
             datasets, especially on CPUs where decoding competes with training for the cores.
+        check_images: before training, ``full`` decodes every image once (catches truncated files), ``header``
+            reads only sizes, ``off`` only tests that files exist. All problems are reported together.
+        small_images: images with a side below ``crop_size``: ``error`` (report them) or ``drop`` (leave them
+            out, logged). qmamba never pads or upscales, both of which change the quality being scored.
+        sampling: each dataset's share of a training epoch: ``proportional`` to its size, ``balanced`` (equal) or
+            ``temperature`` (size^(1/T)); see :mod:`qmamba.data.sampler`.
+        temperature: T of the ``temperature`` strategy.
+        mixed_batches: draw batches across datasets instead of one dataset per batch (the default keeps in-batch
+            correlation and ranking losses meaningful: scores of different datasets are not comparable).
+        epoch_samples: training crops per epoch over all devices (default: training images x train_repeats).
     """
 
     def __init__(
@@ -76,6 +98,12 @@ class IQADataModule(L.LightningDataModule):
         split_seed: int = 0,
         num_workers: int = 4,
         cache_images: bool = False,
+        check_images: CheckMode = "full",
+        small_images: Literal["error", "drop"] = "error",
+        sampling: Strategy = "proportional",
+        temperature: float = 2.0,
+        mixed_batches: bool = False,
+        epoch_samples: int | None = None,
     ) -> None:
         super().__init__()
         if not datasets:
@@ -87,20 +115,24 @@ class IQADataModule(L.LightningDataModule):
         self.batch_size, self.crop_size, self.eval_crops = batch_size, crop_size, eval_crops
         self.train_repeats, self.num_workers, self.cache_images = train_repeats, num_workers, cache_images
         self.test_fraction, self.val_fraction, self.split_seed = test_fraction, val_fraction, split_seed
+        self.check_images, self.small_images = check_images, small_images
+        self.sampling, self.temperature, self.mixed_batches = sampling, temperature, mixed_batches
+        self.epoch_samples = epoch_samples
+        dataset_shares([1] * len(self.configs), sampling, temperature)  # a bad strategy fails at construction
         self.names = keys
         self.scales = [ScoreScale.of(dataset_info(c.name)) for c in self.configs]
         self._splits: list[dict[str, Dataset]] | None = None
+        self._seed = 0  # set in setup from the global seed; every DDP rank gets the same one
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:
             return
-        seed = int(torch.initial_seed() % 2**31)  # follows the CLI's seed_everything; albumentations needs it
+        self._seed = seed = int(torch.initial_seed() % 2**31)  # follows seed_everything; albumentations needs it
         self._splits = []
         for index, (config, scale) in enumerate(zip(self.configs, self.scales, strict=True)):
             info = dataset_info(config.name)
-            table = load_dataset(config.name, config.root, **config.options)
-            _check_files_exist(config.key, table["path"].tolist())
+            table = self._usable_images(config, load_dataset(config.name, config.root, **config.options))
             protocol = info.protocol if config.protocol == "auto" else config.protocol
             if config.protocol == "auto" and info.official_split and "split" in table and table["split"].notna().all():
                 protocol = "official"
@@ -127,10 +159,36 @@ class IQADataModule(L.LightningDataModule):
             log.info("%s (%s split): %s", config.key, protocol,
                      ", ".join(f"{s} {len(v)}" for s, v in self._splits[-1].items()))
 
+    def _usable_images(self, config: DatasetConfig, table: pd.DataFrame) -> pd.DataFrame:
+        """Check every image (resizing into the cache where configured) and keep the usable ones."""
+        info = dataset_info(config.name)
+        short_side = info.short_side if config.short_side == "auto" else config.short_side
+        cache_dir = None
+        if short_side:
+            root = Path(config.root or info.default_root)
+            cache_dir = Path(config.cache_dir) if config.cache_dir else root / f"qmamba_short{short_side}"
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise DatasetError(f"{config.key}: cannot create {cache_dir} for the resized images ({err}); set "
+                                   "the dataset's cache_dir to a writable folder") from err
+            log.info("%s: images resized to a %d shorter side in %s (made once)", config.key, short_side, cache_dir)
+        checks = check_images(table["path"].tolist(), table["name"].tolist(), mode=self.check_images,
+                              min_size=self.crop_size, short_side=short_side, cache_dir=cache_dir)
+        report_problems(config.key, checks, allow=("too small",) if self.small_images == "drop" else ())
+        keep = np.array([c.problem is None for c in checks])
+        if not keep.all():
+            log.warning("%s: left out %d images smaller than the %d crop (small_images: drop)", config.key,
+                        int((~keep).sum()), self.crop_size)
+        return table.assign(path=[c.path for c in checks])[keep].reset_index(drop=True)
+
     def _save_splits(self, key: str, table: Any, splits: dict[str, np.ndarray]) -> None:
         trainer = self.trainer
-        if trainer is not None and trainer.is_global_zero and trainer.log_dir:
-            save_splits(table, splits, Path(trainer.log_dir) / "splits" / f"{key}.csv")
+        if trainer is None:
+            return
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, or rank 0 waits forever
+        if trainer.is_global_zero and log_dir:
+            save_splits(table, splits, Path(log_dir) / "splits" / f"{key}.csv")
 
     def split(self, name: str) -> list[IQADataset]:
         """The ``train`` / ``val`` / ``test`` dataset of every configured dataset (after ``setup``)."""
@@ -140,24 +198,32 @@ class IQADataModule(L.LightningDataModule):
         return [s[name] for s in self._splits]  # type: ignore[misc]
 
     # ---------------------------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > batch_size,  # type: ignore[arg-type]
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+    def _world(self) -> tuple[int, int]:
+        """(rank, world size) of this process (a single process before a trainer is attached)."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def train_sampler(self) -> MultiDatasetBatchSampler:
+        """The training batch sampler of this rank (after ``setup``)."""
+        sizes = [len(d) for d in self.split("train")]
+        rank, world = self._world()
+        return MultiDatasetBatchSampler(
+            sizes, self.batch_size, self.sampling, self.temperature,
+            epoch_samples=self.epoch_samples or sum(sizes) * self.train_repeats, mixed=self.mixed_batches,
+            seed=self._seed, rank=rank, world_size=world,
         )
 
     def train_dataloader(self) -> DataLoader:
-        train = ConcatDataset(self.split("train") * self.train_repeats)
-        return self._loader(train, self.batch_size, shuffle=True)
+        return self._loader(ConcatDataset(self.split("train")), batch_sampler=self.train_sampler())
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         batch = max(1, self.batch_size // self.eval_crops)
-        return [self._loader(d, batch, shuffle=False) for d in self.split(split)]
+        rank, world = self._world()
+        return [self._loader(d, batch_size=batch, sampler=ShardSampler(len(d), rank, world)) for d in self.split(split)]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val")
@@ -167,12 +233,3 @@ class IQADataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test")
-
-
-def _check_files_exist(key: str, paths: list[str]) -> None:
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise DatasetError(
-            f"{key}: {len(missing)} of {len(paths)} images listed in the labels are missing, e.g. "
-            + ", ".join(missing[:5]) + ". Check the dataset root and that the archive was fully extracted."
-        )

@@ -3,6 +3,7 @@
 from .losses import IQALoss
 from .metrics import iqa_metrics
 from .module import QMambaIQA
+from .prompt_tuning import PromptTuning, load_tuned
 from .schedules import WarmupCosine, WarmupStepDecay
 
-__all__ = ["IQALoss", "QMambaIQA", "WarmupCosine", "WarmupStepDecay", "iqa_metrics"]
+__all__ = ["IQALoss", "PromptTuning", "QMambaIQA", "WarmupCosine", "WarmupStepDecay", "iqa_metrics", "load_tuned"]

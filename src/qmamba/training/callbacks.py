@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import pandas as pd
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -40,12 +41,16 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any,
                            batch_indices: Any) -> None:
-        if not trainer.is_global_zero:
-            return
         per_loader = predictions if predictions and isinstance(predictions[0], list) else [predictions]
         rows = [(batch["dataset"], path, score) for loader in per_loader for batch in loader
                 for path, score in zip(batch["path"], batch["score"], strict=True)]
         path = Path(self.output)
         if not path.is_absolute():
-            path = Path(trainer.log_dir or ".") / path
+            path = Path(trainer.log_dir or ".") / path  # log_dir broadcasts under DDP: asked on every rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shards: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, rows)  # each rank predicted its own shard
+            rows = sorted(row for shard in shards for row in shard)
+        if not trainer.is_global_zero:
+            return
         write_text_atomic(path, pd.DataFrame(rows, columns=["dataset", "path", "score"]).to_csv(index=False))

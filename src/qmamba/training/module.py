@@ -157,11 +157,12 @@ class QMambaIQA(L.LightningModule):
         for name, metrics in results.items():
             for key, value in metrics.items():
                 if key != "images":
-                    self.log(f"{split}/{name}/{key}", value, add_dataloader_idx=False)
+                    # identical on every rank (the stores gathered all shards); the mean-reduce keeps DDP quiet
+                    self.log(f"{split}/{name}/{key}", value, add_dataloader_idx=False, sync_dist=True)
         if results:
             for key in ("srcc", "plcc"):
                 mean = sum(m[key] for m in results.values()) / len(results)
-                self.log(f"{split}/{key}", mean, prog_bar=split == "val", add_dataloader_idx=False)
+                self.log(f"{split}/{key}", mean, prog_bar=split == "val", add_dataloader_idx=False, sync_dist=True)
         return results
 
     def on_validation_epoch_end(self) -> None:
@@ -169,7 +170,7 @@ class QMambaIQA(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results = self._epoch_metrics("test")
-        self._report_test(results)
+        self._report_test(results, self.trainer.log_dir)  # log_dir broadcasts: every rank must ask
 
     @rank_zero_only
     def _log_scatter(self, name: str, preds: Tensor, target: Tensor, metrics: dict[str, float]) -> None:
@@ -182,7 +183,7 @@ class QMambaIQA(L.LightningModule):
             experiment.add_figure(f"val/{name}/scatter", figure, global_step=self.global_step, close=True)
 
     @rank_zero_only
-    def _report_test(self, results: dict[str, dict[str, float]]) -> None:
+    def _report_test(self, results: dict[str, dict[str, float]], log_dir: str | None) -> None:
         """Print the final table and write ``test_results.json`` next to the run."""
         if not results:
             return
@@ -192,7 +193,6 @@ class QMambaIQA(L.LightningModule):
             lines.append(f"{name:<16} {int(m['images']):>7d} {m['srcc']:>7.4f} {m['plcc']:>7.4f} {m['krcc']:>7.4f} "
                          f"{m['rmse']:>9.4f} {m.get('plcc_logistic', float('nan')):>10.4f}")
         print("\n" + "\n".join(lines) + "\n", flush=True)
-        log_dir = self.trainer.log_dir
         if log_dir:
             payload = {"checkpoint": self.trainer.ckpt_path, "results": results}
             write_text_atomic(Path(log_dir) / "test_results.json", json.dumps(payload, indent=2) + "\n")
@@ -200,15 +200,16 @@ class QMambaIQA(L.LightningModule):
     # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything `qmamba score` needs besides the weights: datasets, score scales, preprocessing."""
-        checkpoint["qmamba"] = {
+        checkpoint.setdefault("qmamba", {}).update({  # callbacks (PromptTuning) may have added their part
             "datasets": self.dataset_names,
             "scales": [s.as_dict() for s in self.scales],
             "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in self.preprocessing.items()},
-        }
+        })
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("qmamba")
-        if meta:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if meta and not hasattr(datamodule, "names"):  # a run's own data wins (e.g. testing a model elsewhere)
             self.dataset_names = list(meta["datasets"])
             self.scales = [ScoreScale(**s) for s in meta["scales"]]
             self.preprocessing.update(meta["preprocessing"])

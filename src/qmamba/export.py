@@ -1,0 +1,83 @@
+"""ONNX export of a trained QMamba through ``torch.export`` and the pure-PyTorch selective scan.
+
+    qmamba export --ckpt_path runs/demo/checkpoints/best.ckpt --output qmamba.onnx
+
+VMamba itself cannot be exported (its scan exists only as a CUDA kernel); qmamba's blocked pure-PyTorch scan is
+plain tensor algebra, so the whole regressor exports. The graph maps a batch of normalised crops (dynamic batch
+size, fixed crop size) to unit-scale scores, like the PyTorch model; the ONNX metadata records what a caller needs
+around it (crop size, crop count, normalisation, the score scale and direction). Requires ``pip install
+"qmamba[export]"`` (onnx, onnxscript; onnxruntime to verify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmamba.scoring import Scorer, load
+
+__all__ = ["export_onnx", "verify_onnx"]
+
+
+def export_onnx(scorer: Scorer, output: str | os.PathLike[str], opset: int = 18) -> Path:
+    """Write ``scorer``'s model as ONNX with a dynamic batch axis; returns the path."""
+    import onnx
+
+    model = scorer.model.float().cpu().eval()
+    size = scorer.crops.size
+    example = torch.randn(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    torch.onnx.export(model, (example,), tmp, dynamo=True, opset_version=opset, input_names=["crops"],
+                      output_names=["unit_scores"], dynamic_shapes={"images": {0: batch}}, verbose=False)
+    graph = onnx.load(tmp)
+    meta: dict[str, Any] = {
+        **scorer.info,
+        "input": "(N, 3, crop_size, crop_size) crops of RGB images in [0, 1] normalised with mean/std; an image's "
+                 "score is the mean over its crops, mapped with score_range",
+        "mean": list(scorer.crops.mean / 255.0),
+        "std": list(scorer.crops.std / 255.0),
+    }
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=json.dumps(value, default=float))
+    onnx.save(graph, tmp)
+    os.replace(tmp, output)
+    return output
+
+
+def verify_onnx(scorer: Scorer, path: str | os.PathLike[str], batches: tuple[int, ...] = (1, 3)) -> float:
+    """Largest relative difference between onnxruntime and PyTorch on random crops of several batch sizes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    size, worst = scorer.crops.size, 0.0
+    generator = torch.Generator().manual_seed(0)
+    for batch in batches:
+        crops = torch.randn(batch, 3, size, size, generator=generator)
+        with torch.no_grad():
+            expected = scorer.model.float().cpu()(crops).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: crops.numpy()})[0]
+        worst = max(worst, float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-3))))
+    return worst
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="qmamba export", description="Export a trained QMamba to ONNX.")
+    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a qmamba checkpoint")
+    parser.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    args = parser.parse_args(argv)
+    scorer = load(args.ckpt_path, device="cpu")
+    path = export_onnx(scorer, args.output, args.opset)
+    print(f"qmamba export: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if not args.no_verify:
+        print(f"qmamba export: onnxruntime vs PyTorch, max relative difference {verify_onnx(scorer, path):.2e}")

@@ -1,0 +1,135 @@
+"""Transferable IQA protocol: adapt a trained source model to a target dataset with several methods, compare.
+
+    qmamba transfer --source runs/transfer/source_koniq10k/checkpoints/best.ckpt \
+        --config configs/task/livec.yaml --methods none,styleprompt,head,full [--out DIR] [-- FIT ARGS...]
+
+``none`` tests the source model on the target as it is (zero-shot); every other method fine-tunes it on the
+target's training split with :class:`qmamba.training.PromptTuning` (``styleprompt``, ``static``, ``ssf``, ``head``,
+``full``) and tests the validation-selected checkpoint. The target config supplies data, trainer and optimiser;
+the model architecture comes from the source checkpoint. Results: one line per method (source, target, method,
+trainable parameters, SRCC, PLCC) printed and written to ``<out>/results.csv``; finished methods are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+
+from qmamba.atomic import write_text_atomic
+from qmamba.checkpoint import CheckpointError, read_checkpoint
+
+__all__ = ["METHODS", "run_transfer"]
+
+METHODS = ("none", "styleprompt", "static", "ssf", "head", "full")
+ARCHITECTURE_ARGS = ("backbone", "backbone_args", "head_features", "head_hidden", "head_dropout")
+
+
+def _source_model_args(source: Path) -> dict[str, Any]:
+    """The architecture of the source run (from its checkpoint's hyper-parameters) and nothing to re-initialise."""
+    checkpoint = read_checkpoint(source)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not hparams or "backbone" not in hparams:
+        raise CheckpointError(f"{source} is not a qmamba training checkpoint (no model hyper-parameters)")
+    args = {k: hparams[k] for k in ARCHITECTURE_ARGS if k in hparams}
+    if isinstance(args.get("head_features"), tuple):
+        args["head_features"] = list(args["head_features"])
+    return {**args, "pretrained": None}
+
+
+def _overlay(source: Path, method: str, out: Path, model_args: dict[str, Any]) -> Path:
+    """A config layered over the target's: the source architecture, the tuning callback, the run folder."""
+    trainer: dict[str, Any] = {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                          "init_args": {"save_dir": str(out), "name": method, "version": ""}}}
+    if method != "none":
+        trainer["callbacks"] = [{"class_path": "qmamba.training.PromptTuning",
+                                 "init_args": {"source": str(source), "method": method}}]
+    config = {"trainer": trainer, "model": {"class_path": "qmamba.training.QMambaIQA", "init_args": model_args}}
+    path = out / "configs" / f"{method}.yaml"
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _run_method(source: Path, config: str, method: str, out: Path, model_args: dict[str, Any], extra: Sequence[str],
+                cli: Callable[[list[str]], None]) -> dict[str, Any]:
+    run = out / method
+    results = run / "test_results.json"
+    if not results.is_file():
+        overlay = str(_overlay(source, method, out, model_args))
+        if method == "none":
+            cli(["test", "--config", config, "--config", overlay, "--ckpt_path", str(source), *extra])
+        else:
+            fit = ["fit", "--config", config, "--config", overlay, *extra]
+            if (run / "checkpoints" / "last.ckpt").is_file():
+                fit += ["--ckpt_path", "last"]
+            cli(fit)
+            cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])
+    payload = json.loads(results.read_text())
+    metrics = next(iter(payload["results"].values()))
+    if method == "none":
+        trainable, total = 0, None
+    else:
+        tuned = torch.load(run / "tuned.pt", map_location="cpu", weights_only=True)
+        trainable, total = tuned["trainable_params"], tuned["total_params"]
+    return {"method": method, "trainable_params": trainable, "total_params": total, "srcc": metrics["srcc"],
+            "plcc": metrics["plcc"], "images": metrics.get("images")}
+
+
+def run_transfer(
+    source: str | Path, config: str, methods: Sequence[str], out: str | Path, src_name: str | None = None,
+    dst_name: str | None = None, extra: Sequence[str] = (), cli: Callable[[list[str]], None] | None = None,
+) -> pd.DataFrame:
+    """Run each method (skipping finished ones), print the result lines and write ``<out>/results.csv``."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown transfer methods {unknown}; choose from {', '.join(METHODS)}")
+    source, out = Path(source), Path(out)
+    if not source.is_file():
+        raise CheckpointError(f"source checkpoint {source} does not exist; train the source model first "
+                              "(make transfer does it for you)")
+    if cli is None:
+        from qmamba.cli import run_lightning_cli as cli
+    model_args = _source_model_args(source)
+    src = src_name or source.parent.parent.name
+    dst = dst_name or Path(config).stem
+    rows = [{"source": src, "target": dst, **_run_method(source, config, m, out, model_args, extra, cli)}
+            for m in methods]
+    table = pd.DataFrame(rows)
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    write_text_atomic(out / "results.csv", buffer.getvalue())
+    print(f"\ntransfer {src} -> {dst} ({out}):")
+    for row in rows:
+        share = f" ({100 * row['trainable_params'] / row['total_params']:.1f}%)" if row["total_params"] else ""
+        print(f"{row['source']} -> {row['target']}  {row['method']:<12} trainable {row['trainable_params']:>11,}"
+              f"{share:<9} SRCC {row['srcc']:.4f}  PLCC {row['plcc']:.4f}")
+    print(flush=True)
+    return table
+
+
+def main(argv: list[str]) -> None:
+    extra: list[str] = []
+    if "--" in argv:
+        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    parser = argparse.ArgumentParser(prog="qmamba transfer", description=__doc__.split("\n\n")[0],
+                                     epilog="Arguments after -- go to every fit/test, e.g. -- --trainer.max_epochs 5")
+    parser.add_argument("--source", required=True, help="checkpoint of the source model (a qmamba fit's best.ckpt)")
+    parser.add_argument("--config", required=True, help="the target's config, e.g. configs/task/livec.yaml")
+    parser.add_argument("--methods", default="none,styleprompt",
+                        help=f"comma-separated, from {','.join(METHODS)}, or 'all' (default none,styleprompt)")
+    parser.add_argument("--out", help="results folder (default runs/transfer/<source>_to_<target>)")
+    parser.add_argument("--src-name", help="name of the source in the result lines (default: its run folder)")
+    parser.add_argument("--dst-name", help="name of the target in the result lines (default: the config's name)")
+    args = parser.parse_args(argv)
+    methods = ("none", "styleprompt", "head", "full", "ssf") if args.methods == "all" else args.methods.split(",")
+    src = args.src_name or Path(args.source).parent.parent.name
+    dst = args.dst_name or Path(args.config).stem
+    run_transfer(args.source, args.config, methods, args.out or Path("runs/transfer") / f"{src}_to_{dst}", src, dst,
+                 extra)
