@@ -208,3 +208,16 @@ def test_channels_must_split_into_groups():
     for scan in (selective_scan_torch, selective_scan_reference):
         with pytest.raises(ValueError, match="cannot be split into 4 groups"):
             scan(u, delta, A, B, B)
+
+
+def test_scan_orders_first_built_in_inference_mode_still_train():
+    """Cached index tensors must not be inference tensors: a test before a fit in one process (qmamba transfer)."""
+    from qmamba.ops.scan_order import scan_order
+
+    order = scan_order(("h", "v"), 5, 3)  # odd size: not used by other tests, so built here first
+    with torch.inference_mode():
+        order = scan_order(("h", "v"), 5, 7)
+        order.scan(torch.randn(1, 2, 35))
+    x = torch.randn(1, 2, 35, requires_grad=True)
+    order.scan(x).sum().backward()
+    assert x.grad is not None

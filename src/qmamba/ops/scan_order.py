@@ -64,6 +64,7 @@ def direction_positions(name: str, height: int, width: int) -> Tensor:
 class ScanOrder:
     """All directions of one SS2D layer for one map size: ``scan`` (B, D, H*W) -> (B, K, D, L), ``merge`` back."""
 
+    @torch.inference_mode(False)  # cached across calls: tensors made under inference mode could never train
     def __init__(self, directions: tuple[str, ...], height: int, width: int) -> None:
         self.directions = directions
         self.num_tokens = height * width
@@ -80,6 +81,7 @@ class ScanOrder:
         self._inverse = inverse
         self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
+    @torch.inference_mode(False)
     def _indices(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._device_cache:
             self._device_cache[device] = (self._gather.to(device), self._inverse.to(device))
