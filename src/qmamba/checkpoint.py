@@ -54,6 +54,15 @@ def extract_state_dict(obj: Any, keys: tuple[str, ...] = ("model", "state_dict",
     )
 
 
+def model_state(checkpoint: Any) -> dict[str, Any]:
+    """The QMamba weights in a loaded checkpoint: a qmamba (Lightning) checkpoint's ``model.*`` entries without the
+    prefix, or a plain model state dict as it is."""
+    state = extract_state_dict(checkpoint)
+    if any(k.startswith("model.") for k in state):
+        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` that replaces ``path`` atomically."""
     buffer = io.BytesIO()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qmamba.checkpoint import CheckpointError, read_checkpoint
+from qmamba.checkpoint import CheckpointError, model_state, read_checkpoint
 from qmamba.data.dataset import ScoreScale
 from qmamba.data.images import read_rgb
 from qmamba.data.transforms import EvalCrops
@@ -86,8 +86,7 @@ class Scorer:
         if meta.get("prompts"):
             config = meta["prompts"]
             attach_prompts(model, config["method"], config["where"], config["num_prompts"], config["reduction"])
-        state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state)
+        model.load_state_dict(model_state(checkpoint))
         names = list(meta["datasets"])
         dataset = dataset or names[0]
         if dataset not in names:
@@ -118,11 +117,14 @@ class Scorer:
                 yield index, None, str(err)
                 continue
             if len(pending) == self.batch_size:
-                yield from ((i, s, None) for (i, _), s in zip(pending, self._batch([c for _, c in pending]),
-                                                                strict=True))
+                yield from self._scored(pending)
                 pending = []
         if pending:
-            yield from ((i, s, None) for (i, _), s in zip(pending, self._batch([c for _, c in pending]), strict=True))
+            yield from self._scored(pending)
+
+    def _scored(self, pending: list[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, float | None, str | None]]:
+        scores = self._batch([crops for _, crops in pending])
+        return ((index, score, None) for (index, _), score in zip(pending, scores, strict=True))
 
     def score(self, images: ImageInput | Sequence[ImageInput]) -> float | list[float]:
         """Quality score(s) on the dataset's native scale; raises on an image that cannot be scored."""

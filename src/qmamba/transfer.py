@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 import yaml
 
 from qmamba.atomic import write_text_atomic
@@ -76,7 +75,7 @@ def _run_method(source: Path, config: str, method: str, out: Path, model_args: d
     if method == "none":
         trainable, total = 0, None
     else:
-        tuned = torch.load(run / "tuned.pt", map_location="cpu", weights_only=True)
+        tuned = read_checkpoint(run / "tuned.pt")
         trainable, total = tuned["trainable_params"], tuned["total_params"]
     return {"method": method, "trainable_params": trainable, "total_params": total, "srcc": metrics["srcc"],
             "plcc": metrics["plcc"], "images": metrics.get("images")}

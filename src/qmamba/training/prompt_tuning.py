@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
-from qmamba.checkpoint import CheckpointError, extract_state_dict, read_checkpoint, save_atomic
+from qmamba.checkpoint import CheckpointError, model_state, read_checkpoint, save_atomic
 from qmamba.models.prompts import PROMPT_METHODS, attach_prompts, has_prompts
 
 __all__ = ["TUNING_METHODS", "PromptTuning", "load_tuned", "tuned_state"]
@@ -34,10 +34,7 @@ TUNING_METHODS: tuple[str, ...] = ("styleprompt", "static", "ssf", "head", "full
 
 def _model_state(path: str | Path, trusted: bool) -> dict[str, torch.Tensor]:
     """The QMamba weights of a qmamba Lightning checkpoint (``model.*`` keys) or of a plain model state dict."""
-    state = extract_state_dict(read_checkpoint(path, trusted=trusted))
-    if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    return state
+    return model_state(read_checkpoint(path, trusted=trusted))
 
 
 class PromptTuning(BaseFinetuning):
