@@ -162,9 +162,14 @@ def test_demo_builders_write_loadable_official_formats(tmp_path):
     same_level = table[table["name"].str.endswith("_02_03.png")]["score"]
     assert same_level.nunique() == 2
     build_koniq_style(tmp_path / "koniq", sources=("astronaut", "coffee", "rocket", "chelsea", "brick"),
-                      crops_per_source=1, variants=2)
+                      crops_per_source=2, dead_leaves_count=5, variants=2)
     koniq = load_dataset("koniq10k", tmp_path / "koniq")
-    assert len(koniq) == 10 and set(koniq["split"]) == {"train", "val", "test"}
+    assert len(koniq) == 5 * 2 * 2 + 5 * 2 and set(koniq["split"]) == {"train", "val", "test"}
+    # held-out content: all crops of a photograph share a split, and every split has photographs and scenes
+    content = koniq["name"].str[:-4].astype(int).sub(10_000_000) // 1000
+    assert (koniq.groupby(content)["split"].nunique() == 1).all()
+    for split, contents in content.groupby(koniq["split"]):
+        assert (contents < 5).any() and (contents >= 5).any(), split
     image = dead_leaves(seed=3)
     assert image.shape == (192, 256, 3) and image.std() > 10
     assert simulated_mos(image, image, severity=0.0) == pytest.approx(5.0)

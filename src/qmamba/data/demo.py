@@ -4,16 +4,18 @@
   of 256x192 (I01-I11 one per source photograph, I12-I81 procedural dead-leaves images for content diversity) x 7
   distortion types x 5 levels = 2,835 images.
 * ``demo_koniq`` (KonIQ-10k format: ``1024x768/<id>.jpg``, ``koniq10k_scores_and_distributions.csv`` and the
-  official-split file ``koniq10k_distributions_sets.csv``): other crops of the photographs with 1-2 random
-  distortions at random strengths, saved as JPEG.
+  official-split file ``koniq10k_distributions_sets.csv``): 93 contents (3 random crops of each photograph and 60
+  dead-leaves scenes of their own) x 6 versions with 1-2 random distortions at random strengths, saved as JPEG
+  = 558 images. Besides the seven synthetic distortions it has two capture distortions of its own (low-light
+  noise, over-sharpening), a domain gap the KADID-style set never shows, like synthetic -> authentic.
 
 Scores follow a documented, content-dependent rule (:func:`simulated_mos`), not the distortion level alone: a
 blend of the distortion's nominal severity and the multi-scale SSIM (:func:`ms_ssim`, on luminance) between the
 distorted and the pristine image, ``MOS = 1 + 4 * (0.4 * (1 - severity) + 0.6 * MS-SSIM^4)``.
 For the KonIQ-style set 100 simulated votes on the 1-5 scale are drawn around that MOS (normal, sd 0.6, rounded and
 clipped); ``MOS`` is their mean, ``SD`` their deviation and ``MOS_zscore = 25 * (MOS - 1)`` puts it on 0-100.
-Held-out content: the KonIQ-style split file assigns whole source photographs to train / validation / test, and
-the KADID-style set is split by reference (= photograph) like the real dataset. Distortions were chosen so that
+Held-out content: the KonIQ-style split file assigns whole photographs (all their crops) and scenes to train /
+validation / test, and the KADID-style set is split by reference like the real dataset. Distortions were chosen so that
 their strength is visible without the reference (contrast or colour changes would need the pristine image).
 """
 
@@ -32,7 +34,7 @@ from PIL import Image, ImageFilter
 
 from qmamba.atomic import write_text_atomic
 
-__all__ = ["DISTORTIONS", "build_demo_datasets", "ms_ssim", "simulated_mos"]
+__all__ = ["DISTORTIONS", "IN_THE_WILD", "build_demo_datasets", "ms_ssim", "simulated_mos"]
 
 # The natural photographs bundled with scikit-image (no download) plus matplotlib's sample photo; gray ones become
 # gray RGB. Like KADID-10k's curated references they should be pristine natural scenes: skimage's clock (soft,
@@ -44,6 +46,7 @@ SOURCES = (
 DEAD_LEAVES = 70  # procedural references added to the 11 photographs: 81 references, as many as KADID-10k
 REFERENCE_SIZE = (256, 192)  # (width, height): KADID's 4:3 aspect (512x384) at half size
 KONIQ_SIZE = (256, 192)
+KONIQ_DEAD_LEAVES = 60  # scenes added to the photographs' crops: 93 contents, 71 held-out groups
 
 
 def _gray_rgb(image: np.ndarray) -> np.ndarray:
@@ -161,7 +164,26 @@ DISTORTIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.nda
     "impulse_noise": _impulse,
     "motion_blur": _motion,
 }
-LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)  # strength s of the five KADID-style levels
+LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+def _low_light(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    """Underexposure pushed back up in the camera: shot and read noise amplified by the gain, luminance-dependent."""
+    gain = 1.0 + 7.0 * s
+    photons = image.astype(np.float64) / gain
+    noisy = photons + rng.normal(0.0, 1.0, image.shape) * np.sqrt(photons * 0.6 + 1.0)
+    return np.clip(noisy * gain, 0, 255).astype(np.uint8)
+
+
+def _oversharpen(image: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    """A phone's aggressive unsharp mask: halos at edges and amplified texture."""
+    return np.asarray(Image.fromarray(image).filter(
+        ImageFilter.UnsharpMask(radius=1.5 + 2.5 * s, percent=int(150 + 650 * s), threshold=0)))
+
+
+# The KonIQ-style (in-the-wild) set adds capture distortions the KADID-style set never shows: a real domain gap
+# for the transfer demo, like synthetic -> authentic in the paper.
+IN_THE_WILD = {**DISTORTIONS, "low_light": _low_light, "oversharpen": _oversharpen}
+  # strength s of the five KADID-style levels
 
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik 2003
@@ -233,40 +255,56 @@ def build_kadid_style(root: Path, sources: tuple[str, ...] = SOURCES, dead_leave
     return table
 
 
+def _koniq_contents(sources: tuple[str, ...], crops_per_source: int, dead_leaves_count: int,
+                    rng: np.random.Generator) -> list[tuple[str, int, int, np.ndarray]]:
+    """(content group, source index, crop index, pristine image): random crops of each photograph (one group per
+    photograph, so its crops share a split) and dead-leaves scenes of their own seeds (not KADID-style references)."""
+    contents = []
+    for s, source in enumerate(sources):
+        photo = _load_source(source)
+        for c in range(crops_per_source):
+            contents.append((source, s, c, _crop(photo, KONIQ_SIZE, (rng.random(), rng.random()))))
+    for i in range(dead_leaves_count):
+        contents.append((f"dead_leaves_{i}", len(sources) + i, 0, dead_leaves(seed=2000 + i, size=KONIQ_SIZE)))
+    return contents
+
+
 def build_koniq_style(
-    root: Path, sources: tuple[str, ...] = SOURCES, crops_per_source: int = 3, variants: int = 6, seed: int = 1
+    root: Path, sources: tuple[str, ...] = SOURCES, crops_per_source: int = 3,
+    dead_leaves_count: int = KONIQ_DEAD_LEAVES, variants: int = 6, seed: int = 1,
 ) -> pd.DataFrame:
     folder = root / "1024x768"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    # whole photographs go to one split (held-out content): ~70 / 10 / 20 %
-    order = rng.permutation(len(sources))
-    n_test, n_val = max(1, round(0.2 * len(sources))), max(1, round(0.1 * len(sources)))
-    split_of = {sources[i]: "test" for i in order[:n_test]}
-    split_of.update({sources[i]: "validation" for i in order[n_test : n_test + n_val]})
-    names = list(DISTORTIONS)
+    contents = _koniq_contents(sources, crops_per_source, dead_leaves_count, rng)
+    # whole content groups (a photograph and all its crops) go to one split (held-out content), ~70 / 10 / 20 % of
+    # the photographs and of the dead-leaves scenes separately, so every split holds both kinds
+    split_of: dict[str, str] = {}
+    for groups in (list(sources), [group for group, *_ in contents if group not in sources]):
+        order = rng.permutation(len(groups))
+        n_test, n_val = max(1, round(0.2 * len(groups))), max(1, round(0.1 * len(groups)))
+        split_of.update({groups[i]: "test" for i in order[:n_test]})
+        split_of.update({groups[i]: "validation" for i in order[n_test : n_test + n_val]})
+    names = list(IN_THE_WILD)
     rows = []
-    for s, source in enumerate(sources):
-        photo = _load_source(source)
-        for c in range(crops_per_source):
-            pristine = _crop(photo, KONIQ_SIZE, (rng.random(), rng.random()))
-            for v in range(variants):
-                image, intact = pristine, 1.0
-                for kind in rng.choice(names, size=1 + int(rng.random() < 0.4), replace=False):
-                    strength = float(rng.random())
-                    image = DISTORTIONS[kind](image, strength, rng)
-                    intact *= 1.0 - strength
-                buffer = io.BytesIO()
-                Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-                stored = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-                mos = simulated_mos(stored, pristine, severity=1.0 - intact)
-                votes = np.clip(np.rint(rng.normal(mos, 0.6, 100)), 1, 5).astype(int)
-                counts = np.bincount(votes, minlength=6)[1:]
-                name = f"{10_000_000 + 1000 * s + 100 * c + v}.jpg"
-                (folder / name).write_bytes(buffer.getvalue())
-                mean = float(votes.mean())
-                rows.append([name, *counts, counts.sum(), mean, float(votes.std()), 25.0 * (mean - 1.0),
-                             split_of.get(source, "training")])
+    for group, s, c, pristine in contents:
+        for v in range(variants):
+            image, intact = pristine, 1.0
+            for kind in rng.choice(names, size=1 + int(rng.random() < 0.4), replace=False):
+                strength = float(rng.random())
+                image = IN_THE_WILD[kind](image, strength, rng)
+                intact *= 1.0 - strength
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+            stored = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+            mos = simulated_mos(stored, pristine, severity=1.0 - intact)
+            votes = np.clip(np.rint(rng.normal(mos, 0.6, 100)), 1, 5).astype(int)
+            counts = np.bincount(votes, minlength=6)[1:]
+            name = f"{10_000_000 + 1000 * s + 100 * c + v}.jpg"
+            (folder / name).write_bytes(buffer.getvalue())
+            mean = float(votes.mean())
+            rows.append([name, *counts, counts.sum(), mean, float(votes.std()), 25.0 * (mean - 1.0),
+                         split_of.get(group, "training")])
     columns = ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD", "MOS_zscore", "set"]
     table = pd.DataFrame(rows, columns=columns)
     scores = table[columns[:-1]].round(4)
