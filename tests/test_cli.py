@@ -118,6 +118,21 @@ def test_fit_resumes_from_last_checkpoint(workdir):
     assert "qmamba" in resumed and resumed["qmamba"]["datasets"] == ["tiny_kadid"]
 
 
+@pytest.mark.parametrize("val_every", [1, 2])
+def test_last_checkpoint_follows_every_epoch_not_only_the_best(workdir, val_every):
+    """Lightning >= 2.6 writes save_last's last.ckpt only with a new best; a resume would then lose every epoch after
+    the best one. With lr 0 the validation SRCC never improves after its first value, yet last.ckpt must be the
+    final epoch, also when validation runs every other epoch."""
+    root, config = workdir
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch",
+          str(val_every), "--model.init_args.optimizer.init_args.lr", "0.0"])
+    checkpoints = root / "runs" / "tiny" / "checkpoints"
+    best = torch.load(checkpoints / "best.ckpt", weights_only=True)
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert best["epoch"] == val_every - 1  # the first validation
+    assert last["epoch"] == 2 and last["global_step"] == 3 * best["global_step"] // val_every
+
+
 def test_benchmark_runs_n_splits_summarises_and_skips_finished_ones(workdir, capsys):
     root, config = workdir
     main(["benchmark", "--config", str(config), "--splits", "2", "--out", "bench", "--", "--trainer.max_epochs", "1"])

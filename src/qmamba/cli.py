@@ -23,12 +23,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would q
 
 import torch  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 
 import qmamba  # noqa: E402
-from qmamba.training.callbacks import AtomicCheckpointIO  # noqa: E402
+from qmamba.training.callbacks import AtomicCheckpointIO, RunCheckpoint  # noqa: E402
 
 __all__ = ["QMambaCLI", "main", "run_lightning_cli"]
 
@@ -41,7 +40,7 @@ class QMambaCLI(LightningCLI):
     mixed precision, atomic checkpoint writes, and ``best``/``last`` checkpoint aliases in a fresh process."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/srcc",
             "checkpoint.mode": "max",

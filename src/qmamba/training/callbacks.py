@@ -1,4 +1,4 @@
-"""Callbacks and plugins: prediction CSV writer, atomic checkpoint writes."""
+"""Callbacks and plugins: run checkpoints (best and last), prediction CSV writer, atomic checkpoint writes."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qmamba.atomic import write_text_atomic
 from qmamba.checkpoint import save_atomic
 
-__all__ = ["AtomicCheckpointIO", "PredictionWriter"]
+__all__ = ["AtomicCheckpointIO", "PredictionWriter", "RunCheckpoint"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,6 +26,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         save_atomic(checkpoint, path)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is the latest state at the end of every training epoch.
+
+    Since Lightning 2.6, ``save_last`` writes ``last.ckpt`` only together with a new top-k checkpoint: with
+    ``save_top_k=1`` it is a copy of the best one, and resuming from it would silently repeat every epoch after the
+    best. This restores "last means latest"; ``best.ckpt`` still follows the monitored metric. Epoch-end validation
+    (and its top-k save) runs before ``on_train_epoch_end``, so the latest state includes it.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # skipped when this step is already saved (a new best writes last.ckpt too), in sanity checks and outside fit
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class PredictionWriter(BasePredictionWriter):
