@@ -10,15 +10,15 @@ can simply be run again. Per-split metrics go to ``<out>/results.csv``, the summ
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from qmamba.atomic import write_text_atomic
+from qmamba.cli import fit_then_test, split_passthrough
 
 __all__ = ["PAPER_RESULTS", "run_benchmark", "summarise"]
 
@@ -36,21 +36,12 @@ PAPER_RESULTS: dict[str, tuple[float, float]] = {
 METRICS = ("srcc", "plcc", "krcc", "rmse", "plcc_logistic")
 
 
-def _split_run(out: Path, split: int, config: str, extra: Sequence[str], cli: Callable[[list[str]], None]) -> dict:
+def _split_run(out: Path, split: int, config: str, extra: Sequence[str]) -> dict:
     """Fit (or resume) and test one split; returns its ``test_results.json`` payload."""
     run = out / f"split_{split:02d}"
-    results = run / "test_results.json"
-    if results.is_file():
-        return json.loads(results.read_text())
     fit = ["fit", "--config", config, "--data.init_args.split_seed", str(split),
            "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", run.name, *extra]
-    if (run / "checkpoints" / "last.ckpt").is_file():
-        fit += ["--ckpt_path", "last"]
-    cli(fit)
-    cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])
-    if not results.is_file():
-        raise RuntimeError(f"split {split}: testing wrote no {results}")
-    return json.loads(results.read_text())
+    return fit_then_test(fit, run)
 
 
 def summarise(rows: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
@@ -86,24 +77,19 @@ def format_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def run_benchmark(
-    config: str, splits: int, out: str | Path, extra: Sequence[str] = (),
-    cli: Callable[[list[str]], None] | None = None,
+    config: str, splits: int, out: str | Path, extra: Sequence[str] = ()
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Run (or complete) the N-split protocol and write ``results.csv`` and ``summary.json`` under ``out``."""
     if splits < 1:
         raise ValueError(f"--splits must be >= 1, got {splits}")
-    if cli is None:
-        from qmamba.cli import run_lightning_cli as cli
     out = Path(out)
     rows = []
     for split in range(splits):
-        payload = _split_run(out, split, config, extra, cli)
+        payload = _split_run(out, split, config, extra)
         for dataset, metrics in payload["results"].items():
             rows.append({"split": split, "dataset": dataset, **{k: metrics.get(k) for k in ("images", *METRICS)}})
         table = pd.DataFrame(rows)
-        buffer = io.StringIO()
-        table.to_csv(buffer, index=False)
-        write_text_atomic(out / "results.csv", buffer.getvalue())  # after every split: progress survives a crash
+        write_text_atomic(out / "results.csv", table.to_csv(index=False))  # after every split: survives a crash
     summary = summarise(table)
     write_text_atomic(out / "summary.json", json.dumps(
         {"config": config, "splits": splits, "extra_args": list(extra), "summary": summary,
@@ -114,9 +100,7 @@ def run_benchmark(
 
 
 def main(argv: list[str]) -> None:
-    extra: list[str] = []
-    if "--" in argv:
-        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="qmamba benchmark", description=__doc__.split("\n\n")[0],
                                      epilog="Arguments after -- go to every 'qmamba fit', e.g. -- --trainer.devices 2")
     parser.add_argument("--config", required=True, help="a fit config, e.g. configs/task/livec.yaml")

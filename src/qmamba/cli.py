@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 import qmamba  # noqa: E402
 from qmamba.training.callbacks import AtomicCheckpointIO, RunCheckpoint  # noqa: E402
 
-__all__ = ["QMambaCLI", "main", "run_lightning_cli"]
+__all__ = ["QMambaCLI", "fit_then_test", "main", "run_lightning_cli", "split_passthrough"]
 
 log = logging.getLogger("qmamba")
 CHECKPOINT_ALIASES = ("best", "last")
@@ -118,38 +119,31 @@ def run_lightning_cli(args: ArgsType) -> None:
     )
 
 
-def _demo_data(argv: list[str]) -> None:
-    from qmamba.data.demo import main as demo_main
-
-    demo_main(argv)
-
-
-def _benchmark(argv: list[str]) -> None:
-    from qmamba.benchmark import main as benchmark_main
-
-    benchmark_main(argv)
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(own arguments, arguments after --)``: commands that run fits pass the latter on to every fit/test."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
 
 
-def _transfer(argv: list[str]) -> None:
-    from qmamba.transfer import main as transfer_main
-
-    transfer_main(argv)
-
-
-def _score(argv: list[str]) -> None:
-    from qmamba.scoring import main as score_main
-
-    score_main(argv)
-
-
-def _export(argv: list[str]) -> None:
-    from qmamba.export import main as export_main
-
-    export_main(argv)
+def fit_then_test(fit: list[str], run: Path) -> dict[str, Any]:
+    """Fit a run (resuming from its ``last.ckpt`` when an earlier attempt stopped), test its ``best.ckpt`` and return
+    its ``test_results.json``; a run that already has results is not touched. ``run`` is the fit's run folder."""
+    results = run / "test_results.json"
+    if not results.is_file():
+        if (run / "checkpoints" / "last.ckpt").is_file():
+            fit = [*fit, "--ckpt_path", "last"]
+        run_lightning_cli(fit)
+        run_lightning_cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])
+        if not results.is_file():
+            raise RuntimeError(f"testing {run} wrote no {results}")
+    return json.loads(results.read_text())
 
 
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "demo-data": _demo_data, "benchmark": _benchmark, "transfer": _transfer, "score": _score, "export": _export}
+# commands besides LightningCLI's: each module's main(argv), imported only when called
+EXTRA_COMMANDS = {"demo-data": "qmamba.data.demo", "benchmark": "qmamba.benchmark", "transfer": "qmamba.transfer",
+                  "score": "qmamba.scoring", "export": "qmamba.export"}
 
 
 def main(args: ArgsType = None) -> None:
@@ -160,7 +154,7 @@ def main(args: ArgsType = None) -> None:
 
     try:
         if isinstance(argv, list) and argv and argv[0] in EXTRA_COMMANDS:
-            EXTRA_COMMANDS[argv[0]](list(argv[1:]))
+            importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(list(argv[1:]))
         else:
             run_lightning_cli(args)
     except (DatasetError, CheckpointError) as err:  # user-fixable input problems: a message, not a traceback

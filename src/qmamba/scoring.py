@@ -84,20 +84,19 @@ class Scorer:
         model = build_model(hparams["backbone"], head_features=tuple(hparams.get("head_features", ("pooled",))),
                             **head, **(hparams.get("backbone_args") or {}))
         if meta.get("prompts"):
-            config = meta["prompts"]
-            attach_prompts(model, config["method"], config["where"], config["num_prompts"], config["reduction"])
+            attach_prompts(model, **meta["prompts"])
         model.load_state_dict(model_state(checkpoint))
         names = list(meta["datasets"])
         dataset = dataset or names[0]
         if dataset not in names:
             raise ValueError(f"the model was trained on {names}; choose dataset= from them, not {dataset!r}")
         prep = meta["preprocessing"]
+        scale = ScoreScale(**meta["scales"][names.index(dataset)])
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         info = {"checkpoint": str(path), "backbone": hparams["backbone"], "datasets": names, "dataset": dataset,
-                "crop_size": prep["crop_size"], "crops": crops or prep["eval_crops"],
-                "score_range": ScoreScale(**meta["scales"][names.index(dataset)]).as_dict()}
-        return cls(model.to(device).eval(), EvalCrops(prep["crop_size"], info["crops"]),
-                   ScoreScale(**meta["scales"][names.index(dataset)]), dataset, info, device, batch_size)
+                "crop_size": prep["crop_size"], "crops": crops or prep["eval_crops"], "score_range": scale.as_dict()}
+        return cls(model.to(device).eval(), EvalCrops(prep["crop_size"], info["crops"]), scale, dataset, info, device,
+                   batch_size)
 
     @torch.inference_mode()
     def _batch(self, crops: list[torch.Tensor]) -> list[float]:

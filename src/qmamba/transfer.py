@@ -13,9 +13,8 @@ trainable parameters, SRCC, PLCC) printed and written to ``<out>/results.csv``; 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import yaml
 
 from qmamba.atomic import write_text_atomic
 from qmamba.checkpoint import CheckpointError, read_checkpoint
+from qmamba.cli import fit_then_test, run_lightning_cli, split_passthrough
 
 __all__ = ["METHODS", "run_transfer"]
 
@@ -56,20 +56,16 @@ def _overlay(source: Path, method: str, out: Path, model_args: dict[str, Any]) -
     return path
 
 
-def _run_method(source: Path, config: str, method: str, out: Path, model_args: dict[str, Any], extra: Sequence[str],
-                cli: Callable[[list[str]], None]) -> dict[str, Any]:
+def _run_method(source: Path, config: str, method: str, out: Path, model_args: dict[str, Any],
+                extra: Sequence[str]) -> dict[str, Any]:
     run = out / method
     results = run / "test_results.json"
     if not results.is_file():
         overlay = str(_overlay(source, method, out, model_args))
         if method == "none":
-            cli(["test", "--config", config, "--config", overlay, "--ckpt_path", str(source), *extra])
+            run_lightning_cli(["test", "--config", config, "--config", overlay, "--ckpt_path", str(source), *extra])
         else:
-            fit = ["fit", "--config", config, "--config", overlay, *extra]
-            if (run / "checkpoints" / "last.ckpt").is_file():
-                fit += ["--ckpt_path", "last"]
-            cli(fit)
-            cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])
+            fit_then_test(["fit", "--config", config, "--config", overlay, *extra], run)
     payload = json.loads(results.read_text())
     metrics = next(iter(payload["results"].values()))
     if method == "none":
@@ -83,7 +79,7 @@ def _run_method(source: Path, config: str, method: str, out: Path, model_args: d
 
 def run_transfer(
     source: str | Path, config: str, methods: Sequence[str], out: str | Path, src_name: str | None = None,
-    dst_name: str | None = None, extra: Sequence[str] = (), cli: Callable[[list[str]], None] | None = None,
+    dst_name: str | None = None, extra: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Run each method (skipping finished ones), print the result lines and write ``<out>/results.csv``."""
     unknown = [m for m in methods if m not in METHODS]
@@ -93,17 +89,13 @@ def run_transfer(
     if not source.is_file():
         raise CheckpointError(f"source checkpoint {source} does not exist; train the source model first "
                               "(make transfer does it for you)")
-    if cli is None:
-        from qmamba.cli import run_lightning_cli as cli
     model_args = _source_model_args(source)
     src = src_name or source.parent.parent.name
     dst = dst_name or Path(config).stem
-    rows = [{"source": src, "target": dst, **_run_method(source, config, m, out, model_args, extra, cli)}
+    rows = [{"source": src, "target": dst, **_run_method(source, config, m, out, model_args, extra)}
             for m in methods]
     table = pd.DataFrame(rows)
-    buffer = io.StringIO()
-    table.to_csv(buffer, index=False)
-    write_text_atomic(out / "results.csv", buffer.getvalue())
+    write_text_atomic(out / "results.csv", table.to_csv(index=False))
     print(f"\ntransfer {src} -> {dst} ({out}):")
     for row in rows:
         share = f" ({100 * row['trainable_params'] / row['total_params']:.1f}%)" if row["total_params"] else ""
@@ -114,9 +106,7 @@ def run_transfer(
 
 
 def main(argv: list[str]) -> None:
-    extra: list[str] = []
-    if "--" in argv:
-        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="qmamba transfer", description=__doc__.split("\n\n")[0],
                                      epilog="Arguments after -- go to every fit/test, e.g. -- --trainer.max_epochs 5")
     parser.add_argument("--source", required=True, help="checkpoint of the source model (a qmamba fit's best.ckpt)")

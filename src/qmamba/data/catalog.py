@@ -92,21 +92,21 @@ def _require(path: Path, name: str) -> Path:
     return path
 
 
-def _read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
-    table = pd.read_csv(_require(path, name))
+def _with_columns(table: pd.DataFrame, path: Path, name: str, columns: list[str]) -> pd.DataFrame:
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise DatasetError(f"{name}: {path} lacks columns {missing}; found {list(table.columns)}")
     return table
+
+
+def _read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
+    return _with_columns(pd.read_csv(_require(path, name)), path, name, columns)
 
 
 def _read_excel(path: Path, name: str, columns: list[str], **kwargs: object) -> pd.DataFrame:
     table = pd.read_excel(_require(path, name), **kwargs)
     table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise DatasetError(f"{name}: {path} lacks columns {missing}; found {list(table.columns)}")
-    return table
+    return _with_columns(table, path, name, columns)
 
 
 def _read_mat(path: Path, name: str, key: str) -> np.ndarray:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Literal
@@ -60,6 +59,4 @@ def save_splits(table: pd.DataFrame, splits: dict[str, np.ndarray], path: str | 
     """Write ``name,split`` rows (CSV) atomically, so a run records exactly what it trained and tested on."""
     rows = [(table.loc[i, "name"] if "name" in table else table.loc[i, "path"], split)
             for split, idx in splits.items() for i in idx]
-    buffer = io.StringIO()
-    pd.DataFrame(rows, columns=["name", "split"]).to_csv(buffer, index=False)
-    write_text_atomic(Path(path), buffer.getvalue())
+    write_text_atomic(Path(path), pd.DataFrame(rows, columns=["name", "split"]).to_csv(index=False))

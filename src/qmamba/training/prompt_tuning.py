@@ -84,7 +84,7 @@ class PromptTuning(BaseFinetuning):
             model.load_state_dict(_model_state(self.source, self.trust_checkpoint))
             log.info("transfer: source weights from %s", self.source)
         if self.method in PROMPT_METHODS and not has_prompts(model):
-            attach_prompts(model, self.method, self.where, self.num_prompts, self.reduction)  # type: ignore[arg-type]
+            attach_prompts(model, **self.prompt_config)
         super().setup(trainer, pl_module, stage)
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
@@ -153,7 +153,7 @@ def load_tuned(model: nn.Module, tuned: str | Path | dict[str, Any]) -> nn.Modul
         raise CheckpointError(f"{tuned} is not a qmamba tuned-parameters file (tuned.pt written by PromptTuning)")
     config = payload["prompts"]
     if config["method"] in PROMPT_METHODS and not has_prompts(model):
-        attach_prompts(model, config["method"], config["where"], config["num_prompts"], config["reduction"])
+        attach_prompts(model, **config)
     own = model.state_dict()
     unknown = sorted(set(payload["state_dict"]) - set(own))
     if unknown:
