@@ -1,6 +1,6 @@
 """Selective-scan backends vs the sequential-autograd reference, at VMamba-T stage shapes.
 
-    python benchmarks/scan.py                 # CPU: reference + torch backend (+ cuda when on a GPU)
+    python benchmarks/scan.py                 # CPU: reference + cpu and torch backends (cuda on a GPU)
     python benchmarks/scan.py --device cuda --batches 2 8 32
     python benchmarks/scan.py --reference-batches 2 8   # the reference at batch 8 takes minutes on 2 cores
 
@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from qmamba.ops.selective_scan import (
+    cpu_selective_scan_available,
     cuda_selective_scan_available,
     selective_scan,
     selective_scan_reference,
@@ -70,6 +71,17 @@ def measure(scan: Callable[..., torch.Tensor], inputs: list[torch.Tensor], devic
     return timed(forward, device, repeats), timed(forward_backward, device, repeats)
 
 
+def scan_backends(device: str) -> dict[str, Callable[..., torch.Tensor]]:
+    """The fused backends available for ``device`` and the torch backend, as functions of the scan's arguments."""
+    backends: dict[str, Callable[..., torch.Tensor]] = {}
+    if device == "cuda" and cuda_selective_scan_available():
+        backends["cuda"] = lambda *a, **k: selective_scan(*a, **k, backend="cuda")
+    if device == "cpu" and cpu_selective_scan_available():
+        backends["cpu"] = lambda *a, **k: selective_scan(*a, **k, backend="cpu")
+    backends["torch"] = selective_scan_torch
+    return backends
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,9 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
-    backends: dict[str, Callable[..., torch.Tensor]] = {"torch": selective_scan_torch}
-    if args.device == "cuda" and cuda_selective_scan_available():
-        backends["cuda"] = lambda *a, **k: selective_scan(*a, **k, backend="cuda")
+    backends = scan_backends(args.device)
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
     header = (f"{'shape (B, K*D, N, L)':<24} {'backend':<11} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd x':>8} "
               f"{'fwd+bwd x':>10}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ from qmamba.ops.causal_conv1d import causal_conv1d_torch
 from qmamba.ops.linear_scan import linear_scan_reference
 from qmamba.ops.scan_order import ScanOrder, direction_positions
 from qmamba.ops.selective_scan import resolve_backend
+
+BACKENDS = ["torch", "cpu"]  # every backend that runs on CPU tensors
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,9 +57,10 @@ def _scan_inputs(batch, dim, n, length, bc_form, seed=0):
     ],
 )
 @pytest.mark.parametrize("softplus", [True, False])
-def test_torch_scan_matches_sequential_reference(batch, dim, n, length, bc_form, softplus):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_backends_match_sequential_reference(batch, dim, n, length, bc_form, softplus, backend):
     args = _scan_inputs(batch, dim, n, length, bc_form)
-    y = selective_scan_torch(*args, delta_softplus=softplus)
+    y = selective_scan(*args, delta_softplus=softplus, backend=backend)
     y_ref = selective_scan_reference(*args, delta_softplus=softplus)
     assert y.shape == (batch, dim, length)
     assert _rel_err(y, y_ref) < 1e-5
@@ -68,23 +72,26 @@ def test_torch_scan_matches_sequential_reference(batch, dim, n, length, bc_form,
         assert _rel_err(g, g_ref) < 1e-5, name
 
 
-def test_optional_arguments_default_to_none():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optional_arguments_default_to_none(backend):
     u, delta, A, B, C, _, _ = _scan_inputs(2, 8, 1, 20, "grouped:2")
-    y = selective_scan(u, delta, A, B, C)  # no D, no bias, no softplus
+    y = selective_scan(u, delta, A, B, C, backend=backend)  # no D, no bias, no softplus
     assert torch.allclose(y, selective_scan_reference(u, delta, A, B, C), rtol=1e-5, atol=1e-6)
 
 
-def test_scan_keeps_input_dtype_and_computes_in_fp32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scan_keeps_input_dtype_and_computes_in_fp32(backend):
     args = _scan_inputs(2, 8, 1, 30, "grouped:4")
     u16, delta16 = args[0].detach().bfloat16(), args[1].detach().bfloat16()
-    y = selective_scan(u16, delta16, *[a.detach() for a in args[2:5]], args[5].detach(), args[6].detach(), True)
+    rest = [a.detach() for a in args[2:]]
+    y = selective_scan(u16, delta16, *rest[:3], rest[3], rest[4], True, backend=backend)
     assert y.dtype == torch.bfloat16
-    y32 = selective_scan(u16.float(), delta16.float(), *[a.detach() for a in args[2:5]], args[5].detach(),
-                         args[6].detach(), True)
-    assert torch.allclose(y.float(), y32, rtol=1e-2, atol=1e-2)
+    y32 = selective_scan(u16.float(), delta16.float(), *rest[:3], rest[3], rest[4], True, backend=backend)
+    assert torch.equal(y, y32.bfloat16())  # fp32 inside: the only rounding is the final cast
 
 
-def test_long_sequence_is_stable():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_sequence_is_stable(backend):
     """Strong decay over 20k steps: cumulative products underflow; a division-based scan would blow up."""
     batch, dim, length = 1, 4, 20_000
     u = torch.randn(batch, dim, length)
@@ -92,7 +99,7 @@ def test_long_sequence_is_stable():
     A = -torch.full((dim, 1), 8.0)
     B, C = torch.randn(batch, 1, 1, length), torch.randn(batch, 1, 1, length)
     with torch.no_grad():
-        y = selective_scan_torch(u, delta, A, B, C)
+        y = selective_scan(u, delta, A, B, C, backend=backend)
         y_ref = selective_scan_reference(u, delta, A, B, C)
     assert torch.isfinite(y).all()
     assert _rel_err(y, y_ref) < 1e-5
@@ -121,7 +128,9 @@ def test_backend_selection_errors_are_clear():
         resolve_backend("triton", torch.device("cpu"))  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="CUDA tensors only"):
         resolve_backend("cuda", torch.device("cpu"))
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        resolve_backend("cpu", torch.device("cuda"))
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
     args = [a.detach() for a in _scan_inputs(1, 4, 1, 5, "grouped:1")]
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         selective_scan(*args, backend="cuda")
@@ -205,7 +214,8 @@ def test_unknown_direction_is_rejected():
 def test_channels_must_split_into_groups():
     u, delta = torch.randn(1, 6, 5), torch.rand(1, 6, 5)
     A, B = -torch.rand(6, 1), torch.randn(1, 4, 1, 5)
-    for scan in (selective_scan_torch, selective_scan_reference):
+    scans = [selective_scan_torch, selective_scan_reference, functools.partial(selective_scan, backend="cpu")]
+    for scan in scans:
         with pytest.raises(ValueError, match="cannot be split into 4 groups"):
             scan(u, delta, A, B, B)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qmamba.ops.scan_order import CROSS_2D, scan_order, validate_direction
-from qmamba.ops.selective_scan import ScanBackend, selective_scan, validate_backend
+from qmamba.ops.selective_scan import ScanBackend, ordered_selective_scan, validate_backend
 
 from .layers import no_weight_decay
 
@@ -57,7 +57,7 @@ class SS2D(nn.Module):
         bi_attn: gate each direction's output with a shared :class:`BiAttn` before summing (LQMamba).
         gated: v0 form: in_proj also produces z and the output is multiplied by SiLU(z).
         conv_bias: bias in the depthwise 3x3 conv (v0 only).
-        scan_backend: ``auto``, ``cuda`` or ``torch`` (see :func:`qmamba.ops.selective_scan`).
+        scan_backend: ``auto``, ``cuda``, ``cpu`` or ``torch`` (see :func:`qmamba.ops.selective_scan`).
         scan_fp32: run the scan on fp32 inputs under mixed precision (VMamba's maintainer's advice).
     """
 
@@ -105,31 +105,29 @@ class SS2D(nn.Module):
         if self.gated:
             x, z = x.chunk(2, dim=-1)
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
+        tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.inner)  # channel-last, row-major
 
-        order = scan_order(self.directions, height, width)
-        k, length = len(self.directions), order.length
-        xs = order.scan(x.flatten(2))  # (B, K, D, L)
-        proj = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, bs, cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
+        # x_proj and dt_proj act per token, so they run on the map once for all K directions, in token order
+        k, rank, n = len(self.directions), self.dt_rank, self.d_state
+        proj = tokens @ self.x_proj_weight.view(k * (rank + 2 * n), self.inner).t()
+        dts, bs, cs = proj.view(batch, height * width, k, rank + 2 * n).transpose(1, 2).split([rank, n, n], dim=-1)
+        dts = dts @ self.dt_projs_weight.transpose(1, 2)  # (B, K, H*W, D)
 
-        scan_dtype = torch.float32 if self.scan_fp32 else xs.dtype
-        y = selective_scan(
-            xs.reshape(batch, k * self.inner, length).to(scan_dtype),
-            dts.reshape(batch, k * self.inner, length).to(scan_dtype),
+        scan_dtype = torch.float32 if self.scan_fp32 else tokens.dtype
+        y = ordered_selective_scan(
+            tokens.to(scan_dtype),
+            dts.to(scan_dtype),
             -torch.exp(self.A_logs.float()),
             bs.to(scan_dtype).contiguous(),
             cs.to(scan_dtype).contiguous(),
             self.Ds.float(),
-            delta_bias=self.dt_projs_bias.float().flatten(),
-            delta_softplus=True,
+            self.dt_projs_bias.float().flatten(),
+            scan_order(self.directions, height, width),
+            merge=self.fusion is None,
             backend=self.scan_backend,
         )
-        y = order.unscan(y.view(batch, k, self.inner, length))  # (B, K, D, H*W)
-        if self.fusion is not None:
-            y = self.fusion(y.transpose(-1, -2)).sum(1)  # (B, H*W, D)
-        else:
-            y = y.sum(1).transpose(1, 2)
+        if self.fusion is not None:  # (B, K, H*W, D): gate each direction by its own statistics, then sum
+            y = self.fusion(y).sum(1)
         y = self.out_norm(y).view(batch, height, width, self.inner)
         if z is not None:
             y = y * F.silu(z)

@@ -4,7 +4,9 @@ from qmamba.ops.causal_conv1d import causal_conv1d
 from qmamba.ops.linear_scan import linear_scan
 from qmamba.ops.selective_scan import (
     ScanBackend,
+    cpu_selective_scan_available,
     cuda_selective_scan_available,
+    ordered_selective_scan,
     selective_scan,
     selective_scan_reference,
     selective_scan_torch,
@@ -13,8 +15,10 @@ from qmamba.ops.selective_scan import (
 __all__ = [
     "ScanBackend",
     "causal_conv1d",
+    "cpu_selective_scan_available",
     "cuda_selective_scan_available",
     "linear_scan",
+    "ordered_selective_scan",
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_torch",

@@ -10,7 +10,8 @@ A direction turns an (H, W) map into a 1-D sequence. Vocabulary (LocalMamba's, p
 :class:`ScanOrder` precomputes, for a set of directions and a map size, one gather index that builds all
 sequences at once (padded to a common length with a zero token) and, per direction, the inverse index that maps a
 sequence back to row-major positions. Both are plain ``index_select`` ops: device-agnostic, differentiable,
-exportable.
+exportable. ``table`` is the same orders as an int32 (K, L) table of token positions (-1 for padding), the form the
+fused CPU scan reads directly.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class ScanOrder:
             gather[k, : len(seq)][valid] = seq[valid]
             inverse[k, seq[valid]] = torch.nonzero(valid).squeeze(1)
         self.padded = bool((gather == self.num_tokens).any())
+        self.table = torch.where(gather == self.num_tokens, -1, gather).to(torch.int32)
         self._gather = gather.flatten()
         self._inverse = inverse
         self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -94,6 +96,15 @@ class ScanOrder:
             x = torch.nn.functional.pad(x, (0, 1))
         seqs = x.index_select(-1, gather).view(*x.shape[:-1], len(self.directions), self.length)
         return seqs.transpose(-3, -2)
+
+    def scan_each(self, x: Tensor) -> Tensor:
+        """(B, K, C, H*W) one map per direction -> (B, K, C, L): direction k's map in direction k's order."""
+        gather, _ = self._indices(x.device)
+        if self.padded:
+            x = torch.nn.functional.pad(x, (0, 1))
+        k = len(self.directions)
+        index = gather.view(1, k, 1, self.length).expand(x.shape[0], k, x.shape[2], self.length)
+        return torch.gather(x, -1, index)
 
     def unscan(self, y: Tensor) -> Tensor:
         """(B, K, D, L) sequence outputs -> (B, K, D, H*W), each direction back in row-major order."""

@@ -10,12 +10,19 @@ Backends:
 
 * ``cuda``: mamba-ssm's fused kernel, imported lazily on first use (the package cannot even be imported without
   its compiled extension, so nothing here touches it at import time).
+* ``cpu``: qmamba's fused numba kernels (:mod:`qmamba.ops.cpu_scan`), for CPU tensors; numba is imported on first
+  use and the kernels are compiled once per machine (cached next to the module or in numba's user cache).
 * ``torch``: pure PyTorch, fp32 internally, a blocked linear scan with a hand-written backward (see
-  :mod:`qmamba.ops.linear_scan`). Used for CPU tensors and for GPUs without mamba-ssm.
+  :mod:`qmamba.ops.linear_scan`). Runs on any device and under ``torch.export`` / ``torch.compile``.
 * :func:`selective_scan_reference`: a plain sequential loop under autograd, kept for tests and benchmarks.
 
-``auto`` picks ``cuda`` for CUDA tensors when the kernel imports, else ``torch`` -- decided per call, so CPU and GPU
+``auto`` picks ``cuda`` for CUDA tensors when the kernel imports, ``cpu`` for CPU tensors when numba imports, else
+``torch`` (and always ``torch`` while ``torch.export``/``torch.compile`` trace) -- decided per call, so CPU and GPU
 models can share a process.
+
+:func:`ordered_selective_scan` scans K orderings of one token set (VMamba's cross-scan, LQMamba's window scans) given
+as a :class:`~qmamba.ops.scan_order.ScanOrder`: the ``cpu`` backend reads the tokens in each order and merges the
+outputs in place; the others gather the sequences, scan them and scatter the outputs back.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qmamba.ops.linear_scan import linear_scan_reference, scan, scan_adjoint
+from qmamba.ops.scan_order import ScanOrder
 
 __all__ = [
     "ScanBackend",
+    "cpu_selective_scan_available",
     "cuda_selective_scan_available",
+    "ordered_selective_scan",
     "resolve_backend",
     "selective_scan",
     "selective_scan_reference",
@@ -41,8 +51,8 @@ __all__ = [
     "validate_backend",
 ]
 
-ScanBackend = Literal["auto", "cuda", "torch"]
-_BACKENDS = ("auto", "cuda", "torch")
+ScanBackend = Literal["auto", "cuda", "cpu", "torch"]
+_BACKENDS = ("auto", "cuda", "cpu", "torch")
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +73,23 @@ def cuda_selective_scan_available() -> bool:
     return _load_cuda_kernel() is not None
 
 
+@functools.cache
+def _load_cpu_kernel() -> Callable[..., Tensor] | None:
+    """qmamba's fused CPU scan, or None when numba cannot be imported (logged once)."""
+    try:
+        from qmamba.ops.cpu_scan import selective_scan_cpu
+    except Exception as err:  # ImportError, or a numba that does not match the installed numpy
+        log.warning("the fused CPU selective scan is unavailable (%s); using the slower torch scan. Install numba "
+                    "(`pip install numba`) to enable it.", err)
+        return None
+    return selective_scan_cpu
+
+
+def cpu_selective_scan_available() -> bool:
+    """True when the fused CPU selective scan (numba) can be imported."""
+    return _load_cpu_kernel() is not None
+
+
 def validate_backend(backend: str) -> ScanBackend:
     """Return ``backend`` if it names a backend, else raise."""
     if backend not in _BACKENDS:
@@ -70,13 +97,29 @@ def validate_backend(backend: str) -> ScanBackend:
     return backend  # type: ignore[return-value]
 
 
-def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda", "torch"]:
-    """The backend that runs for tensors on ``device``; raises a clear error when ``cuda`` cannot."""
+def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda", "cpu", "torch"]:
+    """The backend that runs for tensors on ``device``; raises a clear error when ``cuda`` or ``cpu`` cannot."""
     validate_backend(backend)
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "cuda" if device.type == "cuda" and cuda_selective_scan_available() else "torch"
+        if torch.compiler.is_compiling():  # torch.export / torch.compile trace tensor ops, not foreign kernels
+            return "torch"
+        if device.type == "cuda":
+            return "cuda" if cuda_selective_scan_available() else "torch"
+        return "cpu" if device.type == "cpu" and cpu_selective_scan_available() else "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"scan backend 'cpu' was requested for tensors on {device}; it runs on CPU tensors only. "
+                "Use backend 'auto' to pick the fastest backend per device."
+            )
+        if not cpu_selective_scan_available():
+            raise RuntimeError(
+                "scan backend 'cpu' was requested but numba cannot be imported. Install it with `pip install numba`, "
+                "or use backend 'auto'/'torch'."
+            )
+        return "cpu"
     if device.type != "cuda":
         raise RuntimeError(
             f"scan backend 'cuda' was requested for tensors on {device}; it runs on CUDA tensors only. "
@@ -276,6 +319,65 @@ def _selective_scan_cuda(
     )
 
 
+def _cpu_dtype(u: Tensor) -> torch.dtype:
+    """The fused CPU kernel computes in float64 for float64 inputs (gradcheck), else in float32."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _cpu_skip_and_bias(x: Tensor | None, shape: tuple[int, int], like: Tensor) -> Tensor:
+    """D or delta_bias in the kernel's (sequences, channels) layout; zeros when absent."""
+    return like.new_zeros(shape) if x is None else x.to(like.dtype).view(shape)
+
+
+def _per_channel(x: Tensor, batch: int, dim: int, length: int) -> Tensor:
+    """B or C as (batch, dim, N, L): one group per channel (how the kernel takes a constant (dim, N) B or C)."""
+    if x.dim() == 2:
+        return x[None, :, :, None].expand(batch, dim, x.shape[1], length)
+    if x.dim() == 3:
+        return x.unsqueeze(1).expand(batch, dim, *x.shape[1:])
+    return x.repeat_interleave(dim // x.shape[1], dim=1)
+
+
+def _selective_scan_cpu(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+) -> Tensor:
+    """The fused CPU kernel on (batch, dim, L) sequences: channel group g of B/C is the kernel's sequence g."""
+    from qmamba.ops.cpu_scan import scan_tables
+
+    kernel = _load_cpu_kernel()
+    assert kernel is not None  # resolve_backend checked it
+    dtype = _cpu_dtype(u)
+    batch, dim, length = u.shape
+    if B.dim() == 2 or C.dim() == 2:
+        B, C = (_per_channel(x, batch, dim, length) for x in (B, C))
+    groups = _n_groups(B, C)
+    if dim % groups:
+        raise ValueError(f"{dim} channels cannot be split into {groups} groups of B/C")
+    width = dim // groups
+
+    def channels_last(x: Tensor) -> Tensor:  # (batch, dim, L) -> (batch, G, L, dim / G)
+        return x.to(dtype).view(batch, groups, width, length).transpose(2, 3)
+
+    def by_step(x: Tensor) -> Tensor:  # (batch, N, L) or (batch, G, N, L) -> (batch, G, L, N)
+        x = x if x.dim() == 4 else x.unsqueeze(1)
+        return x.to(dtype).expand(batch, groups, *x.shape[2:]).transpose(2, 3)
+
+    u_k = channels_last(u)
+    y = kernel(
+        u_k, channels_last(delta), A.to(dtype).view(groups, width, -1).transpose(1, 2), by_step(B), by_step(C),
+        _cpu_skip_and_bias(D, (groups, width), u_k), _cpu_skip_and_bias(delta_bias, (groups, width), u_k),
+        scan_tables(length, groups), False, delta_softplus,
+    )
+    return y.transpose(2, 3).reshape(batch, dim, length).to(u.dtype)
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -298,11 +400,77 @@ def selective_scan(
         D: optional skip weight (dim,), fp32.
         delta_bias: optional (dim,) bias added to delta before the softplus, fp32.
         delta_softplus: apply softplus to delta.
-        backend: ``auto`` (CUDA kernel for CUDA tensors when installed), ``cuda`` or ``torch``.
+        backend: ``auto`` (the fused kernel of the tensors' device when available), ``cuda``, ``cpu`` or ``torch``.
 
     Returns:
         y (batch, dim, L) in u's dtype.
     """
-    if resolve_backend(backend, u.device) == "cuda":
+    resolved = resolve_backend(backend, u.device)
+    if resolved == "cuda":
         return _selective_scan_cuda(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if resolved == "cpu":
+        _check_shapes(u, delta, A, B, C)
+        return _selective_scan_cpu(u, delta, A, B, C, D, delta_bias, delta_softplus)
     return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
+
+
+def ordered_selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    order: ScanOrder,
+    merge: bool = True,
+    delta_softplus: bool = True,
+    backend: ScanBackend = "auto",
+) -> Tensor:
+    """Selective scans of one token set read in K orders (SS2D), inputs and outputs at the tokens' own positions.
+
+    Projections are per token, so callers compute delta, B and C on the unpermuted map and no permuted copy of
+    anything is needed on the ``cpu`` backend. Padding steps of an order (window scans of maps that are not a
+    multiple of the window) see a zero token: zero input, B and C, and delta = softplus(delta_bias).
+
+    Args:
+        u: tokens (batch, T, D), channel-last, shared by the K orders.
+        delta: step sizes before bias and softplus (batch, K, T, D), one set per order.
+        A: (K * D, N), order-major like VMamba's ``A_logs``.
+        B, C: (batch, K, T, N), one per order, shared by its D channels.
+        D: optional skip weight (K * D,); delta_bias: optional (K * D,).
+        order: the K orders (:func:`qmamba.ops.scan_order.scan_order`), over T = H * W tokens.
+        merge: sum the K outputs at each token (VMamba): (batch, T, D); else one per order: (batch, K, T, D).
+        delta_softplus: apply softplus to delta + delta_bias.
+        backend: as for :func:`selective_scan`.
+
+    Returns:
+        y in u's dtype.
+    """
+    batch, tokens, dim = u.shape
+    k = len(order.directions)
+    if tokens != order.num_tokens or delta.shape != (batch, k, tokens, dim):
+        raise ValueError(f"u must be (batch, {order.num_tokens}, D) and delta (batch, {k}, {order.num_tokens}, D) for "
+                         f"this scan order; got {tuple(u.shape)} and {tuple(delta.shape)}")
+    if A.shape[0] != k * dim or B.shape[:3] != (batch, k, tokens) or C.shape != B.shape:
+        raise ValueError(f"A must be ({k * dim}, N) and B, C (batch, {k}, {tokens}, N); got {tuple(A.shape)}, "
+                         f"{tuple(B.shape)}, {tuple(C.shape)}")
+    if resolve_backend(backend, u.device) == "cpu":
+        kernel = _load_cpu_kernel()
+        assert kernel is not None
+        dtype = _cpu_dtype(u)
+        u_k = u.to(dtype).unsqueeze(1)
+        y = kernel(
+            u_k, delta.to(dtype), A.to(dtype).view(k, dim, -1).transpose(1, 2), B.to(dtype), C.to(dtype),
+            _cpu_skip_and_bias(D, (k, dim), u_k), _cpu_skip_and_bias(delta_bias, (k, dim), u_k), order.table,
+            merge, delta_softplus,
+        )
+        return (y.squeeze(1) if merge else y).to(u.dtype)
+    ys = selective_scan(
+        order.scan(u.transpose(1, 2)).reshape(batch, k * dim, order.length),
+        order.scan_each(delta.transpose(2, 3)).reshape(batch, k * dim, order.length),
+        A, order.scan_each(B.transpose(2, 3)), order.scan_each(C.transpose(2, 3)), D, delta_bias, delta_softplus,
+        backend,
+    )
+    ys = order.unscan(ys.view(batch, k, dim, order.length))  # (batch, K, D, T)
+    return ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)

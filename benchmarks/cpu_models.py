@@ -1,0 +1,162 @@
+"""CPU throughput of QMamba next to timm's Swin-T and ConvNeXt-T, and the selective scan alone per backend.
+
+    pip install -e ".[benchmark]"                 # timm, for the baselines
+    python benchmarks/cpu_models.py               # the full table (about 5 minutes on 2 cores)
+    python benchmarks/cpu_models.py --rounds 3 --models qmamba_tiny:cpu swin_tiny --no-scan
+
+Inference: batch 8 at 224x224 under ``torch.inference_mode``. Training step: batch 2, forward, backward and an
+AdamW step, every model with a one-output regression head (timm's ``num_classes=1``). Rounds are interleaved (each
+round measures every model once, in the same order), so that slow drifts of the machine hit every model alike; the
+table shows the median over rounds, and each model's ratio to swin_tiny from the same run. Run it on an otherwise
+idle machine: a second torch process on the same cores slows both by an order of magnitude.
+
+The scan table times the selective scan at QMamba-T's stage-0 and stage-1 shapes (batch 2, fp32, grouped B/C): the
+1-D ``selective_scan`` on (batch, K*D, L) sequences and ``ordered_selective_scan``, the cross-scan form SS2D calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from scan import make_inputs, measure, scan_backends
+
+from qmamba.models import build_model
+from qmamba.ops import ordered_selective_scan
+from qmamba.ops.scan_order import CROSS_2D, scan_order
+
+DEFAULT_MODELS = ["qmamba_tiny:cpu", "qmamba_tiny:torch", "lqmamba_tiny:cpu", "lqmamba_tiny:torch", "swin_tiny",
+                  "convnext_tiny"]
+TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "convnext_tiny": "convnext_tiny"}
+
+
+def build(spec: str) -> torch.nn.Module:
+    """``name`` (a timm baseline) or ``qmamba_preset:backend``."""
+    if spec in TIMM_NAMES:
+        import timm
+
+        return timm.create_model(TIMM_NAMES[spec], num_classes=1)
+    name, _, backend = spec.partition(":")
+    return build_model(name, scan_backend=backend or "auto")
+
+
+def inference_step(model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
+    images = torch.randn(batch, 3, size, size)
+
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(images)
+
+    return step
+
+
+def training_step(model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
+    images, targets = torch.randn(batch, 3, size, size), torch.rand(batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step() -> None:
+        model.train()
+        loss = torch.nn.functional.mse_loss(model(images).reshape(batch), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def seconds(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, train_batch: int) -> None:
+    models = {spec: build(spec) for spec in specs}
+    steps = {(spec, "inference"): inference_step(m, infer_batch, size) for spec, m in models.items()}
+    steps |= {(spec, "training"): training_step(m, train_batch, size) for spec, m in models.items()}
+    for step in steps.values():  # warm-up: kernel compilation, allocator, optimizer state
+        step()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            times[key].append(seconds(step))
+    rate = {key: (infer_batch if key[1] == "inference" else train_batch) / statistics.median(t)
+            for key, t in times.items()}
+    print(f"\nmodels: {size}x{size} fp32, inference batch {infer_batch}, training step batch {train_batch}, "
+          f"median of {rounds} interleaved rounds")
+    header = (f"| {'model':<22} | {'params':>7} | {'inference img/s':>15} | {'x swin':>6} | {'train img/s':>11} "
+              f"| {'x swin':>6} |")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    base = {mode: rate.get(("swin_tiny", mode)) for mode in ("inference", "training")}
+    for spec, model in models.items():
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        cells = []
+        for mode in ("inference", "training"):
+            ratio = f"{rate[spec, mode] / base[mode]:.2f}" if base[mode] else "-"
+            cells.append(f"{rate[spec, mode]:>{15 if mode == 'inference' else 11}.2f} | {ratio:>6}")
+        print(f"| {spec:<22} | {params:>6.1f}M | {cells[0]} | {cells[1]} |")
+
+
+def ordered_scan_inputs(batch: int, dim: int, height: int) -> list[torch.Tensor]:
+    """SS2D's operands for ordered_selective_scan: tokens (B, T, D), per-direction delta/B/C at token positions."""
+    g = torch.Generator().manual_seed(0)
+    k, tokens = len(CROSS_2D), height * height
+    tensors = [
+        torch.randn(batch, tokens, dim, generator=g),
+        0.5 * torch.randn(batch, k, tokens, dim, generator=g),
+        -(torch.rand(k * dim, 1, generator=g) + 0.5),
+        torch.randn(batch, k, tokens, 1, generator=g),
+        torch.randn(batch, k, tokens, 1, generator=g),
+        torch.randn(k * dim, generator=g),
+        torch.randn(k * dim, generator=g),
+    ]
+    return [t.requires_grad_() for t in tensors]
+
+
+def scan_table(repeats: int) -> None:
+    print("\nselective scan alone, batch 2, fp32 (best of", repeats, "repeats)")
+    header = f"| {'op':<22} | {'shape (B, K*D, N, L)':<20} | {'backend':<7} | {'fwd ms':>7} | {'fwd+bwd ms':>10} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for height, dim in ((56, 192), (28, 384)):
+        shape = f"(2, {4 * dim}, 1, {height * height})"
+        inputs = make_inputs(2, 4 * dim, 1, height * height, "cpu", torch.float32)
+        for name, scan in scan_backends("cpu").items():
+            fwd, fwd_bwd = measure(scan, inputs, "cpu", repeats)
+            print(f"| {'selective_scan':<22} | {shape:<20} | {name:<7} | {fwd * 1e3:>7.1f} | {fwd_bwd * 1e3:>10.1f} |")
+        ordered = ordered_scan_inputs(2, dim, height)
+        order = scan_order(CROSS_2D, height, height)
+        for name in scan_backends("cpu"):
+            def scan(*args: torch.Tensor, backend: str = name, **kwargs: object) -> torch.Tensor:
+                return ordered_selective_scan(*args, order, backend=backend)
+
+            fwd, fwd_bwd = measure(scan, ordered, "cpu", repeats)
+            print(f"| {'ordered_selective_scan':<22} | {shape:<20} | {name:<7} | {fwd * 1e3:>7.1f} | "
+                  f"{fwd_bwd * 1e3:>10.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS,
+                        help="qmamba presets as name:backend, or swin_tiny / convnext_tiny")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--infer-batch", type=int, default=8)
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--scan-repeats", type=int, default=5)
+    parser.add_argument("--no-scan", action="store_true", help="skip the scan op table")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.models:
+        model_table(args.models, args.rounds, args.size, args.infer_batch, args.train_batch)
+    if not args.no_scan:
+        scan_table(args.scan_repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Fused selective scan for CPU tensors: numba kernels that read in scan order, discretise, scan and merge in one pass.
+
+Why this exists: written with torch ops, a cross-scan materialises the input in four permuted copies, several
+(batch, K*D, N, L) intermediates and a permuted copy of the output; on a CPU that plumbing costs ~85 % of a
+QMamba-T forward. Here each (batch, channel block) task walks every direction's index table once and keeps the state
+in registers-sized buffers: nothing of size (batch, K, D, L) is ever allocated.
+
+Layout (channels innermost, so that every time step is one SIMD loop over a block of channels):
+
+    u          (batch, Ku, T, C)  tokens at their own positions; Ku = 1: one token set shared by all K sequences
+                                  (SS2D's directions), Ku = K: one per sequence (channel groups of a 1-D scan)
+    delta      (batch, K, T, C)   before bias and softplus, at token positions (not in scan order)
+    A          (K, N, C)
+    B, C       (batch, K, T, N)   shared by the C channels of a sequence
+    D, bias    (K, C)
+    table      (K, L) int32       token visited by step l of sequence k; -1 is a padding step (a zero token)
+    y          (batch, Ko, T, C)  Ko = 1: the K sequences summed at each token (VMamba's merge); Ko = K: one each
+
+A padding step sees a zero token whose projections are zero, as when the torch backend pads the map: delta =
+softplus(bias), so the state decays, and nothing is added or written.
+
+Transcendentals: softplus and exp are computed with float32 polynomials (Cephes' expf, an atanh series for log1p:
+both ~1 ulp) that LLVM vectorises; libm calls would not vectorise and would dominate the run time. float64 inputs
+(gradcheck) use ``math.exp``/``math.log1p``. The backward recomputes the states of one (batch, channel block,
+sequence) into a task-local buffer and runs the adjoint recurrence in reverse; nothing but the inputs is saved.
+
+Parallelism: tasks are split over ``torch.get_num_threads()`` Python threads (the kernels release the GIL), so
+``torch.set_num_threads``, DataLoader workers (1 thread) and DDP processes are respected and no second OpenMP runtime
+competes with torch's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+from torch import Tensor
+
+__all__ = ["scan_tables", "selective_scan_cpu"]
+
+_JIT = dict(nogil=True, cache=True, error_model="numpy")  # numpy error model: no ZeroDivisionError checks in loops
+_VECTOR = 16  # channel blocks are multiples of one AVX-512 register of float32
+
+# ------------------------------------------------------------------------------------------------ scalar math
+_f = np.float32
+_LOG2E, _LN2_HI, _LN2_LO = _f(1.4426950408889634), _f(0.693359375), _f(-2.12194440e-4)
+_EXP_P = tuple(_f(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                               1.6666665459e-1, 5.0000001201e-1))
+_EXP_MIN, _EXP_MAX = _f(-87.33654), _f(88.72283)  # exp underflows to 0 below / overflows to inf above
+_ATANH = tuple(_f(1.0 / c) for c in (13, 11, 9, 7, 5, 3))
+_ZERO, _HALF, _ONE, _TWO = _f(0), _f(0.5), _f(1), _f(2)
+_BIAS, _MANTISSA = np.int32(127), np.int32(23)
+
+
+@intrinsic
+def _int_bits_as_float(typingctx, bits):  # noqa: ANN001, ANN202
+    """Reinterpret an int32's bits as a float32 (builds 2**n for the exponential)."""
+    signature = types.float32(types.int32)
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return signature, codegen
+
+
+def _exp(x):  # noqa: ANN001, ANN202
+    """exp(x); float32: Cephes' expf as straight-line code (vectorisable), float64: math.exp."""
+
+
+def _softplus(x):  # noqa: ANN001, ANN202
+    """log(1 + exp(x)) without overflow."""
+
+
+def _sigmoid(x):  # noqa: ANN001, ANN202
+    """1 / (1 + exp(-x)): the derivative of softplus."""
+
+
+@overload(_exp)
+def _exp_impl(x):  # noqa: ANN001, ANN202
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def exp_f32(x):  # noqa: ANN001, ANN202
+        clamped = min(max(x, _EXP_MIN), _EXP_MAX)
+        n = np.floor(clamped * _LOG2E + _HALF)
+        r = clamped - n * _LN2_HI - n * _LN2_LO
+        p0, p1, p2, p3, p4, p5 = _EXP_P
+        p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+        p = p * r * r + r + _ONE
+        y = p * _int_bits_as_float((np.int32(n) + _BIAS) << _MANTISSA)
+        return _ZERO if x < _EXP_MIN else (y if x == x else x)  # 0 on underflow; NaN stays NaN
+
+    return exp_f32
+
+
+@overload(_softplus)
+def _softplus_impl(x):  # noqa: ANN001, ANN202
+    if x != types.float32:
+        return lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+    def softplus_f32(x):  # noqa: ANN001, ANN202
+        # max(x, 0) + log1p(t), t = exp(-|x|) in (0, 1]; log1p(t) = 2 atanh(s), s = t / (2 + t) <= 1/3
+        t = _exp(-abs(x))
+        s = t / (_TWO + t)
+        s2 = s * s
+        c13, c11, c9, c7, c5, c3 = _ATANH
+        series = (((((c13 * s2 + c11) * s2 + c9) * s2 + c7) * s2 + c5) * s2 + c3) * s2 + _ONE
+        return max(x, _ZERO) + _TWO * s * series
+
+    return softplus_f32
+
+
+@overload(_sigmoid)
+def _sigmoid_impl(x):  # noqa: ANN001, ANN202
+    one = np.float32(1) if x == types.float32 else 1.0
+
+    def sigmoid(x):  # noqa: ANN001, ANN202
+        t = _exp(-abs(x))
+        return (one if x >= 0 else t) / (one + t)
+
+    return sigmoid
+
+
+@njit(fastmath={"reassoc", "nsz"}, **_JIT)
+def _sum(values, count):  # noqa: ANN001, ANN202
+    """Sum of values[:count] (count >= 1); reassociation lets LLVM vectorise the reduction (only this one needs it)."""
+    total = values[0]
+    for i in range(np.uint64(1), np.uint64(count)):
+        total += values[i]
+    return total
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+# Arrays are flat C-contiguous views; offsets are uint64 so that numba emits no negative-index wraparound, which
+# would turn every contiguous channel loop into a gather that LLVM refuses to vectorise.
+
+
+@njit(**_JIT)
+def _forward_kernel(u, delta, A, B, C, D, bias, table, y, dims, softplus, first_task, last_task):  # noqa: ANN001, ANN201
+    batch, Ku, K, Ko, T, L, channels, N, block = dims
+    blocks = (channels + block - 1) // block
+    state = np.empty(N * block, dtype=u.dtype)
+    dt = np.empty(block, dtype=u.dtype)
+    dtu = np.empty(block, dtype=u.dtype)
+    out = np.empty(block, dtype=u.dtype)
+    for task in range(first_task, last_task):
+        b, c0 = task // blocks, (task % blocks) * block
+        width = np.uint64(min(block, channels - c0))
+        for k in range(K):
+            ku, ko = (k if Ku > 1 else 0), (k if Ko > 1 else 0)
+            kc = np.uint64(k * channels + c0)
+            state[:] = 0
+            for step in range(L):
+                p = table[k * L + step]
+                if p < 0:  # padding: a zero token, delta = softplus(bias)
+                    for n in range(N):
+                        a_row, s_row = np.uint64((k * N + n) * channels + c0), np.uint64(n * block)
+                        for c in range(width):
+                            d = _softplus(bias[kc + c]) if softplus else bias[kc + c]
+                            state[s_row + c] *= _exp(d * A[a_row + c])
+                    continue
+                row = np.uint64(((b * K + k) * T + p) * channels + c0)
+                u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
+                for c in range(width):
+                    d = delta[row + c] + bias[kc + c]
+                    d = _softplus(d) if softplus else d
+                    uc = u[u_row + c]
+                    dt[c] = d
+                    dtu[c] = d * uc
+                    out[c] = D[kc + c] * uc
+                bc = ((b * K + k) * T + p) * N
+                for n in range(N):
+                    b_n, c_n = B[bc + n], C[bc + n]
+                    a_row, s_row = np.uint64((k * N + n) * channels + c0), np.uint64(n * block)
+                    for c in range(width):
+                        h = _exp(dt[c] * A[a_row + c]) * state[s_row + c] + dtu[c] * b_n
+                        state[s_row + c] = h
+                        out[c] += h * c_n
+                y_row = np.uint64(((b * Ko + ko) * T + p) * channels + c0)
+                for c in range(width):
+                    y[y_row + c] += out[c]
+
+
+@njit(**_JIT)
+def _backward_kernel(u, delta, A, B, C, D, bias, table, grad_y, grad_u, grad_delta, grad_A, grad_B, grad_C,  # noqa: ANN001, ANN201
+                     grad_D, grad_bias, dims, softplus, first_task, last_task):
+    """Gradients of :func:`_forward_kernel`. Per task and sequence: a forward pass storing delta, softplus' slope and
+    every state, then the adjoint recurrence ``g[l] = a[l+1] g[l+1] + dy[l] C[l]`` from the last step to the first.
+
+    grad_u, grad_delta: like u, delta (accumulated: zero them first); grad_A, grad_D, grad_bias: per batch row
+    (batch, K, N, C) / (batch, K, C); grad_B, grad_C: per channel block (blocks, batch, K, T, N). The caller sums.
+    """
+    batch, Ku, K, Ko, T, L, channels, N, block = dims
+    blocks = (channels + block - 1) // block
+    zero, one = np.zeros(1, dtype=u.dtype)[0], np.ones(1, dtype=u.dtype)[0]
+    dts = np.empty(L * block, dtype=u.dtype)
+    slopes = np.empty(L * block, dtype=u.dtype)
+    states = np.empty((L + 1) * N * block, dtype=u.dtype)  # states[l + 1] = h[l], states[0] = 0
+    g = np.empty(N * block, dtype=u.dtype)  # adjoint state
+    a_next = np.empty(N * block, dtype=u.dtype)  # decay of the step after the current one
+    z = np.empty(block, dtype=u.dtype)
+    gy = np.empty(block, dtype=u.dtype)
+    uc = np.empty(block, dtype=u.dtype)
+    g_dt = np.empty(block, dtype=u.dtype)
+    g_uc = np.empty(block, dtype=u.dtype)
+    g_A = np.empty(N * block, dtype=u.dtype)
+    g_D = np.empty(block, dtype=u.dtype)
+    g_bias = np.empty(block, dtype=u.dtype)
+    terms_B = np.empty(block, dtype=u.dtype)
+    terms_C = np.empty(block, dtype=u.dtype)
+    nb = np.uint64(N * block)
+    for task in range(first_task, last_task):
+        b, blk = task // blocks, task % blocks
+        c0 = blk * block
+        width = np.uint64(min(block, channels - c0))
+        for k in range(K):
+            ku, ko = (k if Ku > 1 else 0), (k if Ko > 1 else 0)
+            kc = np.uint64(k * channels + c0)
+            # forward: delta, softplus' slope and the state after every step
+            states[:nb] = 0
+            for step in range(L):
+                p = table[k * L + step]
+                sl, prev, cur = np.uint64(step * block), np.uint64(step) * nb, np.uint64(step + 1) * nb
+                b_n = zero
+                if p < 0:  # padding: a zero token
+                    z[:] = 0
+                    uc[:] = 0
+                else:
+                    row = np.uint64(((b * K + k) * T + p) * channels + c0)
+                    u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
+                    for c in range(width):
+                        z[c] = delta[row + c]
+                        uc[c] = u[u_row + c]
+                for c in range(width):
+                    zc = z[c] + bias[kc + c]
+                    dts[sl + c] = _softplus(zc) if softplus else zc
+                    slopes[sl + c] = _sigmoid(zc) if softplus else one
+                b_row = ((b * K + k) * T + p) * N
+                for n in range(N):
+                    b_n = B[b_row + n] if p >= 0 else zero
+                    a_row, s_row = np.uint64((k * N + n) * channels + c0), np.uint64(n * block)
+                    for c in range(width):
+                        d = dts[sl + c]
+                        states[cur + s_row + c] = _exp(d * A[a_row + c]) * states[prev + s_row + c] + d * uc[c] * b_n
+            # reverse: the adjoint state and every gradient
+            g[:] = 0
+            a_next[:] = 0
+            g_A[:] = 0
+            g_D[:] = 0
+            g_bias[:] = 0
+            for step in range(L - 1, -1, -1):
+                p = table[k * L + step]
+                valid = p >= 0
+                sl, prev, cur = np.uint64(step * block), np.uint64(step) * nb, np.uint64(step + 1) * nb
+                row = u_row = np.uint64(0)
+                b_row = ((b * K + k) * T + p) * N
+                if valid:
+                    row = np.uint64(((b * K + k) * T + p) * channels + c0)
+                    u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
+                    y_row = np.uint64(((b * Ko + ko) * T + p) * channels + c0)
+                    for c in range(width):
+                        gy[c] = grad_y[y_row + c]
+                        uc[c] = u[u_row + c]
+                else:
+                    gy[:] = 0
+                    uc[:] = 0
+                g_dt[:] = 0
+                g_uc[:] = 0
+                for n in range(N):
+                    b_n = B[b_row + n] if valid else zero
+                    c_n = C[b_row + n] if valid else zero
+                    a_row, s_row = np.uint64((k * N + n) * channels + c0), np.uint64(n * block)
+                    for c in range(width):
+                        d, a_n = dts[sl + c], A[a_row + c]
+                        a = _exp(d * a_n)
+                        gs = a_next[s_row + c] * g[s_row + c] + gy[c] * c_n
+                        g_x = gs * states[prev + s_row + c] * a  # d loss / d (delta * A)
+                        g_A[s_row + c] += g_x * d
+                        g_dt[c] += g_x * a_n + gs * b_n * uc[c]
+                        g_uc[c] += gs * d * b_n
+                        terms_B[c] = gs * d * uc[c]
+                        terms_C[c] = gy[c] * states[cur + s_row + c]
+                        g[s_row + c] = gs
+                        a_next[s_row + c] = a
+                    if valid:
+                        out = (((blk * batch + b) * K + k) * T + p) * N + n
+                        grad_B[out] += _sum(terms_B, width)
+                        grad_C[out] += _sum(terms_C, width)
+                for c in range(width):
+                    g_z = g_dt[c] * slopes[sl + c]
+                    g_bias[c] += g_z
+                    g_D[c] += gy[c] * uc[c]
+                    g_dt[c] = g_z
+                if valid:
+                    for c in range(width):
+                        grad_delta[row + c] += g_dt[c]
+                        grad_u[u_row + c] += g_uc[c] + gy[c] * D[kc + c]
+            for n in range(N):
+                a_out, s_row = np.uint64(((b * K + k) * N + n) * channels + c0), np.uint64(n * block)
+                for c in range(width):
+                    grad_A[a_out + c] += g_A[s_row + c]
+            bk = np.uint64((b * K + k) * channels + c0)
+            for c in range(width):
+                grad_D[bk + c] += g_D[c]
+                grad_bias[bk + c] += g_bias[c]
+
+
+# ------------------------------------------------------------------------------------------------- thread pool
+_pool_lock = threading.Lock()
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for this process (a forked DataLoader worker gets its own)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
+            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="qmamba-scan"))
+        return _pool[2]
+
+
+def _partition(batch: int, channels: int, threads: int) -> tuple[int, int]:
+    """(channel block, number of blocks): whole rows when the batch alone feeds every thread, else split channels
+    so that the tasks divide evenly over the threads; blocks are whole SIMD registers."""
+    blocks = threads // math.gcd(batch, threads)
+    block = -(-channels // blocks)
+    block = min(-(-block // _VECTOR) * _VECTOR, channels)
+    return block, -(-channels // block)
+
+
+def _run(kernel, tasks: int, *args: object) -> None:  # noqa: ANN001
+    """Call ``kernel(*args, first_task, last_task)`` over ``tasks`` tasks split evenly across torch's threads."""
+    threads = max(1, min(torch.get_num_threads(), tasks))
+    if threads == 1:
+        kernel(*args, 0, tasks)
+        return
+    bounds = [tasks * i // threads for i in range(threads + 1)]
+    pool = _executor(threads)
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(threads)]
+    for future in futures:
+        future.result()
+
+
+# ----------------------------------------------------------------------------------------------- torch binding
+def _flat(x: Tensor) -> np.ndarray:
+    return x.detach().contiguous().view(-1).numpy()
+
+
+class _Problem:
+    """Shapes, partition and flat numpy views of one call (numpy views share the tensors' memory)."""
+
+    def __init__(self, u: Tensor, delta: Tensor, A: Tensor, table: Tensor, merge: bool) -> None:
+        batch, ku, tokens, channels = u.shape
+        k, length, n = delta.shape[1], table.shape[1], A.shape[1]
+        self.block, self.blocks = _partition(batch, channels, torch.get_num_threads())
+        self.tasks = batch * self.blocks
+        self.out_shape = (batch, 1 if merge else k, tokens, channels)
+        self.dims = (batch, ku, k, self.out_shape[1], tokens, length, channels, n, self.block)
+
+
+def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor, table: Tensor,
+             merge: bool, softplus: bool) -> Tensor:
+    problem = _Problem(u, delta, A, table, merge)
+    y = torch.zeros(problem.out_shape, dtype=u.dtype)
+    _run(_forward_kernel, problem.tasks, *map(_flat, (u, delta, A, B, C, D, bias, table)), _flat(y), problem.dims,
+         softplus)
+    return y
+
+
+class _FusedScan(torch.autograd.Function):
+    """Forward and backward kernels under autograd; saves only the inputs."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, bias, table, merge, softplus):  # type: ignore[override]  # noqa: ANN001
+        ctx.save_for_backward(u, delta, A, B, C, D, bias, table)
+        ctx.merge, ctx.softplus = merge, softplus
+        return _forward(u, delta, A, B, C, D, bias, table, merge, softplus)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]  # noqa: ANN001, ANN205
+        u, delta, A, B, C, D, bias, table = ctx.saved_tensors
+        problem = _Problem(u, delta, A, table, ctx.merge)
+        batch = u.shape[0]
+        grad_u, grad_delta = u.new_zeros(u.shape), delta.new_zeros(delta.shape)
+        grad_A = u.new_zeros(batch, *A.shape)
+        grad_D, grad_bias = u.new_zeros(batch, *D.shape), u.new_zeros(batch, *bias.shape)
+        grad_B = u.new_zeros(problem.blocks, *B.shape)
+        grad_C = u.new_zeros(problem.blocks, *C.shape)
+        _run(_backward_kernel, problem.tasks,
+             *map(_flat, (u, delta, A, B, C, D, bias, table, grad_y, grad_u, grad_delta, grad_A, grad_B, grad_C,
+                          grad_D, grad_bias)), problem.dims, ctx.softplus)
+        return (grad_u, grad_delta, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_D.sum(0), grad_bias.sum(0),
+                None, None, None)
+
+
+def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
+                       table: Tensor, merge: bool, softplus: bool) -> Tensor:
+    """The fused scan in the module's layout (see the module docstring); float32 or float64 throughout.
+
+    Without autograd (``no_grad``, ``inference_mode`` or no input requiring grad) only the forward kernel runs and
+    nothing is saved.
+    """
+    tensors = (u, delta, A, B, C, D, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _FusedScan.apply(u, delta, A, B, C, D, bias, table, merge, softplus)
+    return _forward(u, delta, A, B, C, D, bias, table, merge, softplus)
+
+
+def scan_tables(length: int, sequences: int) -> Tensor:
+    """The identity table (sequences, length): every sequence visits the tokens in order (a plain 1-D scan)."""
+    return torch.arange(length, dtype=torch.int32).repeat(sequences, 1)
+

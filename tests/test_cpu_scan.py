@@ -1,0 +1,218 @@
+"""The fused CPU scan: every scan order against the sequential reference, whole models against the torch backend,
+and the kernel's behaviour under threads, DataLoader workers, inference mode and a missing numba."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import pytest
+import torch
+
+from qmamba.models import build_model
+from qmamba.ops import ordered_selective_scan, selective_scan, selective_scan_reference
+from qmamba.ops.scan_order import CROSS_2D, ScanOrder
+
+dispatch = importlib.import_module("qmamba.ops.selective_scan")  # the module (the package exports the function)
+
+pytest.importorskip("numba", reason="the fused CPU scan needs numba")
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _ordered_inputs(batch: int, k: int, tokens: int, dim: int, n: int, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [
+        torch.randn(batch, tokens, dim, generator=g),  # u, channel-last tokens
+        0.5 * torch.randn(batch, k, tokens, dim, generator=g),  # delta before bias and softplus
+        -(torch.rand(k * dim, n, generator=g) + 0.1),  # A
+        torch.randn(batch, k, tokens, n, generator=g),  # B
+        torch.randn(batch, k, tokens, n, generator=g),  # C
+        torch.randn(k * dim, generator=g),  # D
+        0.5 * torch.randn(k * dim, generator=g),  # delta_bias
+    ]
+    return [t.to(dtype).requires_grad_() for t in tensors]
+
+
+def _ordered_reference(u, delta, A, B, C, D, bias, order: ScanOrder, merge: bool, softplus: bool):
+    """Gather every sequence (zero tokens for padding), the sequential reference scan, scatter back."""
+    batch, _, dim = u.shape
+    k, length = len(order.directions), order.length
+    ys = selective_scan_reference(
+        order.scan(u.transpose(1, 2)).reshape(batch, k * dim, length),
+        order.scan_each(delta.transpose(2, 3)).reshape(batch, k * dim, length),
+        A, order.scan_each(B.transpose(2, 3)), order.scan_each(C.transpose(2, 3)), D, bias, softplus,
+    )
+    ys = order.unscan(ys.view(batch, k, dim, length))
+    return ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)
+
+
+ORDERS = [
+    pytest.param(CROSS_2D, 5, 7, id="cross-scan-5x7"),  # VMamba, H != W
+    pytest.param(CROSS_2D, 1, 1, id="cross-scan-1x1"),  # L = 1
+    pytest.param(("w3", "w3c", "w3_flip", "w3c_flip"), 5, 7, id="lqmamba-windows-padded"),  # LQMamba, padding steps
+    pytest.param(("w2", "h_flip", "w3c", "v"), 4, 6, id="mixed"),
+    pytest.param(("h", "h_flip"), 1, 13, id="vim-two-directions"),  # Vim's forward and backward, L prime
+]
+
+
+@pytest.mark.parametrize("directions,height,width", ORDERS)
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("merge", [True, False])
+def test_ordered_cpu_scan_matches_sequential_reference(directions, height, width, n, merge):
+    order = ScanOrder(directions, height, width)
+    args = _ordered_inputs(2, len(directions), height * width, 20, n)
+    y = ordered_selective_scan(*args, order, merge=merge, backend="cpu")
+    y_ref = _ordered_reference(*args, order, merge, True)
+    assert y.shape == y_ref.shape == ((2, height * width, 20) if merge else (2, len(directions), height * width, 20))
+    assert _rel_err(y, y_ref) < 1e-5
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, args, grad_out)
+    grads_ref = torch.autograd.grad(y_ref, args, grad_out)
+    for name, g, g_ref in zip("u delta A B C D delta_bias".split(), grads, grads_ref, strict=True):
+        assert g.shape == g_ref.shape, name
+        assert _rel_err(g, g_ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+def test_ordered_scan_backends_agree_without_softplus_or_optional_terms(softplus):
+    order = ScanOrder(("w2", "w2c_flip"), 3, 5)
+    u, delta, A, B, C, _, _ = _ordered_inputs(1, 2, 15, 16, 2)
+    y_cpu = ordered_selective_scan(u, delta, A, B, C, None, None, order, False, softplus, backend="cpu")
+    y_torch = ordered_selective_scan(u, delta, A, B, C, None, None, order, False, softplus, backend="torch")
+    assert _rel_err(y_cpu, y_torch) < 1e-5
+
+
+def test_cpu_kernels_gradcheck_in_float64():
+    order = ScanOrder(("w2", "v_flip"), 3, 3)  # padding steps included
+    args = _ordered_inputs(1, 2, 9, 3, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: ordered_selective_scan(*a, order, merge=True, backend="cpu"), args)
+    g = torch.Generator().manual_seed(1)
+    u, delta = torch.randn(2, 4, 7, generator=g, dtype=torch.float64), torch.rand(2, 4, 7, generator=g).double()
+    A, B, C = -torch.rand(4, 2).double() - 0.1, torch.randn(2, 2, 2, 7).double(), torch.randn(2, 2, 2, 7).double()
+    D, bias = torch.randn(4).double(), torch.randn(4).double()
+    inputs = [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+    assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, delta_softplus=True, backend="cpu"), inputs)
+
+
+def test_ordered_scan_checks_its_shapes():
+    order = ScanOrder(CROSS_2D, 3, 3)
+    u, delta, A, B, C, D, bias = (t.detach() for t in _ordered_inputs(1, 4, 9, 8, 1))
+    with pytest.raises(ValueError, match=r"u must be \(batch, 9, D\)"):
+        ordered_selective_scan(u[:, :8], delta, A, B, C, D, bias, order)
+    with pytest.raises(ValueError, match=r"A must be \(32, N\)"):
+        ordered_selective_scan(u, delta, A[:16], B, C, D, bias, order)
+
+
+def test_inference_saves_nothing_and_training_records_the_fused_backward():
+    order = ScanOrder(CROSS_2D, 4, 4)
+    args = _ordered_inputs(1, 4, 16, 16, 1)
+    with torch.inference_mode():
+        assert ordered_selective_scan(*args, order, backend="cpu").grad_fn is None
+    with torch.no_grad():
+        assert ordered_selective_scan(*args, order, backend="cpu").grad_fn is None
+    y = ordered_selective_scan(*args, order, backend="cpu")
+    nodes, seen = [y.grad_fn], []
+    while nodes:
+        node = nodes.pop()
+        seen.append(type(node).__name__)
+        nodes += [next_node for next_node, _ in node.next_functions if next_node is not None]
+    assert "_FusedScanBackward" in seen
+
+
+def test_thread_count_does_not_change_the_result():
+    """Tasks split channels differently for 1 and 2 threads: the forward is bitwise equal, gradients close."""
+    order = ScanOrder(CROSS_2D, 6, 6)
+    args = _ordered_inputs(1, 4, 36, 48, 1)  # batch 1: two threads split the channels into blocks
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            y = ordered_selective_scan(*args, order, backend="cpu")
+            results.append((y.detach(), torch.autograd.grad(y.sum(), args)))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2)
+    for a, b in zip(g1, g2, strict=True):
+        assert _rel_err(a, b) < 1e-6
+
+
+class _ScoringDataset(torch.utils.data.Dataset):
+    """Runs the model inside DataLoader workers (forked after the parent used the kernel's thread pool)."""
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor) -> None:
+        self.model, self.images = model, images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(self.images[index : index + 1])[0]
+
+
+def test_kernel_runs_in_dataloader_workers():
+    torch.manual_seed(0)
+    model = build_model("qmamba_test", scan_backend="cpu").eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(images)  # the parent has used the kernel (and its thread pool) before the fork
+    loader = torch.utils.data.DataLoader(_ScoringDataset(model, images), batch_size=2, num_workers=2)
+    scores = torch.cat(list(loader))
+    assert torch.allclose(scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def _scores_and_grads_per_backend(model: torch.nn.Module, images: torch.Tensor) -> dict[str, tuple]:
+    outputs = {}
+    for backend in ("cpu", "torch"):
+        for module in model.modules():
+            if hasattr(module, "scan_backend"):
+                module.scan_backend = backend
+        model.zero_grad(set_to_none=True)
+        scores = model(images)
+        scores.sum().backward()
+        outputs[backend] = (scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    return outputs
+
+
+def _assert_backends_agree(model: torch.nn.Module, images: torch.Tensor) -> None:
+    outputs = _scores_and_grads_per_backend(model, images)
+    (s_cpu, g_cpu), (s_torch, g_torch) = outputs["cpu"], outputs["torch"]
+    assert _rel_err(s_cpu, s_torch) < 1e-4
+    errors = {n: _rel_err(g_cpu[n], g_torch[n]) for n in g_torch}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-4, (worst, errors[worst])
+
+
+@pytest.mark.parametrize("name,size", [("qmamba_test", 32), ("lqmamba_test", 40), ("vim_test", 32),
+                                       ("vmamba_vanilla_tiny", 64)])
+def test_every_backbone_family_gives_the_torch_backend_result(name, size):
+    """VMamba v2, LQMamba (padded windows at 40 px), Vim and the gated v0 model (d_state 16)."""
+    torch.manual_seed(0)
+    _assert_backends_agree(build_model(name), torch.randn(2, 3, size, size))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,batch,size", [("qmamba_tiny", 1, 224), ("lqmamba_tiny", 2, 160)])
+def test_full_size_models_give_the_torch_backend_result(name, batch, size):
+    """QMamba-T at 224 and LQMamba-T at 160 (maps 40/20/10/5: every window scan pads) through both backends."""
+    torch.manual_seed(0)
+    _assert_backends_agree(build_model(name), torch.randn(batch, 3, size, size))
+
+
+def test_auto_uses_the_cpu_kernel_and_falls_back_loudly_without_numba(monkeypatch, caplog):
+    assert dispatch.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    monkeypatch.delitem(sys.modules, "qmamba.ops.cpu_scan")
+    with caplog.at_level(logging.WARNING, logger="qmamba.ops.selective_scan"):
+        assert dispatch._load_cpu_kernel.__wrapped__() is None
+    assert "fused CPU selective scan is unavailable" in caplog.text and "pip install numba" in caplog.text
+    monkeypatch.setattr(dispatch, "_load_cpu_kernel", lambda: None)
+    assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="numba cannot be imported.*pip install numba"):
+        dispatch.resolve_backend("cpu", torch.device("cpu"))
