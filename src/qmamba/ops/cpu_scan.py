@@ -74,12 +74,8 @@ def _exp(x):  # noqa: ANN001, ANN202
     """exp(x); float32: Cephes' expf as straight-line code (vectorisable), float64: math.exp."""
 
 
-def _softplus(x):  # noqa: ANN001, ANN202
-    """log(1 + exp(x)) without overflow."""
-
-
-def _sigmoid(x):  # noqa: ANN001, ANN202
-    """1 / (1 + exp(-x)): the derivative of softplus."""
+def _softplus_and_slope(x):  # noqa: ANN001, ANN202
+    """(log(1 + exp(x)), its derivative sigmoid(x)) from one exponential, without overflow."""
 
 
 @overload(_exp)
@@ -100,32 +96,31 @@ def _exp_impl(x):  # noqa: ANN001, ANN202
     return exp_f32
 
 
-@overload(_softplus)
-def _softplus_impl(x):  # noqa: ANN001, ANN202
+@overload(_softplus_and_slope)
+def _softplus_and_slope_impl(x):  # noqa: ANN001, ANN202
     if x != types.float32:
-        return lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+        def softplus_and_slope_f64(x):  # noqa: ANN001, ANN202
+            t = math.exp(-abs(x))
+            return max(x, 0.0) + math.log1p(t), (1.0 if x >= 0 else t) / (1.0 + t)
 
-    def softplus_f32(x):  # noqa: ANN001, ANN202
+        return softplus_and_slope_f64
+
+    def softplus_and_slope_f32(x):  # noqa: ANN001, ANN202
         # max(x, 0) + log1p(t), t = exp(-|x|) in (0, 1]; log1p(t) = 2 atanh(s), s = t / (2 + t) <= 1/3
         t = _exp(-abs(x))
         s = t / (_TWO + t)
         s2 = s * s
         c13, c11, c9, c7, c5, c3 = _ATANH
         series = (((((c13 * s2 + c11) * s2 + c9) * s2 + c7) * s2 + c5) * s2 + c3) * s2 + _ONE
-        return max(x, _ZERO) + _TWO * s * series
+        return max(x, _ZERO) + _TWO * s * series, (_ONE if x >= 0 else t) / (_ONE + t)
 
-    return softplus_f32
+    return softplus_and_slope_f32
 
 
-@overload(_sigmoid)
-def _sigmoid_impl(x):  # noqa: ANN001, ANN202
-    one = np.float32(1) if x == types.float32 else 1.0
-
-    def sigmoid(x):  # noqa: ANN001, ANN202
-        t = _exp(-abs(x))
-        return (one if x >= 0 else t) / (one + t)
-
-    return sigmoid
+@njit(**_JIT)
+def _softplus(x):  # noqa: ANN001, ANN202
+    """log(1 + exp(x)); the unused slope is optimised away."""
+    return _softplus_and_slope(x)[0]
 
 
 @njit(fastmath={"reassoc", "nsz"}, **_JIT)
@@ -228,10 +223,10 @@ def _backward_kernel(u, delta, A, B, C, D, bias, table, grad_y, grad_u, grad_del
             for step in range(L):
                 p = table[k * L + step]
                 sl, prev, cur = np.uint64(step * block), np.uint64(step) * nb, np.uint64(step + 1) * nb
-                b_n = zero
                 if p < 0:  # padding: a zero token
-                    z[:] = 0
-                    uc[:] = 0
+                    for c in range(width):
+                        z[c] = zero
+                        uc[c] = zero
                 else:
                     row = np.uint64(((b * K + k) * T + p) * channels + c0)
                     u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
@@ -240,8 +235,10 @@ def _backward_kernel(u, delta, A, B, C, D, bias, table, grad_y, grad_u, grad_del
                         uc[c] = u[u_row + c]
                 for c in range(width):
                     zc = z[c] + bias[kc + c]
-                    dts[sl + c] = _softplus(zc) if softplus else zc
-                    slopes[sl + c] = _sigmoid(zc) if softplus else one
+                    if softplus:
+                        dts[sl + c], slopes[sl + c] = _softplus_and_slope(zc)
+                    else:
+                        dts[sl + c], slopes[sl + c] = zc, one
                 b_row = ((b * K + k) * T + p) * N
                 for n in range(N):
                     b_n = B[b_row + n] if p >= 0 else zero
@@ -269,10 +266,12 @@ def _backward_kernel(u, delta, A, B, C, D, bias, table, grad_y, grad_u, grad_del
                         gy[c] = grad_y[y_row + c]
                         uc[c] = u[u_row + c]
                 else:
-                    gy[:] = 0
-                    uc[:] = 0
-                g_dt[:] = 0
-                g_uc[:] = 0
+                    for c in range(width):
+                        gy[c] = zero
+                        uc[c] = zero
+                for c in range(width):
+                    g_dt[c] = zero
+                    g_uc[c] = zero
                 for n in range(N):
                     b_n = B[b_row + n] if valid else zero
                     c_n = C[b_row + n] if valid else zero
