@@ -59,20 +59,37 @@ ORDERS = [
 ]
 
 
+def _low_rank(args: list[torch.Tensor], rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """SS2D's form: delta as a rank-R factor (batch, K, T, R) and the per-order projection (K, D, R)."""
+    u, delta = args[0], args[1]
+    g = torch.Generator().manual_seed(3)
+    factor = torch.randn(*delta.shape[:3], rank, generator=g, dtype=u.dtype).requires_grad_()
+    proj = (torch.randn(delta.shape[1], u.shape[-1], rank, generator=g, dtype=u.dtype) / rank**0.5).requires_grad_()
+    return [u, factor, *args[2:]], proj
+
+
 @pytest.mark.parametrize("directions,height,width", ORDERS)
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("merge", [True, False])
-def test_ordered_cpu_scan_matches_sequential_reference(directions, height, width, n, merge):
+@pytest.mark.parametrize("rank", [None, 3])
+def test_ordered_cpu_scan_matches_sequential_reference(directions, height, width, n, merge, rank):
+    """All orders, N = 1 and 3, merged or per-direction outputs, full or low-rank (dt_proj fused) step sizes."""
     order = ScanOrder(directions, height, width)
     args = _ordered_inputs(2, len(directions), height * width, 20, n)
-    y = ordered_selective_scan(*args, order, merge=merge, backend="cpu")
-    y_ref = _ordered_reference(*args, order, merge, True)
+    proj, names = None, "u delta A B C D delta_bias".split()
+    if rank:
+        args, proj = _low_rank(args, rank)
+        names.append("delta_proj")
+    y = ordered_selective_scan(*args, order, merge=merge, backend="cpu", delta_proj=proj)
+    full = args if proj is None else [args[0], args[1] @ proj.transpose(1, 2), *args[2:]]
+    y_ref = _ordered_reference(*full, order, merge, True)
     assert y.shape == y_ref.shape == ((2, height * width, 20) if merge else (2, len(directions), height * width, 20))
     assert _rel_err(y, y_ref) < 1e-5
     grad_out = torch.randn_like(y)
-    grads = torch.autograd.grad(y, args, grad_out)
-    grads_ref = torch.autograd.grad(y_ref, args, grad_out)
-    for name, g, g_ref in zip("u delta A B C D delta_bias".split(), grads, grads_ref, strict=True):
+    inputs = args if proj is None else [*args, proj]
+    grads = torch.autograd.grad(y, inputs, grad_out)
+    grads_ref = torch.autograd.grad(y_ref, inputs, grad_out)
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
         assert g.shape == g_ref.shape, name
         assert _rel_err(g, g_ref) < 1e-5, name
 
@@ -90,6 +107,10 @@ def test_cpu_kernels_gradcheck_in_float64():
     order = ScanOrder(("w2", "v_flip"), 3, 3)  # padding steps included
     args = _ordered_inputs(1, 2, 9, 3, 2, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *a: ordered_selective_scan(*a, order, merge=True, backend="cpu"), args)
+    low_rank, proj = _low_rank(args, 2)
+    assert torch.autograd.gradcheck(
+        lambda *a: ordered_selective_scan(*a[:-1], order, merge=False, backend="cpu", delta_proj=a[-1]),
+        [*low_rank, proj])
     g = torch.Generator().manual_seed(1)
     u, delta = torch.randn(2, 4, 7, generator=g, dtype=torch.float64), torch.rand(2, 4, 7, generator=g).double()
     A, B, C = -torch.rand(4, 2).double() - 0.1, torch.randn(2, 2, 2, 7).double(), torch.randn(2, 2, 2, 7).double()
@@ -105,6 +126,8 @@ def test_ordered_scan_checks_its_shapes():
         ordered_selective_scan(u[:, :8], delta, A, B, C, D, bias, order)
     with pytest.raises(ValueError, match=r"A must be \(32, N\)"):
         ordered_selective_scan(u, delta, A[:16], B, C, D, bias, order)
+    with pytest.raises(ValueError, match=r"delta_proj must be \(4, 8, R\)"):
+        ordered_selective_scan(u, delta[..., :2], A, B, C, D, bias, order, delta_proj=torch.randn(4, 7, 2))
 
 
 def test_inference_saves_nothing_and_training_records_the_fused_backward():

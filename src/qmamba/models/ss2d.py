@@ -107,16 +107,16 @@ class SS2D(nn.Module):
         x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
         tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.inner)  # channel-last, row-major
 
-        # x_proj and dt_proj act per token, so they run on the map once for all K directions, in token order
+        # x_proj acts per token, so it runs on the map once for all K directions, in token order; dt_proj's rank-R
+        # expansion to (B, K, H*W, D) step sizes happens inside the scan (per step on the cpu backend)
         k, rank, n = len(self.directions), self.dt_rank, self.d_state
         proj = tokens @ self.x_proj_weight.view(k * (rank + 2 * n), self.inner).t()
         dts, bs, cs = proj.view(batch, height * width, k, rank + 2 * n).transpose(1, 2).split([rank, n, n], dim=-1)
-        dts = dts @ self.dt_projs_weight.transpose(1, 2)  # (B, K, H*W, D)
 
         scan_dtype = torch.float32 if self.scan_fp32 else tokens.dtype
         y = ordered_selective_scan(
             tokens.to(scan_dtype),
-            dts.to(scan_dtype),
+            dts.to(scan_dtype).contiguous(),
             -torch.exp(self.A_logs.float()),
             bs.to(scan_dtype).contiguous(),
             cs.to(scan_dtype).contiguous(),
@@ -125,6 +125,7 @@ class SS2D(nn.Module):
             scan_order(self.directions, height, width),
             merge=self.fusion is None,
             backend=self.scan_backend,
+            delta_proj=self.dt_projs_weight.to(scan_dtype),
         )
         if self.fusion is not None:  # (B, K, H*W, D): gate each direction by its own statistics, then sum
             y = self.fusion(y).sum(1)

@@ -9,7 +9,9 @@ Layout (channels innermost, so that every time step is one SIMD loop over a bloc
 
     u          (batch, Ku, T, C)  tokens at their own positions; Ku = 1: one token set shared by all K sequences
                                   (SS2D's directions), Ku = K: one per sequence (channel groups of a 1-D scan)
-    delta      (batch, K, T, C)   before bias and softplus, at token positions (not in scan order)
+    delta      (batch, K, T, C)   before bias and softplus, at token positions (not in scan order); or, low rank,
+               (batch, K, T, R)   with proj (K, R, C): delta = delta @ proj[k], computed per step (SS2D's dt_proj),
+                                  so that the full step sizes are never materialised
     A          (K, N, C)
     B, C       (batch, K, T, N)   shared by the C channels of a sequence
     D, bias    (K, C)
@@ -138,10 +140,32 @@ def _sum(values, count):  # noqa: ANN001, ANN202
 
 
 @njit(**_JIT)
-def _forward_kernel(u, delta, A, B, C, D, bias, table, y, dims, softplus, first_task, last_task):  # noqa: ANN001, ANN201
-    batch, Ku, K, Ko, T, L, channels, N, block = dims
+def _step_delta(z, delta, proj, b, k, p, c0, width, dims):  # noqa: ANN001, ANN201
+    """z[:width] = the step's delta (before bias) for channels c0.. of sequence k at token p (>= 0)."""
+    batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
+    if rank == 0:
+        row = np.uint64(((b * K + k) * T + p) * channels + c0)
+        for c in range(width):
+            z[c] = delta[row + c]
+        return
+    low = ((b * K + k) * T + p) * rank
+    w = delta[low]
+    row = np.uint64(k * rank * channels + c0)
+    for c in range(width):
+        z[c] = w * proj[row + c]
+    for r in range(1, rank):
+        w = delta[low + r]
+        row = np.uint64((k * rank + r) * channels + c0)
+        for c in range(width):
+            z[c] += w * proj[row + c]
+
+
+@njit(**_JIT)
+def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, first_task, last_task):  # noqa: ANN001, ANN201
+    batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     blocks = (channels + block - 1) // block
     state = np.empty(N * block, dtype=u.dtype)
+    z = np.empty(block, dtype=u.dtype)
     dt = np.empty(block, dtype=u.dtype)
     dtu = np.empty(block, dtype=u.dtype)
     out = np.empty(block, dtype=u.dtype)
@@ -161,10 +185,10 @@ def _forward_kernel(u, delta, A, B, C, D, bias, table, y, dims, softplus, first_
                             d = _softplus(bias[kc + c]) if softplus else bias[kc + c]
                             state[s_row + c] *= _exp(d * A[a_row + c])
                     continue
-                row = np.uint64(((b * K + k) * T + p) * channels + c0)
+                _step_delta(z, delta, proj, b, k, p, c0, width, dims)
                 u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
                 for c in range(width):
-                    d = delta[row + c] + bias[kc + c]
+                    d = z[c] + bias[kc + c]
                     d = _softplus(d) if softplus else d
                     uc = u[u_row + c]
                     dt[c] = d
@@ -184,15 +208,17 @@ def _forward_kernel(u, delta, A, B, C, D, bias, table, y, dims, softplus, first_
 
 
 @njit(**_JIT)
-def _backward_kernel(u, delta, A, B, C, D, bias, table, grad_y, grad_u, grad_delta, grad_A, grad_B, grad_C,  # noqa: ANN001, ANN201
-                     grad_D, grad_bias, dims, softplus, first_task, last_task):
+def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, grad_delta, grad_A, grad_B,  # noqa: ANN001, ANN201
+                     grad_C, grad_D, grad_bias, dims, softplus, first_task, last_task):
     """Gradients of :func:`_forward_kernel`. Per task and sequence: a forward pass storing delta, softplus' slope and
     every state, then the adjoint recurrence ``g[l] = a[l+1] g[l+1] + dy[l] C[l]`` from the last step to the first.
 
-    grad_u, grad_delta: like u, delta (accumulated: zero them first); grad_A, grad_D, grad_bias: per batch row
-    (batch, K, N, C) / (batch, K, C); grad_B, grad_C: per channel block (blocks, batch, K, T, N). The caller sums.
+    grad_u: like u; grad_delta: (batch, K, T, C), the gradient of the full step sizes (before bias) also for a
+    low-rank delta (the caller applies the projection's chain rule); both accumulated: zero them first. grad_A, grad_D,
+    grad_bias: per batch row (batch, K, N, C) / (batch, K, C); grad_B, grad_C: per channel block (blocks, batch, K, T,
+    N). The caller sums.
     """
-    batch, Ku, K, Ko, T, L, channels, N, block = dims
+    batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     blocks = (channels + block - 1) // block
     zero, one = np.zeros(1, dtype=u.dtype)[0], np.ones(1, dtype=u.dtype)[0]
     dts = np.empty(L * block, dtype=u.dtype)
@@ -228,10 +254,9 @@ def _backward_kernel(u, delta, A, B, C, D, bias, table, grad_y, grad_u, grad_del
                         z[c] = zero
                         uc[c] = zero
                 else:
-                    row = np.uint64(((b * K + k) * T + p) * channels + c0)
+                    _step_delta(z, delta, proj, b, k, p, c0, width, dims)
                     u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
                     for c in range(width):
-                        z[c] = delta[row + c]
                         uc[c] = u[u_row + c]
                 for c in range(width):
                     zc = z[c] + bias[kc + c]
@@ -355,22 +380,23 @@ def _flat(x: Tensor) -> np.ndarray:
 
 
 class _Problem:
-    """Shapes, partition and flat numpy views of one call (numpy views share the tensors' memory)."""
+    """Shapes and partition of one call."""
 
-    def __init__(self, u: Tensor, delta: Tensor, A: Tensor, table: Tensor, merge: bool) -> None:
+    def __init__(self, u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, table: Tensor, merge: bool) -> None:
         batch, ku, tokens, channels = u.shape
-        k, length, n = delta.shape[1], table.shape[1], A.shape[1]
+        k, length, n, rank = delta.shape[1], table.shape[1], A.shape[1], proj.shape[1] if proj.numel() else 0
         self.block, self.blocks = _partition(batch, channels, torch.get_num_threads())
         self.tasks = batch * self.blocks
         self.out_shape = (batch, 1 if merge else k, tokens, channels)
-        self.dims = (batch, ku, k, self.out_shape[1], tokens, length, channels, n, self.block)
+        self.delta_shape = (batch, k, tokens, channels)  # of the full step sizes
+        self.dims = (batch, ku, k, self.out_shape[1], tokens, length, channels, n, rank, self.block)
 
 
-def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor, table: Tensor,
-             merge: bool, softplus: bool) -> Tensor:
-    problem = _Problem(u, delta, A, table, merge)
+def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
+             table: Tensor, merge: bool, softplus: bool) -> Tensor:
+    problem = _Problem(u, delta, proj, A, table, merge)
     y = torch.zeros(problem.out_shape, dtype=u.dtype)
-    _run(_forward_kernel, problem.tasks, *map(_flat, (u, delta, A, B, C, D, bias, table)), _flat(y), problem.dims,
+    _run(_forward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, y)), problem.dims,
          softplus)
     return y
 
@@ -379,39 +405,45 @@ class _FusedScan(torch.autograd.Function):
     """Forward and backward kernels under autograd; saves only the inputs."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, bias, table, merge, softplus):  # type: ignore[override]  # noqa: ANN001
-        ctx.save_for_backward(u, delta, A, B, C, D, bias, table)
+    def forward(ctx, u, delta, proj, A, B, C, D, bias, table, merge, softplus):  # type: ignore[override]  # noqa: ANN001
+        ctx.save_for_backward(u, delta, proj, A, B, C, D, bias, table)
         ctx.merge, ctx.softplus = merge, softplus
-        return _forward(u, delta, A, B, C, D, bias, table, merge, softplus)
+        return _forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]  # noqa: ANN001, ANN205
-        u, delta, A, B, C, D, bias, table = ctx.saved_tensors
-        problem = _Problem(u, delta, A, table, ctx.merge)
+        u, delta, proj, A, B, C, D, bias, table = ctx.saved_tensors
+        problem = _Problem(u, delta, proj, A, table, ctx.merge)
         batch = u.shape[0]
-        grad_u, grad_delta = u.new_zeros(u.shape), delta.new_zeros(delta.shape)
+        grad_u, grad_steps = u.new_zeros(u.shape), u.new_zeros(problem.delta_shape)
         grad_A = u.new_zeros(batch, *A.shape)
         grad_D, grad_bias = u.new_zeros(batch, *D.shape), u.new_zeros(batch, *bias.shape)
         grad_B = u.new_zeros(problem.blocks, *B.shape)
         grad_C = u.new_zeros(problem.blocks, *C.shape)
         _run(_backward_kernel, problem.tasks,
-             *map(_flat, (u, delta, A, B, C, D, bias, table, grad_y, grad_u, grad_delta, grad_A, grad_B, grad_C,
-                          grad_D, grad_bias)), problem.dims, ctx.softplus)
-        return (grad_u, grad_delta, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_D.sum(0), grad_bias.sum(0),
-                None, None, None)
+             *map(_flat, (u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, grad_steps, grad_A, grad_B,
+                          grad_C, grad_D, grad_bias)), problem.dims, ctx.softplus)
+        grad_delta, grad_proj = grad_steps, None
+        if proj.numel():  # steps = delta @ proj[k]: (batch, K, T, R) @ (K, R, C)
+            grad_delta = grad_steps @ proj.transpose(1, 2)
+            grad_proj = torch.einsum("bktr,bktc->krc", delta, grad_steps)
+        return (grad_u, grad_delta, grad_proj, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_D.sum(0),
+                grad_bias.sum(0), None, None, None)
 
 
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
-                       table: Tensor, merge: bool, softplus: bool) -> Tensor:
+                       table: Tensor, merge: bool, softplus: bool, delta_proj: Tensor | None = None) -> Tensor:
     """The fused scan in the module's layout (see the module docstring); float32 or float64 throughout.
 
-    Without autograd (``no_grad``, ``inference_mode`` or no input requiring grad) only the forward kernel runs and
-    nothing is saved.
+    ``delta_proj`` (K, R, C) makes ``delta`` the rank-R input of the per-sequence step-size projection. Without
+    autograd (``no_grad``, ``inference_mode`` or no input requiring grad) only the forward kernel runs and nothing
+    is saved.
     """
-    tensors = (u, delta, A, B, C, D, bias)
+    proj = u.new_empty(0, 0, 0) if delta_proj is None else delta_proj
+    tensors = (u, delta, proj, A, B, C, D, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _FusedScan.apply(u, delta, A, B, C, D, bias, table, merge, softplus)
-    return _forward(u, delta, A, B, C, D, bias, table, merge, softplus)
+        return _FusedScan.apply(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
+    return _forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
 
 
 def scan_tables(length: int, sequences: int) -> Tensor:

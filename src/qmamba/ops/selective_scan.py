@@ -426,6 +426,7 @@ def ordered_selective_scan(
     merge: bool = True,
     delta_softplus: bool = True,
     backend: ScanBackend = "auto",
+    delta_proj: Tensor | None = None,
 ) -> Tensor:
     """Selective scans of one token set read in K orders (SS2D), inputs and outputs at the tokens' own positions.
 
@@ -435,7 +436,8 @@ def ordered_selective_scan(
 
     Args:
         u: tokens (batch, T, D), channel-last, shared by the K orders.
-        delta: step sizes before bias and softplus (batch, K, T, D), one set per order.
+        delta: step sizes before bias and softplus (batch, K, T, D), one set per order; with ``delta_proj``, their
+            rank-R factor (batch, K, T, R).
         A: (K * D, N), order-major like VMamba's ``A_logs``.
         B, C: (batch, K, T, N), one per order, shared by its D channels.
         D: optional skip weight (K * D,); delta_bias: optional (K * D,).
@@ -443,15 +445,21 @@ def ordered_selective_scan(
         merge: sum the K outputs at each token (VMamba): (batch, T, D); else one per order: (batch, K, T, D).
         delta_softplus: apply softplus to delta + delta_bias.
         backend: as for :func:`selective_scan`.
+        delta_proj: optional (K, D, R), VMamba's ``dt_projs_weight``: the step sizes are ``delta @ delta_proj[k].T``,
+            which the ``cpu`` backend computes per step instead of materialising (batch, K, T, D).
 
     Returns:
         y in u's dtype.
     """
     batch, tokens, dim = u.shape
     k = len(order.directions)
-    if tokens != order.num_tokens or delta.shape != (batch, k, tokens, dim):
-        raise ValueError(f"u must be (batch, {order.num_tokens}, D) and delta (batch, {k}, {order.num_tokens}, D) for "
-                         f"this scan order; got {tuple(u.shape)} and {tuple(delta.shape)}")
+    rank = dim if delta_proj is None else delta_proj.shape[-1]
+    if tokens != order.num_tokens or delta.shape != (batch, k, tokens, rank):
+        raise ValueError(f"u must be (batch, {order.num_tokens}, D) and delta (batch, {k}, {order.num_tokens}, "
+                         f"{'D' if delta_proj is None else 'R'}) for this scan order; got {tuple(u.shape)} and "
+                         f"{tuple(delta.shape)}")
+    if delta_proj is not None and delta_proj.shape != (k, dim, rank):
+        raise ValueError(f"delta_proj must be ({k}, {dim}, R); got {tuple(delta_proj.shape)}")
     if A.shape[0] != k * dim or B.shape[:3] != (batch, k, tokens) or C.shape != B.shape:
         raise ValueError(f"A must be ({k * dim}, N) and B, C (batch, {k}, {tokens}, N); got {tuple(A.shape)}, "
                          f"{tuple(B.shape)}, {tuple(C.shape)}")
@@ -463,9 +471,11 @@ def ordered_selective_scan(
         y = kernel(
             u_k, delta.to(dtype), A.to(dtype).view(k, dim, -1).transpose(1, 2), B.to(dtype), C.to(dtype),
             _cpu_skip_and_bias(D, (k, dim), u_k), _cpu_skip_and_bias(delta_bias, (k, dim), u_k), order.table,
-            merge, delta_softplus,
+            merge, delta_softplus, None if delta_proj is None else delta_proj.to(dtype).transpose(1, 2),
         )
         return (y.squeeze(1) if merge else y).to(u.dtype)
+    if delta_proj is not None:
+        delta = delta @ delta_proj.transpose(1, 2)  # (batch, K, T, R) @ (K, R, D)
     ys = selective_scan(
         order.scan(u.transpose(1, 2)).reshape(batch, k * dim, order.length),
         order.scan_each(delta.transpose(2, 3)).reshape(batch, k * dim, order.length),
