@@ -168,9 +168,11 @@ def test_two_process_ddp_universal_fit_then_test(tmp_path):
         f"      - {{name: kadid10k, root: {tmp_path / 'kadid'}, label: tiny_kadid}}\n"
         f"      - {{name: koniq10k, root: {tmp_path / 'koniq'}, label: tiny_koniq}}\n"))
     result = _qmamba("fit", "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                     "--trainer.max_epochs", "2", "--data.init_args.sampling", "balanced", cwd=tmp_path)
+                     "--trainer.max_epochs", "2", "--data.init_args.sampling", "balanced",
+                     "--model.init_args.backbone_args", "{scan_backend: cpu}", cwd=tmp_path)  # the fused CPU kernel
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
+    assert "selective scan on cpu: cpu (qmamba's fused numba kernel)" in result.stdout + result.stderr
     run = tmp_path / "runs" / "tiny"
     assert (run / "checkpoints" / "best.ckpt").is_file()
     tags = set()

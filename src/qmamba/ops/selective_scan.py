@@ -40,6 +40,7 @@ from qmamba.ops.linear_scan import linear_scan_reference, scan, scan_adjoint
 from qmamba.ops.scan_order import ScanOrder
 
 __all__ = [
+    "BACKEND_DESCRIPTIONS",
     "ScanBackend",
     "cpu_selective_scan_available",
     "cuda_selective_scan_available",
@@ -53,6 +54,11 @@ __all__ = [
 
 ScanBackend = Literal["auto", "cuda", "cpu", "torch"]
 _BACKENDS = ("auto", "cuda", "cpu", "torch")
+BACKEND_DESCRIPTIONS = {
+    "cuda": "cuda (mamba-ssm's fused CUDA kernel)",
+    "cpu": "cpu (qmamba's fused numba kernel)",
+    "torch": "torch (the pure-PyTorch scan)",
+}
 log = logging.getLogger(__name__)
 
 
@@ -362,10 +368,12 @@ def _selective_scan_cpu(
         raise ValueError(f"{dim} channels cannot be split into {groups} groups of B/C")
     width = dim // groups
 
-    def channels_last(x: Tensor) -> Tensor:  # (batch, dim, L) -> (batch, G, L, dim / G)
-        return x.to(dtype).view(batch, groups, width, length).transpose(2, 3)
+    def channels_last(x: Tensor) -> Tensor:
+        """(batch, dim, L) -> (batch, G, L, dim / G), copied here so that backward reuses the copy."""
+        return x.to(dtype).view(batch, groups, width, length).transpose(2, 3).contiguous()
 
-    def by_step(x: Tensor) -> Tensor:  # (batch, N, L) or (batch, G, N, L) -> (batch, G, L, N)
+    def by_step(x: Tensor) -> Tensor:
+        """(batch, N, L) or (batch, G, N, L) -> (batch, G, L, N)."""
         x = x if x.dim() == 4 else x.unsqueeze(1)
         return x.to(dtype).expand(batch, groups, *x.shape[2:]).transpose(2, 3)
 

@@ -18,6 +18,7 @@ from qmamba.atomic import write_text_atomic
 from qmamba.data.dataset import ScoreScale
 from qmamba.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from qmamba.models import build_model, load_official_checkpoint
+from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
 from qmamba.training.losses import IQALoss
 from qmamba.training.metrics import iqa_metrics
 from qmamba.training.plots import scatter_figure
@@ -92,6 +93,22 @@ class QMambaIQA(L.LightningModule):
             report = load_official_checkpoint(self.model.backbone, self.hparams.pretrained,
                                               trusted=self.hparams.trust_checkpoint)
             log.info("backbone initialised from %s (%s)", self.hparams.pretrained, report)
+
+    def _log_scan_backend(self) -> None:
+        """Say once per run which selective scan runs, so that a slow fallback is never silent."""
+        for requested in sorted({m.scan_backend for m in self.model.modules() if hasattr(m, "scan_backend")}):
+            resolved = resolve_backend(requested, self.device)
+            log.info("selective scan on %s: %s%s", self.device, BACKEND_DESCRIPTIONS[resolved],
+                     "" if requested == resolved else f", from scan_backend: {requested}")
+
+    def on_fit_start(self) -> None:
+        self._log_scan_backend()
+
+    def on_test_start(self) -> None:
+        self._log_scan_backend()
+
+    def on_predict_start(self) -> None:
+        self._log_scan_backend()
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
