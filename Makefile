@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help install demo demo-data test test-fast lint bench-scan benchmark transfer clean
+.PHONY: help install demo demo-data test test-fast lint bench-scan bench-cpu benchmark transfer clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,10 @@ transfer: install $(if $(findstring demo_,$(SRC_NAME) $(DST_NAME)),demo-data) $(
 
 bench-scan: ## selective-scan backends vs the sequential reference (CPU table)
 	$(PYTHON) benchmarks/scan.py
+
+bench-cpu: ## QMamba-T / LQMamba-T (fused and torch scan) vs Swin-T and ConvNeXt-T on the CPU, and the scan op alone
+	$(PIP) install -q -e ".[benchmark]"
+	$(PYTHON) benchmarks/cpu_models.py
 
 clean: ## remove caches and build artefacts
 	rm -rf .pytest_cache build src/*.egg-info
