@@ -17,14 +17,8 @@ import time
 
 import torch
 
-from qmamba.models import build_model
+from qmamba.models import build_model, set_scan_backend
 from qmamba.ops import cuda_selective_scan_available
-
-
-def set_backend(model: torch.nn.Module, backend: str) -> None:
-    for module in model.modules():
-        if hasattr(module, "scan_backend"):
-            module.scan_backend = backend
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +36,7 @@ def agreement(device: str, batch: int, size: int) -> None:
     for precision in ("fp32", "bf16"):
         results = {}
         for backend in ("cuda", "torch"):
-            set_backend(model, backend)
+            set_scan_backend(model, backend)
             model.zero_grad(set_to_none=True)
             autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
                         else contextlib.nullcontext())

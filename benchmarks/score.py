@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 import qmamba
+from qmamba.models import set_scan_backend
 
 TINY_CONFIG = """
 seed_everything: 0
@@ -86,11 +87,6 @@ def tiny_checkpoint(workdir: Path) -> Path:
     return ckpt
 
 
-def set_backend(model: torch.nn.Module, backend: str) -> None:
-    for module in model.modules():
-        if hasattr(module, "scan_backend"):
-            module.scan_backend = backend
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,11 +111,11 @@ def main() -> None:
         scorer = qmamba.load(ckpt, device="cpu", batch_size=args.batch_size)
         times: dict[str, list[float]] = {backend: [] for backend in args.backends}
         for backend in args.backends:  # warm-up: kernel compilation, allocator
-            set_backend(scorer.model, backend)
+            set_scan_backend(scorer.model, backend)
             list(scorer.iter_scores(paths[: args.batch_size]))
         for _ in range(args.rounds):
             for backend in args.backends:
-                set_backend(scorer.model, backend)
+                set_scan_backend(scorer.model, backend)
                 start = time.perf_counter()
                 for _, _, error in scorer.iter_scores(paths):
                     assert error is None, error

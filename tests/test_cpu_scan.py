@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from qmamba.models import build_model
+from qmamba.models import build_model, set_scan_backend
 from qmamba.ops import ordered_selective_scan, selective_scan, selective_scan_reference
 from qmamba.ops.scan_order import CROSS_2D, ScanOrder
 
@@ -193,9 +193,7 @@ def test_kernel_runs_in_dataloader_workers():
 def _scores_and_grads_per_backend(model: torch.nn.Module, images: torch.Tensor) -> dict[str, tuple]:
     outputs = {}
     for backend in ("cpu", "torch"):
-        for module in model.modules():
-            if hasattr(module, "scan_backend"):
-                module.scan_backend = backend
+        set_scan_backend(model, backend)
         model.zero_grad(set_to_none=True)
         scores = model(images)
         scores.sum().backward()

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
+from qmamba.ops.selective_scan import ScanBackend, validate_backend
+
 from .qmamba import QMamba, QualityHead
 from .vim import VIM_PRESETS, Vim
 from .vmamba import VMAMBA_PRESETS, LoadReport, VMamba, load_official_checkpoint
@@ -25,6 +29,7 @@ __all__ = [
     "build_model",
     "list_models",
     "load_official_checkpoint",
+    "set_scan_backend",
 ]
 
 
@@ -70,3 +75,11 @@ def build_model(
         raise ValueError(f"head_features {unknown} not produced by {name}; choose from {sorted(dims)}")
     head = QualityHead([dims[f] for f in head_features], head_features, head_hidden, head_dropout)
     return QMamba(backbone, head)
+
+
+def set_scan_backend(model: torch.nn.Module, backend: ScanBackend) -> None:
+    """Switch every selective scan (and Vim's causal conv) in ``model`` to ``backend``, e.g. a loaded checkpoint."""
+    validate_backend(backend)
+    for module in model.modules():
+        if hasattr(module, "scan_backend"):
+            module.scan_backend = backend
