@@ -10,4 +10,4 @@ export PYTHONPATH="$S:$PWD/src" NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -q tests/test_gpu.py
 python3 benchmarks/gpu_check.py "$@"
-python3 benchmarks/scan.py --device cuda --batches 32 --reference-batches 32 --dtype bfloat16 --repeats 5
+python3 benchmarks/scan.py --device cuda --batches 32 --reference-batches --dtype bfloat16 --repeats 5

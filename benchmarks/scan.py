@@ -5,7 +5,8 @@
     python benchmarks/scan.py --reference-batches 2 8   # the reference at batch 8 takes minutes on 2 cores
 
 Prints one table: forward and forward+backward wall time (best of --repeats) per backend and the speed-up of each
-backend over the reference measured in the same run. Shapes are (batch, K*D, N, L) with grouped B/C (K = 4).
+backend over the reference measured in the same run. Shapes are (batch, K*D, N, L) with grouped B/C (K = 4), the
+four stages of QMamba-T at 224x224.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from qmamba.ops.selective_scan import (
     selective_scan,
     selective_scan_reference,
     selective_scan_torch,
+    triton_selective_scan_available,
 )
 
-STAGE_SHAPES = [(768, 1, 3136), (1536, 1, 784)]  # VMamba-T (s2) stages 0 and 1 at 224x224
+STAGE_SHAPES = [(768, 1, 3136), (1536, 1, 784), (3072, 1, 196), (6144, 1, 49)]  # QMamba-T's four stages at 224
 
 
 def make_inputs(batch: int, dim: int, n: int, length: int, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -76,6 +78,8 @@ def scan_backends(device: str) -> dict[str, Callable[..., torch.Tensor]]:
     backends: dict[str, Callable[..., torch.Tensor]] = {}
     if device == "cuda" and cuda_selective_scan_available():
         backends["cuda"] = lambda *a, **k: selective_scan(*a, **k, backend="cuda")
+    if device == "cuda" and triton_selective_scan_available():
+        backends["triton"] = lambda *a, **k: selective_scan(*a, **k, backend="triton")
     if device == "cpu" and cpu_selective_scan_available():
         backends["cpu"] = lambda *a, **k: selective_scan(*a, **k, backend="cpu")
     backends["torch"] = selective_scan_torch

@@ -30,8 +30,9 @@ from qmamba.models import set_scan_backend
 TINY_CONFIG = """
 seed_everything: 0
 trainer:
-  accelerator: cpu
-  max_steps: 1
+  accelerator: {accelerator}
+  precision: {precision}
+  max_steps: {steps}
   limit_val_batches: 0
   num_sanity_val_steps: 0
   enable_progress_bar: false
@@ -45,10 +46,23 @@ data:
   class_path: qmamba.data.IQADataModule
   init_args:
     datasets: [{{name: koniq10k, root: {koniq}}}]
-    batch_size: 2
+    batch_size: {batch}
     crop_size: 224
     num_workers: 0
 """
+
+
+def fit_qmamba_tiny(workdir: Path, koniq: Path, steps: int = 1, batch: int = 2, accelerator: str = "cpu",
+                    precision: str = "32-true") -> Path:
+    """Train QMamba-T for ``steps`` steps through the real CLI on a KonIQ-format folder; returns last.ckpt."""
+    from qmamba.cli import main
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "qmamba_tiny.yaml"
+    config.write_text(TINY_CONFIG.format(runs=workdir / "runs", koniq=koniq, steps=steps, batch=batch,
+                                         accelerator=accelerator, precision=precision))
+    main(["fit", "--config", str(config)])
+    return workdir / "runs" / "qmamba_tiny" / "checkpoints" / "last.ckpt"
 
 
 def make_jpegs(root: Path, count: int, width: int = 1024, height: int = 768) -> list[str]:
@@ -76,15 +90,8 @@ def make_jpegs(root: Path, count: int, width: int = 1024, height: int = 768) -> 
 
 def tiny_checkpoint(workdir: Path) -> Path:
     """QMamba-T trained for one step through the CLI on the JPEGs of :func:`make_jpegs`."""
-    from qmamba.cli import main
-
     ckpt = workdir / "runs" / "qmamba_tiny" / "checkpoints" / "last.ckpt"
-    if not ckpt.exists():
-        workdir.mkdir(parents=True, exist_ok=True)
-        config = workdir / "qmamba_tiny.yaml"
-        config.write_text(TINY_CONFIG.format(runs=workdir / "runs", koniq=workdir / "jpegs"))
-        main(["fit", "--config", str(config)])
-    return ckpt
+    return ckpt if ckpt.exists() else fit_qmamba_tiny(workdir, workdir / "jpegs")
 
 
 

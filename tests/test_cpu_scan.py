@@ -9,63 +9,15 @@ import sys
 
 import pytest
 import torch
+from scan_cases import ORDERS, low_rank, ordered_inputs, ordered_reference, rel_err
 
 from qmamba.models import build_model, set_scan_backend
-from qmamba.ops import ordered_selective_scan, selective_scan, selective_scan_reference
+from qmamba.ops import ordered_selective_scan, selective_scan
 from qmamba.ops.scan_order import CROSS_2D, ScanOrder
 
 dispatch = importlib.import_module("qmamba.ops.selective_scan")  # the module (the package exports the function)
 
 pytest.importorskip("numba", reason="the fused CPU scan needs numba")
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def _ordered_inputs(batch: int, k: int, tokens: int, dim: int, n: int, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tensors = [
-        torch.randn(batch, tokens, dim, generator=g),  # u, channel-last tokens
-        0.5 * torch.randn(batch, k, tokens, dim, generator=g),  # delta before bias and softplus
-        -(torch.rand(k * dim, n, generator=g) + 0.1),  # A
-        torch.randn(batch, k, tokens, n, generator=g),  # B
-        torch.randn(batch, k, tokens, n, generator=g),  # C
-        torch.randn(k * dim, generator=g),  # D
-        0.5 * torch.randn(k * dim, generator=g),  # delta_bias
-    ]
-    return [t.to(dtype).requires_grad_() for t in tensors]
-
-
-def _ordered_reference(u, delta, A, B, C, D, bias, order: ScanOrder, merge: bool, softplus: bool):
-    """Gather every sequence (zero tokens for padding), the sequential reference scan, scatter back."""
-    batch, _, dim = u.shape
-    k, length = len(order.directions), order.length
-    ys = selective_scan_reference(
-        order.scan(u.transpose(1, 2)).reshape(batch, k * dim, length),
-        order.scan_each(delta.transpose(2, 3)).reshape(batch, k * dim, length),
-        A, order.scan_each(B.transpose(2, 3)), order.scan_each(C.transpose(2, 3)), D, bias, softplus,
-    )
-    ys = order.unscan(ys.view(batch, k, dim, length))
-    return ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)
-
-
-ORDERS = [
-    pytest.param(CROSS_2D, 5, 7, id="cross-scan-5x7"),  # VMamba, H != W
-    pytest.param(CROSS_2D, 1, 1, id="cross-scan-1x1"),  # L = 1
-    pytest.param(("w3", "w3c", "w3_flip", "w3c_flip"), 5, 7, id="lqmamba-windows-padded"),  # LQMamba, padding steps
-    pytest.param(("w2", "h_flip", "w3c", "v"), 4, 6, id="mixed"),
-    pytest.param(("h", "h_flip"), 1, 13, id="vim-two-directions"),  # Vim's forward and backward, L prime
-]
-
-
-def _low_rank(args: list[torch.Tensor], rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """SS2D's form: delta as a rank-R factor (batch, K, T, R) and the per-order projection (K, D, R)."""
-    u, delta = args[0], args[1]
-    g = torch.Generator().manual_seed(3)
-    factor = torch.randn(*delta.shape[:3], rank, generator=g, dtype=u.dtype).requires_grad_()
-    proj = (torch.randn(delta.shape[1], u.shape[-1], rank, generator=g, dtype=u.dtype) / rank**0.5).requires_grad_()
-    return [u, factor, *args[2:]], proj
 
 
 @pytest.mark.parametrize("directions,height,width", ORDERS)
@@ -75,42 +27,42 @@ def _low_rank(args: list[torch.Tensor], rank: int) -> tuple[list[torch.Tensor], 
 def test_ordered_cpu_scan_matches_sequential_reference(directions, height, width, n, merge, rank):
     """All orders, N = 1 and 3, merged or per-direction outputs, full or low-rank (dt_proj fused) step sizes."""
     order = ScanOrder(directions, height, width)
-    args = _ordered_inputs(2, len(directions), height * width, 20, n)
+    args = ordered_inputs(2, len(directions), height * width, 20, n)
     proj, names = None, "u delta A B C D delta_bias".split()
     if rank:
-        args, proj = _low_rank(args, rank)
+        args, proj = low_rank(args, rank)
         names.append("delta_proj")
     y = ordered_selective_scan(*args, order, merge=merge, backend="cpu", delta_proj=proj)
     full = args if proj is None else [args[0], args[1] @ proj.transpose(1, 2), *args[2:]]
-    y_ref = _ordered_reference(*full, order, merge, True)
+    y_ref = ordered_reference(*full, order, merge, True)
     assert y.shape == y_ref.shape == ((2, height * width, 20) if merge else (2, len(directions), height * width, 20))
-    assert _rel_err(y, y_ref) < 1e-5
+    assert rel_err(y, y_ref) < 1e-5
     grad_out = torch.randn_like(y)
     inputs = args if proj is None else [*args, proj]
     grads = torch.autograd.grad(y, inputs, grad_out)
     grads_ref = torch.autograd.grad(y_ref, inputs, grad_out)
     for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
         assert g.shape == g_ref.shape, name
-        assert _rel_err(g, g_ref) < 1e-5, name
+        assert rel_err(g, g_ref) < 1e-5, name
 
 
 @pytest.mark.parametrize("softplus", [True, False])
 def test_ordered_scan_backends_agree_without_softplus_or_optional_terms(softplus):
     order = ScanOrder(("w2", "w2c_flip"), 3, 5)
-    u, delta, A, B, C, _, _ = _ordered_inputs(1, 2, 15, 16, 2)
+    u, delta, A, B, C, _, _ = ordered_inputs(1, 2, 15, 16, 2)
     y_cpu = ordered_selective_scan(u, delta, A, B, C, None, None, order, False, softplus, backend="cpu")
     y_torch = ordered_selective_scan(u, delta, A, B, C, None, None, order, False, softplus, backend="torch")
-    assert _rel_err(y_cpu, y_torch) < 1e-5
+    assert rel_err(y_cpu, y_torch) < 1e-5
 
 
 def test_cpu_kernels_gradcheck_in_float64():
     order = ScanOrder(("w2", "v_flip"), 3, 3)  # padding steps included
-    args = _ordered_inputs(1, 2, 9, 3, 2, dtype=torch.float64)
+    args = ordered_inputs(1, 2, 9, 3, 2, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *a: ordered_selective_scan(*a, order, merge=True, backend="cpu"), args)
-    low_rank, proj = _low_rank(args, 2)
+    factored, proj = low_rank(args, 2)
     assert torch.autograd.gradcheck(
         lambda *a: ordered_selective_scan(*a[:-1], order, merge=False, backend="cpu", delta_proj=a[-1]),
-        [*low_rank, proj])
+        [*factored, proj])
     g = torch.Generator().manual_seed(1)
     u, delta = torch.randn(2, 4, 7, generator=g, dtype=torch.float64), torch.rand(2, 4, 7, generator=g).double()
     A, B, C = -torch.rand(4, 2).double() - 0.1, torch.randn(2, 2, 2, 7).double(), torch.randn(2, 2, 2, 7).double()
@@ -121,7 +73,7 @@ def test_cpu_kernels_gradcheck_in_float64():
 
 def test_ordered_scan_checks_its_shapes():
     order = ScanOrder(CROSS_2D, 3, 3)
-    u, delta, A, B, C, D, bias = (t.detach() for t in _ordered_inputs(1, 4, 9, 8, 1))
+    u, delta, A, B, C, D, bias = (t.detach() for t in ordered_inputs(1, 4, 9, 8, 1))
     with pytest.raises(ValueError, match=r"u must be \(batch, 9, D\)"):
         ordered_selective_scan(u[:, :8], delta, A, B, C, D, bias, order)
     with pytest.raises(ValueError, match=r"A must be \(32, N\)"):
@@ -132,7 +84,7 @@ def test_ordered_scan_checks_its_shapes():
 
 def test_inference_saves_nothing_and_training_records_the_fused_backward():
     order = ScanOrder(CROSS_2D, 4, 4)
-    args = _ordered_inputs(1, 4, 16, 16, 1)
+    args = ordered_inputs(1, 4, 16, 16, 1)
     with torch.inference_mode():
         assert ordered_selective_scan(*args, order, backend="cpu").grad_fn is None
     with torch.no_grad():
@@ -149,7 +101,7 @@ def test_inference_saves_nothing_and_training_records_the_fused_backward():
 def test_thread_count_does_not_change_the_result():
     """Tasks split channels differently for 1 and 2 threads: the forward is bitwise equal, gradients close."""
     order = ScanOrder(CROSS_2D, 6, 6)
-    args = _ordered_inputs(1, 4, 36, 48, 1)  # batch 1: two threads split the channels into blocks
+    args = ordered_inputs(1, 4, 36, 48, 1)  # batch 1: two threads split the channels into blocks
     results = []
     threads = torch.get_num_threads()
     try:
@@ -162,7 +114,7 @@ def test_thread_count_does_not_change_the_result():
     (y1, g1), (y2, g2) = results
     assert torch.equal(y1, y2)
     for a, b in zip(g1, g2, strict=True):
-        assert _rel_err(a, b) < 1e-6
+        assert rel_err(a, b) < 1e-6
 
 
 class _ScoringDataset(torch.utils.data.Dataset):
@@ -204,8 +156,8 @@ def _scores_and_grads_per_backend(model: torch.nn.Module, images: torch.Tensor) 
 def _assert_backends_agree(model: torch.nn.Module, images: torch.Tensor) -> None:
     outputs = _scores_and_grads_per_backend(model, images)
     (s_cpu, g_cpu), (s_torch, g_torch) = outputs["cpu"], outputs["torch"]
-    assert _rel_err(s_cpu, s_torch) < 1e-4
-    errors = {n: _rel_err(g_cpu[n], g_torch[n]) for n in g_torch}
+    assert rel_err(s_cpu, s_torch) < 1e-4
+    errors = {n: rel_err(g_cpu[n], g_torch[n]) for n in g_torch}
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-4, (worst, errors[worst])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 
@@ -125,11 +126,14 @@ def test_linear_scan_gradcheck_double():
 
 def test_backend_selection_errors_are_clear():
     with pytest.raises(ValueError, match="scan backend must be one of"):
-        resolve_backend("triton", torch.device("cpu"))  # type: ignore[arg-type]
+        resolve_backend("numpy", torch.device("cpu"))  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="CUDA tensors only"):
         resolve_backend("cuda", torch.device("cpu"))
     with pytest.raises(RuntimeError, match="CPU tensors only"):
         resolve_backend("cpu", torch.device("cuda"))
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="backend 'triton'.*runs on CUDA tensors"):
+            resolve_backend("triton", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
     args = [a.detach() for a in _scan_inputs(1, 4, 1, 5, "grouped:1")]
     with pytest.raises(RuntimeError, match="backend 'cuda'"):

@@ -57,7 +57,7 @@ class SS2D(nn.Module):
         bi_attn: gate each direction's output with a shared :class:`BiAttn` before summing (LQMamba).
         gated: v0 form: in_proj also produces z and the output is multiplied by SiLU(z).
         conv_bias: bias in the depthwise 3x3 conv (v0 only).
-        scan_backend: ``auto``, ``cuda``, ``cpu`` or ``torch`` (see :func:`qmamba.ops.selective_scan`).
+        scan_backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch`` (see :func:`qmamba.ops.selective_scan`).
         scan_fp32: run the scan on fp32 inputs under mixed precision (VMamba's maintainer's advice).
     """
 

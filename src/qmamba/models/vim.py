@@ -96,7 +96,7 @@ class Vim(nn.Module):
         img_size: size the position embedding is built for; other sizes interpolate it.
         d_state: SSM state size.
         drop_path_rate: stochastic-depth rate of the last block.
-        scan_backend: ``auto`` | ``cuda`` | ``torch``; also selects the causal-conv1d kernel.
+        scan_backend: ``auto`` | ``cuda`` | ``triton`` | ``cpu`` | ``torch``; also selects the causal-conv1d kernel.
         in_chans: input channels.
     """
 

@@ -126,7 +126,7 @@ class VMamba(nn.Module):
         stem: ``v2`` (two stride-2 convs) or ``v1`` (one 4x4 conv, v0 models).
         downsample: ``v3`` (3x3 stride-2 conv) or ``v1`` (patch merging, v0 models).
         drop_path_rate: stochastic-depth rate of the last block (linear from 0).
-        scan_backend: selective-scan backend, ``auto`` | ``cuda`` | ``torch``.
+        scan_backend: selective-scan backend, ``auto`` | ``cuda`` | ``triton`` | ``cpu`` | ``torch``.
         scan_fp32: run the scan in fp32 under mixed precision.
         grad_checkpointing: recompute blocks in the backward pass to save memory.
         in_chans: input channels.

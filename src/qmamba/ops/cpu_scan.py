@@ -45,7 +45,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-__all__ = ["scan_tables", "selective_scan_cpu"]
+__all__ = ["selective_scan_cpu"]
 
 _JIT = dict(nogil=True, cache=True, error_model="numpy")  # numpy error model: no ZeroDivisionError checks in loops
 _VECTOR = 16  # channel blocks are multiples of one AVX-512 register of float32
@@ -444,9 +444,3 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FusedScan.apply(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
     return _forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
-
-
-def scan_tables(length: int, sequences: int) -> Tensor:
-    """The identity table (sequences, length): every sequence visits the tokens in order (a plain 1-D scan)."""
-    return torch.arange(length, dtype=torch.int32).repeat(sequences, 1)
-

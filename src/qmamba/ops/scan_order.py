@@ -22,7 +22,7 @@ import re
 import torch
 from torch import Tensor
 
-__all__ = ["CROSS_2D", "ScanOrder", "direction_positions", "scan_order", "validate_direction"]
+__all__ = ["CROSS_2D", "ScanOrder", "direction_positions", "identity_table", "scan_order", "validate_direction"]
 
 CROSS_2D = ("h", "v", "h_flip", "v_flip")
 _DIRECTION = re.compile(r"^(h|v|w(\d+)(c?))(_flip)?$")
@@ -116,3 +116,8 @@ class ScanOrder:
 def scan_order(directions: tuple[str, ...], height: int, width: int) -> ScanOrder:
     """Cached :class:`ScanOrder` (index tensors are built once per directions and map size)."""
     return ScanOrder(directions, height, width)
+
+
+def identity_table(length: int, sequences: int) -> Tensor:
+    """The (sequences, length) table of a plain 1-D scan: every sequence visits the tokens in order."""
+    return torch.arange(length, dtype=torch.int32).repeat(sequences, 1)

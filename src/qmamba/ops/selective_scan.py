@@ -10,25 +10,28 @@ Backends:
 
 * ``cuda``: mamba-ssm's fused kernel, imported lazily on first use (the package cannot even be imported without
   its compiled extension, so nothing here touches it at import time).
+* ``triton``: qmamba's fused Triton kernels (:mod:`qmamba.ops.triton_scan`), for CUDA tensors without mamba-ssm
+  (and CPU tensors under ``TRITON_INTERPRET=1``, for tests).
 * ``cpu``: qmamba's fused numba kernels (:mod:`qmamba.ops.cpu_scan`), for CPU tensors; numba is imported on first
   use and the kernels are compiled once per machine (cached next to the module or in numba's user cache).
 * ``torch``: pure PyTorch, fp32 internally, a blocked linear scan with a hand-written backward (see
   :mod:`qmamba.ops.linear_scan`). Runs on any device and under ``torch.export`` / ``torch.compile``.
 * :func:`selective_scan_reference`: a plain sequential loop under autograd, kept for tests and benchmarks.
 
-``auto`` picks ``cuda`` for CUDA tensors when the kernel imports, ``cpu`` for CPU tensors when numba imports, else
-``torch`` (and always ``torch`` while ``torch.export``/``torch.compile`` trace) -- decided per call, so CPU and GPU
-models can share a process.
+``auto`` picks ``cuda`` for CUDA tensors when mamba-ssm imports, else ``triton``; ``cpu`` for CPU tensors when numba
+imports; else ``torch`` (and always ``torch`` while ``torch.export``/``torch.compile`` trace) -- decided per call, so
+CPU and GPU models can share a process.
 
 :func:`ordered_selective_scan` scans K orderings of one token set (VMamba's cross-scan, LQMamba's window scans) given
 as a :class:`~qmamba.ops.scan_order.ScanOrder`: the ``cpu`` backend reads the tokens in each order and merges the
-outputs in place; the others gather the sequences, scan them and scatter the outputs back.
+outputs in place (so does ``triton``); the others gather the sequences, scan them and scatter the outputs back.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -37,13 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qmamba.ops.linear_scan import linear_scan_reference, scan, scan_adjoint
-from qmamba.ops.scan_order import ScanOrder
+from qmamba.ops.scan_order import ScanOrder, identity_table
 
 __all__ = [
     "BACKEND_DESCRIPTIONS",
     "ScanBackend",
     "cpu_selective_scan_available",
     "cuda_selective_scan_available",
+    "triton_selective_scan_available",
     "ordered_selective_scan",
     "resolve_backend",
     "selective_scan",
@@ -52,10 +56,11 @@ __all__ = [
     "validate_backend",
 ]
 
-ScanBackend = Literal["auto", "cuda", "cpu", "torch"]
-_BACKENDS = ("auto", "cuda", "cpu", "torch")
+ScanBackend = Literal["auto", "cuda", "triton", "cpu", "torch"]
+_BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 BACKEND_DESCRIPTIONS = {
     "cuda": "cuda (mamba-ssm's fused CUDA kernel)",
+    "triton": "triton (qmamba's fused Triton kernel)",
     "cpu": "cpu (qmamba's fused numba kernel)",
     "torch": "torch (the pure-PyTorch scan)",
 }
@@ -96,6 +101,26 @@ def cpu_selective_scan_available() -> bool:
     return _load_cpu_kernel() is not None
 
 
+@functools.cache
+def _load_triton_kernel() -> Callable[..., Tensor] | None:
+    """qmamba's fused Triton scan, or None when triton cannot be imported."""
+    try:
+        from qmamba.ops.triton_scan import selective_scan_triton
+    except Exception as err:  # no triton (CPU builds of torch on some platforms), or a broken install
+        log.debug("the Triton selective scan is unavailable: %s", err)
+        return None
+    return selective_scan_triton
+
+
+def triton_selective_scan_available() -> bool:
+    """True when the fused Triton selective scan can be imported."""
+    return _load_triton_kernel() is not None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def validate_backend(backend: str) -> ScanBackend:
     """Return ``backend`` if it names a backend, else raise."""
     if backend not in _BACKENDS:
@@ -103,8 +128,8 @@ def validate_backend(backend: str) -> ScanBackend:
     return backend  # type: ignore[return-value]
 
 
-def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda", "cpu", "torch"]:
-    """The backend that runs for tensors on ``device``; raises a clear error when ``cuda`` or ``cpu`` cannot."""
+def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda", "triton", "cpu", "torch"]:
+    """The backend that runs for tensors on ``device``; a named fused backend that cannot run raises a clear error."""
     validate_backend(backend)
     if backend == "torch":
         return "torch"
@@ -112,7 +137,9 @@ def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda
         if torch.compiler.is_compiling():  # torch.export / torch.compile trace tensor ops, not foreign kernels
             return "torch"
         if device.type == "cuda":
-            return "cuda" if cuda_selective_scan_available() else "torch"
+            if cuda_selective_scan_available():
+                return "cuda"
+            return "triton" if triton_selective_scan_available() else "torch"
         return "cpu" if device.type == "cpu" and cpu_selective_scan_available() else "torch"
     if backend == "cpu":
         if device.type != "cpu":
@@ -126,6 +153,18 @@ def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda
                 "or use backend 'auto'/'torch'."
             )
         return "cpu"
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+            raise RuntimeError(
+                f"scan backend 'triton' was requested for tensors on {device}; it runs on CUDA tensors (or on CPU "
+                "tensors under TRITON_INTERPRET=1, for tests). Use backend 'auto' to pick the fastest per device."
+            )
+        if not triton_selective_scan_available():
+            raise RuntimeError(
+                "scan backend 'triton' was requested but triton cannot be imported; it ships with CUDA builds of "
+                "torch (`pip install triton` otherwise), or use backend 'auto'/'torch'."
+            )
+        return "triton"
     if device.type != "cuda":
         raise RuntimeError(
             f"scan backend 'cuda' was requested for tensors on {device}; it runs on CUDA tensors only. "
@@ -325,18 +364,28 @@ def _selective_scan_cuda(
     )
 
 
-def _cpu_dtype(u: Tensor) -> torch.dtype:
-    """The fused CPU kernel computes in float64 for float64 inputs (gradcheck), else in float32."""
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
+_FUSED = ("cpu", "triton")  # backends that take the fused kernels' layout (qmamba.ops.cpu_scan's docstring)
 
 
-def _cpu_skip_and_bias(x: Tensor | None, shape: tuple[int, int], like: Tensor) -> Tensor:
-    """D or delta_bias in the kernel's (sequences, channels) layout; zeros when absent."""
+def _fused(backend: str, u: Tensor) -> tuple[Callable[..., Tensor], torch.dtype, torch.dtype]:
+    """A fused kernel and the dtypes it takes: (kernel, dtype of u / delta / B / C, dtype of A / D / bias / proj)."""
+    if backend == "cpu":  # float64 for float64 inputs (gradcheck), else float32 throughout
+        kernel, dtype = _load_cpu_kernel(), torch.float64 if u.dtype == torch.float64 else torch.float32
+        params = dtype
+    else:  # Triton loads fp32 / bf16 / fp16 and keeps the states in fp32
+        kernel, params = _load_triton_kernel(), torch.float32
+        dtype = u.dtype if u.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    assert kernel is not None  # resolve_backend checked it
+    return kernel, dtype, params
+
+
+def _skip_or_bias(x: Tensor | None, shape: tuple[int, int], like: Tensor) -> Tensor:
+    """D or delta_bias in the kernels' (sequences, channels) layout; zeros when absent."""
     return like.new_zeros(shape) if x is None else x.to(like.dtype).view(shape)
 
 
 def _per_channel(x: Tensor, batch: int, dim: int, length: int) -> Tensor:
-    """B or C as (batch, dim, N, L): one group per channel (how the kernel takes a constant (dim, N) B or C)."""
+    """B or C as (batch, dim, N, L): one group per channel (how the kernels take a constant (dim, N) B or C)."""
     if x.dim() == 2:
         return x[None, :, :, None].expand(batch, dim, x.shape[1], length)
     if x.dim() == 3:
@@ -344,7 +393,8 @@ def _per_channel(x: Tensor, batch: int, dim: int, length: int) -> Tensor:
     return x.repeat_interleave(dim // x.shape[1], dim=1)
 
 
-def _selective_scan_cpu(
+def _selective_scan_fused(
+    backend: str,
     u: Tensor,
     delta: Tensor,
     A: Tensor,
@@ -354,12 +404,8 @@ def _selective_scan_cpu(
     delta_bias: Tensor | None,
     delta_softplus: bool,
 ) -> Tensor:
-    """The fused CPU kernel on (batch, dim, L) sequences: channel group g of B/C is the kernel's sequence g."""
-    from qmamba.ops.cpu_scan import scan_tables
-
-    kernel = _load_cpu_kernel()
-    assert kernel is not None  # resolve_backend checked it
-    dtype = _cpu_dtype(u)
+    """A fused kernel on (batch, dim, L) sequences: channel group g of B/C is the kernel's sequence g."""
+    kernel, dtype, params = _fused(backend, u)
     batch, dim, length = u.shape
     if B.dim() == 2 or C.dim() == 2:
         B, C = (_per_channel(x, batch, dim, length) for x in (B, C))
@@ -377,11 +423,10 @@ def _selective_scan_cpu(
         x = x if x.dim() == 4 else x.unsqueeze(1)
         return x.to(dtype).expand(batch, groups, *x.shape[2:]).transpose(2, 3)
 
-    u_k = channels_last(u)
+    A_k = A.to(params).view(groups, width, -1).transpose(1, 2)
     y = kernel(
-        u_k, channels_last(delta), A.to(dtype).view(groups, width, -1).transpose(1, 2), by_step(B), by_step(C),
-        _cpu_skip_and_bias(D, (groups, width), u_k), _cpu_skip_and_bias(delta_bias, (groups, width), u_k),
-        scan_tables(length, groups), False, delta_softplus,
+        channels_last(u), channels_last(delta), A_k, by_step(B), by_step(C), _skip_or_bias(D, (groups, width), A_k),
+        _skip_or_bias(delta_bias, (groups, width), A_k), identity_table(length, groups), False, delta_softplus,
     )
     return y.transpose(2, 3).reshape(batch, dim, length).to(u.dtype)
 
@@ -408,7 +453,8 @@ def selective_scan(
         D: optional skip weight (dim,), fp32.
         delta_bias: optional (dim,) bias added to delta before the softplus, fp32.
         delta_softplus: apply softplus to delta.
-        backend: ``auto`` (the fused kernel of the tensors' device when available), ``cuda``, ``cpu`` or ``torch``.
+        backend: ``auto`` (the fused kernel of the tensors' device when available), ``cuda``, ``triton``, ``cpu`` or
+            ``torch``.
 
     Returns:
         y (batch, dim, L) in u's dtype.
@@ -416,9 +462,9 @@ def selective_scan(
     resolved = resolve_backend(backend, u.device)
     if resolved == "cuda":
         return _selective_scan_cuda(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    if resolved == "cpu":
+    if resolved in _FUSED:
         _check_shapes(u, delta, A, B, C)
-        return _selective_scan_cpu(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        return _selective_scan_fused(resolved, u, delta, A, B, C, D, delta_bias, delta_softplus)
     return selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
 
@@ -471,15 +517,14 @@ def ordered_selective_scan(
     if A.shape[0] != k * dim or B.shape[:3] != (batch, k, tokens) or C.shape != B.shape:
         raise ValueError(f"A must be ({k * dim}, N) and B, C (batch, {k}, {tokens}, N); got {tuple(A.shape)}, "
                          f"{tuple(B.shape)}, {tuple(C.shape)}")
-    if resolve_backend(backend, u.device) == "cpu":
-        kernel = _load_cpu_kernel()
-        assert kernel is not None
-        dtype = _cpu_dtype(u)
-        u_k = u.to(dtype).unsqueeze(1)
+    resolved = resolve_backend(backend, u.device)
+    if resolved in _FUSED:
+        kernel, dtype, params = _fused(resolved, u)
+        A_k = A.to(params).view(k, dim, -1).transpose(1, 2)
         y = kernel(
-            u_k, delta.to(dtype), A.to(dtype).view(k, dim, -1).transpose(1, 2), B.to(dtype), C.to(dtype),
-            _cpu_skip_and_bias(D, (k, dim), u_k), _cpu_skip_and_bias(delta_bias, (k, dim), u_k), order.table,
-            merge, delta_softplus, None if delta_proj is None else delta_proj.to(dtype).transpose(1, 2),
+            u.to(dtype).unsqueeze(1), delta.to(dtype), A_k, B.to(dtype), C.to(dtype), _skip_or_bias(D, (k, dim), A_k),
+            _skip_or_bias(delta_bias, (k, dim), A_k), order.table, merge, delta_softplus,
+            None if delta_proj is None else delta_proj.to(params).transpose(1, 2),
         )
         return (y.squeeze(1) if merge else y).to(u.dtype)
     if delta_proj is not None:

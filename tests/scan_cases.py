@@ -1,0 +1,60 @@
+"""Shared cases for the fused scan backends: inputs in SS2D's layout, the sequential reference, the scan orders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmamba.ops import selective_scan_reference
+from qmamba.ops.scan_order import CROSS_2D, ScanOrder
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def ordered_inputs(batch: int, k: int, tokens: int, dim: int, n: int, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [
+        torch.randn(batch, tokens, dim, generator=g),  # u, channel-last tokens
+        0.5 * torch.randn(batch, k, tokens, dim, generator=g),  # delta before bias and softplus
+        -(torch.rand(k * dim, n, generator=g) + 0.1),  # A
+        torch.randn(batch, k, tokens, n, generator=g),  # B
+        torch.randn(batch, k, tokens, n, generator=g),  # C
+        torch.randn(k * dim, generator=g),  # D
+        0.5 * torch.randn(k * dim, generator=g),  # delta_bias
+    ]
+    return [t.to(dtype).requires_grad_() for t in tensors]
+
+
+def ordered_reference(u, delta, A, B, C, D, bias, order: ScanOrder, merge: bool, softplus: bool):
+    """Gather every sequence (zero tokens for padding), the sequential reference scan, scatter back."""
+    batch, _, dim = u.shape
+    k, length = len(order.directions), order.length
+    ys = selective_scan_reference(
+        order.scan(u.transpose(1, 2)).reshape(batch, k * dim, length),
+        order.scan_each(delta.transpose(2, 3)).reshape(batch, k * dim, length),
+        A, order.scan_each(B.transpose(2, 3)), order.scan_each(C.transpose(2, 3)), D, bias, softplus,
+    )
+    ys = order.unscan(ys.view(batch, k, dim, length))
+    return ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)
+
+
+ORDERS = [
+    pytest.param(CROSS_2D, 5, 7, id="cross-scan-5x7"),  # VMamba, H != W
+    pytest.param(CROSS_2D, 1, 1, id="cross-scan-1x1"),  # L = 1
+    pytest.param(("w3", "w3c", "w3_flip", "w3c_flip"), 5, 7, id="lqmamba-windows-padded"),  # LQMamba, padding steps
+    pytest.param(("w2", "h_flip", "w3c", "v"), 4, 6, id="mixed"),
+    pytest.param(("h", "h_flip"), 1, 13, id="vim-two-directions"),  # Vim's forward and backward, L prime
+]
+
+
+def low_rank(args: list[torch.Tensor], rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """SS2D's form: delta as a rank-R factor (batch, K, T, R) and the per-order projection (K, D, R)."""
+    u, delta = args[0], args[1]
+    g = torch.Generator().manual_seed(3)
+    factor = torch.randn(*delta.shape[:3], rank, generator=g, dtype=u.dtype).requires_grad_()
+    proj = (torch.randn(delta.shape[1], u.shape[-1], rank, generator=g, dtype=u.dtype) / rank**0.5).requires_grad_()
+    return [u, factor, *args[2:]], proj
+
+

@@ -1,0 +1,115 @@
+"""The Triton selective scan, run on CPU tensors by Triton's interpreter: every scan order, N = 1 and N > 1,
+grouped / single / constant B and C, full and low-rank step sizes, forward and every gradient against the
+sequential reference (1e-5 relative, fp32).
+
+Triton reads TRITON_INTERPRET when it is imported, so the launcher test reruns this file in a subprocess with the
+variable set; there the launcher skips itself and the kernel tests run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from scan_cases import ORDERS, low_rank, ordered_inputs, ordered_reference, rel_err
+
+from qmamba.ops import ordered_selective_scan, selective_scan, selective_scan_reference
+from qmamba.ops.scan_order import CROSS_2D, ScanOrder
+from qmamba.ops.selective_scan import resolve_backend
+
+pytest.importorskip("triton", reason="triton is not installed (it ships with CUDA builds of torch)")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the launcher's TRITON_INTERPRET=1 subprocess")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the launcher itself")
+def test_triton_kernels_under_the_interpreter():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def _check_gradients(y, y_ref, inputs, names):
+    assert rel_err(y, y_ref) < 1e-5
+    grad_out = torch.randn_like(y)
+    for name, g, g_ref in zip(names, torch.autograd.grad(y, inputs, grad_out),
+                              torch.autograd.grad(y_ref, inputs, grad_out), strict=True):
+        assert g.shape == g_ref.shape, name
+        assert rel_err(g, g_ref) < 1e-5, name
+
+
+# The interpreter runs a few thousand kernel steps a second: a covering set of cases rather than the full product.
+ORDERED_CASES = [  # (scan order, N, merge, rank of delta, batch, channels)
+    (ORDERS[0], 1, True, None, 2, 40),  # cross-scan, two batch rows, two channel blocks (one partial)
+    (ORDERS[0], 3, True, 3, 1, 20),
+    (ORDERS[1], 1, True, None, 1, 20),  # L = 1
+    (ORDERS[2], 1, False, 3, 1, 20),  # LQMamba windows with padding steps, one output per direction
+    (ORDERS[2], 3, True, None, 1, 20),
+    (ORDERS[3], 2, False, None, 1, 20),  # mixed orders
+    (ORDERS[4], 1, True, 3, 1, 20),  # Vim's two directions
+]
+
+
+@interpreted
+@pytest.mark.parametrize("order_case,n,merge,rank,batch,dim", ORDERED_CASES,
+                         ids=[f"{c[0].id}-N{c[1]}-{'merged' if c[2] else 'each'}-{'rank' if c[3] else 'full'}"
+                              for c in ORDERED_CASES])
+def test_ordered_triton_scan_matches_sequential_reference(order_case, n, merge, rank, batch, dim):
+    directions, height, width = order_case.values
+    order = ScanOrder(directions, height, width)
+    args = ordered_inputs(batch, len(directions), height * width, dim, n)
+    proj, names = None, "u delta A B C D delta_bias".split()
+    if rank:
+        args, proj = low_rank(args, rank)
+        names.append("delta_proj")
+    y = ordered_selective_scan(*args, order, merge=merge, backend="triton", delta_proj=proj)
+    full = args if proj is None else [args[0], args[1] @ proj.transpose(1, 2), *args[2:]]
+    y_ref = ordered_reference(*full, order, merge, True)
+    _check_gradients(y, y_ref, args if proj is None else [*args, proj], names)
+
+
+@interpreted
+@pytest.mark.parametrize("bc_form,n,length,softplus", [("grouped:4", 1, 23, True), ("grouped:2", 3, 23, False),
+                                                       ("single", 4, 23, True), ("constant", 2, 23, False),
+                                                       ("single", 1, 300, True)])  # a long sequence
+def test_1d_triton_scan_matches_sequential_reference(bc_form, n, length, softplus):
+    g = torch.Generator().manual_seed(0)
+    batch, dim = (2, 8) if length < 100 else (1, 4)
+    if bc_form.startswith("grouped"):
+        groups = int(bc_form.split(":")[1])
+        B, C = torch.randn(batch, groups, n, length, generator=g), torch.randn(batch, groups, n, length, generator=g)
+    elif bc_form == "single":
+        B, C = torch.randn(batch, n, length, generator=g), torch.randn(batch, n, length, generator=g)
+    else:
+        B, C = torch.randn(dim, n, generator=g), torch.randn(dim, n, generator=g)
+    u, delta = torch.randn(batch, dim, length, generator=g), 0.5 * torch.rand(batch, dim, length, generator=g)
+    A, D, bias = -(torch.rand(dim, n, generator=g) + 0.1), torch.randn(dim, generator=g), torch.rand(dim, generator=g)
+    args = [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+    y = selective_scan(*args, delta_softplus=softplus, backend="triton")
+    _check_gradients(y, selective_scan_reference(*args, delta_softplus=softplus), args,
+                     "u delta A B C D delta_bias".split())
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_keep_fp32_states(dtype):
+    order = ScanOrder(CROSS_2D, 4, 5)
+    args = [t.detach() for t in ordered_inputs(1, 4, 20, 16, 1)]
+    half = [t.to(dtype) if i in (0, 1, 3, 4) else t for i, t in enumerate(args)]  # u, delta, B, C
+    y = ordered_selective_scan(*half, order, backend="triton")
+    assert y.dtype == dtype
+    y32 = ordered_selective_scan(*[t.float() for t in half], order, backend="triton")
+    assert torch.equal(y, y32.to(dtype))  # the inputs' rounding only: the scan itself ran in fp32
+
+
+@interpreted
+def test_backend_resolution_under_the_interpreter():
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    assert resolve_backend("auto", torch.device("cpu")) != "triton"  # auto keeps CPU tensors on the CPU kernel
