@@ -83,6 +83,7 @@ def _forward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias
             y = tl.sum(h * cn[:, None], axis=0) + skip * x
             out = y_ptr + ((b * Ko + ko) * T + p) * channels + c
             tl.store(out, tl.load(out, mask=cmask & valid, other=0.0) + y, mask=cmask & valid)
+        tl.debug_barrier()  # the next direction adds to tokens this one wrote, maybe from other threads
 
 
 @triton.jit
@@ -119,6 +120,7 @@ def _backward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bia
             bn = tl.load(B_ptr + ((b * K + k) * T + p) * N + n, mask=nmask & valid, other=0.0).to(tl.float32)
             h = tl.exp(d[None, :] * A) * h + (d * x)[None, :] * bn[:, None]
             tl.store(scratch + step * N_PAD * channels, h, mask=tile)
+        tl.debug_barrier()  # the states written above are read back below, maybe by other threads
         # reverse: the adjoint state g and every gradient
         g = tl.zeros((N_PAD, BLOCK), tl.float32)
         a_next = tl.zeros((N_PAD, BLOCK), tl.float32)
@@ -161,6 +163,7 @@ def _backward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bia
         tl.store(gA_ptr + ((b * K + k) * N + n[:, None]) * channels + c[None, :], g_A, mask=tile)
         tl.store(gD_ptr + (b * K + k) * channels + c, g_D, mask=cmask)
         tl.store(gbias_ptr + (b * K + k) * channels + c, g_bias, mask=cmask)
+        tl.debug_barrier()  # grad_u accumulates across directions; the scratch is rewritten by the next one
 
 
 def _launch_args(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, table: Tensor, merge: bool, softplus: bool
