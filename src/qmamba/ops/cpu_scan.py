@@ -3,7 +3,7 @@
 Why this exists: written with torch ops, a cross-scan materialises the input in four permuted copies, several
 (batch, K*D, N, L) intermediates and a permuted copy of the output; on a CPU that plumbing costs ~85 % of a
 QMamba-T forward. Here each (batch, channel block) task walks every direction's index table once and keeps the state
-in registers-sized buffers: nothing of size (batch, K, D, L) is ever allocated.
+in a small task-local buffer: nothing of size (batch, K, D, L) is ever allocated.
 
 Layout (channels innermost, so that every time step is one SIMD loop over a block of channels):
 
