@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from qmamba.checkpoint import CheckpointError
 from qmamba.models import build_backbone, build_model, list_models
 from qmamba.models.vmamba import VMAMBA_PRESETS
 
-KEYS_DIR = Path(os.environ.get("QMAMBA_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "docs/vmamba-keys"
+KEYS_DIR = Path(__file__).parent / "data" / "vmamba-keys"  # official checkpoint key lists (names and shapes)
 
 # backbone parameters incl. the final norm, without any head (docs/method.md §3.3, §3.4, §11.1)
 EXACT_PARAMS = {
@@ -35,7 +34,6 @@ OFFICIAL_KEY_FILES = {
     "vmamba_tiny_s1l8": "keys_vmamba_tiny_s1l8.txt",
     "vmamba_vanilla_tiny": "keys_vanilla_tiny_legacy.txt",
 }
-needs_keys = pytest.mark.skipif(not KEYS_DIR.is_dir(), reason=f"official key lists not found at {KEYS_DIR}")
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -72,7 +70,6 @@ def _fake_official_checkpoint(path: Path, filename: str, seed: int = 0) -> dict[
     return state
 
 
-@needs_keys
 @pytest.mark.parametrize("name", ["vmamba_tiny_s2l5", "vmamba_tiny_s1l8"])
 def test_state_dict_names_and_shapes_equal_official(name):
     official = _official_keys(OFFICIAL_KEY_FILES[name])
@@ -81,7 +78,6 @@ def test_state_dict_names_and_shapes_equal_official(name):
     assert ours == {k: v for k, v in official.items() if not k.startswith("classifier.head.")}
 
 
-@needs_keys
 def test_qmamba_tiny_keys_are_the_s2l5_keys_minus_one_block():
     official = _official_keys("keys_vmamba_tiny_s2l5.txt")
     with torch.device("meta"):
@@ -92,7 +88,6 @@ def test_qmamba_tiny_keys_are_the_s2l5_keys_minus_one_block():
     assert len(ours) == 202  # docs/method.md §18.2
 
 
-@needs_keys
 @pytest.mark.parametrize("name", ["vmamba_tiny_s2l5", "vmamba_tiny_s1l8", "vmamba_vanilla_tiny"])
 def test_official_checkpoint_loads_every_tensor(tmp_path, name):
     path = tmp_path / "official.pth"
@@ -110,7 +105,6 @@ def test_official_checkpoint_loads_every_tensor(tmp_path, name):
     assert torch.isfinite(backbone(torch.randn(1, 3, 64, 64))).all()
 
 
-@needs_keys
 def test_qmamba_tiny_from_the_5_block_checkpoint_drops_exactly_one_block(tmp_path, caplog):
     path = tmp_path / "vssm_tiny_0230_ckpt_epoch_262.pth"
     state = _fake_official_checkpoint(path, "keys_vmamba_tiny_s2l5.txt")
@@ -124,7 +118,6 @@ def test_qmamba_tiny_from_the_5_block_checkpoint_drops_exactly_one_block(tmp_pat
     assert len([k for k in report.dropped if k.startswith("layers.2.blocks.4.")]) == 18
 
 
-@needs_keys
 def test_lqmamba_starts_from_vmamba_weights_with_new_biattn(tmp_path):
     path = tmp_path / "official.pth"
     _fake_official_checkpoint(path, "keys_vmamba_tiny_s2l5.txt")
@@ -135,7 +128,6 @@ def test_lqmamba_starts_from_vmamba_weights_with_new_biattn(tmp_path):
     assert len(report.missing) == 10 * 6  # 10 blocks x (norm w/b, fc1 w/b, fc2 w/b)
 
 
-@needs_keys
 def test_mismatched_checkpoint_names_the_problem(tmp_path):
     path = tmp_path / "vssm1_tiny_0230s.pth"
     _fake_official_checkpoint(path, "keys_vmamba_tiny_s1l8.txt")
