@@ -24,11 +24,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would q
 
 import torch  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 
 import qmamba  # noqa: E402
-from qmamba.training.callbacks import AtomicCheckpointIO, RunCheckpoint  # noqa: E402
+from qmamba.training.callbacks import AtomicCheckpointIO, PlainProgress, RunCheckpoint  # noqa: E402
 
 __all__ = ["QMambaCLI", "fit_then_test", "main", "run_lightning_cli", "split_passthrough"]
 
@@ -81,6 +82,8 @@ class QMambaCLI(LightningCLI):
             self.save_config_callback = save_config
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not sys.stderr.isatty():  # a log or CI: whole lines instead of the default bar's carriage returns
+            trainer.callbacks[:] = [PlainProgress() if type(cb) is TQDMProgressBar else cb for cb in trainer.callbacks]
         return trainer
 
 

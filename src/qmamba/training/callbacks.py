@@ -1,21 +1,61 @@
-"""Callbacks and plugins: run checkpoints (best and last), prediction CSV writer, atomic checkpoint writes."""
+"""Callbacks and plugins: run checkpoints (best and last), prediction CSV writer, atomic checkpoint writes, plain
+progress lines for logs."""
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qmamba.atomic import write_text_atomic
 from qmamba.checkpoint import save_atomic
 
-__all__ = ["AtomicCheckpointIO", "PredictionWriter", "RunCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "PlainProgress", "PredictionWriter", "RunCheckpoint"]
+
+
+class PlainProgress(ProgressBar):
+    """Progress as whole lines, for logs and CI where a progress bar's carriage returns pile up: a line every
+    ``interval`` seconds within a training epoch and one at its end with the epoch's time and logged metrics."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        super().__init__()
+        self.interval, self._enabled = interval, True
+        self._start = self._last = time.monotonic()
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _say(self, trainer: L.Trainer, message: str) -> None:
+        if self._enabled and trainer.is_global_zero:
+            print(message, file=sys.stderr, flush=True)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._say(trainer, f"epoch {trainer.current_epoch}: step {batch_idx + 1}/{self.total_train_batches} "
+                               f"({(batch_idx + 1) / (now - self._start):.1f} it/s)")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        self._say(trainer, f"epoch {trainer.current_epoch} done in {time.monotonic() - self._start:.1f} s"
+                           + (f": {shown}" if shown else ""))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
