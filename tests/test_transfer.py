@@ -166,3 +166,15 @@ def test_transfer_command_compares_methods_and_skips_finished_ones(tmp_path, mon
     stamp = (tmp_path / "tr" / "styleprompt" / "tuned.pt").stat().st_mtime_ns
     main(args)  # everything finished: nothing is retrained
     assert (tmp_path / "tr" / "styleprompt" / "tuned.pt").stat().st_mtime_ns == stamp
+
+
+def test_methods_all_means_every_tuning_method_and_unknown_ones_are_refused(tmp_path):
+    from qmamba.transfer import parse_methods, run_transfer
+
+    methods = parse_methods("all")
+    assert methods[0] == "none" and "static" in methods  # `all` once left out the v1 prompts
+    for method in methods[1:]:
+        assert PromptTuning(source=tmp_path / "x.ckpt", method=method).method == method  # each one the callback takes
+    assert parse_methods("none, ssf") == ("none", "ssf")
+    with pytest.raises(ValueError, match="unknown transfer methods \\['prompt'\\]; choose from none, styleprompt"):
+        run_transfer(tmp_path / "x.ckpt", "target.yaml", ["none", "prompt"], tmp_path / "out")

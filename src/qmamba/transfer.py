@@ -24,10 +24,11 @@ import yaml
 from qmamba.atomic import write_text_atomic
 from qmamba.checkpoint import CheckpointError, read_checkpoint
 from qmamba.cli import fit_then_test, run_lightning_cli, split_passthrough
+from qmamba.training.prompt_tuning import TUNING_METHODS
 
-__all__ = ["METHODS", "run_transfer"]
+__all__ = ["METHODS", "parse_methods", "run_transfer"]
 
-METHODS = ("none", "styleprompt", "static", "ssf", "head", "full")
+METHODS = ("none", *TUNING_METHODS)  # zero-shot, then every PromptTuning method
 ARCHITECTURE_ARGS = ("backbone", "backbone_args", "head_features", "head_hidden", "head_dropout")
 
 
@@ -105,6 +106,11 @@ def run_transfer(
     return table
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``--methods``: a comma-separated list of :data:`METHODS`, or ``all`` for every one of them."""
+    return METHODS if text == "all" else tuple(m.strip() for m in text.split(",") if m.strip())
+
+
 def main(argv: list[str]) -> None:
     argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="qmamba transfer", description=__doc__.split("\n\n")[0],
@@ -117,7 +123,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--src-name", help="name of the source in the result lines (default: its run folder)")
     parser.add_argument("--dst-name", help="name of the target in the result lines (default: the config's name)")
     args = parser.parse_args(argv)
-    methods = ("none", "styleprompt", "head", "full", "ssf") if args.methods == "all" else args.methods.split(",")
+    methods = parse_methods(args.methods)
     src = args.src_name or Path(args.source).parent.parent.name
     dst = args.dst_name or Path(args.config).stem
     run_transfer(args.source, args.config, methods, args.out or Path("runs/transfer") / f"{src}_to_{dst}", src, dst,

@@ -16,7 +16,7 @@ stage's blocks (``where="block"``, the default), or after each stage's last bloc
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 __all__ = ["PROMPT_METHODS", "StaticStylePrompt", "StylePrompt", "attach_prompts", "has_prompts"]
 
 PromptMethod = Literal["styleprompt", "static", "ssf"]
-PROMPT_METHODS: tuple[str, ...] = ("styleprompt", "static", "ssf")
+PROMPT_METHODS: tuple[str, ...] = get_args(PromptMethod)
 
 
 class StylePrompt(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -22,14 +22,14 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
 from qmamba.checkpoint import CheckpointError, model_state, read_checkpoint, save_atomic
-from qmamba.models.prompts import PROMPT_METHODS, attach_prompts, has_prompts
+from qmamba.models.prompts import PROMPT_METHODS, PromptMethod, attach_prompts, has_prompts
 
 __all__ = ["TUNING_METHODS", "PromptTuning", "load_tuned", "tuned_state"]
 
 log = logging.getLogger(__name__)
 
-TuningMethod = Literal["styleprompt", "static", "ssf", "head", "full"]
-TUNING_METHODS: tuple[str, ...] = ("styleprompt", "static", "ssf", "head", "full")
+TuningMethod = Literal[PromptMethod, "head", "full"]  # the prompt methods, a linear probe, full fine-tuning
+TUNING_METHODS: tuple[str, ...] = get_args(TuningMethod)
 
 
 def _model_state(path: str | Path, trusted: bool) -> dict[str, torch.Tensor]:
