@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not LABELS.is_dir(), reason=f"real label tables 
 def test_koniq_official_split_from_the_real_split_file(tmp_path):
     sets = pd.read_csv(LABELS / "original" / "koniq10k_distributions_sets.csv")
     sets.to_csv(tmp_path / "koniq10k_distributions_sets.csv", index=False)
-    # the scores file has the same images; its MOS_zscore equals the split file's MOS (datasets.md §2.1)
+    # the scores file has the same images; its MOS_zscore equals the split file's MOS (as in KonIQ-10k's release)
     sets.rename(columns={"MOS": "MOS_zscore"}).to_csv(tmp_path / "koniq10k_scores_and_distributions.csv",
                                                         index=False)
     table = load_dataset("koniq10k", tmp_path)

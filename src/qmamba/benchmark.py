@@ -22,7 +22,7 @@ from qmamba.cli import fit_then_test, split_passthrough
 
 __all__ = ["PAPER_RESULTS", "run_benchmark", "summarise"]
 
-# QMamba's task-specific results (SRCC, PLCC; 10-split medians), method.md §8.1 (CMPA paper Table 1, "QMamba (30M)")
+# QMamba's task-specific results (SRCC, PLCC; 10-split medians) as cited in the CMPA paper (Table 1, "QMamba (30M)")
 PAPER_RESULTS: dict[str, tuple[float, float]] = {
     "live": (0.959, 0.958),
     "csiq": (0.950, 0.952),

@@ -41,7 +41,8 @@ class DatasetInfo:
         default_root: where ``data/README.md`` tells users to unpack it.
         official_split: the loader fills a ``split`` column (train / val / test) from the official split.
         short_side: images are resized (once, into a cache) to this shorter side before training; None keeps
-            the native resolution. SPAQ's 4000x3000 phone photos need it (datasets.md: OOM, tiny-content crops).
+            the native resolution. SPAQ's 4000x3000 phone photos need it (at full size, memory runs out and
+            a 224 crop sees almost no content; data/README.md).
     """
 
     name: str
@@ -246,7 +247,7 @@ def _tid2008(root: Path) -> pd.DataFrame:
     return _tid("tid2008", root)
 
 
-# LIVE Release 2 stores 982 entries in this order (1-based global index ranges, datasets.md §2.7)
+# LIVE Release 2 stores 982 entries in this order (1-based global index ranges, as in the release's readme)
 _LIVE_FOLDERS = (("jp2k", 227), ("jpeg", 233), ("wn", 174), ("gblur", 174), ("fastfading", 174))
 
 

@@ -5,7 +5,8 @@ domain shifts in IQA are largely shifts of feature statistics. Every module here
 attached model scores exactly like the source until training moves it.
 
 * :class:`StylePrompt` (ICML): a per-stage prompt bank mixed by input-conditioned weights, injected as a channel
-  scale ("variance prompt") and shift ("mean prompt"): ``F' = F * (1 + gamma) + beta`` (method.md §6.2).
+  scale ("variance prompt") and shift ("mean prompt"): ``F' = F * (1 + gamma) + beta`` (the paper's
+  description; our choices where it is silent: docs/architecture.md).
 * :class:`StaticStylePrompt` (v1): learned per-channel mean and variance prompts, ``F' = F * (1 + p_var) + p_mean``.
 * SSF (Lian et al., NeurIPS 2022), the baseline: a scale and shift after every LayerNorm, Linear and Conv2d.
 

@@ -310,7 +310,7 @@ def local_directions(windows: tuple[int, ...]) -> tuple[tuple[str, ...], ...]:
 LQMAMBA_WINDOWS = (14, 7, 7, 7)
 
 VMAMBA_PRESETS: dict[str, dict[str, Any]] = {
-    # QMamba (VMamba v2 s2: ssm_ratio 2, d_state 1) -- backbone parameter counts from docs/method.md
+    # QMamba (VMamba v2 s2: ssm_ratio 2, d_state 1) -- the paper's backbone parameter counts (docs/architecture.md)
     "qmamba_tiny": dict(depths=(2, 2, 4, 2), dim=96),  # 27,992,640
     "qmamba_tiny5": dict(depths=(2, 2, 5, 2), dim=96),  # 29,936,832; loads vssm_tiny_0230 without dropping
     "qmamba_small": dict(depths=(2, 2, 15, 2), dim=96),  # 49,378,752
