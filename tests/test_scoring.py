@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,11 @@ def test_onnx_export_matches_pytorch(trained, tmp_path, capsys):
     assert verify_onnx(scorer, tmp_path / "q.onnx", batches=(1, 4, 7)) < 1e-4
     meta = {p.key: json.loads(p.value) for p in onnx.load(tmp_path / "q.onnx").metadata_props}
     assert meta["crop_size"] == 32 and meta["score_range"]["low"] == 1.0 and len(meta["mean"]) == 3
+
+
+def test_scoring_and_export_import_no_training_stack():
+    """Using a trained model needs torch, numpy, PIL and qmamba's models: not Lightning, not albumentations."""
+    code = ("import sys, qmamba.scoring, qmamba.export; "
+            "bad = [m for m in ('lightning', 'albumentations') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

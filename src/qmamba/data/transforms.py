@@ -8,11 +8,10 @@ the global seed) and evaluation uses a deterministic grid of crops whose predict
 from __future__ import annotations
 
 import math
+import os
 
-import albumentations as A
 import numpy as np
 import torch
-from albumentations.pytorch import ToTensorV2
 
 from .catalog import DatasetError
 
@@ -34,6 +33,10 @@ class TrainCrop:
     """Random ``size`` crop + horizontal flip + ImageNet normalisation -> (3, size, size) float tensor."""
 
     def __init__(self, size: int, seed: int) -> None:
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # it would query the package index on import
+        import albumentations as A  # training only: scoring a checkpoint needs no albumentations
+        from albumentations.pytorch import ToTensorV2
+
         self.size = size
         self.pipeline = A.Compose(
             [A.RandomCrop(size, size), A.HorizontalFlip(p=0.5), A.Normalize(IMAGENET_MEAN, IMAGENET_STD), ToTensorV2()],
