@@ -58,3 +58,32 @@ def low_rank(args: list[torch.Tensor], rank: int) -> tuple[list[torch.Tensor], t
     return [u, factor, *args[2:]], proj
 
 
+
+
+def check_gradients(y: torch.Tensor, y_ref: torch.Tensor, inputs: list[torch.Tensor], names: list[str]) -> None:
+    """The output and every input's gradient within 1e-5 relative of the reference's."""
+    assert rel_err(y, y_ref) < 1e-5
+    grad_out = torch.randn_like(y)
+    for name, g, g_ref in zip(names, torch.autograd.grad(y, inputs, grad_out),
+                              torch.autograd.grad(y_ref, inputs, grad_out), strict=True):
+        assert g.shape == g_ref.shape, name
+        assert rel_err(g, g_ref) < 1e-5, name
+
+
+def check_ordered_scan(backend: str, order: ScanOrder, batch: int, dim: int, n: int, merge: bool,
+                       rank: int | None) -> None:
+    """ordered_selective_scan on ``backend`` against the sequential reference: shape, output, all gradients
+    (of delta_proj too when the step sizes are low-rank)."""
+    from qmamba.ops import ordered_selective_scan
+
+    k, tokens = len(order.directions), order.num_tokens
+    args = ordered_inputs(batch, k, tokens, dim, n)
+    proj, names = None, "u delta A B C D delta_bias".split()
+    if rank:
+        args, proj = low_rank(args, rank)
+        names.append("delta_proj")
+    y = ordered_selective_scan(*args, order, merge=merge, backend=backend, delta_proj=proj)
+    full = args if proj is None else [args[0], args[1] @ proj.transpose(1, 2), *args[2:]]
+    y_ref = ordered_reference(*full, order, merge, True)
+    assert y.shape == y_ref.shape == ((batch, tokens, dim) if merge else (batch, k, tokens, dim))
+    check_gradients(y, y_ref, args if proj is None else [*args, proj], names)

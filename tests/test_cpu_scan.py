@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from scan_cases import ORDERS, low_rank, ordered_inputs, ordered_reference, rel_err
+from scan_cases import ORDERS, check_ordered_scan, low_rank, ordered_inputs, rel_err
 
 from qmamba.models import build_model, set_scan_backend
 from qmamba.ops import ordered_selective_scan, selective_scan
@@ -26,24 +26,7 @@ pytest.importorskip("numba", reason="the fused CPU scan needs numba")
 @pytest.mark.parametrize("rank", [None, 3])
 def test_ordered_cpu_scan_matches_sequential_reference(directions, height, width, n, merge, rank):
     """All orders, N = 1 and 3, merged or per-direction outputs, full or low-rank (dt_proj fused) step sizes."""
-    order = ScanOrder(directions, height, width)
-    args = ordered_inputs(2, len(directions), height * width, 20, n)
-    proj, names = None, "u delta A B C D delta_bias".split()
-    if rank:
-        args, proj = low_rank(args, rank)
-        names.append("delta_proj")
-    y = ordered_selective_scan(*args, order, merge=merge, backend="cpu", delta_proj=proj)
-    full = args if proj is None else [args[0], args[1] @ proj.transpose(1, 2), *args[2:]]
-    y_ref = ordered_reference(*full, order, merge, True)
-    assert y.shape == y_ref.shape == ((2, height * width, 20) if merge else (2, len(directions), height * width, 20))
-    assert rel_err(y, y_ref) < 1e-5
-    grad_out = torch.randn_like(y)
-    inputs = args if proj is None else [*args, proj]
-    grads = torch.autograd.grad(y, inputs, grad_out)
-    grads_ref = torch.autograd.grad(y_ref, inputs, grad_out)
-    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
-        assert g.shape == g_ref.shape, name
-        assert rel_err(g, g_ref) < 1e-5, name
+    check_ordered_scan("cpu", ScanOrder(directions, height, width), 2, 20, n, merge, rank)
 
 
 @pytest.mark.parametrize("softplus", [True, False])

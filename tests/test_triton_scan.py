@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from scan_cases import ORDERS, low_rank, ordered_inputs, ordered_reference, rel_err
+from scan_cases import ORDERS, check_gradients, check_ordered_scan, ordered_inputs
 
 from qmamba.ops import ordered_selective_scan, selective_scan, selective_scan_reference
 from qmamba.ops.scan_order import CROSS_2D, ScanOrder
@@ -36,15 +36,6 @@ def test_triton_kernels_under_the_interpreter():
     assert " passed" in result.stdout and "failed" not in result.stdout
 
 
-def _check_gradients(y, y_ref, inputs, names):
-    assert rel_err(y, y_ref) < 1e-5
-    grad_out = torch.randn_like(y)
-    for name, g, g_ref in zip(names, torch.autograd.grad(y, inputs, grad_out),
-                              torch.autograd.grad(y_ref, inputs, grad_out), strict=True):
-        assert g.shape == g_ref.shape, name
-        assert rel_err(g, g_ref) < 1e-5, name
-
-
 # The interpreter runs a few thousand kernel steps a second: a covering set of cases rather than the full product.
 ORDERED_CASES = [  # (scan order, N, merge, rank of delta, batch, channels)
     (ORDERS[0], 1, True, None, 2, 40),  # cross-scan, two batch rows, two channel blocks (one partial)
@@ -62,17 +53,7 @@ ORDERED_CASES = [  # (scan order, N, merge, rank of delta, batch, channels)
                          ids=[f"{c[0].id}-N{c[1]}-{'merged' if c[2] else 'each'}-{'rank' if c[3] else 'full'}"
                               for c in ORDERED_CASES])
 def test_ordered_triton_scan_matches_sequential_reference(order_case, n, merge, rank, batch, dim):
-    directions, height, width = order_case.values
-    order = ScanOrder(directions, height, width)
-    args = ordered_inputs(batch, len(directions), height * width, dim, n)
-    proj, names = None, "u delta A B C D delta_bias".split()
-    if rank:
-        args, proj = low_rank(args, rank)
-        names.append("delta_proj")
-    y = ordered_selective_scan(*args, order, merge=merge, backend="triton", delta_proj=proj)
-    full = args if proj is None else [args[0], args[1] @ proj.transpose(1, 2), *args[2:]]
-    y_ref = ordered_reference(*full, order, merge, True)
-    _check_gradients(y, y_ref, args if proj is None else [*args, proj], names)
+    check_ordered_scan("triton", ScanOrder(*order_case.values), batch, dim, n, merge, rank)
 
 
 @interpreted
@@ -93,7 +74,7 @@ def test_1d_triton_scan_matches_sequential_reference(bc_form, n, length, softplu
     A, D, bias = -(torch.rand(dim, n, generator=g) + 0.1), torch.randn(dim, generator=g), torch.rand(dim, generator=g)
     args = [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
     y = selective_scan(*args, delta_softplus=softplus, backend="triton")
-    _check_gradients(y, selective_scan_reference(*args, delta_softplus=softplus), args,
+    check_gradients(y, selective_scan_reference(*args, delta_softplus=softplus), args,
                      "u delta A B C D delta_bias".split())
 
 

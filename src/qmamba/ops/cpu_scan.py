@@ -45,6 +45,8 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
+from qmamba.ops.fused_scan import fused_scan
+
 __all__ = ["selective_scan_cpu"]
 
 _JIT = dict(nogil=True, cache=True, error_model="numpy")  # numpy error model: no ZeroDivisionError checks in loops
@@ -401,46 +403,19 @@ def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Te
     return y
 
 
-class _FusedScan(torch.autograd.Function):
-    """Forward and backward kernels under autograd; saves only the inputs."""
-
-    @staticmethod
-    def forward(ctx, u, delta, proj, A, B, C, D, bias, table, merge, softplus):  # type: ignore[override]  # noqa: ANN001
-        ctx.save_for_backward(u, delta, proj, A, B, C, D, bias, table)
-        ctx.merge, ctx.softplus = merge, softplus
-        return _forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]  # noqa: ANN001, ANN205
-        u, delta, proj, A, B, C, D, bias, table = ctx.saved_tensors
-        problem = _Problem(u, delta, proj, A, table, ctx.merge)
-        batch = u.shape[0]
-        grad_u, grad_steps = u.new_zeros(u.shape), u.new_zeros(problem.delta_shape)
-        grad_A = u.new_zeros(batch, *A.shape)
-        grad_D, grad_bias = u.new_zeros(batch, *D.shape), u.new_zeros(batch, *bias.shape)
-        grad_B = u.new_zeros(problem.blocks, *B.shape)
-        grad_C = u.new_zeros(problem.blocks, *C.shape)
-        _run(_backward_kernel, problem.tasks,
-             *map(_flat, (u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, grad_steps, grad_A, grad_B,
-                          grad_C, grad_D, grad_bias)), problem.dims, ctx.softplus)
-        grad_delta, grad_proj = grad_steps, None
-        if proj.numel():  # steps = delta @ proj[k]: (batch, K, T, R) @ (K, R, C)
-            grad_delta = grad_steps @ proj.transpose(1, 2)
-            grad_proj = torch.einsum("bktr,bktc->krc", delta, grad_steps)
-        return (grad_u, grad_delta, grad_proj, grad_A.sum(0), grad_B.sum(0), grad_C.sum(0), grad_D.sum(0),
-                grad_bias.sum(0), None, None, None)
+def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
+               table: Tensor, grad_y: Tensor, merge: bool, softplus: bool) -> tuple[Tensor, ...]:
+    problem = _Problem(u, delta, proj, A, table, merge)
+    batch = u.shape[0]
+    grads = (u.new_zeros(u.shape), u.new_zeros(problem.delta_shape), u.new_zeros(batch, *A.shape),
+             u.new_zeros(problem.blocks, *B.shape), u.new_zeros(problem.blocks, *C.shape),
+             u.new_zeros(batch, *D.shape), u.new_zeros(batch, *bias.shape))
+    _run(_backward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, grad_y, *grads)),
+         problem.dims, softplus)
+    return grads
 
 
-def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
-                       table: Tensor, merge: bool, softplus: bool, delta_proj: Tensor | None = None) -> Tensor:
-    """The fused scan in the module's layout (see the module docstring); float32 or float64 throughout.
-
-    ``delta_proj`` (K, R, C) makes ``delta`` the rank-R input of the per-sequence step-size projection. Without
-    autograd (``no_grad``, ``inference_mode`` or no input requiring grad) only the forward kernel runs and nothing
-    is saved.
-    """
-    proj = u.new_empty(0, 0, 0) if delta_proj is None else delta_proj
-    tensors = (u, delta, proj, A, B, C, D, bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _FusedScan.apply(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
-    return _forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
+selective_scan_cpu = fused_scan("_FusedScan", _forward, _gradients)
+selective_scan_cpu.__doc__ = """The fused scan in the module's layout (see the module docstring), float32 or float64
+throughout; ``delta_proj`` (K, R, C) makes ``delta`` the rank-R input of the step-size projection. See
+:func:`qmamba.ops.fused_scan.fused_scan`."""

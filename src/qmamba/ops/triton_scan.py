@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qmamba.ops.fused_scan import fused_scan
+
 __all__ = ["selective_scan_triton"]
 
 _BLOCK_D = 32  # channels per program
@@ -50,6 +52,31 @@ def _step_delta(delta_ptr, proj, b, k, p, valid, c, cmask, r, K, T, channels, ra
 
 
 @triton.jit
+def _direction(A_ptr, proj_ptr, D_ptr, bias_ptr, k, n, nmask, c, cmask, r, N, rank, channels):
+    """Sequence k's parameters for the block's channels: A (N_PAD, BLOCK), proj (R_PAD, BLOCK), D, bias."""
+    A = tl.load(A_ptr + (k * N + n[:, None]) * channels + c[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
+    proj = tl.load(proj_ptr + (k * rank + r[:, None]) * channels + c[None, :],
+                   mask=(r[:, None] < rank) & cmask[None, :], other=0.0)
+    skip = tl.load(D_ptr + k * channels + c, mask=cmask, other=0.0)
+    bias = tl.load(bias_ptr + k * channels + c, mask=cmask, other=0.0)
+    return A, proj, skip, bias
+
+
+@triton.jit
+def _step(table_ptr, delta_ptr, u_ptr, B_ptr, proj, bias, b, k, ku, step, c, cmask, n, nmask, r, Ku, K, T, L,
+          channels, N, rank, LOW_RANK: tl.constexpr):
+    """What step ``step`` of sequence k reads: its token p (0 for padding), whether it is a real token, the step size
+    before softplus z = delta + bias, the input x and B, all fp32 (zero input and B on a padding step)."""
+    p = tl.load(table_ptr + k * L + step)
+    valid = p >= 0
+    p = tl.maximum(p, 0)
+    z = _step_delta(delta_ptr, proj, b, k, p, valid, c, cmask, r, K, T, channels, rank, LOW_RANK) + bias
+    x = tl.load(u_ptr + ((b * Ku + ku) * T + p) * channels + c, mask=cmask & valid, other=0.0).to(tl.float32)
+    bn = tl.load(B_ptr + ((b * K + k) * T + p) * N + n, mask=nmask & valid, other=0.0).to(tl.float32)
+    return p, valid, z, x, bn
+
+
+@triton.jit
 def _forward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, table_ptr, y_ptr,
                     Ku, K, Ko, T, L, channels, N, rank,
                     SOFTPLUS: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
@@ -62,22 +89,13 @@ def _forward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias
     r = tl.arange(0, R_PAD)
     for k in range(K):
         ku, ko = k % Ku, k % Ko
-        tile = nmask[:, None] & cmask[None, :]
-        A = tl.load(A_ptr + (k * N + n[:, None]) * channels + c[None, :], mask=tile, other=0.0)
-        proj = tl.load(proj_ptr + (k * rank + r[:, None]) * channels + c[None, :],
-                       mask=(r[:, None] < rank) & cmask[None, :], other=0.0)
-        skip = tl.load(D_ptr + k * channels + c, mask=cmask, other=0.0)
-        bias = tl.load(bias_ptr + k * channels + c, mask=cmask, other=0.0)
+        A, proj, skip, bias = _direction(A_ptr, proj_ptr, D_ptr, bias_ptr, k, n, nmask, c, cmask, r, N, rank, channels)
         h = tl.zeros((N_PAD, BLOCK), tl.float32)
         for step in range(L):
-            p = tl.load(table_ptr + k * L + step)
-            valid = p >= 0
-            p = tl.maximum(p, 0)
-            d = _step_delta(delta_ptr, proj, b, k, p, valid, c, cmask, r, K, T, channels, rank, LOW_RANK) + bias
+            p, valid, d, x, bn = _step(table_ptr, delta_ptr, u_ptr, B_ptr, proj, bias, b, k, ku, step, c, cmask, n,
+                                       nmask, r, Ku, K, T, L, channels, N, rank, LOW_RANK)
             if SOFTPLUS:
                 d, _ = _softplus_and_slope(d)
-            x = tl.load(u_ptr + ((b * Ku + ku) * T + p) * channels + c, mask=cmask & valid, other=0.0).to(tl.float32)
-            bn = tl.load(B_ptr + ((b * K + k) * T + p) * N + n, mask=nmask & valid, other=0.0).to(tl.float32)
             cn = tl.load(C_ptr + ((b * K + k) * T + p) * N + n, mask=nmask & valid, other=0.0).to(tl.float32)
             h = tl.exp(d[None, :] * A) * h + (d * x)[None, :] * bn[:, None]
             y = tl.sum(h * cn[:, None], axis=0) + skip * x
@@ -102,22 +120,14 @@ def _backward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bia
     scratch = states_ptr + (b * L * N_PAD + n[:, None]) * channels + c[None, :]  # states[b, step, n, c]
     for k in range(K):
         ku, ko = k % Ku, k % Ko
-        A = tl.load(A_ptr + (k * N + n[:, None]) * channels + c[None, :], mask=tile, other=0.0)
-        proj = tl.load(proj_ptr + (k * rank + r[:, None]) * channels + c[None, :],
-                       mask=(r[:, None] < rank) & cmask[None, :], other=0.0)
-        skip = tl.load(D_ptr + k * channels + c, mask=cmask, other=0.0)
-        bias = tl.load(bias_ptr + k * channels + c, mask=cmask, other=0.0)
+        A, proj, skip, bias = _direction(A_ptr, proj_ptr, D_ptr, bias_ptr, k, n, nmask, c, cmask, r, N, rank, channels)
         # forward: the state after every step
         h = tl.zeros((N_PAD, BLOCK), tl.float32)
         for step in range(L):
-            p = tl.load(table_ptr + k * L + step)
-            valid = p >= 0
-            p = tl.maximum(p, 0)
-            d = _step_delta(delta_ptr, proj, b, k, p, valid, c, cmask, r, K, T, channels, rank, LOW_RANK) + bias
+            _, _, d, x, bn = _step(table_ptr, delta_ptr, u_ptr, B_ptr, proj, bias, b, k, ku, step, c, cmask, n, nmask,
+                                   r, Ku, K, T, L, channels, N, rank, LOW_RANK)
             if SOFTPLUS:
                 d, _ = _softplus_and_slope(d)
-            x = tl.load(u_ptr + ((b * Ku + ku) * T + p) * channels + c, mask=cmask & valid, other=0.0).to(tl.float32)
-            bn = tl.load(B_ptr + ((b * K + k) * T + p) * N + n, mask=nmask & valid, other=0.0).to(tl.float32)
             h = tl.exp(d[None, :] * A) * h + (d * x)[None, :] * bn[:, None]
             tl.store(scratch + step * N_PAD * channels, h, mask=tile)
         tl.debug_barrier()  # the states written above are read back below, maybe by other threads
@@ -129,15 +139,11 @@ def _backward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bia
         g_bias = tl.zeros((BLOCK,), tl.float32)
         for i in range(L):
             step = L - 1 - i
-            p = tl.load(table_ptr + k * L + step)
-            valid = p >= 0
-            p = tl.maximum(p, 0)
-            z = _step_delta(delta_ptr, proj, b, k, p, valid, c, cmask, r, K, T, channels, rank, LOW_RANK) + bias
+            p, valid, z, x, bn = _step(table_ptr, delta_ptr, u_ptr, B_ptr, proj, bias, b, k, ku, step, c, cmask, n,
+                                       nmask, r, Ku, K, T, L, channels, N, rank, LOW_RANK)
             d, slope = z, tl.full((BLOCK,), 1.0, tl.float32)
             if SOFTPLUS:
                 d, slope = _softplus_and_slope(z)
-            x = tl.load(u_ptr + ((b * Ku + ku) * T + p) * channels + c, mask=cmask & valid, other=0.0).to(tl.float32)
-            bn = tl.load(B_ptr + ((b * K + k) * T + p) * N + n, mask=nmask & valid, other=0.0).to(tl.float32)
             cn = tl.load(C_ptr + ((b * K + k) * T + p) * N + n, mask=nmask & valid, other=0.0).to(tl.float32)
             gy = tl.load(gy_ptr + ((b * Ko + ko) * T + p) * channels + c, mask=cmask & valid, other=0.0)
             gy = gy.to(tl.float32)
@@ -186,44 +192,28 @@ def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Te
     return y
 
 
-class _TritonScan(torch.autograd.Function):
-    """Forward and backward kernels under autograd; saves only the inputs."""
+def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
+               table: Tensor, grad_y: Tensor, merge: bool, softplus: bool) -> tuple[Tensor, ...]:
+    grid, sizes, meta = _launch_args(u, delta, proj, A, table, merge, softplus)
+    batch, (k, tokens, length, channels) = u.shape[0], (sizes[1], sizes[3], sizes[4], sizes[5])
+    f32 = dict(device=u.device, dtype=torch.float32)
+    states = torch.empty(batch, length, meta["N_PAD"], channels, **f32)
+    grads = (torch.zeros(u.shape, **f32), torch.zeros(batch, k, tokens, channels, **f32),
+             torch.zeros(batch, *A.shape, **f32), torch.zeros(grid[1], *B.shape, **f32),
+             torch.zeros(grid[1], *C.shape, **f32), torch.zeros(batch, *D.shape, **f32),
+             torch.zeros(batch, *bias.shape, **f32))
+    _backward_kernel[grid](u, delta, proj, A, B, C, D, bias, table, grad_y.contiguous(), states, *grads,
+                           batch, *sizes, **meta)
+    return grads
 
-    @staticmethod
-    def forward(ctx, u, delta, proj, A, B, C, D, bias, table, merge, softplus):  # type: ignore[override]  # noqa: ANN001
-        ctx.save_for_backward(u, delta, proj, A, B, C, D, bias, table)
-        ctx.merge, ctx.softplus = merge, softplus
-        return _forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
 
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]  # noqa: ANN001, ANN205
-        u, delta, proj, A, B, C, D, bias, table = ctx.saved_tensors
-        grid, sizes, meta = _launch_args(u, delta, proj, A, table, ctx.merge, ctx.softplus)
-        batch, (k, tokens, length, channels) = u.shape[0], (sizes[1], sizes[3], sizes[4], sizes[5])
-        f32 = dict(device=u.device, dtype=torch.float32)
-        states = torch.empty(batch, length, meta["N_PAD"], channels, **f32)
-        grad_u, grad_steps = torch.zeros(u.shape, **f32), torch.zeros(batch, k, tokens, channels, **f32)
-        grad_A, grad_D, grad_bias = torch.zeros(batch, *A.shape, **f32), torch.zeros(batch, *D.shape, **f32), \
-            torch.zeros(batch, *bias.shape, **f32)
-        grad_B, grad_C = torch.zeros(grid[1], *B.shape, **f32), torch.zeros(grid[1], *C.shape, **f32)
-        _backward_kernel[grid](u, delta, proj, A, B, C, D, bias, table, grad_y.contiguous(), states, grad_u,
-                               grad_steps, grad_A, grad_B, grad_C, grad_D, grad_bias, batch, *sizes, **meta)
-        grad_delta, grad_proj = grad_steps, None
-        if proj.numel():  # steps = delta @ proj[k]: (batch, K, T, R) @ (K, R, C)
-            grad_delta = grad_steps @ proj.float().transpose(1, 2)
-            grad_proj = torch.einsum("bktr,bktc->krc", delta.float(), grad_steps).to(proj.dtype)
-        return (grad_u.to(u.dtype), grad_delta.to(delta.dtype), grad_proj, grad_A.sum(0).to(A.dtype),
-                grad_B.sum(0).to(B.dtype), grad_C.sum(0).to(C.dtype), grad_D.sum(0).to(D.dtype),
-                grad_bias.sum(0).to(bias.dtype), None, None, None)
+_scan = fused_scan("_TritonScan", _forward, _gradients)
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
                           table: Tensor, merge: bool, softplus: bool, delta_proj: Tensor | None = None) -> Tensor:
     """The fused scan in :mod:`qmamba.ops.cpu_scan`'s layout; u, delta, B, C in fp32/bf16/fp16, A, D, bias, proj in
     fp32; the result is fp32. Only the forward kernel runs without autograd."""
-    proj = A.new_empty(0, 0, 0) if delta_proj is None else delta_proj
-    operands = [x.contiguous() for x in (u, delta, proj, A, B, C, D, bias)]
+    operands = [x.contiguous() for x in (u, delta, A, B, C, D, bias)]
     table = table.to(device=u.device, dtype=torch.int32).contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
-        return _TritonScan.apply(*operands, table, merge, softplus)
-    return _forward(*operands, table, merge, softplus)
+    return _scan(*operands, table, merge, softplus, None if delta_proj is None else delta_proj.contiguous())
