@@ -13,7 +13,8 @@ import pytest
 import torch
 from iqa_fixtures import make_kadid
 
-from qmamba.cli import main
+import qmamba
+from qmamba.cli import COMMANDS, main
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -105,9 +106,39 @@ def test_tensorboard_has_metrics_and_scatter(workdir):
     assert "val/tiny_kadid/scatter" in tags["images"]
 
 
-def test_module_help_and_version():
-    result = subprocess.run([sys.executable, "-m", "qmamba", "--version"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "qmamba" in result.stdout
+def test_help_lists_every_command_and_version_is_the_package_version():
+    """``python -m qmamba`` is the console script; --help names each command of the table, and neither imports
+    Lightning (they must answer instantly)."""
+    code = ("import sys; from qmamba.cli import main\n"
+            "for args in (['--help'], ['--version']):\n"
+            "    try: main(args)\n"
+            "    except SystemExit as e: assert e.code == 0, e.code\n"
+            "assert 'lightning' not in sys.modules and 'torch' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(f"  {name} " in result.stdout for name in COMMANDS), result.stdout
+    assert result.stdout.strip().endswith(f"qmamba {qmamba.__version__}")
+    module = subprocess.run([sys.executable, "-m", "qmamba", "--version"], capture_output=True, text=True, timeout=120)
+    assert module.returncode == 0 and module.stdout.strip() == f"qmamba {qmamba.__version__}"
+
+
+def test_unknown_command_and_no_command_name_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian", "--config", "x.yaml"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown command 'trian'" in err and "  fit " in err
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2 and "commands:" in capsys.readouterr().out
+
+
+def test_no_module_imports_the_command_table_back():
+    """Commands are leaves of ``qmamba.cli``: a module importing it back would make a hidden import cycle."""
+    package = Path(qmamba.__file__).parent
+    entry_points = {package / "cli.py", package / "__main__.py"}
+    importers = [str(path.relative_to(package)) for path in package.rglob("*.py") if path not in entry_points
+                 and any(f in path.read_text() for f in ("qmamba.cli import", "import qmamba.cli"))]
+    assert importers == []
 
 
 def test_fit_resumes_from_last_checkpoint(workdir):

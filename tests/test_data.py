@@ -14,13 +14,14 @@ from qmamba.data import (
     DatasetError,
     ImageReadError,
     IQADataModule,
-    ScoreScale,
     dataset_info,
     load_dataset,
     read_rgb,
 )
 from qmamba.data.splits import make_splits
-from qmamba.data.transforms import EvalCrops, TrainCrop, crop_grid
+from qmamba.data.transforms import TrainCrop
+from qmamba.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalCrops, ImageTooSmallError, Preprocessing, crop_grid
+from qmamba.scale import ScoreScale
 
 
 def test_kadid_loader_reads_the_official_layout(tmp_path):
@@ -97,7 +98,7 @@ def test_read_rgb_converts_modes_and_reports_corrupt_files(tmp_path):
 
 def test_eval_crops_are_deterministic_and_cover_the_image():
     image = pattern(1, size=(80, 60))
-    crops = EvalCrops(32, count=5)
+    crops = EvalCrops(Preprocessing(32, eval_crops=5))
     a, b = crops(image), crops(image)
     assert a.shape == (5, 3, 32, 32) and torch.equal(a, b)
     grid = crop_grid(60, 80, 32, 4)
@@ -107,14 +108,42 @@ def test_eval_crops_are_deterministic_and_cover_the_image():
 
 def test_train_crops_are_random_native_resolution_and_seeded():
     image = pattern(2, size=(80, 60))
-    first = [TrainCrop(32, seed=0)(image) for _ in range(1)][0]
-    transform = TrainCrop(32, seed=0)
+    first = TrainCrop(Preprocessing(32), seed=0)(image)
+    transform = TrainCrop(Preprocessing(32), seed=0)
     crops = [transform(image) for _ in range(4)]
     assert crops[0].shape == (3, 32, 32)
     assert torch.equal(first, crops[0])  # same seed, same first crop
     assert not all(torch.equal(crops[0], c) for c in crops[1:])
-    with pytest.raises(DatasetError, match="smaller than the 96x96 crop"):
-        TrainCrop(96, seed=0)(image)
+    with pytest.raises(ImageTooSmallError, match="smaller than the 96x96 crop"):
+        TrainCrop(Preprocessing(96), seed=0)(image)
+    with pytest.raises(ImageTooSmallError, match="smaller than the 96x96 crop"):
+        EvalCrops(Preprocessing(96))(image)
+
+
+def test_training_and_evaluation_preprocess_a_crop_identically():
+    """A training crop and an evaluation crop of the same pixels are the same tensor (up to the flip), normalised
+    with the ImageNet statistics on the [0, 1] scale."""
+    image = pattern(3, size=(32, 32))  # one possible crop position, so only the flip is random
+    preprocessing = Preprocessing(32, eval_crops=1)
+    evaluated = EvalCrops(preprocessing)(image)[0]
+    expected = (torch.from_numpy(image).float().permute(2, 0, 1) / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) \
+        / torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(evaluated, expected, rtol=1e-5, atol=1e-5)
+    transform = TrainCrop(preprocessing, seed=0)
+    trained = [transform(image) for _ in range(16)]
+    flips = [torch.equal(t, evaluated.flip(-1)) for t in trained]
+    assert all(torch.equal(t, evaluated) or flip for t, flip in zip(trained, flips, strict=True))
+    assert 0 < sum(flips) < 16  # both branches were compared
+
+
+def test_preprocessing_round_trips_through_a_checkpoint_dict():
+    custom = Preprocessing(48, eval_crops=3, mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2))
+    assert Preprocessing.from_dict(custom.as_dict()) == custom
+    assert all(isinstance(v, (int, list)) for v in custom.as_dict().values())  # weights_only-safe
+    image = np.full((48, 48, 3), 204, np.uint8)
+    assert torch.allclose(EvalCrops(custom)(image), torch.full((3, 3, 48, 48), 2.0))  # (0.8 - 0.4) / 0.2
+    with pytest.raises(ValueError, match="eval_crops must be >= 1"):
+        Preprocessing(32, eval_crops=0)
 
 
 def test_score_scale_round_trip_and_direction():

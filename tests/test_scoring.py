@@ -16,6 +16,7 @@ from PIL import Image
 
 import qmamba
 from qmamba.cli import main
+from qmamba.preprocessing import IMAGENET_MEAN
 
 CONF = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -113,8 +114,27 @@ def test_onnx_export_matches_pytorch(trained, tmp_path, capsys):
 
 
 def test_scoring_and_export_import_no_training_stack():
-    """Using a trained model needs torch, numpy, PIL and qmamba's models: not Lightning, not albumentations."""
-    code = ("import sys, qmamba.scoring, qmamba.export; "
-            "bad = [m for m in ('lightning', 'albumentations') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    """Using a trained model needs torch, numpy, PIL and qmamba's models: not Lightning, albumentations or pandas."""
+    code = ("import sys, qmamba.scoring, qmamba.export, qmamba.trained; "
+            "bad = [m for m in ('lightning', 'albumentations', 'pandas') if m in sys.modules]; print(bad); "
+            "sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scorer_normalises_with_the_statistics_the_checkpoint_records(trained, tmp_path):
+    """The checkpoint's preprocessing, not a constant, decides how images are normalised before scoring."""
+    _, run = trained
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    recorded = checkpoint["qmamba"]["preprocessing"]
+    assert recorded["mean"] == list(IMAGENET_MEAN) and recorded["crop_size"] == 32
+    checkpoint["qmamba"]["preprocessing"] = {**recorded, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    torch.save(checkpoint, tmp_path / "custom.ckpt")
+    image = np.full((40, 40, 3), 255, np.uint8)
+    default, custom = qmamba.load(run / "checkpoints" / "best.ckpt", device="cpu"), qmamba.load(
+        tmp_path / "custom.ckpt", device="cpu")
+    assert torch.allclose(custom.crops(image), torch.ones(2, 3, 32, 32))  # (1 - 0.5) / 0.5
+    assert not torch.allclose(default.crops(image), custom.crops(image))
+    with torch.no_grad():
+        expected = custom.scale.to_native(custom.model(custom.crops(image)).mean()).item()
+    assert custom.score(image) == pytest.approx(expected, rel=1e-5)

@@ -1,6 +1,6 @@
 """The IQA benchmark protocol: train and test one config on N seeded splits, report median and mean SRCC/PLCC.
 
-    qmamba benchmark --config configs/task/livec.yaml --splits 10 [--out runs/benchmark/livec] [-- FIT ARGS...]
+    qmamba benchmark --config configs/recipe.yaml --config configs/task/livec.yaml --splits 10 [--out DIR] [-- ARGS]
 
 Split ``i`` trains with ``data.init_args.split_seed = i`` into ``<out>/split_<i>/`` and is tested with its
 ``best.ckpt``. Finished splits are skipped and an interrupted one resumes from its ``last.ckpt``, so the command
@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from qmamba.atomic import write_text_atomic
-from qmamba.cli import fit_then_test, split_passthrough
+from qmamba.runs import config_args, fit_then_test, split_passthrough
 
 __all__ = ["PAPER_RESULTS", "run_benchmark", "summarise"]
 
@@ -36,10 +36,10 @@ PAPER_RESULTS: dict[str, tuple[float, float]] = {
 METRICS = ("srcc", "plcc", "krcc", "rmse", "plcc_logistic")
 
 
-def _split_run(out: Path, split: int, config: str, extra: Sequence[str]) -> dict:
+def _split_run(out: Path, split: int, configs: Sequence[str], extra: Sequence[str]) -> dict:
     """Fit (or resume) and test one split; returns its ``test_results.json`` payload."""
     run = out / f"split_{split:02d}"
-    fit = ["fit", "--config", config, "--data.init_args.split_seed", str(split),
+    fit = ["fit", *config_args(configs), "--data.init_args.split_seed", str(split),
            "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", run.name, *extra]
     return fit_then_test(fit, run)
 
@@ -77,25 +77,25 @@ def format_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def run_benchmark(
-    config: str, splits: int, out: str | Path, extra: Sequence[str] = ()
+    config: str | Sequence[str], splits: int, out: str | Path, extra: Sequence[str] = ()
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Run (or complete) the N-split protocol and write ``results.csv`` and ``summary.json`` under ``out``."""
     if splits < 1:
         raise ValueError(f"--splits must be >= 1, got {splits}")
-    out = Path(out)
+    out, configs = Path(out), [config] if isinstance(config, str) else list(config)
     rows = []
     for split in range(splits):
-        payload = _split_run(out, split, config, extra)
+        payload = _split_run(out, split, configs, extra)
         for dataset, metrics in payload["results"].items():
             rows.append({"split": split, "dataset": dataset, **{k: metrics.get(k) for k in ("images", *METRICS)}})
         table = pd.DataFrame(rows)
         write_text_atomic(out / "results.csv", table.to_csv(index=False))  # after every split: survives a crash
     summary = summarise(table)
     write_text_atomic(out / "summary.json", json.dumps(
-        {"config": config, "splits": splits, "extra_args": list(extra), "summary": summary,
+        {"config": configs, "splits": splits, "extra_args": list(extra), "summary": summary,
          "paper": {d: dict(zip(("srcc", "plcc"), PAPER_RESULTS[d], strict=True))
                    for d in summary if d in PAPER_RESULTS}}, indent=2) + "\n")
-    print(f"\n{splits}-split benchmark of {config} ({out}):\n{format_table(summary)}\n", flush=True)
+    print(f"\n{splits}-split benchmark of {' + '.join(configs)} ({out}):\n{format_table(summary)}\n", flush=True)
     return summary
 
 
@@ -103,8 +103,9 @@ def main(argv: list[str]) -> None:
     argv, extra = split_passthrough(argv)
     parser = argparse.ArgumentParser(prog="qmamba benchmark", description=__doc__.split("\n\n")[0],
                                      epilog="Arguments after -- go to every 'qmamba fit', e.g. -- --trainer.devices 2")
-    parser.add_argument("--config", required=True, help="a fit config, e.g. configs/task/livec.yaml")
+    parser.add_argument("--config", required=True, action="append",
+                        help="a fit config; repeat to layer files, e.g. configs/recipe.yaml configs/task/livec.yaml")
     parser.add_argument("--splits", type=int, default=10, help="number of seeded splits (default 10)")
     parser.add_argument("--out", help="results folder (default runs/benchmark/<config name>)")
     args = parser.parse_args(argv)
-    run_benchmark(args.config, args.splits, args.out or Path("runs/benchmark") / Path(args.config).stem, extra)
+    run_benchmark(args.config, args.splits, args.out or Path("runs/benchmark") / Path(args.config[-1]).stem, extra)

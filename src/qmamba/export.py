@@ -43,8 +43,8 @@ def export_onnx(scorer: Scorer, output: str | os.PathLike[str], opset: int = 18)
         **scorer.info,
         "input": "(N, 3, crop_size, crop_size) crops of RGB images in [0, 1] normalised with mean/std; an image's "
                  "score is the mean over its crops, mapped with score_range",
-        "mean": list(scorer.crops.mean / 255.0),
-        "std": list(scorer.crops.std / 255.0),
+        "mean": list(scorer.crops.preprocessing.mean),
+        "std": list(scorer.crops.preprocessing.std),
     }
     for key, value in meta.items():
         graph.metadata_props.add(key=key, value=json.dumps(value, default=float))

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qmamba.checkpoint import CheckpointError, model_state, read_checkpoint
-from qmamba.data.dataset import ScoreScale
+from qmamba.checkpoint import CheckpointError
 from qmamba.data.images import read_rgb
-from qmamba.data.transforms import EvalCrops
-from qmamba.models import build_model
-from qmamba.models.prompts import attach_prompts
+from qmamba.preprocessing import EvalCrops
+from qmamba.scale import ScoreScale
+from qmamba.trained import load_trained
 
 __all__ = ["ImageInput", "Scorer", "load"]
 
@@ -74,29 +73,16 @@ class Scorer:
     ) -> Scorer:
         """Build the model a qmamba checkpoint describes. ``dataset`` picks whose scale scores are reported on
         (default: the first training dataset); ``crops`` overrides the evaluation crop count."""
-        checkpoint = read_checkpoint(path, trusted=trusted)
-        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-        meta = checkpoint.get("qmamba") if isinstance(checkpoint, dict) else None
-        if not hparams or not meta:
-            raise CheckpointError(f"{path} is not a checkpoint written by qmamba training (no model description); "
-                                  "score with a runs/<name>/checkpoints/*.ckpt file")
-        head = {k: hparams[k] for k in ("head_hidden", "head_dropout") if k in hparams}
-        model = build_model(hparams["backbone"], head_features=tuple(hparams.get("head_features", ("pooled",))),
-                            **head, **(hparams.get("backbone_args") or {}))
-        if meta.get("prompts"):
-            attach_prompts(model, **meta["prompts"])
-        model.load_state_dict(model_state(checkpoint))
-        names = list(meta["datasets"])
-        dataset = dataset or names[0]
-        if dataset not in names:
-            raise ValueError(f"the model was trained on {names}; choose dataset= from them, not {dataset!r}")
-        prep = meta["preprocessing"]
-        scale = ScoreScale(**meta["scales"][names.index(dataset)])
+        trained = load_trained(path, trusted=trusted)
+        spec = trained.spec
+        dataset = dataset or spec.datasets[0]
+        scale = spec.scale_of(dataset)
+        evaluation = EvalCrops(spec.preprocessing, crops)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        info = {"checkpoint": str(path), "backbone": hparams["backbone"], "datasets": names, "dataset": dataset,
-                "crop_size": prep["crop_size"], "crops": crops or prep["eval_crops"], "score_range": scale.as_dict()}
-        return cls(model.to(device).eval(), EvalCrops(prep["crop_size"], info["crops"]), scale, dataset, info, device,
-                   batch_size)
+        info = {"checkpoint": str(path), "backbone": trained.architecture["backbone"], "datasets": spec.datasets,
+                "dataset": dataset, "crop_size": evaluation.size, "crops": evaluation.count,
+                "score_range": scale.as_dict()}
+        return cls(trained.model.to(device), evaluation, scale, dataset, info, device, batch_size)
 
     @torch.inference_mode()
     def _batch(self, crops: list[torch.Tensor]) -> list[float]:

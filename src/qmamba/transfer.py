@@ -1,13 +1,14 @@
 """Transferable IQA protocol: adapt a trained source model to a target dataset with several methods, compare.
 
     qmamba transfer --source runs/transfer/source_koniq10k/checkpoints/best.ckpt \
-        --config configs/task/livec.yaml --methods none,styleprompt,head,full [--out DIR] [-- FIT ARGS...]
+        --config configs/recipe.yaml --config configs/task/livec.yaml --methods none,styleprompt,head,full
 
 ``none`` tests the source model on the target as it is (zero-shot); every other method fine-tunes it on the
 target's training split with :class:`qmamba.training.PromptTuning` (``styleprompt``, ``static``, ``ssf``, ``head``,
 ``full``) and tests the validation-selected checkpoint. The target config supplies data, trainer and optimiser;
 the model architecture comes from the source checkpoint. Results: one line per method (source, target, method,
 trainable parameters, SRCC, PLCC) printed and written to ``<out>/results.csv``; finished methods are skipped.
+Arguments after ``--`` go to every fit and test.
 """
 
 from __future__ import annotations
@@ -23,25 +24,19 @@ import yaml
 
 from qmamba.atomic import write_text_atomic
 from qmamba.checkpoint import CheckpointError, read_checkpoint
-from qmamba.cli import fit_then_test, run_lightning_cli, split_passthrough
+from qmamba.runs import config_args, fit_then_test, split_passthrough
+from qmamba.trained import read_architecture
+from qmamba.training.cli import run_lightning_cli
 from qmamba.training.prompt_tuning import TUNING_METHODS
 
 __all__ = ["METHODS", "parse_methods", "run_transfer"]
 
 METHODS = ("none", *TUNING_METHODS)  # zero-shot, then every PromptTuning method
-ARCHITECTURE_ARGS = ("backbone", "backbone_args", "head_features", "head_hidden", "head_dropout")
 
 
 def _source_model_args(source: Path) -> dict[str, Any]:
-    """The architecture of the source run (from its checkpoint's hyper-parameters) and nothing to re-initialise."""
-    checkpoint = read_checkpoint(source)
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not hparams or "backbone" not in hparams:
-        raise CheckpointError(f"{source} is not a qmamba training checkpoint (no model hyper-parameters)")
-    args = {k: hparams[k] for k in ARCHITECTURE_ARGS if k in hparams}
-    if isinstance(args.get("head_features"), tuple):
-        args["head_features"] = list(args["head_features"])
-    return {**args, "pretrained": None}
+    """The source run's architecture, with nothing to re-initialise (its weights come through PromptTuning)."""
+    return {**read_architecture(source), "pretrained": None}
 
 
 def _overlay(source: Path, method: str, out: Path, model_args: dict[str, Any]) -> Path:
@@ -57,16 +52,16 @@ def _overlay(source: Path, method: str, out: Path, model_args: dict[str, Any]) -
     return path
 
 
-def _run_method(source: Path, config: str, method: str, out: Path, model_args: dict[str, Any],
+def _run_method(source: Path, configs: list[str], method: str, out: Path, model_args: dict[str, Any],
                 extra: Sequence[str]) -> dict[str, Any]:
     run = out / method
     results = run / "test_results.json"
     if not results.is_file():
-        overlay = str(_overlay(source, method, out, model_args))
+        layers = config_args([*configs, str(_overlay(source, method, out, model_args))])
         if method == "none":
-            run_lightning_cli(["test", "--config", config, "--config", overlay, "--ckpt_path", str(source), *extra])
+            run_lightning_cli(["test", *layers, "--ckpt_path", str(source), *extra])
         else:
-            fit_then_test(["fit", "--config", config, "--config", overlay, *extra], run)
+            fit_then_test(["fit", *layers, *extra], run)
     payload = json.loads(results.read_text())
     metrics = next(iter(payload["results"].values()))
     if method == "none":
@@ -79,8 +74,8 @@ def _run_method(source: Path, config: str, method: str, out: Path, model_args: d
 
 
 def run_transfer(
-    source: str | Path, config: str, methods: Sequence[str], out: str | Path, src_name: str | None = None,
-    dst_name: str | None = None, extra: Sequence[str] = (),
+    source: str | Path, config: str | Sequence[str], methods: Sequence[str], out: str | Path,
+    src_name: str | None = None, dst_name: str | None = None, extra: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Run each method (skipping finished ones), print the result lines and write ``<out>/results.csv``."""
     unknown = [m for m in methods if m not in METHODS]
@@ -90,10 +85,11 @@ def run_transfer(
     if not source.is_file():
         raise CheckpointError(f"source checkpoint {source} does not exist; train the source model first "
                               "(make transfer does it for you)")
+    configs = [config] if isinstance(config, str) else list(config)
     model_args = _source_model_args(source)
     src = src_name or source.parent.parent.name
-    dst = dst_name or Path(config).stem
-    rows = [{"source": src, "target": dst, **_run_method(source, config, m, out, model_args, extra)}
+    dst = dst_name or Path(configs[-1]).stem
+    rows = [{"source": src, "target": dst, **_run_method(source, configs, m, out, model_args, extra)}
             for m in methods]
     table = pd.DataFrame(rows)
     write_text_atomic(out / "results.csv", table.to_csv(index=False))
@@ -116,7 +112,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="qmamba transfer", description=__doc__.split("\n\n")[0],
                                      epilog="Arguments after -- go to every fit/test, e.g. -- --trainer.max_epochs 5")
     parser.add_argument("--source", required=True, help="checkpoint of the source model (a qmamba fit's best.ckpt)")
-    parser.add_argument("--config", required=True, help="the target's config, e.g. configs/task/livec.yaml")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the target's config; repeat to layer files: configs/recipe.yaml configs/task/livec.yaml")
     parser.add_argument("--methods", default="none,styleprompt",
                         help=f"comma-separated, from {','.join(METHODS)}, or 'all' (default none,styleprompt)")
     parser.add_argument("--out", help="results folder (default runs/transfer/<source>_to_<target>)")
@@ -125,6 +122,6 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     methods = parse_methods(args.methods)
     src = args.src_name or Path(args.source).parent.parent.name
-    dst = args.dst_name or Path(args.config).stem
+    dst = args.dst_name or Path(args.config[-1]).stem
     run_transfer(args.source, args.config, methods, args.out or Path("runs/transfer") / f"{src}_to_{dst}", src, dst,
                  extra)

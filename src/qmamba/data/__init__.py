@@ -1,30 +1,28 @@
-"""IQA data: official-format loaders, split protocols, transforms and the DataModule."""
+"""IQA data: official-format loaders, split protocols, the training transform and the DataModule.
 
+Names are loaded on first use: reading an image (:func:`read_rgb`, used by scoring) must not pull in pandas or
+Lightning, which the label loaders and the DataModule need.
+"""
+
+from importlib import import_module
 from typing import Any
 
-from .catalog import DATASETS, DatasetError, DatasetInfo, dataset_info, load_dataset
-from .dataset import IQADataset, ScoreScale
-from .images import ImageReadError, read_rgb
-
-__all__ = [
-    "DATASETS",
-    "DatasetConfig",
-    "DatasetError",
-    "DatasetInfo",
-    "IQADataModule",
-    "IQADataset",
-    "ImageReadError",
-    "ScoreScale",
-    "dataset_info",
-    "load_dataset",
-    "read_rgb",
-]
+_EXPORTS = {
+    "DATASETS": "catalog",
+    "DatasetInfo": "catalog",
+    "dataset_info": "catalog",
+    "load_dataset": "catalog",
+    "DatasetConfig": "datamodule",
+    "IQADataModule": "datamodule",
+    "IQADataset": "dataset",
+    "DatasetError": "errors",
+    "ImageReadError": "images",
+    "read_rgb": "images",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    """The DataModule (which imports Lightning) is loaded on first use, so that scoring never imports Lightning."""
-    if name in ("DatasetConfig", "IQADataModule"):
-        from . import datamodule
-
-        return getattr(datamodule, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

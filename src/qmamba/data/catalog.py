@@ -20,13 +20,13 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from qmamba.scale import ScoreScale
+
+from .errors import DatasetError
+
 __all__ = ["DATASETS", "DatasetInfo", "DatasetError", "load_dataset", "dataset_info"]
 
 SplitProtocol = Literal["content", "random"]
-
-
-class DatasetError(RuntimeError):
-    """A dataset folder, label file or image is missing or malformed; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class DatasetInfo:
     default_root: str
     official_split: bool = False
     short_side: int | None = None
+
+    @property
+    def scale(self) -> ScoreScale:
+        """The native scale as a :class:`ScoreScale` (unit scores for training, native ones for reports)."""
+        return ScoreScale(*self.score_range, self.lower_better)
 
 
 DATASETS: dict[str, DatasetInfo] = {}

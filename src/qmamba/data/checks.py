@@ -20,7 +20,7 @@ from PIL import Image
 
 from qmamba.atomic import write_bytes_atomic
 
-from .catalog import DatasetError
+from .errors import DatasetError
 from .images import ImageReadError, read_rgb
 
 __all__ = ["ImageCheck", "check_images", "report_problems"]

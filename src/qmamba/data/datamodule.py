@@ -1,8 +1,9 @@
 """The IQA DataModule: one or several datasets, split by protocol, one validation / test loader per dataset.
 
 With several datasets (universal IQA) training batches come from :class:`MultiDatasetBatchSampler` (shares by
-strategy, single-dataset batches, DDP sharding); scores are trained on each dataset's [0, 1] higher-is-better scale
-(:class:`ScoreScale`: min-max over the dataset's known range, DMOS flipped) and reported on the native scale.
+strategy, single-dataset batches, DDP sharding); scores are trained on each dataset's [0, 1] higher-is-better
+scale (:class:`~qmamba.scale.ScoreScale`: min-max over the dataset's known range, DMOS flipped) and reported on the
+native scale.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from qmamba.preprocessing import EvalCrops, Preprocessing
+from qmamba.trained import DataSpec
+
 from .catalog import DatasetError, dataset_info, load_dataset
 from .checks import CheckMode, check_images, report_problems
-from .dataset import IQADataset, ScoreScale
+from .dataset import IQADataset
 from .sampler import MultiDatasetBatchSampler, ShardSampler, Strategy, dataset_shares
 from .splits import make_splits, save_splits
-from .transforms import EvalCrops, TrainCrop
+from .transforms import TrainCrop
 
 __all__ = ["DatasetConfig", "IQADataModule"]
 
@@ -120,9 +124,15 @@ class IQADataModule(L.LightningDataModule):
         self.epoch_samples = epoch_samples
         dataset_shares([1] * len(self.configs), sampling, temperature)  # a bad strategy fails at construction
         self.names = keys
-        self.scales = [ScoreScale.of(dataset_info(c.name)) for c in self.configs]
+        self.scales = [dataset_info(c.name).scale for c in self.configs]
+        self.preprocessing = Preprocessing(crop_size, eval_crops)  # the backbone's (ImageNet) normalisation
         self._splits: list[dict[str, Dataset]] | None = None
         self._seed = 0  # set in setup from the global seed; every DDP rank gets the same one
+
+    @property
+    def spec(self) -> DataSpec:
+        """What a model trained on this data must remember: dataset names, score scales, preprocessing."""
+        return DataSpec(list(self.names), list(self.scales), self.preprocessing)
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
@@ -149,8 +159,8 @@ class IQADataModule(L.LightningDataModule):
             def subset(rows: np.ndarray, transform: Any, index: int = index, cache: Any = cache) -> IQADataset:
                 return IQADataset([paths[i] for i in rows], targets[rows], transform, index, cache)
 
-            train_crop = TrainCrop(self.crop_size, seed=seed + index)
-            evaluation = EvalCrops(self.crop_size, self.eval_crops)
+            train_crop = TrainCrop(self.preprocessing, seed=seed + index)
+            evaluation = EvalCrops(self.preprocessing)
             self._splits.append({
                 "train": subset(splits["train"], train_crop),
                 "val": subset(splits["val"], evaluation),

@@ -8,38 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .catalog import DatasetInfo
 from .images import read_rgb
 
-__all__ = ["IQADataset", "ScoreScale"]
-
-
-class ScoreScale:
-    """Maps a dataset's native scores to [0, 1] with higher = better, and back.
-
-    Universal training needs one scale and direction across datasets; metrics and outputs are reported on the
-    native scale (so a DMOS dataset's predictions are DMOS again).
-    """
-
-    def __init__(self, low: float, high: float, lower_better: bool) -> None:
-        if not high > low:
-            raise ValueError(f"score range must have high > low, got ({low}, {high})")
-        self.low, self.high, self.lower_better = float(low), float(high), bool(lower_better)
-
-    @classmethod
-    def of(cls, info: DatasetInfo) -> ScoreScale:
-        return cls(*info.score_range, info.lower_better)
-
-    def to_unit(self, score: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        unit = (score - self.low) / (self.high - self.low)
-        return 1.0 - unit if self.lower_better else unit
-
-    def to_native(self, unit: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        unit = 1.0 - unit if self.lower_better else unit
-        return unit * (self.high - self.low) + self.low
-
-    def as_dict(self) -> dict[str, float | bool]:
-        return {"low": self.low, "high": self.high, "lower_better": self.lower_better}
+__all__ = ["IQADataset"]
 
 
 class IQADataset(Dataset):

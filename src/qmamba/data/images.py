@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .catalog import DatasetError
+from .errors import DatasetError
 
 __all__ = ["ImageReadError", "read_rgb"]
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from qmamba.atomic import write_text_atomic
 
-from .catalog import DatasetError
+from .errors import DatasetError
 
 __all__ = ["Protocol", "make_splits", "save_splits"]
 

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric
 
 from qmamba.atomic import write_text_atomic
-from qmamba.data.dataset import ScoreScale
-from qmamba.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from qmamba.models import build_model, load_official_checkpoint
+from qmamba.data import IQADataModule
+from qmamba.models import load_official_checkpoint
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
+from qmamba.trained import DataSpec, build_architecture
 from qmamba.training.losses import IQALoss
 from qmamba.training.metrics import iqa_metrics
 from qmamba.training.plots import scatter_figure
@@ -67,14 +67,11 @@ class QMambaIQA(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.model = build_model(backbone, head_features=tuple(head_features), head_hidden=head_hidden,
-                                 head_dropout=head_dropout, **(backbone_args or {}))
+        self.model = build_architecture(backbone, backbone_args, head_features, head_hidden, head_dropout)
         self.criterion = IQALoss(loss, smoothl1_beta, plcc_weight, rank_weight)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.dataset_names: list[str] = ["default"]
-        self.scales: list[ScoreScale] = [ScoreScale(0.0, 1.0, False)]
+        self.spec = DataSpec()  # the datasets' names, scales and preprocessing: from the DataModule or a checkpoint
         self.eval_stores = nn.ModuleDict()
-        self.preprocessing: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
     def forward(self, images: Tensor) -> Tensor:
         """Unit-scale quality scores (B,) of a (B, 3, H, W) batch."""
@@ -82,17 +79,18 @@ class QMambaIQA(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "names"):
-            self.dataset_names, self.scales = list(datamodule.names), list(datamodule.scales)
-            self.preprocessing.update(crop_size=datamodule.crop_size, eval_crops=datamodule.eval_crops)
+        if isinstance(self._datamodule(), IQADataModule):
+            self.spec = self._datamodule().spec
         for split in ("val", "test"):
-            for i in range(len(self.dataset_names)):
+            for i in range(len(self.spec.datasets)):
                 self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({"preds": CatMetric(), "target": CatMetric()})
         if stage == "fit" and self.hparams.pretrained:
             report = load_official_checkpoint(self.model.backbone, self.hparams.pretrained,
                                               trusted=self.hparams.trust_checkpoint)
             log.info("backbone initialised from %s (%s)", self.hparams.pretrained, report)
+
+    def _datamodule(self) -> L.LightningDataModule | None:
+        return self.trainer.datamodule if self._trainer is not None else None
 
     def _log_scan_backend(self) -> None:
         """Say once per run which selective scan runs, so that a slow fallback is never silent."""
@@ -153,14 +151,14 @@ class QMambaIQA(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         unit = self._image_scores(batch["image"])
-        scale = self.scales[dataloader_idx]
+        scale = self.spec.scales[dataloader_idx]
         return {"path": list(batch["path"]), "score": scale.to_native(unit).tolist(),
-                "dataset": self.dataset_names[dataloader_idx]}
+                "dataset": self.spec.datasets[dataloader_idx]}
 
     def _epoch_metrics(self, split: str) -> dict[str, dict[str, float]]:
         """Compute (on every rank: it synchronises) and reset the metrics of each dataset, on its native scale."""
         results: dict[str, dict[str, float]] = {}
-        for i, (name, scale) in enumerate(zip(self.dataset_names, self.scales, strict=True)):
+        for i, (name, scale) in enumerate(zip(self.spec.datasets, self.spec.scales, strict=True)):
             store = self.eval_stores[f"{split}_{i}"]
             if store["preds"].update_count == 0:
                 continue
@@ -217,16 +215,9 @@ class QMambaIQA(L.LightningModule):
     # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything `qmamba score` needs besides the weights: datasets, score scales, preprocessing."""
-        checkpoint.setdefault("qmamba", {}).update({  # callbacks (PromptTuning) may have added their part
-            "datasets": self.dataset_names,
-            "scales": [s.as_dict() for s in self.scales],
-            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in self.preprocessing.items()},
-        })
+        checkpoint.setdefault("qmamba", {}).update(self.spec.to_meta())  # PromptTuning may have added its part
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("qmamba")
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if meta and not hasattr(datamodule, "names"):  # a run's own data wins (e.g. testing a model elsewhere)
-            self.dataset_names = list(meta["datasets"])
-            self.scales = [ScoreScale(**s) for s in meta["scales"]]
-            self.preprocessing.update(meta["preprocessing"])
+        if meta and not isinstance(self._datamodule(), IQADataModule):  # a run's own data wins (testing elsewhere)
+            self.spec = DataSpec.from_meta(meta)

@@ -1,0 +1,7 @@
+"""The error every user-fixable data problem raises (the CLI prints its message on one line)."""
+
+__all__ = ["DatasetError"]
+
+
+class DatasetError(RuntimeError):
+    """A dataset folder, label file or image is missing or malformed; the message says how to fix it."""

@@ -1,0 +1,36 @@
+"""Score scales: each dataset's native scores mapped to [0, 1] with higher = better, and back.
+
+Universal training needs one scale and direction across datasets; metrics and outputs are reported on the native
+scale (so a DMOS dataset's predictions are DMOS again). A checkpoint records the scale of every training dataset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["ScoreScale"]
+
+
+class ScoreScale:
+    """A native score range and direction; ``to_unit`` maps scores into [0, 1] higher-is-better, ``to_native`` back."""
+
+    def __init__(self, low: float, high: float, lower_better: bool) -> None:
+        if not high > low:
+            raise ValueError(f"score range must have high > low, got ({low}, {high})")
+        self.low, self.high, self.lower_better = float(low), float(high), bool(lower_better)
+
+    def to_unit(self, score: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        unit = (score - self.low) / (self.high - self.low)
+        return 1.0 - unit if self.lower_better else unit
+
+    def to_native(self, unit: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        unit = 1.0 - unit if self.lower_better else unit
+        return unit * (self.high - self.low) + self.low
+
+    def as_dict(self) -> dict[str, float | bool]:
+        return {"low": self.low, "high": self.high, "lower_better": self.lower_better}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, float | bool]) -> ScoreScale:
+        return cls(float(values["low"]), float(values["high"]), bool(values["lower_better"]))

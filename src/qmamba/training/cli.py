@@ -1,0 +1,121 @@
+"""LightningCLI for qmamba's fit, validate, test and predict: run folders, checkpoint aliases, CPU precision.
+
+    qmamba fit --config configs/recipe.yaml --config configs/task/koniq10k.yaml
+    qmamba test --config runs/koniq10k/config.yaml --ckpt_path best        # alias resolved inside the run folder
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query the package index on import
+
+import torch  # noqa: E402
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
+
+import qmamba  # noqa: E402
+from qmamba.data import IQADataModule  # noqa: E402
+from qmamba.training.callbacks import AtomicCheckpointIO, PlainProgress, RunCheckpoint  # noqa: E402
+from qmamba.training.module import QMambaIQA  # noqa: E402
+
+__all__ = ["QMambaCLI", "main", "run_dir", "run_lightning_cli"]
+
+log = logging.getLogger("qmamba")
+CHECKPOINT_ALIASES = ("best", "last")
+
+
+class QMambaCLI(LightningCLI):
+    """LightningCLI with qmamba's defaults: fixed ``runs/<name>/checkpoints/{best,last}.ckpt``, a CPU fallback for
+    mixed precision, atomic checkpoint writes, ``best``/``last`` checkpoint aliases in a fresh process, and the
+    scheduler's ``max_epochs`` linked to the trainer's."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/srcc",
+            "checkpoint.mode": "max",
+            "checkpoint.filename": "best",
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1,
+            "checkpoint.auto_insert_metric_name": False,  # metric names contain '/'
+            "checkpoint.enable_version_counter": False,  # overwrite best.ckpt instead of best-v1.ckpt
+        })
+        # a schedule that needs the run length (WarmupCosine) gets the trainer's: one number to change, not two
+        parser.link_arguments("trainer.max_epochs", "model.init_args.scheduler.init_args.max_epochs", apply_on="parse")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") in CHECKPOINT_ALIASES:
+            alias = self.config[subcommand]["ckpt_path"]
+            path = run_dir(self.config[subcommand]) / "checkpoints" / f"{alias}.ckpt"
+            if not path.is_file():
+                self.parser.error(f"--ckpt_path {alias}: {path} does not exist; pass the checkpoint file instead")
+            self.config[subcommand]["ckpt_path"] = str(path)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        precision = str(config.trainer.precision)
+        on_cpu = str(config.trainer.accelerator) == "cpu" or not torch.cuda.is_available()
+        if "mixed" in precision and on_cpu:
+            # CPU bf16 autocast gave no reliable speed-up for QMamba on the 2-core CI machine; fp32 is exact
+            log.warning("precision %s is meant for GPUs; no GPU here, so running in 32-true on the CPU", precision)
+            config.trainer.precision = "32-true"
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        save_config = self.save_config_callback
+        if self.subcommand != "fit":  # keep the run's config.yaml as the fit wrote it
+            self.save_config_callback = None
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        finally:
+            self.save_config_callback = save_config
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not sys.stderr.isatty():  # a log or CI: whole lines instead of the default bar's carriage returns
+            trainer.callbacks[:] = [PlainProgress() if type(cb) is TQDMProgressBar else cb for cb in trainer.callbacks]
+        return trainer
+
+
+def run_dir(config: Any) -> Path:
+    """``<save_dir>/<name>`` of the run's TensorBoard logger in a parsed subcommand config."""
+    logger = config.trainer.logger
+    init = getattr(logger, "init_args", None) if logger not in (None, True, False) else None
+    save_dir = getattr(init, "save_dir", "runs") if init is not None else "runs"
+    name = getattr(init, "name", "default") if init is not None else "default"
+    return Path(save_dir) / str(name)
+
+
+def run_lightning_cli(args: ArgsType) -> None:
+    """One LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) with qmamba's classes."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_float32_matmul_precision("high")
+    QMambaCLI(
+        QMambaIQA,
+        IQADataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        trainer_defaults={
+            # the DataModule shards data itself (MultiDatasetBatchSampler, unpadded evaluation shards)
+            "use_distributed_sampler": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": "runs", "name": "default", "version": ""}},
+        },
+        parser_kwargs={"version": f"qmamba {qmamba.__version__}"},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None) -> None:
+    """``qmamba fit|validate|test|predict ...``: LightningCLI parses the subcommand itself (``None``: sys.argv)."""
+    run_lightning_cli(argv)
