@@ -15,10 +15,14 @@ install: ## install qmamba (editable) with its test, demo and export dependencie
 	$(PIP) install -q -e ".[test,demo,export]"
 
 DEMO_RUN := runs/demo
+# The demo's numbers depend on how the work is split across threads: a fixed count makes them repeat exactly on any
+# machine with the same CPU instruction set (DEMO_THREADS= uses every core, and the numbers move slightly).
+DEMO_THREADS ?= 2
+DEMO_ENV := $(if $(DEMO_THREADS),OMP_NUM_THREADS=$(DEMO_THREADS))
 
 demo: install demo-data ## install, build the demo datasets, train the demo model, test it on held-out content
-	$(PYTHON) -m qmamba fit --config configs/demo.yaml
-	$(PYTHON) -m qmamba test --config $(DEMO_RUN)/config.yaml --ckpt_path $(DEMO_RUN)/checkpoints/best.ckpt
+	$(DEMO_ENV) $(PYTHON) -m qmamba fit --config configs/demo.yaml
+	$(DEMO_ENV) $(PYTHON) -m qmamba test --config $(DEMO_RUN)/config.yaml --ckpt_path $(DEMO_RUN)/checkpoints/best.ckpt
 
 demo-data: ## build the two embedded demo datasets under data/demo (skipped when present)
 	$(PYTHON) -m qmamba demo-data --out data/demo
@@ -35,28 +39,32 @@ lint: ## ruff over the sources, tests and benchmarks
 DATASET ?= livec
 SPLITS ?= 10
 
-benchmark: ## the paper protocol on one dataset: make benchmark DATASET=livec SPLITS=10 (configs/task/<DATASET>.yaml)
-	$(PYTHON) -m qmamba benchmark --config configs/task/$(DATASET).yaml --splits $(SPLITS) --out runs/benchmark/$(DATASET)
+benchmark: ## the paper protocol on one dataset: make benchmark DATASET=livec SPLITS=10 (recipe + configs/task/<DATASET>.yaml)
+	$(PYTHON) -m qmamba benchmark $(call config_for,$(DATASET)) --splits $(SPLITS) --out runs/benchmark/$(DATASET)
 
 # make transfer SRC=koniq DST=livec [METHODS=none,styleprompt | all]: train the source model if its checkpoint is
-# missing, then adapt it to DST with each method and test. Names: a configs/task/<name>.yaml (koniq and kadid are
-# short for koniq10k and kadid10k) or a configs/demo/<name>.yaml (demo_kadid, demo_koniq: runs on a CPU).
+# missing, then adapt it to DST with each method and test. Names: a configs/task/<name>.yaml over configs/recipe.yaml
+# (koniq and kadid are short for koniq10k and kadid10k) or a configs/demo/<name>.yaml over configs/demo.yaml
+# (demo_kadid, demo_koniq: runs on a CPU).
 SRC ?= demo_kadid
 DST ?= demo_koniq
 METHODS ?= none,styleprompt
 TRANSFER_RUNS := runs/transfer
 canonical = $(if $(filter koniq,$(1)),koniq10k,$(if $(filter kadid,$(1)),kadid10k,$(1)))
-config_for = $(or $(firstword $(wildcard configs/task/$(1).yaml configs/demo/$(1).yaml)),$(error no config for '$(1)': expected configs/task/$(1).yaml or configs/demo/$(1).yaml))
+# the --config layers of a dataset name: its data file over the recipe it belongs to
+config_for = $(if $(wildcard configs/task/$(1).yaml),--config configs/recipe.yaml --config configs/task/$(1).yaml,$(if \
+	$(wildcard configs/demo/$(1).yaml),--config configs/demo.yaml --config configs/demo/$(1).yaml,$(error no config \
+	for '$(1)': expected configs/task/$(1).yaml or configs/demo/$(1).yaml)))
 SRC_NAME := $(call canonical,$(SRC))
 DST_NAME := $(call canonical,$(DST))
 SOURCE_CKPT := $(TRANSFER_RUNS)/source_$(SRC_NAME)/checkpoints/best.ckpt
 
 $(TRANSFER_RUNS)/source_%/checkpoints/best.ckpt:
-	$(PYTHON) -m qmamba fit --config $(call config_for,$*) --trainer.logger.init_args.save_dir $(TRANSFER_RUNS) \
+	$(PYTHON) -m qmamba fit $(call config_for,$*) --trainer.logger.init_args.save_dir $(TRANSFER_RUNS) \
 		--trainer.logger.init_args.name source_$*
 
 transfer: install $(if $(findstring demo_,$(SRC_NAME) $(DST_NAME)),demo-data) $(SOURCE_CKPT) ## adapt a trained model to another dataset: make transfer SRC=koniq DST=livec [METHODS=all]
-	$(PYTHON) -m qmamba transfer --source $(SOURCE_CKPT) --config $(call config_for,$(DST_NAME)) --methods $(METHODS) \
+	$(PYTHON) -m qmamba transfer --source $(SOURCE_CKPT) $(call config_for,$(DST_NAME)) --methods $(METHODS) \
 		--src-name $(SRC_NAME) --dst-name $(DST_NAME) --out $(TRANSFER_RUNS)/$(SRC_NAME)_to_$(DST_NAME)
 
 bench-scan: ## selective-scan backends vs the sequential reference (CPU table)

@@ -27,8 +27,11 @@ class WarmupStepDecay(LambdaLR):
 class WarmupCosine(LambdaLR):
     """Linear warm-up over ``warmup_epochs``, then cosine decay to ``min_factor`` x lr at ``max_epochs``."""
 
-    def __init__(self, optimizer: Optimizer, max_epochs: int, warmup_epochs: int = 1, start_factor: float = 1e-2,
-                 min_factor: float = 1e-2) -> None:
+    def __init__(self, optimizer: Optimizer, max_epochs: int | None, warmup_epochs: int = 1,
+                 start_factor: float = 1e-2, min_factor: float = 1e-2) -> None:
+        if max_epochs is None or max_epochs < 1:  # the CLI passes trainer.max_epochs, unset (None, -1) by default
+            raise ValueError(f"WarmupCosine needs a finite run length, got max_epochs={max_epochs}; set "
+                             "trainer.max_epochs")
         def factor(epoch: int) -> float:
             if epoch < warmup_epochs:
                 return start_factor + (1.0 - start_factor) * epoch / warmup_epochs
