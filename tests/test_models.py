@@ -172,9 +172,21 @@ def test_forward_features_are_named_stage_outputs():
     assert torch.allclose(feats["pooled"], feats["norm"].mean(dim=(2, 3)), atol=1e-6)
 
 
-def test_multi_stage_head():
-    model = build_model("qmamba_test", head_features=("stage2", "pooled"), head_hidden=32)
-    assert model(torch.randn(2, 3, 64, 64)).shape == (2,)
+def test_multi_stage_head_pools_normalises_and_concatenates_the_named_features():
+    torch.manual_seed(0)
+    model = build_model("qmamba_test", head_features=("stage2", "pooled"), head_hidden=32).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        head = model.head
+        stage2 = head.norms[0](features["stage2"].mean(dim=(2, 3)))
+        pooled = head.norms[1](features["pooled"])
+        expected = head.regressor(torch.cat([stage2, pooled], dim=-1)).squeeze(-1)
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
+    assert head.regressor[0].in_features == features["stage2"].shape[1] + features["pooled"].shape[1]
+    assert head.regressor[0].out_features == 32
+    with pytest.raises(ValueError, match="head_features \\['stage9'\\] not produced"):
+        build_model("qmamba_test", head_features=("stage9",))
 
 
 def test_grad_checkpointing_gives_the_same_gradients():

@@ -31,13 +31,29 @@ def test_logistic_plcc_linearises_a_monotone_curve():
 
 
 @pytest.mark.parametrize("base", ["smoothl1", "l1", "mse"])
-def test_loss_terms(base):
+def test_loss_terms_equal_their_definitions(base):
+    pred = torch.tensor([0.3, 0.2, 0.8, 0.5])
     target = torch.tensor([0.1, 0.4, 0.9, 0.6])
     assert IQALoss(base)(target.clone(), target).item() == pytest.approx(0.0, abs=1e-7)
-    reversed_order = target.flip(0)
-    plain = IQALoss(base)(reversed_order, target)
-    with_terms = IQALoss(base, plcc_weight=1.0, rank_weight=1.0, rank_margin=0.1)(reversed_order, target)
-    assert with_terms > plain
+    diff = (pred - target).abs()
+    expected_base = {"l1": diff.mean(), "mse": (diff**2).mean(),
+                     "smoothl1": torch.where(diff < 0.1, 0.5 * diff**2 / 0.1, diff - 0.05).mean()}[base]
+    assert IQALoss(base)(pred, target).item() == pytest.approx(expected_base.item(), rel=1e-6)
+
+    plcc = float(np.corrcoef(pred.numpy(), target.numpy())[0, 1])
+    with_plcc = IQALoss(base, plcc_weight=2.0)(pred, target).item()
+    assert with_plcc == pytest.approx(expected_base.item() + 2.0 * (1 - plcc) / 2, rel=1e-5)
+
+    # pairwise hinge over ordered pairs: max(0, margin - sign(t_i - t_j) (p_i - p_j)), averaged
+    hinges = [max(0.0, 0.1 - math.copysign(1.0, float(ti - tj)) * float(pi - pj))
+              for i, (pi, ti) in enumerate(zip(pred, target)) for j, (pj, tj) in enumerate(zip(pred, target))
+              if i != j]
+    with_rank = IQALoss(base, rank_weight=0.5, rank_margin=0.1)(pred, target).item()
+    assert with_rank == pytest.approx(expected_base.item() + 0.5 * sum(hinges) / len(hinges), rel=1e-5)
+
+    tied = torch.tensor([0.5, 0.5])  # no ordered pair: the ranking term adds nothing
+    assert IQALoss(base, rank_weight=1.0)(torch.tensor([0.2, 0.9]), tied).item() == pytest.approx(
+        IQALoss(base)(torch.tensor([0.2, 0.9]), tied).item())
     with pytest.raises(ValueError):
         IQALoss("huber")  # type: ignore[arg-type]
 

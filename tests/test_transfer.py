@@ -42,11 +42,11 @@ def _data(root: Path) -> IQADataModule:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A QMamba-T 'source model' checkpoint (one step on a KADID-format fixture) and a KonIQ-format target set."""
+    """A small QMamba "source model" checkpoint (one step on a KADID-format fixture) and a KonIQ-format target set."""
     root = tmp_path_factory.mktemp("transfer")
     make_kadid(root / "kadid", refs=4)
     make_koniq(root / "koniq", n=20)
-    module = QMambaIQA("qmamba_tiny")
+    module = QMambaIQA("qmamba_test")
     data = IQADataModule([DatasetConfig("kadid10k", str(root / "kadid"))], batch_size=4, crop_size=32, eval_crops=1,
                          num_workers=0)
     trainer = _trainer(root / "source", [], steps=1)
@@ -77,7 +77,7 @@ class Probe(L.Callback):
 ])
 def test_callback_trains_only_the_chosen_parameters(source, tmp_path, method, trainable_prefixes):
     root, ckpt = source
-    module = QMambaIQA("qmamba_tiny")
+    module = QMambaIQA("qmamba_test")
     tuning, probe = PromptTuning(str(ckpt), method=method), Probe()
     trainer = _trainer(tmp_path, [tuning, probe])
     trainer.fit(module, _data(root / "koniq"))
@@ -93,7 +93,7 @@ def test_callback_trains_only_the_chosen_parameters(source, tmp_path, method, tr
 
 def test_full_finetuning_trains_everything(source, tmp_path):
     root, ckpt = source
-    module = QMambaIQA("qmamba_tiny")
+    module = QMambaIQA("qmamba_test")
     trainer = _trainer(tmp_path, [PromptTuning(str(ckpt), method="full")], steps=1)
     trainer.fit(module, _data(root / "koniq"))
     assert all(p.requires_grad for p in module.parameters())
@@ -101,7 +101,7 @@ def test_full_finetuning_trains_everything(source, tmp_path):
 
 def test_tuned_file_is_small_and_reproduces_the_tuned_model(source, tmp_path):
     root, ckpt = source
-    module = QMambaIQA("qmamba_tiny")
+    module = QMambaIQA("qmamba_test")
     tuning = PromptTuning(str(ckpt), method="styleprompt")
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=3, accelerator="cpu", enable_progress_bar=False,
                         limit_val_batches=1, num_sanity_val_steps=0, enable_model_summary=False, callbacks=[tuning],
@@ -111,16 +111,16 @@ def test_tuned_file_is_small_and_reproduces_the_tuned_model(source, tmp_path):
     tuned = tmp_path / "run" / "tuned.pt"
     assert tuned.stat().st_size < 0.05 * full.stat().st_size
 
-    tuned_model = build_model("qmamba_tiny").eval()
+    tuned_model = build_model("qmamba_test").eval()
     attach_prompts(tuned_model, "styleprompt")
     tuned_model.load_state_dict(_model_state(full, trusted=False))
-    rebuilt = build_model("qmamba_tiny").eval()
+    rebuilt = build_model("qmamba_test").eval()
     rebuilt.load_state_dict(_model_state(ckpt, trusted=False))
     load_tuned(rebuilt, tuned)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images), tuned_model(images), rtol=0, atol=0)
-        source_model = build_model("qmamba_tiny").eval()
+        source_model = build_model("qmamba_test").eval()
         source_model.load_state_dict(_model_state(ckpt, trusted=False))
         assert not torch.equal(source_model(images), tuned_model(images))  # tuning changed something
 
