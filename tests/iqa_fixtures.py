@@ -82,7 +82,7 @@ def make_livec(root: Path, n: int = 12) -> list[str]:
     for i, name in enumerate(names):
         folder = root / "Images" / ("trainingImages" if name.startswith("t") else "")
         _save(folder / name, seed=i, level=i % 4, format="BMP" if name.endswith("bmp") else "JPEG")
-    mos = np.array([[50.0 + 3 * i for i in range(len(names))]])
+    mos = np.array([[40.0 + 3 * i for i in range(len(names))]])
     (root / "Data").mkdir(parents=True, exist_ok=True)
     savemat(root / "Data" / "AllImages_release.mat", {"AllImages_release": mat_cells(names)})
     savemat(root / "Data" / "AllMOS_release.mat", {"AllMOS_release": mos})

@@ -62,9 +62,9 @@ def test_fit_then_test_and_predict_in_fresh_processes(workdir):
     results = json.loads((run / "test_results.json").read_text())["results"]["tiny_kadid"]
     assert {"srcc", "plcc", "krcc", "rmse", "plcc_logistic"} <= set(results)
 
-    result = _qmamba("predict", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
-                     "--trainer.callbacks+=qmamba.training.callbacks.PredictionWriter", cwd=root)
+    result = _qmamba("predict", "--config", str(run / "config.yaml"), "--ckpt_path", "last", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "writing predictions.csv into the run folder" in result.stderr  # a writer by default, and said so
     predictions = pd.read_csv(run / "predictions.csv")
     assert len(predictions) == results["images"] and predictions["score"].between(-5, 10).all()
 

@@ -43,7 +43,7 @@ def test_livec_drops_the_seven_training_images_by_name(tmp_path):
     table = load_dataset("livec", tmp_path)
     assert len(table) == 12 and not table["name"].str.startswith("t").any()
     assert table["name"].tolist() == names[7:]
-    assert table["score"].tolist() == [50.0 + 3 * i for i in range(7, 19)]  # MOS stay with their images
+    assert table["score"].tolist() == [40.0 + 3 * i for i in range(7, 19)]  # MOS stay with their images
     assert table["content"].isna().all() and all(Path(p).is_file() for p in table["path"])
     splits = make_splits(table, "random", seed=1, test_fraction=0.25)
     assert len(splits["test"]) == 3 and len(splits["train"]) == 9

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +100,8 @@ def test_python_api_accepts_paths_pil_arrays_and_tensors(trained):
 
 
 @pytest.mark.slow
-def test_onnx_export_matches_pytorch(trained, tmp_path, capsys):
+def test_onnx_export_from_a_fresh_process_matches_pytorch(trained, tmp_path):
+    """A fresh process has no cached scan-order tables: export must not build them while tracing."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     import onnx
@@ -105,8 +110,10 @@ def test_onnx_export_matches_pytorch(trained, tmp_path, capsys):
 
     _, run = trained
     ckpt = run / "checkpoints" / "best.ckpt"
-    main(["export", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "q.onnx")])
-    assert "max relative difference" in capsys.readouterr().out
+    result = subprocess.run([sys.executable, "-m", "qmamba", "export", "--ckpt_path", str(ckpt), "--output",
+                             str(tmp_path / "q.onnx")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max relative difference" in result.stdout
     scorer = qmamba.load(ckpt, device="cpu")
     assert verify_onnx(scorer, tmp_path / "q.onnx", batches=(1, 4, 7)) < 1e-4
     meta = {p.key: json.loads(p.value) for p in onnx.load(tmp_path / "q.onnx").metadata_props}
@@ -138,3 +145,79 @@ def test_scorer_normalises_with_the_statistics_the_checkpoint_records(trained, t
     with torch.no_grad():
         expected = custom.scale.to_native(custom.model(custom.crops(image)).mean()).item()
     assert custom.score(image) == pytest.approx(expected, rel=1e-5)
+
+
+def test_score_output_path_is_checked_before_any_image(trained, folder, tmp_path, capsys):
+    _, run = trained
+    ckpt = str(run / "checkpoints" / "best.ckpt")
+    (tmp_path / "a_file").write_text("x")
+    for output, reason in [(tmp_path, "is a folder"), (tmp_path / "a_file" / "scores.csv", "cannot write")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["score", "--ckpt_path", ckpt, str(folder), "-o", str(output)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and reason in err.splitlines()[-1] and "Traceback" not in err
+        assert "scored" not in err  # refused before the model was even loaded
+    for option in ("--crops", "--batch-size"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["score", "--ckpt_path", ckpt, str(folder), option, "0"])
+        assert exit_info.value.code == 2 and f"{option} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_stdout_csv_is_quoted_and_symlinks_are_followed_once(trained, tmp_path, capsys):
+    root, run = trained
+    source = next((root / "kadid" / "images").glob("I01_01_01.png"))
+    photos = tmp_path / "photos"
+    (photos / "real").mkdir(parents=True)
+    (photos / "real" / "a,b.png").write_bytes(source.read_bytes())
+    (photos / "linked").symlink_to(photos / "real")  # the same folder twice
+    (photos / "real" / "loop").symlink_to(photos)  # a loop back up
+    (photos / "dangling.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(SystemExit) as exit_info:  # the bad links are reported, so the exit code says so
+        main(["score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), str(photos)])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 1
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows[0] == ["path", "score", "flag"] and len(rows) == 3  # a,b.png through real/ and through linked/
+    assert sorted(Path(r[0]).name for r in rows[1:]) == ["a,b.png", "a,b.png"]
+    assert "dangling.png: broken symbolic link" in err and "symbolic link loop" in err
+
+
+def test_out_of_range_scores_are_flagged_or_clipped(trained, tmp_path, capsys):
+    """A KADID model reports on KADID's 1-5 scale; a prediction outside it is flagged, never silently kept."""
+    root, run = trained
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["qmamba"]["scales"][0].update(low=1.0, high=1.0001)  # every prediction now falls outside
+    torch.save(checkpoint, tmp_path / "narrow.ckpt")
+    image = str(next((root / "kadid" / "images").glob("I01_01_03.png")))
+    main(["score", "--ckpt_path", str(tmp_path / "narrow.ckpt"), image, "-o", str(tmp_path / "s.json")])
+    entry = json.loads((tmp_path / "s.json").read_text())["scores"][0]
+    assert entry["flag"] in ("above range", "below range") and not 1.0 <= entry["score"] <= 1.0001
+    main(["score", "--ckpt_path", str(tmp_path / "narrow.ckpt"), image, "--clip", "-o", str(tmp_path / "s.csv")])
+    row = pd.read_csv(tmp_path / "s.csv").iloc[0]
+    assert 1.0 <= row["score"] <= 1.0001 and row["flag"].startswith("clipped")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_batch_and_keeps_every_score(trained, tmp_path, signum):
+    root, run = trained
+    images = tmp_path / "many"
+    images.mkdir()
+    source = next((root / "kadid" / "images").glob("I01_01_01.png")).read_bytes()
+    for i in range(400):
+        (images / f"{i:03d}.png").write_bytes(source)
+    output = tmp_path / "scores.csv"
+    process = subprocess.Popen([sys.executable, "-m", "qmamba", "score", "--ckpt_path",
+                                str(run / "checkpoints" / "best.ckpt"), str(images), "-o", str(output),
+                                "--batch-size", "2", "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "scores.csv.partial"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not partial.exists() or partial.read_text().count("\n") < 5):
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err
+    assert not output.exists()  # an unfinished run never takes the final name
+    table = pd.read_csv(partial)
+    written = int(err.split("images; ")[1].split(" scores written")[0])
+    assert 4 <= written == len(table) < 400 and table["score"].notna().all()
+    assert table["path"].tolist() == sorted(str(p) for p in images.iterdir())[: len(table)]

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from qmamba.atomic import write_bytes_atomic
+from qmamba.errors import QMambaError
 
 __all__ = ["CheckpointError", "extract_state_dict", "read_checkpoint", "save_atomic"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(QMambaError):
     """A checkpoint file is missing, unreadable, untrusted or does not fit the model."""
 
 

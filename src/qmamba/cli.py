@@ -27,7 +27,7 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("qmamba.training.cli", "evaluate a checkpoint on the validation splits"),
     "test": Command("qmamba.training.cli", "test a checkpoint: qmamba test --config RUN/config.yaml --ckpt_path best"),
     "predict": Command("qmamba.training.cli", "score a config's test images with a checkpoint (Lightning loop)"),
-    "score": Command("qmamba.scoring", "score image files and folders with a checkpoint (no Lightning)"),
+    "score": Command("qmamba.score_command", "score image files and folders with a checkpoint (no Lightning)"),
     "export": Command("qmamba.export", "export a checkpoint to ONNX"),
     "benchmark": Command("qmamba.benchmark", "the N-split protocol on one config: median and mean SRCC/PLCC"),
     "transfer": Command("qmamba.transfer", "adapt a trained model to another dataset with several methods"),
@@ -55,14 +55,13 @@ def main(args: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"{usage()}\n\nqmamba: error: unknown command {name!r}", file=sys.stderr)
         raise SystemExit(2)
-    from qmamba.checkpoint import CheckpointError
-    from qmamba.data.errors import DatasetError
+    from qmamba.errors import QMambaError, UsageError
 
     try:
         if name in LIGHTNING_COMMANDS:  # None: LightningCLI reads sys.argv itself (and warns when given both)
             import_module(COMMANDS[name].module).main(None if args is None else argv)
         else:
             import_module(COMMANDS[name].module).main(argv[1:])
-    except (DatasetError, CheckpointError) as err:  # user-fixable input problems: a message, not a traceback
+    except QMambaError as err:  # user-fixable: a message, not a traceback
         print(f"qmamba: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2 if isinstance(err, UsageError) else 1) from None

@@ -32,6 +32,8 @@ def export_onnx(scorer: Scorer, output: str | os.PathLike[str], opset: int = 18)
     model = scorer.model.float().cpu().eval()
     size = scorer.crops.size
     example = torch.randn(2, 3, size, size)
+    with torch.no_grad():  # builds (and caches) the scan-order index tables eagerly: built while tracing, their
+        model(example)  # construction would be traced too and stop on data-dependent checks
     batch = torch.export.Dim("batch", min=1, max=4096)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

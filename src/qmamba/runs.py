@@ -32,6 +32,8 @@ def fit_then_test(fit: list[str], run: Path) -> dict[str, Any]:
     if not results.is_file():
         if (run / "checkpoints" / "last.ckpt").is_file():
             fit = [*fit, "--ckpt_path", "last"]
+        elif (run / "config.yaml").is_file():  # an attempt that stopped before its first checkpoint: nothing to keep
+            fit = [*fit, "--overwrite", "true"]
         run_lightning_cli(fit)
         run_lightning_cli(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])
         if not results.is_file():

@@ -6,8 +6,11 @@ scale (so a DMOS dataset's predictions are DMOS again). A checkpoint records the
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # plain arithmetic on either: `qmamba score --help` need not import torch
+    import numpy as np
+    import torch
 
 __all__ = ["ScoreScale"]
 

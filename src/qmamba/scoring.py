@@ -14,10 +14,10 @@ crops, mapped to the chosen dataset's scale and direction.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from qmamba.preprocessing import EvalCrops
 from qmamba.scale import ScoreScale
 from qmamba.trained import load_trained
 
-__all__ = ["ImageInput", "Scorer", "load"]
+__all__ = ["ImageInput", "Result", "Scorer", "load"]
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -54,6 +54,14 @@ def _as_rgb(image: ImageInput) -> np.ndarray:
     return array.astype(np.float32) * 255.0 if np.issubdtype(array.dtype, np.floating) else array
 
 
+class Result(NamedTuple):
+    """One image's outcome: its position in the input, and its score or why it could not be scored."""
+
+    index: int
+    score: float | None
+    error: str | None
+
+
 @dataclass
 class Scorer:
     """A trained model with its preprocessing; :meth:`score` maps images to quality scores."""
@@ -73,6 +81,8 @@ class Scorer:
     ) -> Scorer:
         """Build the model a qmamba checkpoint describes. ``dataset`` picks whose scale scores are reported on
         (default: the first training dataset); ``crops`` overrides the evaluation crop count."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         trained = load_trained(path, trusted=trusted)
         spec = trained.spec
         dataset = dataset or spec.datasets[0]
@@ -91,25 +101,30 @@ class Scorer:
         means = torch.stack([chunk.mean() for chunk in units.split(counts)])
         return self.scale.to_native(means).tolist()
 
-    def iter_scores(self, images: Sequence[ImageInput]) -> Iterator[tuple[int, float | None, str | None]]:
-        """``(index, score, None)`` per image, or ``(index, None, error)`` for one that cannot be scored; never
-        stops early because of a bad image."""
+    def iter_batches(self, images: Iterable[ImageInput]) -> Iterator[list[Result]]:
+        """Results in input order, one list per model batch (or per image that cannot be scored): a caller can stop
+        between lists without losing a computed score. Never stops early because of a bad image."""
         pending: list[tuple[int, torch.Tensor]] = []
         for index, image in enumerate(images):
             try:
                 pending.append((index, self.crops(_as_rgb(image))))
             except Exception as err:  # noqa: BLE001 - reported per image, the others are still scored
-                yield index, None, str(err)
+                yield [Result(index, None, str(err))]
                 continue
             if len(pending) == self.batch_size:
-                yield from self._scored(pending)
+                yield self._scored(pending)
                 pending = []
         if pending:
-            yield from self._scored(pending)
+            yield self._scored(pending)
 
-    def _scored(self, pending: list[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, float | None, str | None]]:
+    def iter_scores(self, images: Iterable[ImageInput]) -> Iterator[Result]:
+        """:meth:`iter_batches`, one result at a time."""
+        for batch in self.iter_batches(images):
+            yield from batch
+
+    def _scored(self, pending: list[tuple[int, torch.Tensor]]) -> list[Result]:
         scores = self._batch([crops for _, crops in pending])
-        return ((index, score, None) for (index, _), score in zip(pending, scores, strict=True))
+        return [Result(index, score, None) for (index, _), score in zip(pending, scores, strict=True)]
 
     def score(self, images: ImageInput | Sequence[ImageInput]) -> float | list[float]:
         """Quality score(s) on the dataset's native scale; raises on an image that cannot be scored."""
@@ -127,89 +142,3 @@ def load(checkpoint: str | os.PathLike[str], **kwargs: Any) -> Scorer:
     if not Path(checkpoint).is_file():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
     return Scorer.from_checkpoint(checkpoint, **kwargs)
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm"}
-
-
-def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files from files and folders (recursive, sorted); inputs that do not exist are returned as errors."""
-    files, errors = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            errors.append((str(path), "no such file or folder"))
-    return files, errors
-
-
-def _write_results(output: Path, scorer: Scorer, rows: list[tuple[str, float]], errors: list[tuple[str, str]]) -> None:
-    import io
-    import json
-
-    from qmamba.atomic import write_text_atomic
-
-    if output.suffix.lower() == ".json":
-        scale = scorer.scale
-        payload = {
-            "model": scorer.info,
-            "score_range": [scale.low, scale.high],
-            "direction": "lower is better" if scale.lower_better else "higher is better",
-            "scores": [{"path": p, "score": s} for p, s in rows],
-            "errors": [{"path": p, "error": e} for p, e in errors],
-        }
-        write_text_atomic(output, json.dumps(payload, indent=2) + "\n")
-    else:
-        import csv
-
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "score"])
-        writer.writerows((p, f"{s:.6g}") for p, s in rows)
-        write_text_atomic(output, buffer.getvalue())
-
-
-def main(argv: list[str]) -> None:
-    """``qmamba score``: score image files and folders with a trained checkpoint."""
-    import argparse
-    import sys
-
-    from tqdm import tqdm
-
-    parser = argparse.ArgumentParser(prog="qmamba score", description="Score images with a trained QMamba checkpoint.")
-    parser.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
-    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a qmamba checkpoint (runs/<name>/...)")
-    parser.add_argument("--output", "-o", help="write scores.csv (path,score) or scores.json; default: CSV on stdout")
-    parser.add_argument("--crops", type=int, help="evaluation crops per image (default: as in training)")
-    parser.add_argument("--dataset", help="report on this training dataset's scale (default: the first)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    args = parser.parse_args(argv)
-    scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
-                  batch_size=args.batch_size)
-    files, errors = expand_inputs(args.inputs)
-    rows: list[tuple[str, float]] = []
-    try:
-        for index, score, error in tqdm(scorer.iter_scores(files), total=len(files), desc="scoring", unit="img",
-                                        file=sys.stderr, disable=not files):
-            if error is None:
-                rows.append((files[index], score))  # type: ignore[arg-type]
-            else:
-                errors.append((files[index], error))
-    finally:  # an interrupted run still leaves the scores it computed
-        if args.output:
-            _write_results(Path(args.output), scorer, rows, errors)
-    if not args.output:
-        print("path,score")
-        for path, score in rows:
-            print(f"{path},{score:.6g}")
-    for path, error in errors:
-        print(f"qmamba score: skipped {path}: {error}", file=sys.stderr)
-    print(f"qmamba score: {len(rows)} scored, {len(errors)} skipped ({scorer.dataset} scale "
-          f"{scorer.scale.low:g}-{scorer.scale.high:g}, {'lower' if scorer.scale.lower_better else 'higher'} is "
-          "better)", file=sys.stderr)
-    if errors:
-        raise SystemExit(1)

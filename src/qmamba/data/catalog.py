@@ -8,6 +8,7 @@ normalise scores and reporting can map them back. Formats and quirks: ``data/REA
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from .errors import DatasetError
 
 __all__ = ["DATASETS", "DatasetInfo", "DatasetError", "load_dataset", "dataset_info"]
 
+log = logging.getLogger(__name__)
 SplitProtocol = Literal["content", "random"]
 
 
@@ -79,8 +81,13 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
-def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **options: object) -> pd.DataFrame:
-    """Label table of dataset ``name`` unpacked at ``root`` (default: its ``data/`` folder)."""
+def load_dataset(name: str, root: str | os.PathLike[str] | None = None,
+                 score_range: tuple[float, float] | None = None, **options: object) -> pd.DataFrame:
+    """Label table of dataset ``name`` unpacked at ``root`` (default: its ``data/`` folder).
+
+    Every score must lie on the dataset's scale (its known range, or the one a loader option selects, e.g. KonIQ's
+    ``score: MOS`` is 1-5); ``score_range`` declares another scale for relabelled data. The table's
+    ``attrs["score_range"]`` is the scale in force, which training normalises with."""
     info = dataset_info(name)
     root = Path(root if root is not None else info.default_root)
     if not root.is_dir():
@@ -88,8 +95,31 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, **option
             f"{name}: dataset folder {root} does not exist. Unpack the official release there "
             f"(expected layout in data/README.md) or set the dataset's root."
         )
-    table = _LOADERS[name](root.resolve(), **options)
-    return _check_table(name, table)
+    table = _check_table(name, _LOADERS[name](root.resolve(), **options))
+    low, high = score_range or table.attrs.get("score_range") or info.score_range
+    _check_scale(name, table, low, high)
+    table.attrs["score_range"] = (float(low), float(high))
+    return table
+
+
+def _check_scale(name: str, table: pd.DataFrame, low: float, high: float) -> None:
+    """Scores far off the scale (beyond a fifth of its span) are an error; slightly off ones (LIVE's realigned DMOS
+    reaches a little past 0-100 by design) are kept and logged."""
+
+    def outside(lo: float, hi: float) -> tuple[int, str]:
+        rows = table.index[(table["score"] < lo) | (table["score"] > hi)]
+        return len(rows), ", ".join(f"{table.loc[i, 'path']} ({table.loc[i, 'score']:g})" for i in rows[:3])
+
+    margin = 0.2 * (high - low)
+    count, examples = outside(low - margin, high + margin)
+    if count:
+        raise DatasetError(
+            f"{name}: {count} of {len(table)} scores lie far outside its {low:g}-{high:g} scale, e.g. {examples}; "
+            "fix the label file, or if your labels use another scale set score_range: [low, high] for the dataset")
+    count, examples = outside(low, high)
+    if count:
+        log.warning("%s: %d scores lie slightly outside its %g-%g scale (e.g. %s); kept as they are", name, count,
+                    low, high, examples)
 
 
 def _require(path: Path, name: str) -> Path:
@@ -155,6 +185,9 @@ def _check_table(name: str, table: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------------- loaders
+KONIQ_SETS = {"training": "train", "validation": "val", "test": "test"}  # koniq10k_distributions_sets.csv's names
+
+
 @_register(DatasetInfo("koniq10k", (0.0, 100.0), False, "random", "data/koniq10k", official_split=True))
 def _koniq10k(root: Path, resolution: str = "1024x768", score: str = "MOS_zscore") -> pd.DataFrame:
     """KonIQ-10k: ``koniq10k_scores_and_distributions.csv`` (MOS_zscore 0-100 by default, or MOS 1-5) with the
@@ -166,10 +199,12 @@ def _koniq10k(root: Path, resolution: str = "1024x768", score: str = "MOS_zscore
     split_file = root / "koniq10k_distributions_sets.csv"
     if split_file.is_file():
         sets = _read_csv(split_file, "koniq10k", ["image_name", "set"]).set_index("image_name")["set"]
-        split = sets.map({"training": "train", "validation": "val", "test": "test"})
+        split = sets.map(lambda name: KONIQ_SETS.get(name, f"unknown set {name!r}"))  # named by the split check
     else:
         split = official_split("koniq10k")
     table["split"] = table["name"].map(split)
+    if score == "MOS":
+        table.attrs["score_range"] = (1.0, 5.0)  # the raw 5-point MOS instead of the 0-100 z-score rescaling
     return table
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from qmamba.preprocessing import EvalCrops, Preprocessing
+from qmamba.scale import ScoreScale
 from qmamba.trained import DataSpec
 
 from .catalog import DatasetError, dataset_info, load_dataset
@@ -44,6 +45,8 @@ class DatasetConfig:
         label: name used in metric keys and outputs (default: ``name``), e.g. ``demo_kadid``.
         protocol: ``auto`` (the dataset's community protocol), ``content``, ``random`` or ``official``.
         options: loader options, e.g. ``{resolution: 512x384}`` for KonIQ.
+        score_range: the (low, high) scale of relabelled data; by default the dataset's own (labels outside it
+            are an error).
         short_side: resize images to this shorter side before training (once, into ``cache_dir``); ``auto`` is
             the dataset's default (512 for SPAQ, native resolution for the others), None keeps the originals.
         cache_dir: folder of the resized copies (default ``<root>/qmamba_short<N>``).
@@ -54,6 +57,7 @@ class DatasetConfig:
     label: str | None = None
     protocol: Literal["auto", "content", "random", "official"] = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    score_range: tuple[float, float] | None = None
     short_side: int | Literal["auto"] | None = "auto"
     cache_dir: str | None = None
 
@@ -140,13 +144,19 @@ class IQADataModule(L.LightningDataModule):
             return
         self._seed = seed = int(torch.initial_seed() % 2**31)  # follows seed_everything; albumentations needs it
         self._splits = []
-        for index, (config, scale) in enumerate(zip(self.configs, self.scales, strict=True)):
+        for index, config in enumerate(self.configs):
             info = dataset_info(config.name)
-            table = self._usable_images(config, load_dataset(config.name, config.root, **config.options))
+            labels = load_dataset(config.name, config.root, config.score_range, **config.options)
+            # the scale in force: the dataset's, a loader option's (KonIQ's 1-5 MOS) or the config's score_range
+            self.scales[index] = scale = ScoreScale(*labels.attrs["score_range"], info.lower_better)
+            table = self._usable_images(config, labels)
             protocol = info.protocol if config.protocol == "auto" else config.protocol
-            if config.protocol == "auto" and info.official_split and "split" in table and table["split"].notna().all():
+            if config.protocol == "auto" and info.official_split:  # never a silent fallback from the official split
                 protocol = "official"
-            splits = make_splits(table, protocol, self.split_seed, self.test_fraction, self.val_fraction)
+            try:
+                splits = make_splits(table, protocol, self.split_seed, self.test_fraction, self.val_fraction)
+            except DatasetError as err:
+                raise DatasetError(f"{config.key}: {err}") from None
             if len(splits["val"]) == 0:
                 log.warning("%s: no validation split; validating on the test split (best-on-test selection)",
                             config.key)

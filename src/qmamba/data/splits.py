@@ -29,9 +29,7 @@ def make_splits(
 ) -> dict[str, np.ndarray]:
     """Row indices per split. Fractions are of the whole dataset; the validation part comes out of training."""
     if protocol == "official":
-        if "split" not in table or table["split"].isna().any():
-            raise DatasetError("the official split needs a 'split' label for every image (e.g. KonIQ's "
-                               "koniq10k_distributions_sets.csv next to the scores file)")
+        _check_official(table)
         return {s: np.flatnonzero(table["split"].to_numpy() == s) for s in SPLITS}
     if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1 - test_fraction:
         raise ValueError(f"bad split fractions: test {test_fraction}, val {val_fraction}")
@@ -53,6 +51,20 @@ def make_splits(
     if len(groups["train"]) == 0:
         raise DatasetError(f"too few {'references' if protocol == 'content' else 'images'} ({len(unique)}) to split")
     return {s: np.flatnonzero(np.isin(units, groups[s])) for s in SPLITS}
+
+
+def _check_official(table: pd.DataFrame) -> None:
+    """Every image needs a train / val / test label: a partial split file must never turn into another protocol."""
+    split = table["split"] if "split" in table else pd.Series([None] * len(table), index=table.index)
+    bad = table[~split.isin(SPLITS)]
+    if len(bad):
+        names = bad["name"] if "name" in bad else bad["path"]
+        shown = ", ".join(f"{n}: {'no entry' if pd.isna(v) else v}"
+                          for n, v in zip(names[:3], split[bad.index][:3], strict=True))
+        raise DatasetError(
+            f"the official split does not label {len(bad)} of {len(table)} images with train / val / test ({shown}"
+            f"{', ...' if len(bad) > 3 else ''}); fix the split file (KonIQ-10k: koniq10k_distributions_sets.csv, "
+            "sets training / validation / test) or set protocol: random (or content) for a seeded split instead")
 
 
 def save_splits(table: pd.DataFrame, splits: dict[str, np.ndarray], path: str | os.PathLike[str]) -> None:

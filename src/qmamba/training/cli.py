@@ -16,19 +16,28 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would q
 
 import torch  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
-from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 import qmamba  # noqa: E402
 from qmamba.data import IQADataModule  # noqa: E402
-from qmamba.training.callbacks import AtomicCheckpointIO, PlainProgress, RunCheckpoint  # noqa: E402
+from qmamba.errors import UsageError  # noqa: E402
+from qmamba.run_folder import RunLock, prepare_fit_folder  # noqa: E402
+from qmamba.training.callbacks import (  # noqa: E402
+    AtomicCheckpointIO,
+    PlainProgress,
+    PredictionWriter,
+    RunCheckpoint,
+)
 from qmamba.training.module import QMambaIQA  # noqa: E402
 
 __all__ = ["QMambaCLI", "main", "run_dir", "run_lightning_cli"]
 
 log = logging.getLogger("qmamba")
 CHECKPOINT_ALIASES = ("best", "last")
+_HELD_LOCKS: list[RunLock] = []  # run-folder locks of the fits this process runs, released when each ends
 
 
 class QMambaCLI(LightningCLI):
@@ -49,6 +58,8 @@ class QMambaCLI(LightningCLI):
         })
         # a schedule that needs the run length (WarmupCosine) gets the trainer's: one number to change, not two
         parser.link_arguments("trainer.max_epochs", "model.init_args.scheduler.init_args.max_epochs", apply_on="parse")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: replace the run already in the run folder (otherwise fit refuses it)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -62,8 +73,16 @@ class QMambaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        accelerator = str(config.trainer.accelerator)
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise UsageError(f"the config asks for trainer.accelerator: {accelerator} and no CUDA GPU is visible here; "
+                             "run it on a GPU machine, or add --trainer.accelerator cpu (slow for the paper recipes)")
+        if self.subcommand == "fit" and rank_zero_only.rank == 0:  # DDP's other ranks join the folder rank 0 holds
+            _HELD_LOCKS.append(prepare_fit_folder(run_dir(config), resuming=bool(config.ckpt_path),
+                                                  overwrite=config.overwrite))
+            config.overwrite = False  # the saved config.yaml must not replace the run again when reused
         precision = str(config.trainer.precision)
-        on_cpu = str(config.trainer.accelerator) == "cpu" or not torch.cuda.is_available()
+        on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
         if "mixed" in precision and on_cpu:
             # CPU bf16 autocast gave no reliable speed-up for QMamba on the 2-core CI machine; fp32 is exact
             log.warning("precision %s is meant for GPUs; no GPU here, so running in 32-true on the CPU", precision)
@@ -79,6 +98,9 @@ class QMambaCLI(LightningCLI):
             self.save_config_callback = save_config
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter())  # predictions nobody keeps would be computed for nothing
+            log.info("predict: writing predictions.csv into the run folder (add a prediction writer to change it)")
         if not sys.stderr.isatty():  # a log or CI: whole lines instead of the default bar's carriage returns
             trainer.callbacks[:] = [PlainProgress() if type(cb) is TQDMProgressBar else cb for cb in trainer.callbacks]
         return trainer
@@ -97,6 +119,14 @@ def run_lightning_cli(args: ArgsType) -> None:
     """One LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) with qmamba's classes."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_float32_matmul_precision("high")
+    try:
+        _run_cli(args)
+    finally:
+        while _HELD_LOCKS:
+            _HELD_LOCKS.pop().release()
+
+
+def _run_cli(args: ArgsType) -> None:
     QMambaCLI(
         QMambaIQA,
         IQADataModule,

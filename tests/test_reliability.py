@@ -1,0 +1,182 @@
+"""Nothing lost, nothing silently wrong: each case of what can go wrong, and what qmamba does about it (the
+scoring cases are tested in tests/test_scoring.py).
+
+| case | what happens |
+| --- | --- |
+| fit into a folder that holds a finished run | refused on one line (resume, new name or --overwrite); files untouched |
+| fit --overwrite true into it | the earlier run's files are removed first; the saved config does not repeat the flag |
+| fit into a folder another live run holds | refused, naming that process |
+| a lock left by a killed run | taken over with a warning |
+| temporary files left by a killed atomic write | removed when the next fit starts there |
+| a KonIQ split file missing a row, or with an unknown set name, under protocol: auto | an error naming the rows |
+| the same with protocol: random | the seeded random split, as asked |
+| the README's GPU command on a machine without a GPU | one line: run on a GPU, or --trainer.accelerator cpu |
+| qmamba predict without a prediction writer | writes predictions.csv into the run folder and says so |
+| a label far off the dataset's scale (47 or -3 on KADID's 1-5) | an error naming the file and value |
+| a label slightly off it (5.3; LIVE's realigned DMOS by design) | kept, with a warning |
+| relabelled data on another scale | score_range: [low, high] declares it, and training normalises with it |
+| KonIQ's raw MOS (options: {score: MOS}) | trained on 1-5, not squeezed into 0.01-0.05 of the 0-100 scale |
+| qmamba score -o to a folder or a path under a file; --crops 0, --batch-size 0 | refused before any image |
+| names with commas on stdout; symlinked folders, link loops, dangling links | quoted CSV; followed once; reported |
+| predictions outside the training scale | flagged in the output, or clipped with --clip |
+| SIGINT / SIGTERM while scoring | the batch finishes; <output>.partial keeps every score; exit 130 / 143 |
+| export from a fresh process | works (scan tables are built before tracing): tests/test_scoring.py |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from iqa_fixtures import make_kadid, make_koniq
+
+from qmamba.cli import main
+from qmamba.data import DatasetConfig, DatasetError, IQADataModule, load_dataset
+
+CONF = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+@pytest.fixture
+def finished(tmp_path, monkeypatch):
+    """A finished tiny run in runs/tiny (cwd = tmp_path) and its config."""
+    make_kadid(tmp_path / "kadid")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONF.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(config)])
+    return tmp_path / "runs" / "tiny", config
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _refused(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("qmamba: error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_fit_refuses_a_folder_that_holds_a_finished_run(finished, capsys):
+    run, config = finished
+    before = {p.name: _digest(p) for p in (run / "checkpoints").glob("*.ckpt")}
+    saved_config = _digest(run / "config.yaml")
+    for args in (["--config", str(config)], ["--config", str(run / "config.yaml")]):  # README's resume, minus ckpt
+        message = _refused(capsys, "fit", *args)
+        assert "already holds a run" in message and "--ckpt_path last" in message and "--overwrite true" in message
+    assert {p.name: _digest(p) for p in (run / "checkpoints").glob("*.ckpt")} == before
+    assert _digest(run / "config.yaml") == saved_config
+    assert not (run / ".qmamba.lock").exists()  # the refused fit released its lock
+
+
+def test_overwrite_replaces_the_run_and_is_not_saved(finished, capsys):
+    run, config = finished
+    stale_event = next(run.glob("events.out.tfevents.*"))
+    main(["fit", "--config", str(config), "--overwrite", "true"])
+    assert not stale_event.exists() and (run / "checkpoints" / "best.ckpt").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["overwrite"] is False
+    _refused(capsys, "fit", "--config", str(run / "config.yaml"))  # reusing the saved config does not overwrite
+
+
+def test_resume_is_allowed_into_its_own_folder(finished):
+    run, _ = finished
+    main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path, monkeypatch, capsys, caplog):
+    make_kadid(tmp_path / "kadid")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONF.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".qmamba.lock").write_text(f"{other.pid} {socket.gethostname()}")
+        message = _refused(capsys, "fit", "--config", str(config))
+        assert f"in use by another qmamba run (pid {other.pid}" in message
+    finally:
+        other.kill()
+        other.wait()
+    (run / "checkpoints").mkdir()
+    leftover = run / "checkpoints" / ".best.ckpt.k3j2.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    main(["fit", "--config", str(config)])  # the lock's process is gone now: stale
+    assert "taking over a stale lock" in caplog.text
+    assert not leftover.exists() and (run / "checkpoints" / "best.ckpt").is_file()
+    assert not (run / ".qmamba.lock").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing row", "renamed set"])
+def test_a_damaged_official_split_is_an_error_not_a_random_split(tmp_path, damage):
+    make_koniq(tmp_path, n=20)
+    sets_file = tmp_path / "koniq10k_distributions_sets.csv"
+    sets = pd.read_csv(sets_file)
+    if damage == "missing row":
+        sets = sets.drop(index=3)
+    else:
+        sets["set"] = sets["set"].replace("training", "train")
+    sets.to_csv(sets_file, index=False)
+
+    def data(protocol: str) -> IQADataModule:
+        return IQADataModule([DatasetConfig("koniq10k", str(tmp_path), protocol=protocol)], batch_size=4,
+                             crop_size=32, eval_crops=1, num_workers=0, check_images="off")
+
+    with pytest.raises(DatasetError, match="koniq10k: the official split does not label") as error:
+        data("auto").setup()
+    assert ("1003.jpg: no entry" if damage == "missing row" else "1002.jpg: unknown set 'train'") in str(error.value)
+    assert "protocol: random" in str(error.value)
+    random = data("random")
+    random.setup()
+    assert sum(len(d) for name in ("train", "val", "test") for d in random.split(name)) == 20
+
+
+@pytest.mark.parametrize("bad, far", [(47.0, True), (-3.0, True), (5.3, False)])
+def test_labels_off_the_dataset_scale_are_named(tmp_path, bad, far, caplog):
+    """KADID's scale is 1-5: 47 or -3 is a broken label file, 5.3 a rounding artefact worth a warning."""
+    make_kadid(tmp_path, refs=2)
+    labels = pd.read_csv(tmp_path / "dmos.csv")
+    labels.loc[4, "dmos"] = bad
+    labels.to_csv(tmp_path / "dmos.csv", index=False)
+    if far:
+        with pytest.raises(DatasetError, match=f"1 of 10 scores lie far outside its 1-5 scale.*{bad:g}\\)"):
+            load_dataset("kadid10k", tmp_path)
+        table = load_dataset("kadid10k", tmp_path, score_range=(-5.0, 50.0))  # relabelled data: declared scale
+        assert table.attrs["score_range"] == (-5.0, 50.0)
+    else:
+        load_dataset("kadid10k", tmp_path)
+        assert "1 scores lie slightly outside its 1-5 scale" in caplog.text
+
+
+def test_koniq_raw_mos_option_trains_on_its_own_1_to_5_scale(tmp_path):
+    make_koniq(tmp_path, n=10)
+    data = IQADataModule([DatasetConfig("koniq10k", str(tmp_path), options={"score": "MOS"})], batch_size=4,
+                         crop_size=32, eval_crops=1, num_workers=0, check_images="off")
+    data.setup()
+    scale = data.spec.scales[0]
+    assert (scale.low, scale.high) == (1.0, 5.0)
+    targets = [t for d in data.split("train") for t in d.targets]
+    assert min(targets) >= 0.0 and max(targets) > 0.5  # unit targets span the range, not 0.01-0.05
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_a_gpu_recipe_on_a_machine_without_gpu_is_one_line(tmp_path, monkeypatch, capsys):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(configs / "recipe.yaml"), "--config", str(configs / "universal.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("qmamba: error: the config asks for trainer.accelerator: gpu") and "cpu" in err[-1]
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
