@@ -114,6 +114,9 @@ def test_train_crops_are_random_native_resolution_and_seeded():
     assert crops[0].shape == (3, 32, 32)
     assert torch.equal(first, crops[0])  # same seed, same first crop
     assert not all(torch.equal(crops[0], c) for c in crops[1:])
+    seeded = transform(image, seed=123)
+    assert torch.equal(TrainCrop(Preprocessing(32), seed=99)(image, seed=123), seeded)  # the item's seed alone
+    assert not all(torch.equal(transform(image, seed=s), seeded) for s in range(124, 130))
     with pytest.raises(ImageTooSmallError, match="smaller than the 96x96 crop"):
         TrainCrop(Preprocessing(96), seed=0)(image)
     with pytest.raises(ImageTooSmallError, match="smaller than the 96x96 crop"):

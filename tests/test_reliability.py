@@ -12,6 +12,7 @@ scoring cases are tested in tests/test_scoring.py).
 | the same with protocol: random | the seeded random split, as asked |
 | the README's GPU command on a machine without a GPU | one line: run on a GPU, or --trainer.accelerator cpu |
 | qmamba predict without a prediction writer | writes predictions.csv into the run folder and says so |
+| a run killed (SIGKILL) at any point, resumed with --ckpt_path last | the uninterrupted run's weights, bit for bit |
 | a label far off the dataset's scale (47 or -3 on KADID's 1-5) | an error naming the file and value |
 | a label slightly off it (5.3; LIVE's realigned DMOS by design) | kept, with a warning |
 | relabelled data on another scale | score_range: [low, high] declares it, and training normalises with it |
@@ -26,9 +27,11 @@ scoring cases are tested in tests/test_scoring.py).
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -180,3 +183,42 @@ def test_a_gpu_recipe_on_a_machine_without_gpu_is_one_line(tmp_path, monkeypatch
     assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("qmamba: error: the config asks for trainer.accelerator: gpu") and "cpu" in err[-1]
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def _fit_process(config: Path, cwd: Path, name: str, *extra: str) -> subprocess.Popen:
+    args = ["fit", "--config", str(config), "--trainer.max_epochs", "4", "--trainer.logger.init_args.name", name,
+            "--data.init_args.train_repeats", "6", "--model.init_args.head_dropout", "0.3",
+            "--model.init_args.backbone_args", "{drop_path_rate: 0.2}",
+            "--model.init_args.scheduler", "qmamba.training.WarmupCosine", *extra]
+    return subprocess.Popen([sys.executable, "-m", "qmamba", *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Crops, flips, dropout and drop-path come from (seed, epoch, position): SIGKILL anywhere + --ckpt_path last
+    ends bit-identical to a run that was never interrupted (CPU, deterministic kernels)."""
+    make_kadid(tmp_path / "kadid")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONF.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
+    whole = _fit_process(config, tmp_path, "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    expected = torch.load(tmp_path / "runs" / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    for attempt, delay in enumerate((0.0, 0.4, 0.9)):
+        name = f"killed{attempt}"
+        process = _fit_process(config, tmp_path, name)
+        last = tmp_path / "runs" / name / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 300
+        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+        stopped_at = torch.load(last, weights_only=True)["epoch"]
+        assert stopped_at < 3, "the run finished before it could be killed; make its epochs longer"
+        resumed = _fit_process(config, tmp_path, name, "--ckpt_path", "last")
+        assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+        final = torch.load(last, weights_only=True)
+        assert final["epoch"] == expected["epoch"] and final["global_step"] == expected["global_step"]
+        for key, value in expected["state_dict"].items():
+            assert torch.equal(final["state_dict"][key], value), (delay, stopped_at, key)

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from qmamba.data.sampler import MultiDatasetBatchSampler, ShardSampler, dataset_shares
+from qmamba.data.sampler import MultiDatasetBatchSampler, SeededBatches, ShardSampler, dataset_shares
 
 SIZES = [779, 10_073, 1_162]  # LIVE, KonIQ, LIVEC
 
@@ -96,3 +96,20 @@ def test_epoch_samples_and_bad_arguments():
 def test_shard_sampler_covers_every_item_once():
     shards = [list(ShardSampler(10, r, 3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(10)) and [len(s) for s in shards] == [4, 3, 3]
+
+
+def test_seeded_batches_pair_each_draw_with_a_seed_of_seed_epoch_and_position():
+    def seeded(rank: int = 0, world: int = 1, epoch: int = 0) -> list[list[tuple[int, int]]]:
+        batches = SeededBatches(MultiDatasetBatchSampler([30, 10], 4, seed=7, rank=rank, world_size=world))
+        batches.set_epoch(epoch)
+        return list(batches)
+
+    plain = MultiDatasetBatchSampler([30, 10], 4, seed=7)
+    first = seeded()
+    assert [[i for i, _ in batch] for batch in first] == list(plain)  # the same draws, with seeds attached
+    assert first == seeded() and first != seeded(epoch=1)  # a function of (seed, epoch) only
+    seeds = [s for batch in first for _, s in batch]
+    assert len(set(seeds)) == len(seeds)
+    shards = [seeded(rank, 2) for rank in (0, 1)]
+    assert sorted(x for shard in shards for batch in shard for x in batch) == sorted(
+        x for batch in first for x in batch)  # ranks split the single-process epoch, seeds included

@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from qmamba.preprocessing import EvalCrops, Preprocessing
 from qmamba.scale import ScoreScale
@@ -25,8 +25,8 @@ from qmamba.trained import DataSpec
 
 from .catalog import DatasetError, dataset_info, load_dataset
 from .checks import CheckMode, check_images, report_problems
-from .dataset import IQADataset
-from .sampler import MultiDatasetBatchSampler, ShardSampler, Strategy, dataset_shares
+from .dataset import IQADataset, SeededConcat
+from .sampler import MultiDatasetBatchSampler, SeededBatches, ShardSampler, Strategy, dataset_shares
 from .splits import make_splits, save_splits
 from .transforms import TrainCrop
 
@@ -238,7 +238,9 @@ class IQADataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(ConcatDataset(self.split("train")), batch_sampler=self.train_sampler())
+        trainer = self.trainer
+        epoch = (lambda: trainer.current_epoch) if trainer is not None else None
+        return self._loader(SeededConcat(self.split("train")), batch_sampler=SeededBatches(self.train_sampler(), epoch))
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         batch = max(1, self.batch_size // self.eval_crops)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from .images import read_rgb
 
-__all__ = ["IQADataset"]
+__all__ = ["IQADataset", "SeededConcat"]
 
 
 class IQADataset(Dataset):
@@ -24,7 +25,7 @@ class IQADataset(Dataset):
         self,
         paths: Sequence[str],
         scores: np.ndarray | None,
-        transform: Callable[[np.ndarray], torch.Tensor],
+        transform: Callable[..., torch.Tensor],
         dataset_index: int = 0,
         cache: dict[str, np.ndarray] | None = None,
     ) -> None:
@@ -45,10 +46,26 @@ class IQADataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, object]:
+        return self.item(index)
+
+    def item(self, index: int, seed: int | None = None) -> dict[str, object]:
+        """Item ``index``; ``seed`` fixes a random transform's draw for it (see :class:`SeededConcat`)."""
+        image = self._image(self.paths[index])
         return {
-            "image": self.transform(self._image(self.paths[index])),
+            "image": self.transform(image) if seed is None else self.transform(image, seed=seed),
             "target": torch.tensor(self.targets[index]),
             "index": index,
             "dataset": self.dataset_index,
             "path": self.paths[index],
         }
+
+
+class SeededConcat(ConcatDataset):
+    """The training datasets back to back, indexed by the ``(index, seed)`` pairs of
+    :class:`~qmamba.data.sampler.SeededBatches`."""
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, object]:  # type: ignore[override]
+        index, seed = key
+        which = bisect.bisect_right(self.cumulative_sizes, index)
+        local = index - (self.cumulative_sizes[which - 1] if which else 0)
+        return self.datasets[which].item(local, seed)  # type: ignore[attr-defined]

@@ -13,19 +13,20 @@ single-dataset batches keep those losses meaningful; ``mixed=True`` gives batche
 regression losses.
 
 Every rank builds the same global list of batches from ``(seed, epoch)`` and takes every ``world_size``-th one, so
-ranks see disjoint draws and the same number of batches (no rank waits in an all-reduce); ``set_epoch`` (called by
-Lightning each epoch) reshuffles. Use it with ``Trainer(use_distributed_sampler=False)``, the qmamba CLI default.
+ranks see disjoint draws and the same number of batches (no rank waits in an all-reduce); ``set_epoch`` reshuffles
+(:class:`SeededBatches` calls it with the trainer's epoch). Use it with ``Trainer(use_distributed_sampler=False)``,
+the qmamba CLI default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["MultiDatasetBatchSampler", "ShardSampler", "dataset_shares"]
+__all__ = ["MultiDatasetBatchSampler", "SeededBatches", "ShardSampler", "dataset_shares"]
 
 Strategy = Literal["proportional", "balanced", "temperature"]
 
@@ -128,6 +129,35 @@ class MultiDatasetBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches()[self.rank :: self.world_size]:
             yield batch.tolist()
+
+
+class SeededBatches(Sampler[list[tuple[int, int]]]):
+    """The batches of a :class:`MultiDatasetBatchSampler` with a seed for each item, derived from (seed, epoch,
+    position): an item's random crop and flip then depend on nothing else, not on loader processes and not on what
+    ran before a resume, so a resumed run repeats the uninterrupted one.
+
+    ``epoch`` returns the epoch about to run (the DataModule passes the trainer's). Lightning itself calls
+    ``set_epoch`` only on a loader's ``sampler`` and ``batch_sampler.sampler``, never on a batch sampler, so without
+    it every epoch would draw the same batches."""
+
+    def __init__(self, batches: MultiDatasetBatchSampler, epoch: Callable[[], int] | None = None) -> None:
+        self.batches, self.epoch = batches, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.batches
+        if self.epoch is not None:
+            b.set_epoch(self.epoch())
+        global_batches = b.global_batches()
+        seeds = np.random.default_rng([b.seed, b.epoch, 1]).integers(0, 2**31, size=global_batches.shape)
+        for batch, batch_seeds in zip(global_batches[b.rank :: b.world_size], seeds[b.rank :: b.world_size],
+                                      strict=True):
+            yield list(zip(batch.tolist(), batch_seeds.tolist(), strict=True))
 
 
 class ShardSampler(Sampler[int]):

@@ -29,6 +29,9 @@ class TrainCrop:
         # an int seed makes albumentations worker-aware (seed + torch.initial_seed() per worker)
         self.pipeline = A.Compose([A.RandomCrop(size, size), A.HorizontalFlip(p=0.5)], seed=seed)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+        """A random crop of ``image``; with ``seed``, the crop and flip are that seed's (and nothing else's)."""
         self.preprocessing.check_size(image)
+        if seed is not None:
+            self.pipeline.set_random_seed(seed)
         return self.preprocessing.normalize(self.pipeline(image=image)["image"])

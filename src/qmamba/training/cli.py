@@ -71,6 +71,12 @@ class QMambaCLI(LightningCLI):
                 self.parser.error(f"--ckpt_path {alias}: {path} does not exist; pass the checkpoint file instead")
             self.config[subcommand]["ckpt_path"] = str(path)
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config as given when a checkpoint path is passed. LightningCLI would re-parse the checkpoint's
+        hyper-parameters into the model's arguments, which resets those they lack (the optimizer and the scheduler,
+        which are not saved) to their defaults: a resumed run would silently train with another learning rate and
+        no schedule. A qmamba run's config.yaml already holds every argument."""
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         accelerator = str(config.trainer.accelerator)

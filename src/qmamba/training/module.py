@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
@@ -72,6 +73,7 @@ class QMambaIQA(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.spec = DataSpec()  # the datasets' names, scales and preprocessing: from the DataModule or a checkpoint
         self.eval_stores = nn.ModuleDict()
+        self._base_seed = 0
 
     def forward(self, images: Tensor) -> Tensor:
         """Unit-scale quality scores (B,) of a (B, 3, H, W) batch."""
@@ -79,6 +81,7 @@ class QMambaIQA(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        self._base_seed = torch.initial_seed()  # seed_everything's: the same in a run and in its resumption
         if isinstance(self._datamodule(), IQADataModule):
             self.spec = self._datamodule().spec
         for split in ("val", "test"):
@@ -101,6 +104,15 @@ class QMambaIQA(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._log_scan_backend()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Every epoch's random stream (dropout, drop-path) comes from (seed, epoch, rank) alone, so an epoch
+        resumed from ``last.ckpt`` draws what the uninterrupted run drew. Seeded at the epoch's first step, not at
+        its start: Lightning creates the epoch's loader (which draws from the stream) at different moments in a
+        fresh and in a resumed run."""
+        if batch_idx == 0:
+            seed = np.random.SeedSequence([self._base_seed, self.current_epoch, self.global_rank]).generate_state(1)
+            torch.manual_seed(int(seed[0]))
 
     def on_test_start(self) -> None:
         self._log_scan_backend()
