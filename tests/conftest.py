@@ -1,11 +1,15 @@
-"""Shared test configuration: CPU by default, `gpu` tests skipped without CUDA."""
+"""Shared test configuration: CPU by default, `gpu` tests skipped without CUDA; the tiny-run work folder."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from iqa_fixtures import make_kadid
+
+TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -17,3 +21,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A KADID-format fixture and the tiny run config pointing at it; cwd = tmp_path (runs/ lands there)."""
+    make_kadid(tmp_path / "kadid")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, config

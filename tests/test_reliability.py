@@ -11,8 +11,14 @@ scoring cases are tested in tests/test_scoring.py).
 | a KonIQ split file missing a row, or with an unknown set name, under protocol: auto | an error naming the rows |
 | the same with protocol: random | the seeded random split, as asked |
 | the README's GPU command on a machine without a GPU | one line: run on a GPU, or --trainer.accelerator cpu |
+| batch_size, crop_size, eval_crops or train_repeats below 1 | one line naming the key, exit 2, before any image |
+| an unknown backbone or dataset name | one line listing the names there are |
+| qmamba test with a missing, empty, truncated, random-bytes or plain-state-dict checkpoint | one line saying which |
 | qmamba predict without a prediction writer | writes predictions.csv into the run folder and says so |
 | a run killed (SIGKILL) at any point, resumed with --ckpt_path last | the uninterrupted run's weights, bit for bit |
+| a label file in Latin-1, empty, or with a header only | one line naming the file and the fix |
+| a label file in UTF-16 with its byte-order mark | read (the encoding is unambiguous) |
+| an image above Pillow's decompression-bomb limit | reported with every other image problem, not a stop |
 | a label far off the dataset's scale (47 or -3 on KADID's 1-5) | an error naming the file and value |
 | a label slightly off it (5.3; LIVE's realigned DMOS by design) | kept, with a warning |
 | relabelled data on another scale | score_range: [low, high] declares it, and training normalises with it |
@@ -43,16 +49,11 @@ from iqa_fixtures import make_kadid, make_koniq
 from qmamba.cli import main
 from qmamba.data import DatasetConfig, DatasetError, IQADataModule, load_dataset
 
-CONF = Path(__file__).parent / "conf" / "tiny.yaml"
-
 
 @pytest.fixture
-def finished(tmp_path, monkeypatch):
-    """A finished tiny run in runs/tiny (cwd = tmp_path) and its config."""
-    make_kadid(tmp_path / "kadid")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(CONF.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
-    monkeypatch.chdir(tmp_path)
+def finished(workdir):
+    """A finished tiny run in runs/tiny (cwd = the work folder) and its config."""
+    tmp_path, config = workdir
     main(["fit", "--config", str(config)])
     return tmp_path / "runs" / "tiny", config
 
@@ -97,11 +98,8 @@ def test_resume_is_allowed_into_its_own_folder(finished):
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path, monkeypatch, capsys, caplog):
-    make_kadid(tmp_path / "kadid")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(CONF.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
-    monkeypatch.chdir(tmp_path)
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(workdir, capsys, caplog):
+    tmp_path, config = workdir
     run = tmp_path / "runs" / "tiny"
     run.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -195,12 +193,10 @@ def _fit_process(config: Path, cwd: Path, name: str, *extra: str) -> subprocess.
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(tmp_path):
+def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(workdir):
     """Crops, flips, dropout and drop-path come from (seed, epoch, position): SIGKILL anywhere + --ckpt_path last
     ends bit-identical to a run that was never interrupted (CPU, deterministic kernels)."""
-    make_kadid(tmp_path / "kadid")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(CONF.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
+    tmp_path, config = workdir
     whole = _fit_process(config, tmp_path, "whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
     expected = torch.load(tmp_path / "runs" / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -222,3 +218,84 @@ def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(tmp_path
         assert final["epoch"] == expected["epoch"] and final["global_step"] == expected["global_step"]
         for key, value in expected["state_dict"].items():
             assert torch.equal(final["state_dict"][key], value), (delay, stopped_at, key)
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", "0"), ("eval_crops", "0"), ("crop_size", "-32")])
+def test_impossible_data_sizes_are_one_line(workdir, capsys, key, value):
+    _, config = workdir
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), f"--data.init_args.{key}", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1] == f"qmamba: error: data.init_args.{key} must be >= 1, got {value}"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("latin-1", "is not UTF-8 text"), ("empty", "is empty"), ("header only", "has a header but no label rows")])
+def test_label_files_that_cannot_be_read_are_named(tmp_path, damage, message):
+    make_kadid(tmp_path, refs=2)
+    labels = tmp_path / "dmos.csv"
+    text = labels.read_text()
+    if damage == "latin-1":
+        labels.write_bytes(text.replace("I01_01_01.png", "I01_01_01_café.png").encode("latin-1"))
+    else:
+        labels.write_text("" if damage == "empty" else text.splitlines()[0] + "\n")
+    with pytest.raises(DatasetError, match=message):
+        load_dataset("kadid10k", tmp_path)
+
+
+def test_utf16_label_files_are_read(tmp_path):
+    make_kadid(tmp_path, refs=2)
+    labels = tmp_path / "dmos.csv"
+    expected = load_dataset("kadid10k", tmp_path)
+    labels.write_bytes(labels.read_text().encode("utf-16"))  # with its byte-order mark: unambiguous
+    pd.testing.assert_frame_equal(load_dataset("kadid10k", tmp_path), expected)
+
+
+def test_a_decompression_bomb_is_reported_with_the_other_image_problems(tmp_path, monkeypatch):
+    from PIL import Image
+
+    make_kadid(tmp_path, refs=2)
+    (tmp_path / "images" / "I02_01_03.png").unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # the 48x40 fixture images now count as bombs
+    data = IQADataModule([DatasetConfig("kadid10k", str(tmp_path))], batch_size=4, crop_size=32, eval_crops=1,
+                         num_workers=0)
+    with pytest.raises(DatasetError) as error:
+        data.setup()
+    report = str(error.value)
+    assert "decompression bomb" in report and "MAX_IMAGE_PIXELS" in report
+    assert "I02_01_03.png" in report  # the missing file is in the same report
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--model.init_args.backbone", "qmamba_tiny_typo", "unknown model 'qmamba_tiny_typo'; available: "),
+    ("--data.init_args.datasets", "[{name: koniq}]", "unknown dataset 'koniq'; available: "),
+])
+def test_unknown_names_are_one_line(workdir, capsys, flag, value, message):
+    _, config = workdir
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code in (1, 2) and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"qmamba: error: {message}")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "is empty (0 bytes)"), ("random bytes", "is not a PyTorch checkpoint"),
+    ("truncated", "is damaged or truncated"), ("plain state dict", "is not a checkpoint written by qmamba training"),
+    ("missing", "checkpoint file not found"),
+])
+def test_qmamba_test_with_a_bad_checkpoint_is_one_line(finished, capsys, damage, message):
+    run, _ = finished
+    good = run / "checkpoints" / "best.ckpt"
+    bad = run.parent / "bad.ckpt"
+    if damage == "plain state dict":
+        torch.save(torch.load(good, weights_only=True)["state_dict"], bad)
+    elif damage != "missing":
+        contents = {"empty": b"", "random bytes": bytes(range(7, 250)), "truncated": good.read_bytes()[:5000]}
+        bad.write_bytes(contents[damage])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and message in err[-1] and err[-1].startswith("qmamba: error:")
+    assert "Traceback" not in "\n".join(err)

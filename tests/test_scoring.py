@@ -221,3 +221,34 @@ def test_a_signal_finishes_the_batch_and_keeps_every_score(trained, tmp_path, si
     written = int(err.split("images; ")[1].split(" scores written")[0])
     assert 4 <= written == len(table) < 400 and table["score"].notna().all()
     assert table["path"].tolist() == sorted(str(p) for p in images.iterdir())[: len(table)]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "is empty (0 bytes)"), ("random bytes", "is not a PyTorch checkpoint"),
+    ("truncated", "is damaged or truncated"), ("plain state dict", "is not a checkpoint written by qmamba training"),
+])
+def test_bad_checkpoints_are_one_line(trained, tmp_path, capsys, damage, message):
+    root, run = trained
+    good = (run / "checkpoints" / "best.ckpt").read_bytes()
+    bad = tmp_path / "bad.ckpt"
+    if damage == "plain state dict":
+        torch.save(torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"], bad)
+    else:
+        contents = {"empty": b"", "random bytes": bytes(range(7, 250)), "truncated": good[: len(good) // 2]}
+        bad.write_bytes(contents[damage])
+    image = str(next((root / "kadid" / "images").glob("I01_01_01.png")))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--ckpt_path", str(bad), image])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and message in err[0] and err[0].startswith("qmamba: error:")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_score_on_cuda_without_a_gpu_is_one_line(trained, capsys):
+    root, run = trained
+    image = str(next((root / "kadid" / "images").glob("I01_01_01.png")))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), image, "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == ["qmamba: error: device cuda: no CUDA GPU is visible here; use the "
+                                                 "CPU (device cpu)"]

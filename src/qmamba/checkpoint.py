@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,26 @@ def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or download? Copy it again")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}); pass a .ckpt/.pth "
+                              "file written by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
-    except Exception as err:
-        if not trusted and "weights_only" in str(err):
-            raise CheckpointError(
-                f"{path} contains pickled Python objects beyond tensors and plain containers, which safe loading "
-                "refuses (they can execute code). If you trust where the file comes from, load it with "
-                "trusted=True (CLI: --trust_checkpoint true)."
-            ) from err
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    except pickle.UnpicklingError as err:
+        if trusted or "weights_only" not in str(err):
+            raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+        raise CheckpointError(
+            f"{path} contains pickled Python objects beyond tensors and plain containers, which safe loading "
+            "refuses (they can execute code). If you trust where the file comes from, opt in: trusted=True in "
+            "Python, --trust-checkpoint for qmamba score/export, trust_checkpoint: true for a pretrained or "
+            "transfer-source file in a config") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({reason}); copy it again") from err
 
 
 def extract_state_dict(obj: Any, keys: tuple[str, ...] = ("model", "state_dict", "model_ema")) -> dict[str, Any]:

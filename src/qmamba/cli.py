@@ -1,12 +1,15 @@
 """The ``qmamba`` command: one table of subcommands, each module imported only when its command runs.
 
-Commands that only read a checkpoint (``score``, ``export``) and ``--help`` / ``--version`` never import Lightning;
-LightningCLI's subcommands (``fit``, ``validate``, ``test``, ``predict``) get the whole argument list, since
-LightningCLI parses the subcommand itself; every other module's ``main`` gets the arguments after its name.
+Errors the user can fix (:class:`qmamba.errors.QMambaError`) print one line and exit 1 (2 for usage errors);
+``QMAMBA_DEBUG=1`` shows the traceback instead. Commands that only read a checkpoint (``score``, ``export``) and
+``--help`` / ``--version`` never import Lightning. LightningCLI's subcommands (``fit``, ``validate``, ``test``,
+``predict``) get the whole argument list, since LightningCLI parses the subcommand itself; every other module's
+``main`` gets the arguments after its name.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import import_module
 from typing import NamedTuple
@@ -62,6 +65,8 @@ def main(args: list[str] | None = None) -> None:
             import_module(COMMANDS[name].module).main(None if args is None else argv)
         else:
             import_module(COMMANDS[name].module).main(argv[1:])
-    except QMambaError as err:  # user-fixable: a message, not a traceback
+    except QMambaError as err:  # user-fixable: a message, not a traceback (QMAMBA_DEBUG=1 shows it)
+        if os.environ.get("QMAMBA_DEBUG"):
+            raise
         print(f"qmamba: error: {err}", file=sys.stderr)
         raise SystemExit(2 if isinstance(err, UsageError) else 1) from None

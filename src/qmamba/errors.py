@@ -8,5 +8,6 @@ class QMambaError(RuntimeError):
     The command exits with status 1."""
 
 
-class UsageError(QMambaError):
-    """Options that cannot work together or on this machine; the command exits with status 2."""
+class UsageError(QMambaError, ValueError):
+    """An option or name that cannot work (an unknown model, a size below 1, a GPU recipe without a GPU); the
+    command exits with status 2. A ``ValueError`` too, for code that calls qmamba as a library."""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qmamba.errors import UsageError
 from qmamba.scoring import Scorer, load
 
 __all__ = ["export_onnx", "verify_onnx"]
@@ -77,8 +78,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--output", "-o", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
     args = parser.parse_args(argv)
-    scorer = load(args.ckpt_path, device="cpu")
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise UsageError(f"qmamba export needs the export extra ({err.name} is missing): pip install "
+                         "\"qmamba[export]\"") from None
+    scorer = load(args.ckpt_path, device="cpu", trusted=args.trust_checkpoint)
     path = export_onnx(scorer, args.output, args.opset)
     print(f"qmamba export: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if not args.no_verify:

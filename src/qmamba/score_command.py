@@ -139,6 +139,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--clip", action="store_true", help="clip scores to the dataset's scale (default: flag them)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
     args = parser.parse_args(argv)
     for name in ("crops", "batch_size"):
         value = getattr(args, name)
@@ -151,7 +153,7 @@ def main(argv: list[str]) -> None:
 
     try:
         scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, trusted=args.trust_checkpoint)
     except BaseException:
         if partial is not None:
             stream.close()

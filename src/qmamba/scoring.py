@@ -25,6 +25,7 @@ from PIL import Image
 
 from qmamba.checkpoint import CheckpointError
 from qmamba.data.images import read_rgb
+from qmamba.errors import UsageError
 from qmamba.preprocessing import EvalCrops
 from qmamba.scale import ScoreScale
 from qmamba.trained import load_trained
@@ -89,6 +90,8 @@ class Scorer:
         scale = spec.scale_of(dataset)
         evaluation = EvalCrops(spec.preprocessing, crops)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {device}: no CUDA GPU is visible here; use the CPU (device cpu)")
         info = {"checkpoint": str(path), "backbone": trained.architecture["backbone"], "datasets": spec.datasets,
                 "dataset": dataset, "crop_size": evaluation.size, "crops": evaluation.count,
                 "score_range": scale.as_dict()}

@@ -136,7 +136,25 @@ def _with_columns(table: pd.DataFrame, path: Path, name: str, columns: list[str]
 
 
 def _read_csv(path: Path, name: str, columns: list[str]) -> pd.DataFrame:
-    return _with_columns(pd.read_csv(_require(path, name)), path, name, columns)
+    """A label CSV as text in UTF-8 (or UTF-16 / UTF-8 with a byte-order mark); an empty, header-only or otherwise
+    undecodable file is a :class:`DatasetError` that says so."""
+    raw = _require(path, name).read_bytes()
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{name}: {path} is not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r}, "
+                           "e.g. Latin-1); save it as UTF-8, as the official release is") from None
+    if not text.strip():
+        raise DatasetError(f"{name}: {path} is empty; replace it with the label file of the official release")
+    try:
+        table = pd.read_csv(StringIO(text))
+    except pd.errors.ParserError as err:
+        raise DatasetError(f"{name}: {path} is not a well-formed CSV ({err}); compare it with the official "
+                           "release") from None
+    if table.empty:
+        raise DatasetError(f"{name}: {path} has a header but no label rows; replace it with the official file")
+    return _with_columns(table, path, name, columns)
 
 
 def _read_excel(path: Path, name: str, columns: list[str], **kwargs: object) -> pd.DataFrame:

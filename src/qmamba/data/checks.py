@@ -21,7 +21,7 @@ from PIL import Image
 from qmamba.atomic import write_bytes_atomic
 
 from .errors import DatasetError
-from .images import ImageReadError, read_rgb
+from .images import ImageReadError, bomb_message, read_rgb
 
 __all__ = ["ImageCheck", "check_images", "report_problems"]
 
@@ -65,6 +65,8 @@ def _check_one(path: str, mode: CheckMode, short_side: int | None, cached: Path 
             return ImageCheck(path, (width, height))
         with Image.open(path) as image:  # header only; EXIF rotation does not change the shorter side
             return ImageCheck(path, image.size)
+    except Image.DecompressionBombError as err:  # reported with the other problems, not a stop
+        return ImageCheck(path, problem="unreadable", detail=bomb_message(path, err))
     except (ImageReadError, OSError, ValueError) as err:
         return ImageCheck(path, problem="unreadable", detail=str(err))
 

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from qmamba.errors import UsageError
 from qmamba.preprocessing import EvalCrops, Preprocessing
 from qmamba.scale import ScoreScale
 from qmamba.trained import DataSpec
@@ -115,7 +116,11 @@ class IQADataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if not datasets:
-            raise ValueError("datasets must name at least one dataset")
+            raise UsageError("data.init_args.datasets must name at least one dataset")
+        for name, value in (("batch_size", batch_size), ("crop_size", crop_size), ("eval_crops", eval_crops),
+                            ("train_repeats", train_repeats)):
+            if value < 1:
+                raise UsageError(f"data.init_args.{name} must be >= 1, got {value}")
         self.configs = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in datasets]
         keys = [c.key for c in self.configs]
         if len(set(keys)) != len(keys):

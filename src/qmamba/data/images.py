@@ -9,7 +9,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatasetError
 
-__all__ = ["ImageReadError", "read_rgb"]
+__all__ = ["ImageReadError", "bomb_message", "read_rgb"]
 
 
 class ImageReadError(DatasetError):
@@ -34,5 +34,13 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except FileNotFoundError as err:
         raise ImageReadError(f"image file not found: {path}") from err
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(bomb_message(path, err)) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read image {path}: {err} (corrupt or unsupported file)") from err
+
+
+def bomb_message(path: str | os.PathLike[str], err: Exception) -> str:
+    """Why a huge image was refused, and how to accept it if it is genuine."""
+    return (f"image {path} is refused as a possible decompression bomb ({err}); if the file is genuine, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS before loading, or downscale it")

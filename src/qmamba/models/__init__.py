@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from qmamba.errors import UsageError
 from qmamba.ops.selective_scan import ScanBackend, validate_backend
 
 from .qmamba import QMamba, QualityHead
@@ -50,7 +51,7 @@ def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, 
     elif name in VIM_PRESETS:
         backbone = Vim(**{**VIM_PRESETS[name], **overrides})  # type: ignore[arg-type]
     else:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise UsageError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     if pretrained is not None:
         if not isinstance(backbone, VMamba):
             raise ValueError(f"{name}: only VMamba-family backbones load official VMamba checkpoints")

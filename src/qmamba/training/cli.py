@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query the package index on import
 
@@ -22,8 +22,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 import qmamba  # noqa: E402
+from qmamba.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from qmamba.data import IQADataModule  # noqa: E402
-from qmamba.errors import UsageError  # noqa: E402
+from qmamba.errors import QMambaError, UsageError  # noqa: E402
 from qmamba.run_folder import RunLock, prepare_fit_folder  # noqa: E402
 from qmamba.training.callbacks import (  # noqa: E402
     AtomicCheckpointIO,
@@ -38,6 +39,24 @@ __all__ = ["QMambaCLI", "main", "run_dir", "run_lightning_cli"]
 log = logging.getLogger("qmamba")
 CHECKPOINT_ALIASES = ("best", "last")
 _HELD_LOCKS: list[RunLock] = []  # run-folder locks of the fits this process runs, released when each ends
+
+
+class QMambaArgumentParser(LightningArgumentParser):
+    """Parse errors as one line that names the key and the problem, instead of the full usage and jsonargparse's
+    dump of every type it tried (``QMAMBA_DEBUG=1`` shows the original)."""
+
+    NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type",
+             "Expected a <class 'NoneType'>")
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if os.environ.get("QMAMBA_DEBUG") or not self.exit_on_error:
+            super().error(message, ex)
+        lines = [line.strip(" -") for line in message.splitlines()]
+        text = " ".join(line for line in lines if line and not line.startswith(self.NOISE) and "NestedArg(" not in line)
+        words = self.prog.replace(" [options]", "").split()  # "<program> fit", whatever started Python
+        command = " ".join(["qmamba", *words[1:]])
+        sys.stderr.write(f"qmamba: error: {text} (`{command} --help` lists the options)\n")
+        raise SystemExit(2)
 
 
 class QMambaCLI(LightningCLI):
@@ -83,6 +102,11 @@ class QMambaCLI(LightningCLI):
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise UsageError(f"the config asks for trainer.accelerator: {accelerator} and no CUDA GPU is visible here; "
                              "run it on a GPU machine, or add --trainer.accelerator cpu (slow for the paper recipes)")
+        if config.get("ckpt_path"):  # Lightning's own loading would end in a traceback for a bad file
+            checkpoint = read_checkpoint(config.ckpt_path, trusted=config.get("weights_only") is False)
+            if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+                raise CheckpointError(f"{config.ckpt_path} is not a checkpoint written by qmamba training (a plain "
+                                      "state dict?); pass a runs/<name>/checkpoints/*.ckpt file")
         if self.subcommand == "fit" and rank_zero_only.rank == 0:  # DDP's other ranks join the folder rank 0 holds
             _HELD_LOCKS.append(prepare_fit_folder(run_dir(config), resuming=bool(config.ckpt_path),
                                                   overwrite=config.overwrite))
@@ -127,15 +151,32 @@ def run_lightning_cli(args: ArgsType) -> None:
     torch.set_float32_matmul_precision("high")
     try:
         _run_cli(args)
+    except Exception as err:  # jsonargparse wraps errors raised while instantiating classes: unwrap the user's one
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        raise cause from None
     finally:
         while _HELD_LOCKS:
             _HELD_LOCKS.pop().release()
+
+
+def _user_error(err: BaseException | None) -> QMambaError | None:
+    """The first :class:`QMambaError` in an exception's chain of causes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, QMambaError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _run_cli(args: ArgsType) -> None:
     QMambaCLI(
         QMambaIQA,
         IQADataModule,
+        parser_class=QMambaArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=42,
