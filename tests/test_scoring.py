@@ -252,3 +252,64 @@ def test_score_on_cuda_without_a_gpu_is_one_line(trained, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err == ["qmamba: error: device cuda: no CUDA GPU is visible here; use the "
                                                  "CPU (device cpu)"]
+
+
+def test_paths_from_a_list_file_and_stdin_score_the_rest_and_name_the_bad_ones(trained, folder, tmp_path):
+    _, run = trained
+    good = sorted(str(p) for p in folder.glob("I0*.png"))
+    listing = tmp_path / "paths.txt"
+    listing.write_text("\n".join([good[0], str(folder / "broken.jpg"), "", str(tmp_path / "gone.png")]) + "\n")
+    command = [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+               "--list", str(listing), "-", "-o", str(tmp_path / "s.jsonl"), "--device", "cpu"]
+    result = subprocess.run(command, input=good[1] + "\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr  # something was skipped
+    entries = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert sorted(e["path"] for e in entries if "score" in e) == good
+    assert {Path(e["path"]).name: e["error"] for e in entries if "error" in e}.keys() == {"broken.jpg", "gone.png"}
+    assert "skipped" in result.stderr and "gone.png: no such file or folder" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_killed_scoring_run_resumes_to_the_uninterrupted_output(trained, tmp_path, suffix):
+    """SIGKILL mid-run, then the same command again: every image exactly once, with the uninterrupted scores."""
+    root, run = trained
+    images = tmp_path / "many"
+    images.mkdir()
+    sources = sorted((root / "kadid" / "images").glob("I0*_01_0*.png"))
+    for i in range(240):
+        (images / f"{i:03d}.png").write_bytes(sources[i % len(sources)].read_bytes())
+
+    def command(output: Path) -> list[str]:
+        return [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+                str(images), "-o", str(output), "--batch-size", "2", "--device", "cpu"]
+
+    def rows(output: Path) -> dict[str, float]:
+        if suffix == ".csv":
+            table = pd.read_csv(output)
+            assert table["path"].is_unique
+            return dict(zip(table["path"], table["score"], strict=True))
+        entries = [json.loads(line) for line in output.read_text().splitlines()]
+        assert len({e["path"] for e in entries}) == len(entries)
+        return {e["path"]: round(e["score"], 6) for e in entries}
+
+    whole = tmp_path / f"whole{suffix}"
+    subprocess.run(command(whole), check=True, capture_output=True, timeout=600)
+    output = tmp_path / f"killed{suffix}"
+    partial = output.with_name(output.name + ".partial")
+    process = subprocess.Popen(command(output), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not partial.exists() or partial.read_text().count("\n") < 40):
+        time.sleep(0.02)
+    process.kill()
+    process.wait(timeout=60)
+    assert not output.exists() and 0 < partial.read_text().count("\n") < 240
+    resumed = subprocess.run(command(output), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "images already scored" in resumed.stderr, resumed.stderr
+    assert not partial.exists()
+    expected, got = rows(whole), rows(output)
+    assert got.keys() == expected.keys() and len(got) == 240
+    assert all(got[k] == pytest.approx(expected[k], rel=1e-5) for k in expected)
+    again = subprocess.run(command(output), capture_output=True, text=True, timeout=600)  # finished: nothing to do
+    assert again.returncode == 0 and "240 images already scored, 0 to go" in again.stderr
+    assert rows(output) == got
