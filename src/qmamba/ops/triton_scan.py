@@ -52,6 +52,15 @@ def _step_delta(delta_ptr, proj, b, k, p, valid, c, cmask, r, K, T, channels, ra
 
 
 @triton.jit
+def _lanes(channels, N, BLOCK: tl.constexpr, N_PAD: tl.constexpr, R_PAD: tl.constexpr):
+    """This program's batch row and channel block, its channels, the state and rank lanes, and their masks."""
+    b, blk = tl.program_id(0), tl.program_id(1)
+    c = blk * BLOCK + tl.arange(0, BLOCK)
+    n = tl.arange(0, N_PAD)
+    return b, blk, c, c < channels, n, n < N, tl.arange(0, R_PAD)
+
+
+@triton.jit
 def _direction(A_ptr, proj_ptr, D_ptr, bias_ptr, k, n, nmask, c, cmask, r, N, rank, channels):
     """Sequence k's parameters for the block's channels: A (N_PAD, BLOCK), proj (R_PAD, BLOCK), D, bias."""
     A = tl.load(A_ptr + (k * N + n[:, None]) * channels + c[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
@@ -81,12 +90,7 @@ def _forward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias
                     Ku, K, Ko, T, L, channels, N, rank,
                     SOFTPLUS: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
                     R_PAD: tl.constexpr):
-    b, blk = tl.program_id(0), tl.program_id(1)
-    c = blk * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < channels
-    n = tl.arange(0, N_PAD)
-    nmask = n < N
-    r = tl.arange(0, R_PAD)
+    b, _, c, cmask, n, nmask, r = _lanes(channels, N, BLOCK, N_PAD, R_PAD)
     for k in range(K):
         ku, ko = k % Ku, k % Ko
         A, proj, skip, bias = _direction(A_ptr, proj_ptr, D_ptr, bias_ptr, k, n, nmask, c, cmask, r, N, rank, channels)
@@ -110,12 +114,7 @@ def _backward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bia
                      batch, Ku, K, Ko, T, L, channels, N, rank,
                      SOFTPLUS: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
                      R_PAD: tl.constexpr):
-    b, blk = tl.program_id(0), tl.program_id(1)
-    c = blk * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < channels
-    n = tl.arange(0, N_PAD)
-    nmask = n < N
-    r = tl.arange(0, R_PAD)
+    b, blk, c, cmask, n, nmask, r = _lanes(channels, N, BLOCK, N_PAD, R_PAD)
     tile = nmask[:, None] & cmask[None, :]
     scratch = states_ptr + (b * L * N_PAD + n[:, None]) * channels + c[None, :]  # states[b, step, n, c]
     for k in range(K):
