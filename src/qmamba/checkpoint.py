@@ -25,8 +25,9 @@ class CheckpointError(QMambaError):
     """A checkpoint file is missing, unreadable, untrusted or does not fit the model."""
 
 
-def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False) -> Any:
-    """Load a checkpoint file onto the CPU; only tensors and plain containers unless ``trusted``."""
+def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False, lazy: bool = False) -> Any:
+    """Load a checkpoint file onto the CPU; only tensors and plain containers unless ``trusted``. ``lazy`` maps the
+    tensors of a zip checkpoint instead of reading them (cheap, for checking a file that something else loads)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -38,7 +39,7 @@ def read_checkpoint(path: str | os.PathLike[str], trusted: bool = False) -> Any:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}); pass a .ckpt/.pth "
                               "file written by torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=lazy and head.startswith(b"PK"))
     except pickle.UnpicklingError as err:
         if trusted or "weights_only" not in str(err):
             raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err

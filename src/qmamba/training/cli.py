@@ -103,7 +103,7 @@ class QMambaCLI(LightningCLI):
             raise UsageError(f"the config asks for trainer.accelerator: {accelerator} and no CUDA GPU is visible here; "
                              "run it on a GPU machine, or add --trainer.accelerator cpu (slow for the paper recipes)")
         if config.get("ckpt_path"):  # Lightning's own loading would end in a traceback for a bad file
-            checkpoint = read_checkpoint(config.ckpt_path, trusted=config.get("weights_only") is False)
+            checkpoint = read_checkpoint(config.ckpt_path, trusted=config.get("weights_only") is False, lazy=True)
             if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
                 raise CheckpointError(f"{config.ckpt_path} is not a checkpoint written by qmamba training (a plain "
                                       "state dict?); pass a runs/<name>/checkpoints/*.ckpt file")
