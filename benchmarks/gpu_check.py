@@ -140,7 +140,7 @@ def fit_check(device: str, steps: int, batch: int) -> None:
     from score import fit_qmamba_tiny, make_jpegs
 
     with tempfile.TemporaryDirectory() as tmp:
-        make_jpegs(Path(tmp) / "koniq", max(16, batch))
+        make_jpegs(Path(tmp) / "koniq", 2 * max(8, batch))  # 6 in 8 go to training: at least one batch
         start = time.perf_counter()
         ckpt = fit_qmamba_tiny(Path(tmp) / "fit", Path(tmp) / "koniq", steps=steps, batch=batch,
                                accelerator="gpu" if device == "cuda" else "cpu",

@@ -2,12 +2,24 @@
 # One-shot GPU check for the lent H100/H200 (docs: README "GPU checks"). Needs the project's wheels in .whl/
 # (mamba-ssm, causal-conv1d, jsonargparse, albumentations built for the GPU machine's torch 2.11 / Python 3.12).
 #   device run:  bash benchmarks/gpu_check.sh   with carry [".whl"]
-set -euo pipefail
+# Each stage has its own time limit and a failing stage does not stop the next; logs go to $OUT when it is set.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 S=$(mktemp -d)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$S" .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$S" .whl/*.whl || exit 1
 export PYTHONPATH="$S:$PWD/src" NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
+LOGS=${OUT:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m pytest -q tests/test_gpu.py
-python3 benchmarks/gpu_check.py "$@"
-python3 benchmarks/scan.py --device cuda --batches 32 --reference-batches --dtype bfloat16 --repeats 5
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.log, report the exit status
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+}
+
+stage gpu_tests "${GPU_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+stage gpu_check "${GPU_CHECK_S:-220}" python3 benchmarks/gpu_check.py "$@"
+stage scan "${SCAN_S:-60}" python3 benchmarks/scan.py --device cuda --batches 32 --reference-batches \
+    --dtype bfloat16 --repeats 5

@@ -90,7 +90,7 @@ def _forward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias
                     Ku, K, Ko, T, L, channels, N, rank,
                     SOFTPLUS: tl.constexpr, LOW_RANK: tl.constexpr, BLOCK: tl.constexpr, N_PAD: tl.constexpr,
                     R_PAD: tl.constexpr):
-    b, _, c, cmask, n, nmask, r = _lanes(channels, N, BLOCK, N_PAD, R_PAD)
+    b, blk, c, cmask, n, nmask, r = _lanes(channels, N, BLOCK, N_PAD, R_PAD)
     for k in range(K):
         ku, ko = k % Ku, k % Ko
         A, proj, skip, bias = _direction(A_ptr, proj_ptr, D_ptr, bias_ptr, k, n, nmask, c, cmask, r, N, rank, channels)
@@ -99,7 +99,7 @@ def _forward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias
             p, valid, d, x, bn = _step(table_ptr, delta_ptr, u_ptr, B_ptr, proj, bias, b, k, ku, step, c, cmask, n,
                                        nmask, r, Ku, K, T, L, channels, N, rank, LOW_RANK)
             if SOFTPLUS:
-                d, _ = _softplus_and_slope(d)
+                d, slope = _softplus_and_slope(d)
             cn = tl.load(C_ptr + ((b * K + k) * T + p) * N + n, mask=nmask & valid, other=0.0).to(tl.float32)
             h = tl.exp(d[None, :] * A) * h + (d * x)[None, :] * bn[:, None]
             y = tl.sum(h * cn[:, None], axis=0) + skip * x
@@ -123,10 +123,10 @@ def _backward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bia
         # forward: the state after every step
         h = tl.zeros((N_PAD, BLOCK), tl.float32)
         for step in range(L):
-            _, _, d, x, bn = _step(table_ptr, delta_ptr, u_ptr, B_ptr, proj, bias, b, k, ku, step, c, cmask, n, nmask,
-                                   r, Ku, K, T, L, channels, N, rank, LOW_RANK)
+            p, valid, d, x, bn = _step(table_ptr, delta_ptr, u_ptr, B_ptr, proj, bias, b, k, ku, step, c, cmask, n,
+                                       nmask, r, Ku, K, T, L, channels, N, rank, LOW_RANK)
             if SOFTPLUS:
-                d, _ = _softplus_and_slope(d)
+                d, slope = _softplus_and_slope(d)
             h = tl.exp(d[None, :] * A) * h + (d * x)[None, :] * bn[:, None]
             tl.store(scratch + step * N_PAD * channels, h, mask=tile)
         tl.debug_barrier()  # the states written above are read back below, maybe by other threads
