@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
+from vmamba_fixtures import fake_official_checkpoint, official_keys
 
 from qmamba.checkpoint import CheckpointError
 from qmamba.models import build_backbone, build_model, list_models
 from qmamba.models.vmamba import VMAMBA_PRESETS
-
-KEYS_DIR = Path(__file__).parent / "data" / "vmamba-keys"  # official checkpoint key lists (names and shapes)
+from qmamba.weights import WeightsError
 
 # backbone parameters incl. the final norm, without any head (the papers' counts; docs/architecture.md)
 EXACT_PARAMS = {
@@ -54,32 +53,16 @@ def test_regressor_head_is_gap_plus_linear():
     assert model.num_params() - model.num_params(include_head=False) == 768 + 1
 
 
-def _official_keys(filename: str) -> dict[str, tuple[int, ...]]:
-    keys = {}
-    for line in (KEYS_DIR / filename).read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, shape = line.split(" ", 1)
-            keys[name] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return keys
-
-
-def _fake_official_checkpoint(path: Path, filename: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(shape, generator=g) for k, shape in _official_keys(filename).items()}
-    torch.save({"model": state, "epoch": 262}, path)  # VMamba's container
-    return state
-
-
 @pytest.mark.parametrize("name", ["vmamba_tiny_s2l5", "vmamba_tiny_s1l8"])
 def test_state_dict_names_and_shapes_equal_official(name):
-    official = _official_keys(OFFICIAL_KEY_FILES[name])
+    official = official_keys(OFFICIAL_KEY_FILES[name])
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in build_backbone(name).state_dict().items()}
     assert ours == {k: v for k, v in official.items() if not k.startswith("classifier.head.")}
 
 
 def test_qmamba_tiny_keys_are_the_s2l5_keys_minus_one_block():
-    official = _official_keys("keys_vmamba_tiny_s2l5.txt")
+    official = official_keys("keys_vmamba_tiny_s2l5.txt")
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in build_backbone("qmamba_tiny").state_dict().items()}
     expected = {k: v for k, v in official.items()
@@ -91,7 +74,7 @@ def test_qmamba_tiny_keys_are_the_s2l5_keys_minus_one_block():
 @pytest.mark.parametrize("name", ["vmamba_tiny_s2l5", "vmamba_tiny_s1l8", "vmamba_vanilla_tiny"])
 def test_official_checkpoint_loads_every_tensor(tmp_path, name):
     path = tmp_path / "official.pth"
-    state = _fake_official_checkpoint(path, OFFICIAL_KEY_FILES[name])
+    state = fake_official_checkpoint(path, OFFICIAL_KEY_FILES[name])
     backbone = build_backbone(name, pretrained=path)
     ours = backbone.state_dict()
     if name == "vmamba_vanilla_tiny":  # legacy names, remapped
@@ -107,7 +90,7 @@ def test_official_checkpoint_loads_every_tensor(tmp_path, name):
 
 def test_qmamba_tiny_from_the_5_block_checkpoint_drops_exactly_one_block(tmp_path, caplog):
     path = tmp_path / "vssm_tiny_0230_ckpt_epoch_262.pth"
-    state = _fake_official_checkpoint(path, "keys_vmamba_tiny_s2l5.txt")
+    state = fake_official_checkpoint(path, "keys_vmamba_tiny_s2l5.txt")
     from qmamba.models import load_official_checkpoint
 
     backbone = build_backbone("qmamba_tiny")
@@ -120,7 +103,7 @@ def test_qmamba_tiny_from_the_5_block_checkpoint_drops_exactly_one_block(tmp_pat
 
 def test_lqmamba_starts_from_vmamba_weights_with_new_biattn(tmp_path):
     path = tmp_path / "official.pth"
-    _fake_official_checkpoint(path, "keys_vmamba_tiny_s2l5.txt")
+    fake_official_checkpoint(path, "keys_vmamba_tiny_s2l5.txt")
     from qmamba.models import load_official_checkpoint
 
     report = load_official_checkpoint(build_backbone("lqmamba_tiny"), path)
@@ -130,7 +113,7 @@ def test_lqmamba_starts_from_vmamba_weights_with_new_biattn(tmp_path):
 
 def test_mismatched_checkpoint_names_the_problem(tmp_path):
     path = tmp_path / "vssm1_tiny_0230s.pth"
-    _fake_official_checkpoint(path, "keys_vmamba_tiny_s1l8.txt")
+    fake_official_checkpoint(path, "keys_vmamba_tiny_s1l8.txt")
     with pytest.raises(CheckpointError, match=r"shape mismatches(.|\n)*in_proj\.weight(.|\n)*vmamba_tiny_s1l8"):
         build_backbone("vmamba_tiny_s2l5", pretrained=path)
 
@@ -140,7 +123,7 @@ def test_untrusted_pickle_is_refused_with_a_hint(tmp_path):
     torch.save({"model": {}, "config": argparse.Namespace(lr=0.1)}, path)  # a pickled config object
     with pytest.raises(CheckpointError, match="trusted=True"):
         build_backbone("qmamba_test", pretrained=path)
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(WeightsError, match="missing.pth does not exist"):
         build_backbone("qmamba_test", pretrained=tmp_path / "missing.pth")
 
 

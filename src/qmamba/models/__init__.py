@@ -15,6 +15,7 @@ import torch
 
 from qmamba.errors import UsageError
 from qmamba.ops.selective_scan import ScanBackend, validate_backend
+from qmamba.weights import resolve_pretrained
 
 from .qmamba import QMamba, QualityHead
 from .vim import VIM_PRESETS, Vim
@@ -41,7 +42,8 @@ def list_models() -> list[str]:
 
 def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, trusted: bool = False,
                    **overrides: Any) -> VMamba | Vim:
-    """Build a registered backbone; ``pretrained`` is an official VMamba ImageNet checkpoint file.
+    """Build a registered backbone; ``pretrained`` is ``"imagenet"`` (the preset's official VMamba checkpoint,
+    downloaded and cached on first use: :mod:`qmamba.weights`) or an official VMamba checkpoint file.
 
     ``overrides`` replace preset arguments (e.g. ``drop_path_rate=0.1``, ``scan_backend="torch"``).
     ``trusted`` allows full unpickling of the checkpoint file (only for files from a source you trust).
@@ -55,7 +57,8 @@ def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, 
     if pretrained is not None:
         if not isinstance(backbone, VMamba):
             raise ValueError(f"{name}: only VMamba-family backbones load official VMamba checkpoints")
-        load_official_checkpoint(backbone, pretrained, trusted=trusted)
+        path, _ = resolve_pretrained(name, pretrained)
+        load_official_checkpoint(backbone, path, trusted=trusted)
     return backbone
 
 

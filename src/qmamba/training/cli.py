@@ -33,6 +33,7 @@ from qmamba.training.callbacks import (  # noqa: E402
     RunCheckpoint,
 )
 from qmamba.training.module import QMambaIQA  # noqa: E402
+from qmamba.weights import resolve_pretrained  # noqa: E402
 
 __all__ = ["QMambaCLI", "main", "run_dir", "run_lightning_cli"]
 
@@ -107,6 +108,9 @@ class QMambaCLI(LightningCLI):
             if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
                 raise CheckpointError(f"{config.ckpt_path} is not a checkpoint written by qmamba training (a plain "
                                       "state dict?); pass a runs/<name>/checkpoints/*.ckpt file")
+        model = config.model.init_args
+        if self.subcommand == "fit" and model.get("pretrained") and not config.ckpt_path:
+            resolve_pretrained(model.backbone, model.pretrained)  # download or fail now, not after loading the data
         if self.subcommand == "fit" and rank_zero_only.rank == 0:  # DDP's other ranks join the folder rank 0 holds
             _HELD_LOCKS.append(prepare_fit_folder(run_dir(config), resuming=bool(config.ckpt_path),
                                                   overwrite=config.overwrite))

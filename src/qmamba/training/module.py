@@ -23,6 +23,7 @@ from qmamba.trained import DataSpec, build_architecture
 from qmamba.training.losses import IQALoss
 from qmamba.training.metrics import iqa_metrics
 from qmamba.training.plots import scatter_figure
+from qmamba.weights import resolve_pretrained
 
 __all__ = ["QMambaIQA"]
 
@@ -34,7 +35,8 @@ class QMambaIQA(L.LightningModule):
 
     Args:
         backbone: registered backbone (``qmamba_tiny``, ``lqmamba_small``, ``qmamba_test``, ...).
-        pretrained: official VMamba ImageNet checkpoint loaded into the backbone when fitting starts.
+        pretrained: ``imagenet`` (the backbone's official VMamba ImageNet checkpoint, downloaded and cached on first
+            use) or the path of such a file, loaded into the backbone when a fit starts (not when it resumes).
         trust_checkpoint: allow full unpickling of ``pretrained`` (only for files you trust).
         backbone_args: preset overrides, e.g. ``{drop_path_rate: 0.1, scan_backend: torch, dim: 24}``.
         head_features: backbone features pooled by the head (``pooled``; ``stage2`` etc. for multi-scale).
@@ -72,6 +74,7 @@ class QMambaIQA(L.LightningModule):
         self.criterion = IQALoss(loss, smoothl1_beta, plcc_weight, rank_weight)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.spec = DataSpec()  # the datasets' names, scales and preprocessing: from the DataModule or a checkpoint
+        self.pretrained_source: dict[str, Any] | None = None  # the weights the run started from: name, URL, SHA-256
         self.eval_stores = nn.ModuleDict()
         self._base_seed = 0
 
@@ -87,10 +90,6 @@ class QMambaIQA(L.LightningModule):
         for split in ("val", "test"):
             for i in range(len(self.spec.datasets)):
                 self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({"preds": CatMetric(), "target": CatMetric()})
-        if stage == "fit" and self.hparams.pretrained:
-            report = load_official_checkpoint(self.model.backbone, self.hparams.pretrained,
-                                              trusted=self.hparams.trust_checkpoint)
-            log.info("backbone initialised from %s (%s)", self.hparams.pretrained, report)
 
     def _datamodule(self) -> L.LightningDataModule | None:
         return self.trainer.datamodule if self._trainer is not None else None
@@ -103,6 +102,14 @@ class QMambaIQA(L.LightningModule):
                      "" if requested == resolved else f", from scan_backend: {requested}")
 
     def on_fit_start(self) -> None:
+        """Start from the pretrained backbone, unless the fit resumes (its checkpoint, restored before this hook,
+        holds the weights and the record of where they started)."""
+        if self.hparams.pretrained and not self.trainer.ckpt_path:
+            path, self.pretrained_source = resolve_pretrained(self.hparams.backbone, self.hparams.pretrained)
+            report = load_official_checkpoint(self.model.backbone, path, trusted=self.hparams.trust_checkpoint)
+            log.info("backbone initialised from %s (sha256 %s; %s)", path, self.pretrained_source["sha256"], report)
+            if self.logger is not None:  # hparams.yaml and TensorBoard's HPARAMS tab; not the model's arguments
+                self.logger.log_hyperparams({"pretrained_weights": self.pretrained_source})
         self._log_scan_backend()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -221,15 +228,20 @@ class QMambaIQA(L.LightningModule):
                          f"{m['rmse']:>9.4f} {m.get('plcc_logistic', float('nan')):>10.4f}")
         print("\n" + "\n".join(lines) + "\n", flush=True)
         if log_dir:
-            payload = {"checkpoint": self.trainer.ckpt_path, "results": results}
+            payload = {"checkpoint": self.trainer.ckpt_path, "pretrained": self.pretrained_source, "results": results}
             write_text_atomic(Path(log_dir) / "test_results.json", json.dumps(payload, indent=2) + "\n")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything `qmamba score` needs besides the weights: datasets, score scales, preprocessing."""
-        checkpoint.setdefault("qmamba", {}).update(self.spec.to_meta())  # PromptTuning may have added its part
+        meta = checkpoint.setdefault("qmamba", {})  # PromptTuning may have added its part
+        meta.update(self.spec.to_meta())
+        if self.pretrained_source is not None:
+            meta["pretrained"] = self.pretrained_source
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("qmamba")
         if meta and not isinstance(self._datamodule(), IQADataModule):  # a run's own data wins (testing elsewhere)
             self.spec = DataSpec.from_meta(meta)
+        if meta and meta.get("pretrained"):
+            self.pretrained_source = meta["pretrained"]

@@ -1,0 +1,265 @@
+"""``pretrained: imagenet``: real HTTP downloads from a server on 127.0.0.1 laid out like VMamba's GitHub releases
+(``QMAMBA_WEIGHTS_MIRROR`` points at it), the verified cache, resumed downloads, the offline message, two ranks
+downloading once, and the run's record of the weights it started from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from vmamba_fixtures import fake_official_checkpoint
+
+from qmamba.cli import main
+from qmamba.errors import UsageError
+from qmamba.models import build_backbone
+from qmamba.weights import OFFICIAL_FILES, OfficialWeights, WeightsError, fetch, resolve_pretrained
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PAPER_RUNS = [CONFIG_DIR / "universal.yaml", *sorted(CONFIG_DIR.glob("task/*.yaml"))]
+TINY_FILE = OFFICIAL_FILES["qmamba_tiny"].file
+
+
+class ReleaseServer:
+    """Files served like GitHub release assets: ``/<quoted tag>/<file>``, byte ranges answered with 206. Every GET
+    is recorded with its Range header; ``drop_after`` cuts the next responses after that many body bytes."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.drop_after: list[int] = []  # one entry per response to cut, consumed in order
+        self.ignore_range = False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                name = unquote(self.path).rsplit("/", 1)[-1]
+                server.requests.append((name, self.headers.get("Range")))
+                data = server.files.get(name)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                if self.headers.get("Range") and not server.ignore_range:
+                    start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+                    if start >= len(data):
+                        self.send_error(416, "Range Not Satisfiable")
+                        return
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if server.drop_after:
+                    body = body[:server.drop_after.pop(0)]
+                    self.close_connection = True
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def gets(self, name: str) -> int:
+        return sum(1 for n, _ in self.requests if n == name)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A release server as the weights mirror, and an empty cache under tmp_path."""
+    release = ReleaseServer()
+    monkeypatch.setenv("QMAMBA_WEIGHTS_MIRROR", release.url)
+    monkeypatch.setenv("QMAMBA_HOME", str(tmp_path / "home"))
+    yield release
+    release.httpd.shutdown()
+    release.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny_official(tmp_path_factory) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """VMamba-T s2l5's release file (random weights, the official names and shapes): bytes and state."""
+    path = tmp_path_factory.mktemp("official") / TINY_FILE
+    state = fake_official_checkpoint(path, "keys_vmamba_tiny_s2l5.txt")
+    return path.read_bytes(), state
+
+
+def _cache(tmp_path: Path) -> Path:
+    return tmp_path / "home" / "weights"
+
+
+def test_first_use_downloads_with_progress_then_the_cache_serves_without_network(server, tmp_path, tiny_official,
+                                                                                 capsys):
+    data, state = tiny_official
+    server.files[TINY_FILE] = data
+    cached = fetch(OFFICIAL_FILES["qmamba_tiny"], progress=True)
+    assert f"{TINY_FILE}: 100%" in capsys.readouterr().err  # the progress bar reached the end
+    assert cached.path == _cache(tmp_path) / TINY_FILE and cached.path.read_bytes() == data
+    assert cached.sha256 == hashlib.sha256(data).hexdigest() and cached.size == len(data)
+    record = json.loads((_cache(tmp_path) / f"{TINY_FILE}.json").read_text())
+    assert record["sha256"] == cached.sha256 and record["url"].endswith(f"/%23v2cls/{TINY_FILE}")
+    assert not (_cache(tmp_path) / f"{TINY_FILE}.part").exists()
+
+    server.httpd.shutdown()  # no network from here on
+    backbone = build_backbone("qmamba_tiny", pretrained="imagenet")
+    assert torch.equal(backbone.state_dict()["layers.2.blocks.3.op.A_logs"], state["layers.2.blocks.3.op.A_logs"])
+    assert server.gets(TINY_FILE) == 1
+
+
+def test_a_corrupted_cache_file_is_named_by_its_hash_check(server, tmp_path, capsys):
+    server.files[TINY_FILE] = b"\x80weights" * 1000
+    path = fetch(OFFICIAL_FILES["qmamba_tiny"]).path
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    with pytest.raises(WeightsError, match=f"{path} does not match its recorded SHA-256"):
+        fetch(OFFICIAL_FILES["qmamba_tiny"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["weights", "verify"])
+    assert exit_info.value.code == 1
+    out, err = capsys.readouterr()
+    assert f"{TINY_FILE}: FAILED" in out and f"{OFFICIAL_FILES['qmamba_small'].file}: not cached" in out
+    assert err.count("\n") == 1 and "failed verification" in err
+    assert server.gets(TINY_FILE) == 1  # detected, not silently downloaded again
+
+
+@pytest.mark.parametrize("server_ranges", [True, False], ids=["resumed", "restarted"])
+def test_a_dropped_connection_resumes_or_restarts_into_an_intact_file(server, server_ranges):
+    data = bytes(range(256)) * 4096  # 1 MiB
+    server.files[TINY_FILE] = data
+    server.drop_after = [300_000, 200_000]  # two broken responses, then a whole one
+    server.ignore_range = not server_ranges
+    cached = fetch(OFFICIAL_FILES["qmamba_tiny"], progress=False)
+    assert cached.path.read_bytes() == data and cached.sha256 == hashlib.sha256(data).hexdigest()
+    ranges = [r for _, r in server.requests]
+    assert ranges == [None, "bytes=300000-", "bytes=500000-" if server_ranges else "bytes=200000-"]
+
+
+def test_a_partial_download_left_by_a_killed_process_is_resumed(server, tmp_path):
+    data = b"w" * 100_000
+    server.files[TINY_FILE] = data
+    _cache(tmp_path).mkdir(parents=True)
+    (_cache(tmp_path) / f"{TINY_FILE}.part").write_bytes(data[:40_000])
+    assert fetch(OFFICIAL_FILES["qmamba_tiny"]).path.read_bytes() == data
+    assert server.requests == [(TINY_FILE, "bytes=40000-")]
+
+
+def test_weights_list_shows_every_preset_with_its_file_and_cache_state(server, tmp_path, capsys):
+    server.files[TINY_FILE] = b"x" * 2048
+    fetch(OFFICIAL_FILES["qmamba_tiny"])
+    (_cache(tmp_path) / f"{OFFICIAL_FILES['qmamba_small'].file}.part").write_bytes(b"y" * 10)
+    main(["weights", "list"])
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert set(rows) == set(OFFICIAL_FILES)
+    assert rows["qmamba_tiny"][:3] == [TINY_FILE, "#v2cls", "cached"]
+    assert rows["lqmamba_tiny"][2] == "cached" and rows["qmamba_small"][2] == "partial"
+    assert rows["qmamba_base"][2] == "missing" and rows["vmamba_vanilla_tiny"][1] == "#v0cls"
+
+
+def test_a_file_placed_by_hand_is_recorded_without_network(server, tmp_path):
+    _cache(tmp_path).mkdir(parents=True)
+    (_cache(tmp_path) / TINY_FILE).write_bytes(b"copied from a machine with network")
+    cached = fetch(OFFICIAL_FILES["qmamba_tiny"])
+    assert cached.sha256 == hashlib.sha256(b"copied from a machine with network").hexdigest()
+    assert server.requests == [] and (_cache(tmp_path) / f"{TINY_FILE}.json").is_file()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_fetch_is_one_line_with_the_url_and_where_to_put_the_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QMAMBA_WEIGHTS_MIRROR", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("QMAMBA_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["weights", "fetch", "qmamba_tiny"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot reach the server" in err
+    assert f"/%23v2cls/{TINY_FILE}" in err and str(_cache(tmp_path) / TINY_FILE) in err and "pretrained: /" in err
+    assert [p.name for p in _cache(tmp_path).iterdir()] == [f"{TINY_FILE}.lock"]  # nothing half-written
+
+
+def test_a_missing_release_file_and_an_unknown_name_are_one_line_errors(server, capsys):
+    with pytest.raises(WeightsError, match="HTTP 404"):
+        fetch(OFFICIAL_FILES["qmamba_tiny"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["weights", "fetch", "qmamba_huge"])
+    assert exit_info.value.code == 2 and "unknown weights qmamba_huge" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="no official weights for 'qmamba_test'"):
+        resolve_pretrained("qmamba_test", "imagenet")
+
+
+def _fetch_as_rank(rank: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cached = fetch(OFFICIAL_FILES["qmamba_tiny"], progress=False)
+        Path(results, str(rank)).write_text(cached.sha256)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_download_once_and_read_the_same_file(server, tmp_path):
+    data = b"rank zero downloads" * 50_000
+    server.files[TINY_FILE] = data
+    (tmp_path / "results").mkdir()
+    mp.spawn(_fetch_as_rank, args=(str(tmp_path / "init"), str(tmp_path / "results")), nprocs=2)
+    digests = {p.name: p.read_text() for p in (tmp_path / "results").iterdir()}
+    assert digests == {"0": hashlib.sha256(data).hexdigest(), "1": hashlib.sha256(data).hexdigest()}
+    assert server.gets(TINY_FILE) == 1
+
+
+@pytest.mark.parametrize("data_file", PAPER_RUNS, ids=lambda p: p.stem)
+def test_paper_configs_start_from_imagenet_and_fail_fast_offline(data_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QMAMBA_WEIGHTS_MIRROR", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("QMAMBA_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    configs = ["--config", str(CONFIG_DIR / "recipe.yaml"), "--config", str(data_file)]
+    with pytest.raises(SystemExit):
+        main(["fit", *configs, "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["pretrained"] == "imagenet"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *configs, "--trainer.accelerator", "cpu"])  # the data folders do not exist either
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("qmamba: error: no ImageNet weights for VMamba-T [s2l5]: cannot reach the server")
+    assert not (tmp_path / "runs").exists()  # refused before the run folder or the data were touched
+
+
+def test_a_run_records_the_weights_it_started_from_and_resumes_without_them(server, workdir, monkeypatch):
+    tmp_path, config = workdir
+    source = build_backbone("qmamba_test").state_dict()
+    source = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in source.items()}
+    torch.save({"model": source, "epoch": 1}, tmp_path / "official.pth")
+    server.files["qmamba_test_in1k.pth"] = (tmp_path / "official.pth").read_bytes()
+    monkeypatch.setitem(OFFICIAL_FILES, "qmamba_test", OfficialWeights("qmamba_test_in1k.pth", "#v2cls", "test"))
+    digest = hashlib.sha256(server.files["qmamba_test_in1k.pth"]).hexdigest()
+
+    main(["fit", "--config", str(config), "--model.init_args.pretrained", "imagenet",
+          "--model.init_args.optimizer.init_args.lr", "0"])  # lr 0: the trained weights are the ImageNet ones
+    run = tmp_path / "runs" / "tiny"
+    trained = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.equal(trained["state_dict"]["model.backbone.patch_embed.0.weight"], source["patch_embed.0.weight"])
+    recorded = {"name": "imagenet", "file": "qmamba_test_in1k.pth", "sha256": digest,
+                "size": len(server.files["qmamba_test_in1k.pth"]),
+                "url": f"{server.url}/%23v2cls/qmamba_test_in1k.pth"}
+    assert trained["qmamba"]["pretrained"] == recorded
+    assert yaml.safe_load((run / "hparams.yaml").read_text())["pretrained_weights"] == recorded
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["pretrained"] == "imagenet"
+
+    server.httpd.shutdown()  # resuming needs no weights: the checkpoint holds them and their record
+    main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "last"])
+    assert json.loads((run / "test_results.json").read_text())["pretrained"] == recorded
+    assert server.gets("qmamba_test_in1k.pth") == 1
