@@ -3,6 +3,7 @@
 # (mamba-ssm, causal-conv1d, jsonargparse, albumentations built for the GPU machine's torch 2.11 / Python 3.12).
 #   device run:  bash benchmarks/gpu_check.sh   with carry [".whl"]
 # Each stage has its own time limit and a failing stage does not stop the next; logs go to $OUT when it is set.
+# STAGES picks stages (default: all): gpu_tests gpu_check scan profile score.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 S=$(mktemp -d)
@@ -19,7 +20,13 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 }
 
-stage gpu_tests "${GPU_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-stage gpu_check "${GPU_CHECK_S:-220}" python3 benchmarks/gpu_check.py "$@"
-stage scan "${SCAN_S:-60}" python3 benchmarks/scan.py --device cuda --batches 32 --reference-batches \
+wanted() { [[ " ${STAGES:-gpu_tests gpu_check scan profile score} " == *" $1 "* ]]; }  # STAGES="scan score" ...
+
+wanted gpu_tests && stage gpu_tests "${GPU_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+wanted gpu_check && stage gpu_check "${GPU_CHECK_S:-220}" python3 benchmarks/gpu_check.py "$@"
+wanted scan && stage scan "${SCAN_S:-60}" python3 benchmarks/scan.py --device cuda --batches 32 --reference-batches \
     --dtype bfloat16 --repeats 5
+wanted profile && stage profile "${PROFILE_S:-120}" python3 benchmarks/gpu_profile.py
+wanted score && stage score "${SCORE_S:-200}" python3 benchmarks/score.py --tiny --device cuda --images 400 \
+    --tiny-images 400 --workers 0 4 8 --batch-size 32 --workdir "$(mktemp -d)"
+true

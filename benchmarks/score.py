@@ -1,21 +1,24 @@
-"""Scoring throughput of trained checkpoints on a folder of 1024x768 JPEGs, per selective-scan backend.
+"""``qmamba score`` throughput on generated 1024x768 JPEGs next to the data floor, per number of decoding workers.
 
     python benchmarks/score.py runs/demo/checkpoints/best.ckpt            # the demo model (make demo)
-    python benchmarks/score.py --tiny                                     # + a QMamba-T checkpoint made here
-    python benchmarks/score.py CKPT... --images 48 --rounds 3 --backends cpu torch
+    python benchmarks/score.py runs/demo/checkpoints/best.ckpt --tiny     # + a QMamba-T checkpoint made here
+    python benchmarks/score.py CKPT --images 2000 --tiny-images 64 --workers 0 2
 
-Times what ``qmamba score FOLDER`` does after start-up (decode, the checkpoint's evaluation crops, batched forward,
-score mapping) with ``qmamba.load(...).iter_scores``; backends are interleaved per round and the table shows the
-median img/s. The JPEGs are synthetic photographs (smooth gradients and blocky texture) written once to --workdir,
-in KonIQ-10k's layout with random MOS, so that ``--tiny`` can train QMamba-T (224 px crops) on them for one step
-through the real CLI: a checkpoint with QMamba-T's architecture and preprocessing (its scores are meaningless, its
-speed is QMamba-T's).
+For each checkpoint and each ``--workers`` value, in one process: the data floor (decode and crop every file the
+way the checkpoint's evaluation does, through the same DataLoader, no model) and the scoring loop of ``qmamba
+score`` (``qmamba.load(...).iter_batches(files, workers)``: decode, crops, batched forward, score mapping), as
+img/s; "x floor" is the scoring time over the floor's. Then the start-up of ``qmamba --help`` and ``qmamba score
+--help`` in fresh processes. The JPEGs are synthetic photographs (smooth gradients and blocky texture) written once
+to --workdir, in KonIQ-10k's layout with random MOS, so that ``--tiny`` can train QMamba-T (224 px crops) for one
+step through the real CLI: its scores are meaningless, its speed is QMamba-T's.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import torch
 from PIL import Image
 
 import qmamba
-from qmamba.models import set_scan_backend
+import qmamba.scoring
 
 TINY_CONFIG = """
 seed_everything: 0
@@ -95,41 +98,73 @@ def tiny_checkpoint(workdir: Path) -> Path:
 
 
 
+def data_floor(scorer: qmamba.scoring.Scorer, paths: list[str], workers: int) -> float:
+    """Seconds to decode and crop ``paths`` as the scorer does, without the model."""
+    start = time.perf_counter()
+    for batch in _prepared(scorer, paths, workers):
+        assert all(item.error is None for item in batch), batch
+    return time.perf_counter() - start
+
+
+def _prepared(scorer: qmamba.scoring.Scorer, paths: list[str], workers: int):
+    from qmamba.scoring import _as_list, _Decoded, _init_worker, _Preparer
+
+    prepare = _Preparer(scorer.crops, scorer.max_side)
+    if not workers:
+        return ([prepare(i, p)] for i, p in enumerate(paths))
+    return torch.utils.data.DataLoader(_Decoded(paths, prepare), batch_size=scorer.batch_size, num_workers=workers,
+                                       collate_fn=_as_list, worker_init_fn=_init_worker, prefetch_factor=4)
+
+
+def scoring(scorer: qmamba.scoring.Scorer, paths: list[str], workers: int) -> float:
+    """Seconds for ``qmamba score``'s loop over ``paths``."""
+    start = time.perf_counter()
+    for batch in scorer.iter_batches(paths, workers=workers):
+        assert all(r.error is None for r in batch), batch
+    return time.perf_counter() - start
+
+
+def startup(*args: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "qmamba", *args], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="*", help="qmamba checkpoints to score with")
     parser.add_argument("--tiny", action="store_true", help="also a QMamba-T checkpoint (one training step)")
-    parser.add_argument("--images", type=int, default=32, help="JPEGs in the folder")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=int, default=2000, help="JPEGs scored per checkpoint")
+    parser.add_argument("--tiny-images", type=int, default=64, help="JPEGs for QMamba-T (about 2 img/s on 2 cores)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass, as qmamba score's default")
-    parser.add_argument("--backends", nargs="+", default=["cpu", "torch"])
     parser.add_argument("--workdir", type=Path, default=Path("runs/benchmark_score"))
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda on a GPU machine)")
     args = parser.parse_args()
 
     if not args.checkpoints and not args.tiny:
         parser.error("give a checkpoint or --tiny")
-    paths = make_jpegs(args.workdir / "jpegs", args.images)
-    checkpoints = [Path(c) for c in args.checkpoints] + ([tiny_checkpoint(args.workdir)] if args.tiny else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(paths)} JPEGs of 1024x768, "
-          f"median of {args.rounds} rounds")
-    print(f"| {'checkpoint':<50} | {'model':<12} | {'crops':>5} | {'backend':<7} | {'img/s':>6} |")
-    print(f"|{'-' * 52}|{'-' * 14}|{'-' * 7}|{'-' * 9}|{'-' * 8}|")
-    for ckpt in checkpoints:
-        scorer = qmamba.load(ckpt, device="cpu", batch_size=args.batch_size)
-        times: dict[str, list[float]] = {backend: [] for backend in args.backends}
-        for backend in args.backends:  # warm-up: kernel compilation, allocator
-            set_scan_backend(scorer.model, backend)
-            list(scorer.iter_scores(paths[: args.batch_size]))
-        for _ in range(args.rounds):
-            for backend in args.backends:
-                set_scan_backend(scorer.model, backend)
-                start = time.perf_counter()
-                for _, _, error in scorer.iter_scores(paths):
-                    assert error is None, error
-                times[backend].append(time.perf_counter() - start)
-        for backend, seconds in times.items():
-            print(f"| {str(ckpt)[-50:]:<50} | {scorer.info.get('backbone', '?'):<12} | {scorer.crops.count:>5} | "
-                  f"{backend:<7} | {len(paths) / statistics.median(seconds):>6.2f} |")
+    paths = make_jpegs(args.workdir / "jpegs", max(args.images, args.tiny_images))
+    runs = [(Path(c), args.images) for c in args.checkpoints]
+    runs += [(tiny_checkpoint(args.workdir), args.tiny_images)] if args.tiny else []
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, model on {args.device} ({where}), {os.cpu_count()} cores, JPEGs of 1024x768, "
+          f"batch {args.batch_size}")
+    print(f"| {'model':<12} | {'crops':>9} | {'images':>6} | {'workers':>7} | {'data floor img/s':>16} | "
+          f"{'score img/s':>11} | {'x floor':>7} |")
+    print(f"|{'-' * 14}|{'-' * 11}|{'-' * 8}|{'-' * 9}|{'-' * 18}|{'-' * 13}|{'-' * 9}|")
+    for ckpt, count in runs:
+        scorer = qmamba.load(ckpt, device=args.device, batch_size=args.batch_size)
+        files = paths[:count]
+        scoring(scorer, files[: 2 * args.batch_size], 0)  # warm-up: kernel compilation, allocator, page cache
+        data_floor(scorer, files, 0)
+        for workers in args.workers:
+            floor, scored = data_floor(scorer, files, workers), scoring(scorer, files, workers)
+            crops = f"{scorer.crops.count}x{scorer.crops.size}"
+            print(f"| {scorer.info['backbone']:<12} | {crops:>9} | {count:>6} | {workers:>7} | "
+                  f"{count / floor:>16.1f} | {count / scored:>11.1f} | {scored / floor:>7.2f} |", flush=True)
+    print(f"\nstart-up: `qmamba --help` {startup('--help'):.2f} s, `qmamba score --help` "
+          f"{startup('score', '--help'):.2f} s, `qmamba --version` {startup('--version'):.2f} s")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,17 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path
     config.write_text(TINY_CONFIG.read_text().replace("KADID_ROOT", str(tmp_path / "kadid")))
     monkeypatch.chdir(tmp_path)
     return tmp_path, config
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny model trained one epoch through the CLI on a KADID-format fixture: (fixture root, run folder)."""
+    from qmamba.cli import main
+
+    root = tmp_path_factory.mktemp("score")
+    make_kadid(root / "kadid")
+    config = root / "tiny.yaml"
+    config.write_text(TINY_CONFIG.read_text().replace("KADID_ROOT", str(root / "kadid")).replace(
+        "save_dir: runs", f"save_dir: {root / 'runs'}"))
+    main(["fit", "--config", str(config)])
+    return root, root / "runs" / "tiny"

@@ -19,3 +19,14 @@ def test_cpu_models_benchmark_prints_its_table():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
     assert [row.split("|")[1].strip() for row in rows] == ["qmamba_test:cpu", "qmamba_test:torch"]
     assert all(float(row.split("|")[3]) > 0 and float(row.split("|")[5]) > 0 for row in rows)
+
+
+def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
+    ckpt = trained[1] / "checkpoints" / "best.ckpt"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "score.py"), str(ckpt), "--images", "6", "--workers", "0", "1",
+         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
+    assert [int(r[3]) for r in rows] == [0, 1] and all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    assert "`qmamba score --help`" in result.stdout

@@ -15,26 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from iqa_fixtures import make_kadid
 from PIL import Image
 
 import qmamba
 from qmamba.cli import main
 from qmamba.preprocessing import IMAGENET_MEAN
-
-CONF = Path(__file__).parent / "conf" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny model trained one epoch through the CLI, and its run folder."""
-    root = tmp_path_factory.mktemp("score")
-    make_kadid(root / "kadid")
-    config = root / "tiny.yaml"
-    config.write_text(CONF.read_text().replace("KADID_ROOT", str(root / "kadid")).replace(
-        "save_dir: runs", f"save_dir: {root / 'runs'}"))
-    main(["fit", "--config", str(config)])
-    return root, root / "runs" / "tiny"
 
 
 @pytest.fixture

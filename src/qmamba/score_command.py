@@ -3,26 +3,33 @@
     qmamba score --ckpt_path runs/demo/checkpoints/best.ckpt photos/ extra.jpg -o scores.csv
     find /data -name '*.jpg' | qmamba score --ckpt_path best.ckpt - -o scores.jsonl      # paths on stdin
     qmamba score --ckpt_path best.ckpt --list paths.txt -o scores.csv                   # paths in a file
+    qmamba score --ckpt_path best.ckpt photos/ -o scores.parquet --devices 4 --maps maps/  # 4 GPUs, heat maps
 
-Rows go to ``<output>.partial`` as they come (flushed after every batch) and the file takes its final name only
-when every input was handled, so a partial output is recognisable by its name. SIGINT and SIGTERM finish the
-current batch, close the file and exit 130 / 143 saying how many scores it holds. Running the same command again
-resumes: images already scored in the output (``.csv`` or ``.jsonl``, partial or complete) are skipped and the rest
-appended; a row cut short by a kill is dropped and its image scored again. Scores outside the training dataset's
-scale are flagged (``above range`` / ``below range``), or clipped with ``--clip``.
+Images are decoded and cropped in ``--workers`` processes while the model runs. Rows go to ``<output>.partial`` as
+they come (flushed after every batch; JSON Lines for a Parquet output until it is complete) and the file takes
+its final name only when every input was handled, so a partial output is recognisable by its name. SIGINT and
+SIGTERM finish the current batch, close the file and exit 130 / 143 saying how many scores it holds. Running the
+same command again resumes: images already scored in the output (``.csv``, ``.jsonl`` or ``.parquet``, partial or
+complete) are skipped and the rest appended; a row cut short by a kill is dropped and its image scored again.
+Scores outside the training dataset's scale are flagged (``above range`` / ``below range``), or clipped with
+``--clip``. ``--devices N`` runs N scoring processes on every N-th file each (parts ``<output>.partial.rank<r>``),
+then merges them in input order; parts a killed run left are merged first when it is resumed.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any
 
+from qmamba.errors import QMambaError, UsageError
 from qmamba.scale import ScoreScale
 
 __all__ = ["expand_inputs", "main"]
@@ -95,12 +102,12 @@ class _Output:
             entry = {"path": path, "score": score, **({"flag": flag} if flag else {})}
             if self.kind == "json":
                 self.stream.write(("," if self.rows else "") + "\n    " + json.dumps(entry))
-            elif self.kind == "jsonl":
+            elif self.kind in ("jsonl", "parquet"):  # Parquet streams JSON Lines until the run completes
                 self.stream.write(json.dumps(entry) + "\n")
             else:
                 self.writer.writerow([path, f"{score:.6g}", flag])
             self.rows += 1
-        if self.kind == "jsonl":
+        if self.kind in ("jsonl", "parquet"):
             self.stream.writelines(json.dumps({"path": p, "error": e}) + "\n" for p, e in errors)
         self.stream.flush()
 
@@ -117,7 +124,7 @@ def _scored_before(partial: Path, kind: str) -> set[str]:
     complete = text[: text.rfind("\n") + 1]  # rows are written whole, so only a kill mid-write leaves a tail
     if complete != text:
         partial.write_text(complete, encoding="utf-8")
-    if kind == "jsonl":
+    if kind in ("jsonl", "parquet"):
         entries = [json.loads(line) for line in complete.splitlines() if line.strip()]
         return {e["path"] for e in entries if "score" in e}
     rows = list(csv.reader(complete.splitlines()))
@@ -126,7 +133,7 @@ def _scored_before(partial: Path, kind: str) -> set[str]:
 
 def _output_kind(output: Path | None) -> str:
     suffix = output.suffix.lower() if output else ".csv"
-    return {".json": "json", ".jsonl": "jsonl"}.get(suffix, "csv")
+    return {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "csv")
 
 
 class _PartialFile:
@@ -141,13 +148,25 @@ class _PartialFile:
         self.reopened = self.created = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if output.is_file() and not self.path.exists():
+            if output.is_file() and not self.path.exists() and self.kind == "parquet":
+                _parquet_to_jsonl(output, self.path)  # the finished file stays until the new one replaces it
+            elif output.is_file() and not self.path.exists():
                 os.replace(output, self.path)
                 self.reopened = True
             self.created = not self.path.exists()
             self.path.open("a", encoding="utf-8").close()
         except OSError as err:
             parser.error(f"cannot write --output {output}: {err.strerror or err} (choose a writable file)")
+
+    def finish(self, header: dict[str, Any]) -> None:
+        """Give the complete output its final name (Parquet: written from the JSON Lines, then renamed)."""
+        if self.kind == "parquet":
+            temporary = self.output.with_name(f".{self.output.name}.tmp")
+            _jsonl_to_parquet(self.path, temporary, header)
+            os.replace(temporary, self.output)
+            self.path.unlink()
+        else:
+            os.replace(self.path, self.output)
 
     def rollback(self) -> None:
         """Leave everything as it was (the run could not start)."""
@@ -165,6 +184,32 @@ class _PartialFile:
             print(f"qmamba score: {self.path} is JSON, which cannot be resumed: starting over (use .csv or .jsonl "
                   "for resumable runs)", file=sys.stderr)
         return self.path.open("a" if scored else "w", encoding="utf-8", newline=""), scored
+
+
+def _jsonl_to_parquet(source: Path, target: Path, header: dict[str, Any]) -> None:
+    """Columns path, score, flag, error (one row per image); the model and scale go into the file's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    entries = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    table = pa.table({
+        "path": pa.array([e["path"] for e in entries], pa.string()),
+        "score": pa.array([e.get("score") for e in entries], pa.float64()),
+        "flag": pa.array([e.get("flag", "") if "score" in e else None for e in entries], pa.string()),
+        "error": pa.array([e.get("error") for e in entries], pa.string()),
+    }).replace_schema_metadata({"qmamba": json.dumps(header)})
+    pq.write_table(table, target)
+
+
+def _parquet_to_jsonl(source: Path, target: Path) -> None:
+    """A finished Parquet output as the JSON Lines a resumed run appends to."""
+    import pyarrow.parquet as pq
+
+    with target.open("w", encoding="utf-8") as out:
+        for row in pq.read_table(source).to_pylist():
+            entry = {"path": row["path"], "error": row["error"]} if row["error"] is not None else {
+                "path": row["path"], "score": row["score"], **({"flag": row["flag"]} if row["flag"] else {})}
+            out.write(json.dumps(entry) + "\n")
 
 
 def _read_list(parser: argparse.ArgumentParser, source: str) -> list[str]:
@@ -191,47 +236,81 @@ class _Stop:
             signal.signal(signum, handler)
 
 
-def main(argv: list[str]) -> None:
+def _default_workers() -> int:
+    """Decoding processes next to the model: one core left to the model, at most 4 (JPEG decoding rarely needs
+    more to keep up with one model)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qmamba score", description="Score images with a trained QMamba checkpoint.")
     parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively); - reads paths from "
                         "standard input, one per line")
     parser.add_argument("--list", dest="lists", action="append", default=[],
                         help="a text file of image paths, one per line (repeatable)")
     parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a qmamba checkpoint (runs/<name>/...)")
-    parser.add_argument("--output", "-o", help="scores.csv (path,score,flag), scores.jsonl or scores.json; default: "
-                        "CSV on stdout. Rerunning with the same .csv/.jsonl output resumes it")
+    parser.add_argument("--output", "-o", help="scores.csv (path,score,flag), scores.jsonl, scores.json or "
+                        "scores.parquet (needs pyarrow); default: CSV on stdout. Rerunning with the same output "
+                        "resumes it (not .json)")
     parser.add_argument("--crops", type=int, help="evaluation crops per image (default: as in training)")
     parser.add_argument("--dataset", help="report on this training dataset's scale (default: the first)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--workers", type=int, default=_default_workers(),
+                        help=f"processes that decode and crop while the model runs (default {_default_workers()}: "
+                        "from the core count; 0 decodes in the main process)")
+    parser.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this before "
+                        "cropping (huge images; JPEGs decode directly at the smaller size). Default: native "
+                        "resolution, as the model was tested")
+    parser.add_argument("--maps", type=Path, metavar="DIR", help="also write a quality map per image into DIR "
+                        "(<DIR>/<image path>.png: the image tinted by the scores of windows slid over it)")
+    parser.add_argument("--devices", type=int, default=1, help="score with N processes, each on its own GPU (or "
+                        "CPU share), every image exactly once; the parts are merged in input order (needs -o)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--clip", action="store_true", help="clip scores to the dataset's scale (default: flag them)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("crops", "batch_size"):
+    for name in ("crops", "batch_size", "max_side", "devices"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     inputs = [p for item in args.inputs for p in (_read_list(parser, "-") if item == "-" else [item])]
     inputs += [p for source in args.lists for p in _read_list(parser, source)]
     if not inputs:
         parser.error("no images to score: name files or folders, --list FILE, or - for paths on standard input")
     output = Path(args.output) if args.output else None
+    if args.devices > 1 and output is None:
+        parser.error("--devices needs --output: each process writes its part next to it")
+    if output is not None and _output_kind(output) == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        parser.error("Parquet output needs pyarrow (pip install pyarrow), or write .csv / .jsonl")
     target = _PartialFile(parser, output) if output else None
 
     from qmamba.scoring import load  # torch and the model: after the cheap checks
 
     try:
         scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
-                      batch_size=args.batch_size, trusted=args.trust_checkpoint)
+                      batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side)
     except BaseException:
         if target is not None:
             target.rollback()
         raise
     stream, scored_before = target.open() if target else (sys.stdout, set())
     partial = target.path if target else None
+    kind = _output_kind(output)
     scale = scorer.scale
     direction = "lower is better" if scale.lower_better else "higher is better"
+    header = {"model": scorer.info, "score_range": [scale.low, scale.high], "direction": direction}
+    writer = _Output(stream, kind, header, resumed=bool(scored_before))
+    if partial is not None:  # parts a sharded run left behind (killed before merging) count as scored
+        scored_before |= _merge_parts(partial, writer, order=None)
     files, errors = expand_inputs(inputs)
     skipped = len(files)
     files = [f for f in files if f not in scored_before]
@@ -239,30 +318,22 @@ def main(argv: list[str]) -> None:
     if skipped:
         print(f"qmamba score: resuming {partial}: {skipped} images already scored, {len(files)} to go",
               file=sys.stderr)
-    header = {"model": scorer.info, "score_range": [scale.low, scale.high], "direction": direction}
-    writer = _Output(stream, _output_kind(output), header, resumed=bool(scored_before))
     writer.write([], errors)  # inputs that lead nowhere (JSON Lines records them)
     stop, done = _Stop(), 0
-    progress = _progress(len(files))
     try:
-        for batch in scorer.iter_batches(files):
-            failed = [(files[r.index], r.error) for r in batch if r.error is not None]
-            writer.write([(files[r.index], *_flag(r.score, scale, args.clip)) for r in batch if r.error is None],
-                         failed)
-            errors += failed
-            done += len(batch)
-            progress.update(len(batch))
-            if stop.signal is not None:
-                break
+        if args.devices > 1:
+            done, failed = _score_sharded(args, files, partial, writer)  # type: ignore[arg-type]
+        else:
+            done, failed = _score(scorer, files, writer, args, stop)
+        errors += failed
     finally:
         stop.restore()
-        progress.close()
         complete = done == len(files) and stop.signal is None
         writer.close(errors, complete)
-        if partial is not None:
+        if target is not None:
             stream.close()
             if complete:
-                os.replace(partial, output)
+                target.finish(header)
     for path, error in errors:
         print(f"qmamba score: skipped {path}: {error}", file=sys.stderr)
     where = f" to {output if complete else partial}" if output else ""
@@ -277,8 +348,134 @@ def main(argv: list[str]) -> None:
         raise SystemExit(1)
 
 
-def _progress(total: int) -> Any:
-    """A progress bar in a terminal; nothing in a log (the closing summary line says what happened)."""
-    from tqdm import tqdm
+def _score(scorer: Any, files: list[str], writer: _Output, args: argparse.Namespace, stop: _Stop
+           ) -> tuple[int, list[tuple[str, str]]]:
+    """Score ``files`` in order into ``writer`` (and their maps), stopping after the batch a signal arrives in.
+    Returns how many images were handled and the ones that could not be scored."""
+    failed: list[tuple[str, str]] = []
+    done = 0
+    progress = _Progress(len(files))
+    try:
+        for batch in scorer.iter_batches(files, workers=args.workers):
+            bad = [(files[r.index], r.error) for r in batch if r.error is not None]
+            good = [r for r in batch if r.error is None]
+            writer.write([(files[r.index], *_flag(r.score, scorer.scale, args.clip)) for r in good], bad)
+            if args.maps is not None:
+                for r in good:
+                    _write_map(scorer, files[r.index], args.maps)
+            failed += bad
+            done += len(batch)
+            progress.update(len(batch))
+            if stop.signal is not None:
+                break
+    finally:
+        progress.close()
+    return done, failed
 
-    return tqdm(total=total, desc="scoring", unit="img", file=sys.stderr, disable=not total or not sys.stderr.isatty())
+
+def _write_map(scorer: Any, path: str, maps: Path) -> None:
+    """``<maps>/<path>.png``: the image's quality map, named after its path so that equal names in different
+    folders do not collide (absolute paths lose their root, relative ones stay relative)."""
+    from qmamba.quality_maps import render
+    from qmamba.scoring import _as_rgb
+
+    relative = Path(path)
+    relative = Path(*relative.parts[1:]) if relative.is_absolute() else Path(os.path.normpath(relative))
+    target = maps / relative.with_name(relative.name + ".png")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image = _as_rgb(path, scorer.max_side)
+    picture = render(image, scorer.quality_map(image), scorer.scale)
+    temporary = target.with_name(f".{target.name}.tmp")
+    picture.save(temporary, format="PNG")
+    os.replace(temporary, target)
+
+
+class _Progress:
+    """A bar with img/s and ETA in a terminal; in a log, one line every ``every`` seconds."""
+
+    def __init__(self, total: int, every: float = 30.0) -> None:
+        from tqdm import tqdm
+
+        self.total, self.every, self.done = total, every, 0
+        self.start = self.last = time.monotonic()
+        self.bar = tqdm(total=total, desc="scoring", unit="img", file=sys.stderr,
+                        disable=not total or not sys.stderr.isatty())
+
+    def update(self, count: int) -> None:
+        self.bar.update(count)
+        self.done += count
+        now = time.monotonic()
+        if self.bar.disable and self.total and now - self.last >= self.every:
+            rate = self.done / (now - self.start)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            print(f"qmamba score: {self.done} of {self.total} images, {rate:.1f} img/s, about {eta / 60:.0f} min "
+                  "to go", file=sys.stderr, flush=True)
+            self.last = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# --------------------------------------------------------------------------------------- several processes
+def _part_paths(partial: Path) -> list[Path]:
+    return sorted(partial.parent.glob(f"{partial.name}.rank*"))
+
+
+def _read_part(part: Path) -> list[dict[str, Any]]:
+    """The whole JSON lines of a part (a line cut short by a kill is dropped: its image is scored again)."""
+    text = part.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def _merge_parts(partial: Path, writer: _Output, order: list[str] | None) -> set[str]:
+    """Move the rows of every ``<partial>.rank<r>`` part into ``writer`` (in ``order`` when given) and delete the
+    parts; returns the paths that got a score."""
+    entries = {e["path"]: e for part in _part_paths(partial) for e in _read_part(part)}
+    paths = [p for p in order if p in entries] if order is not None else list(entries)
+    rows = [(p, entries[p]["score"], entries[p].get("flag", "")) for p in paths if "score" in entries[p]]
+    writer.write(rows, [])
+    for part in _part_paths(partial):
+        part.unlink()
+    return {p for p, _, _ in rows}
+
+
+def _score_sharded(args: argparse.Namespace, files: list[str], partial: Path, writer: _Output
+                   ) -> tuple[int, list[tuple[str, str]]]:
+    """``--devices N``: N processes score every N-th file each into ``<partial>.rank<r>`` (JSON Lines, flushed per
+    batch); this process then merges the parts in input order. Each file is in exactly one shard."""
+    import torch
+    import torch.multiprocessing as mp
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and torch.cuda.device_count() < args.devices:
+        raise UsageError(f"--devices {args.devices} needs as many GPUs; {torch.cuda.device_count()} visible here")
+    try:
+        mp.spawn(_score_shard, args=(args, files, partial, device), nprocs=args.devices, join=True)
+    except mp.ProcessRaisedException as err:
+        raise QMambaError("a scoring process failed: " + str(err).strip().splitlines()[-1]) from None
+    entries = {e["path"]: e for part in _part_paths(partial) for e in _read_part(part)}
+    failed = [(p, entries[p]["error"]) for p in files if p in entries and "error" in entries[p]]
+    _merge_parts(partial, writer, order=files)
+    return sum(p in entries for p in files), failed
+
+
+def _score_shard(rank: int, args: argparse.Namespace, files: list[str], partial: Path, device: str) -> None:
+    """One process of ``--devices N``: files ``rank, rank + N, ...`` on its own GPU (or its share of the cores)."""
+    import torch
+
+    from qmamba.scoring import load
+
+    if device == "cuda":
+        device = f"cuda:{rank}"
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
+    scorer = load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset,
+                  batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side)
+    part = partial.with_name(f"{partial.name}.rank{rank}")
+    shard = files[rank :: args.devices]
+    stop = _Stop()
+    try:
+        with part.open("a", encoding="utf-8") as stream:
+            _score(scorer, shard, _Output(stream, "jsonl", {}, resumed=True), args, stop)
+    finally:
+        stop.restore()

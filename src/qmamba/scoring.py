@@ -14,6 +14,7 @@ crops, mapped to the chosen dataset's scale and direction.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from qmamba.checkpoint import CheckpointError
 from qmamba.data.images import read_rgb
 from qmamba.errors import UsageError
 from qmamba.preprocessing import EvalCrops
+from qmamba.quality_maps import QualityMap, window_starts
 from qmamba.scale import ScoreScale
 from qmamba.trained import load_trained
 
@@ -35,12 +37,13 @@ __all__ = ["ImageInput", "Result", "Scorer", "load"]
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
-def _as_rgb(image: ImageInput) -> np.ndarray:
+def _as_rgb(image: ImageInput, max_side: int | None = None) -> np.ndarray:
     """(H, W, 3) array on the 0-255 scale from a path, a PIL image, an HWC / HW array or a CHW / HW tensor.
 
-    Floating-point arrays and tensors are taken to be in [0, 1]; integer ones in [0, 255]."""
+    Floating-point arrays and tensors are taken to be in [0, 1]; integer ones in [0, 255]. ``max_side`` downscales
+    files whose longer side exceeds it (see :func:`qmamba.data.images.read_rgb`)."""
     if isinstance(image, (str, os.PathLike)):
-        return read_rgb(image)
+        return read_rgb(image, max_side)
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
@@ -53,6 +56,53 @@ def _as_rgb(image: ImageInput) -> np.ndarray:
         raise ValueError(f"expected an (H, W, 3) image, got an array of shape {array.shape}")
     array = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array[..., :3]
     return array.astype(np.float32) * 255.0 if np.issubdtype(array.dtype, np.floating) else array
+
+
+class _Prepared(NamedTuple):
+    """One image ready for the model: its crops, or why it cannot be scored."""
+
+    index: int
+    crops: torch.Tensor | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class _Preparer:
+    """Decode and crop one image (small and picklable: DataLoader workers get this, not the model)."""
+
+    crops: EvalCrops
+    max_side: int | None
+
+    def __call__(self, index: int, image: ImageInput) -> _Prepared:
+        try:
+            return _Prepared(index, self.crops(_as_rgb(image, self.max_side)), None)
+        except Exception as err:  # noqa: BLE001 - reported per image, the others are still scored
+            return _Prepared(index, None, str(err))
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Images decoded and cropped in DataLoader workers, each item an :class:`_Prepared`."""
+
+    def __init__(self, images: Sequence[ImageInput], prepare: _Preparer) -> None:
+        self.images, self.prepare = images, prepare
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> _Prepared:
+        return self.prepare(index, self.images[index])
+
+
+def _init_worker(worker: int) -> None:
+    """Decoding is single-threaded, so the model in the main process gets the cores; Ctrl-C and SIGTERM are the
+    main process's to handle (it finishes its batch), so a worker must not die of them first."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _as_list(items: list[_Prepared]) -> list[_Prepared]:
+    return items
 
 
 class Result(NamedTuple):
@@ -74,16 +124,20 @@ class Scorer:
     info: dict[str, Any]
     device: torch.device
     batch_size: int = 8
+    max_side: int | None = None  # downscale files above this longer side (huge images; changes what is scored)
 
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike[str], device: str | torch.device | None = None, crops: int | None = None,
-        dataset: str | None = None, batch_size: int = 8, trusted: bool = False,
+        dataset: str | None = None, batch_size: int = 8, trusted: bool = False, max_side: int | None = None,
     ) -> Scorer:
         """Build the model a qmamba checkpoint describes. ``dataset`` picks whose scale scores are reported on
-        (default: the first training dataset); ``crops`` overrides the evaluation crop count."""
+        (default: the first training dataset); ``crops`` overrides the evaluation crop count; ``max_side``
+        downscales image files whose longer side exceeds it before cropping (default: native resolution)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_side is not None and max_side < 1:
+            raise ValueError(f"max_side must be >= 1, got {max_side}")
         trained = load_trained(path, trusted=trusted)
         spec = trained.spec
         dataset = dataset or spec.datasets[0]
@@ -94,8 +148,8 @@ class Scorer:
             raise UsageError(f"device {device}: no CUDA GPU is visible here; use the CPU (device cpu)")
         info = {"checkpoint": str(path), "backbone": trained.architecture["backbone"], "datasets": spec.datasets,
                 "dataset": dataset, "crop_size": evaluation.size, "crops": evaluation.count,
-                "score_range": scale.as_dict()}
-        return cls(trained.model.to(device), evaluation, scale, dataset, info, device, batch_size)
+                "score_range": scale.as_dict(), "max_side": max_side}
+        return cls(trained.model.to(device), evaluation, scale, dataset, info, device, batch_size, max_side)
 
     @torch.inference_mode()
     def _batch(self, crops: list[torch.Tensor]) -> list[float]:
@@ -104,21 +158,38 @@ class Scorer:
         means = torch.stack([chunk.mean() for chunk in units.split(counts)])
         return self.scale.to_native(means).tolist()
 
-    def iter_batches(self, images: Iterable[ImageInput]) -> Iterator[list[Result]]:
+    def iter_batches(self, images: Iterable[ImageInput], workers: int = 0) -> Iterator[list[Result]]:
         """Results in input order, one list per model batch (or per image that cannot be scored): a caller can stop
-        between lists without losing a computed score. Never stops early because of a bad image."""
-        pending: list[tuple[int, torch.Tensor]] = []
-        for index, image in enumerate(images):
-            try:
-                pending.append((index, self.crops(_as_rgb(image))))
-            except Exception as err:  # noqa: BLE001 - reported per image, the others are still scored
-                yield [Result(index, None, str(err))]
-                continue
-            if len(pending) == self.batch_size:
-                yield self._scored(pending)
-                pending = []
-        if pending:
-            yield self._scored(pending)
+        between lists without losing a computed score. Never stops early because of a bad image.
+
+        ``workers`` > 0 decodes and crops in that many DataLoader processes while the model runs (images of any
+        size batch together: every image gives the same number of same-size crops). A model on the CPU then runs on
+        the cores the workers leave (torch's thread count, restored afterwards): sharing them slows both."""
+        threads = torch.get_num_threads()
+        if workers and self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads - workers))
+        try:
+            yield from self._iter_batches(images, workers)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _iter_batches(self, images: Iterable[ImageInput], workers: int) -> Iterator[list[Result]]:
+        prepare = _Preparer(self.crops, self.max_side)
+        if workers:
+            sequence = images if isinstance(images, Sequence) else list(images)
+            prepared: Iterable[list[_Prepared]] = torch.utils.data.DataLoader(
+                _Decoded(sequence, prepare), batch_size=self.batch_size, num_workers=workers,
+                collate_fn=_as_list, worker_init_fn=_init_worker, prefetch_factor=4,
+                pin_memory=self.device.type == "cuda")
+        else:
+            prepared = _chunks((prepare(i, image) for i, image in enumerate(images)), self.batch_size)
+        for batch in prepared:
+            for item in batch:
+                if item.error is not None:
+                    yield [Result(item.index, None, item.error)]
+            ready = [(item.index, item.crops) for item in batch if item.error is None]
+            if ready:
+                yield self._scored(ready)
 
     def iter_scores(self, images: Iterable[ImageInput]) -> Iterator[Result]:
         """:meth:`iter_batches`, one result at a time."""
@@ -129,6 +200,25 @@ class Scorer:
         scores = self._batch([crops for _, crops in pending])
         return [Result(index, score, None) for (index, _), score in zip(pending, scores, strict=True)]
 
+    @torch.inference_mode()
+    def quality_map(self, image: ImageInput, stride: int | None = None) -> QualityMap:
+        """Scores of crop-size windows slid over the image every ``stride`` pixels (default: half a crop), on the
+        dataset's native scale: where in the image quality drops. :meth:`QualityMap.dense` spreads them over the
+        pixels."""
+        rgb = _as_rgb(image, self.max_side)
+        preprocessing = self.crops.preprocessing
+        preprocessing.check_size(rgb)
+        size = self.crops.size
+        step = stride or max(1, size // 2)
+        tops, lefts = window_starts(rgb.shape[0], size, step), window_starts(rgb.shape[1], size, step)
+        windows = [(top, left) for top in tops for left in lefts]
+        units = []
+        for start in range(0, len(windows), 8 * self.batch_size):
+            crops = np.stack([rgb[t : t + size, c : c + size] for t, c in windows[start : start + 8 * self.batch_size]])
+            units.append(self.model(preprocessing.normalize(crops).to(self.device)).float().cpu())
+        scores = self.scale.to_native(torch.cat(units)).numpy().reshape(len(tops), len(lefts))
+        return QualityMap(scores, tops, lefts, size, rgb.shape[0], rgb.shape[1])
+
     def score(self, images: ImageInput | Sequence[ImageInput]) -> float | list[float]:
         """Quality score(s) on the dataset's native scale; raises on an image that cannot be scored."""
         single = not isinstance(images, (list, tuple))
@@ -138,6 +228,21 @@ class Scorer:
             raise ValueError("; ".join(errors))
         scores = [s for _, s, _ in results]
         return scores[0] if single else scores  # type: ignore[return-value]
+
+
+def _chunks(items: Iterable[_Prepared], size: int) -> Iterator[list[_Prepared]]:
+    """Lists of ``size`` scorable images; an image that cannot be scored is a list of its own, reported at once."""
+    chunk: list[_Prepared] = []
+    for item in items:
+        if item.error is not None:
+            yield [item]
+            continue
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def load(checkpoint: str | os.PathLike[str], **kwargs: Any) -> Scorer:
