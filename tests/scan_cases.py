@@ -28,16 +28,29 @@ def ordered_inputs(batch: int, k: int, tokens: int, dim: int, n: int, dtype=torc
 
 
 def ordered_reference(u, delta, A, B, C, D, bias, order: ScanOrder, merge: bool, softplus: bool):
-    """Gather every sequence (zero tokens for padding), the sequential reference scan, scatter back."""
-    batch, _, dim = u.shape
+    """Every sequence indexed token by token from the order's table (zero tokens for padding), the sequential
+    reference scan, each output put back at its token: independent of ScanOrder's row gathers."""
+    batch, tokens, dim = u.shape
     k, length = len(order.directions), order.length
+    table = order.table.long()
+
+    def in_order(x, i):  # (batch, T, C) -> (batch, L, C), direction i's order, zeros at padding steps
+        return x[:, table[i].clamp(min=0)] * (table[i] >= 0).to(x.dtype)[None, :, None]
+
+    def channels_first(maps):  # K (batch, L, C) sequences -> (batch, K, C, L)
+        return torch.stack(maps, 1).transpose(2, 3)
+
     ys = selective_scan_reference(
-        order.scan(u.transpose(1, 2)).reshape(batch, k * dim, length),
-        order.scan_each(delta.transpose(2, 3)).reshape(batch, k * dim, length),
-        A, order.scan_each(B.transpose(2, 3)), order.scan_each(C.transpose(2, 3)), D, bias, softplus,
-    )
-    ys = order.unscan(ys.view(batch, k, dim, length))
-    return ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)
+        channels_first([in_order(u, i) for i in range(k)]).reshape(batch, k * dim, length),
+        channels_first([in_order(delta[:, i], i) for i in range(k)]).reshape(batch, k * dim, length),
+        A, channels_first([in_order(B[:, i], i) for i in range(k)]),
+        channels_first([in_order(C[:, i], i) for i in range(k)]), D, bias, softplus,
+    ).view(batch, k, dim, length)
+    out = torch.zeros(batch, k, tokens, dim, dtype=ys.dtype)
+    for i in range(k):
+        valid = table[i] >= 0
+        out[:, i, table[i][valid]] = ys[:, i][..., valid].transpose(1, 2)
+    return out.sum(1) if merge else out
 
 
 ORDERS = [

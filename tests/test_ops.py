@@ -210,6 +210,39 @@ def test_scan_then_unscan_recovers_each_direction(directions):
         assert torch.equal(back[:, k], x)
 
 
+@pytest.mark.parametrize("directions", [("h", "v", "h_flip", "v_flip"), ("w3", "w3c", "w3_flip", "w2c_flip")])
+def test_scan_orders_backpropagate_exactly_like_plain_indexing(directions):
+    """scan / scan_each / unscan gather their gradients back through the inverse order (no index_add or
+    scatter_add): the same gradients as plain indexing, padded window orders included."""
+    order = ScanOrder(directions, 5, 6)
+    k, length = len(directions), order.length
+    table = order.table.long()
+
+    def in_order(x, i):  # (..., T) -> (..., L), direction i's order, zeros at padding steps
+        return x[..., table[i].clamp(min=0)] * (table[i] >= 0)
+
+    def back(y, i):  # (..., L) -> (..., T)
+        positions = torch.zeros(*y.shape[:-1], 30)
+        positions[..., table[i][table[i] >= 0]] = y[..., table[i] >= 0]
+        return positions
+
+    cases = [
+        (order.scan, torch.randn(2, 3, 30), lambda x: torch.stack([in_order(x, i) for i in range(k)], 1)),
+        (order.scan_each, torch.randn(2, k, 30, 3).transpose(2, 3),  # a transposed view, as SS2D passes them
+         lambda x: torch.stack([in_order(x[:, i], i) for i in range(k)], 1)),
+        (order.unscan, torch.randn(2, k, 3, length), lambda y: torch.stack([back(y[:, i], i) for i in range(k)], 1)),
+    ]
+    for method, x, reference in cases:
+        ours, theirs = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        out = method(ours)
+        expected = reference(theirs)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        weight = torch.randn(out.shape)
+        (out * weight).sum().backward()
+        (expected * weight).sum().backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-6)
+
+
 def test_unknown_direction_is_rejected():
     with pytest.raises(ValueError, match="unknown scan direction"):
         direction_positions("diagonal", 4, 4)

@@ -7,17 +7,19 @@ A direction turns an (H, W) map into a 1-D sequence. Vocabulary (LocalMamba's, p
   of K); ``w{K}c``: the column-first version (windows and tokens column-major);
 * a ``_flip`` suffix reverses the whole sequence (VMamba's directions 2 and 3 are ``h_flip`` and ``v_flip``).
 
-:class:`ScanOrder` precomputes, for a set of directions and a map size, one gather index that builds all
-sequences at once (padded to a common length with a zero token) and, per direction, the inverse index that maps a
-sequence back to row-major positions. Both are plain ``index_select`` ops: device-agnostic, differentiable,
-exportable. ``table`` is the same orders as an int32 (K, L) table of token positions (-1 for padding), the form the
-fused CPU scan reads directly.
+:class:`ScanOrder` precomputes, for a set of directions and a map size, one gather index that builds all sequences
+at once (padded to a common length with a zero token) and, per direction, the inverse index that maps a sequence
+back to row-major positions. Both are ``index_select`` ops whose backward gathers through the inverse order instead
+of scattering (no atomics on a GPU, deterministic): device-agnostic, differentiable, exportable. ``table`` is the
+same orders as an int32 (K, L) table of token positions (-1 for padding), the form the fused CPU scan reads
+directly.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,54 +64,86 @@ def direction_positions(name: str, height: int, width: int) -> Tensor:
     return seq.flip(0) if flip else seq
 
 
+class _Reorder(torch.autograd.Function):
+    """``x.index_select(-1, index)`` for an index that visits each position a fixed number of times (a scan order
+    is a permutation, or K of them), with a backward that gathers the gradient back through ``inverse`` instead of
+    scattering it. index_select's and gather's own backwards are index_add / scatter_add, whose atomics were the
+    largest kernels of a QMamba-T training step on an H200 (benchmarks/gpu_profile.py); this one is deterministic."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(-1, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors  # (copies, positions): where each input position went; len(index): nowhere
+        padded = torch.nn.functional.pad(grad, (0, 1))
+        copies = padded.index_select(-1, inverse.flatten()).view(*grad.shape[:-1], *inverse.shape)
+        return copies.sum(-2), None, None
+
+
+def _reorder(x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and x.requires_grad):
+        return x.index_select(-1, index)  # inference and tracing (export): the plain op, the same forward
+    return _Reorder.apply(x, index, inverse)
+
+
 class ScanOrder:
-    """All directions of one SS2D layer for one map size: ``scan`` (B, D, H*W) -> (B, K, D, L), ``merge`` back."""
+    """All directions of one SS2D layer for one map size: ``scan`` (B, D, H*W) -> (B, K, D, L), ``unscan`` back."""
 
     @torch.inference_mode(False)  # cached across calls: tensors made under inference mode could never train
     def __init__(self, directions: tuple[str, ...], height: int, width: int) -> None:
         self.directions = directions
-        self.num_tokens = height * width
+        self.num_tokens = tokens = height * width
         seqs = [direction_positions(d, height, width) for d in directions]
-        self.length = max(len(s) for s in seqs)
-        gather = torch.full((len(seqs), self.length), self.num_tokens, dtype=torch.long)  # index L = zero token
-        inverse = torch.empty(len(seqs), self.num_tokens, dtype=torch.long)
-        for k, seq in enumerate(seqs):
+        self.length = length = max(len(s) for s in seqs)
+        k = len(seqs)
+        gather = torch.full((k, length), tokens, dtype=torch.long)  # index T = zero token
+        inverse = torch.empty(k, tokens, dtype=torch.long)
+        for i, seq in enumerate(seqs):
             valid = seq >= 0
-            gather[k, : len(seq)][valid] = seq[valid]
-            inverse[k, seq[valid]] = torch.nonzero(valid).squeeze(1)
-        self.padded = bool((gather == self.num_tokens).any())
-        self.table = torch.where(gather == self.num_tokens, -1, gather).to(torch.int32)
-        self._gather = gather.flatten()
-        self._inverse = inverse
-        self._device_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+            gather[i, : len(seq)][valid] = seq[valid]
+            inverse[i, seq[valid]] = torch.nonzero(valid).squeeze(1)
+        self.padded = bool((gather == tokens).any())
+        self.table = torch.where(gather == tokens, -1, gather).to(torch.int32)
+        # each index with the inverse its backward gathers through; position k * L (or T) of a padded gradient is 0
+        rows = tokens + self.padded  # a map's positions, with the zero token when some direction needs padding
+        offsets = torch.arange(k)[:, None]
+        steps = torch.cat([offsets * length + inverse, torch.full((k, 1), k * length)], 1)[:, :rows]  # (K, rows)
+        self._cpu = {
+            "scan": (gather.flatten(), steps),
+            "scan_each": ((gather + offsets * rows).flatten(), steps.reshape(1, -1)),
+            "unscan": (inverse, torch.where(gather < tokens, gather, tokens)[:, None, :]),
+        }
+        self._device_cache: dict[torch.device, dict[str, tuple[Tensor, Tensor]]] = {}
 
     @torch.inference_mode(False)
-    def _indices(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _indices(self, name: str, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._device_cache:
-            self._device_cache[device] = (self._gather.to(device), self._inverse.to(device))
-        return self._device_cache[device]
+            self._device_cache[device] = {n: (i.to(device), v.to(device)) for n, (i, v) in self._cpu.items()}
+        return self._device_cache[device][name]
 
     def scan(self, x: Tensor) -> Tensor:
         """(B, D, H*W) row-major -> (B, K, D, L) sequences, zero-padded to the longest direction."""
-        gather, _ = self._indices(x.device)
         if self.padded:
             x = torch.nn.functional.pad(x, (0, 1))
-        seqs = x.index_select(-1, gather).view(*x.shape[:-1], len(self.directions), self.length)
+        seqs = _reorder(x, *self._indices("scan", x.device)).view(*x.shape[:-1], len(self.directions), self.length)
         return seqs.transpose(-3, -2)
 
     def scan_each(self, x: Tensor) -> Tensor:
         """(B, K, C, H*W) one map per direction -> (B, K, C, L): direction k's map in direction k's order."""
-        gather, _ = self._indices(x.device)
         if self.padded:
             x = torch.nn.functional.pad(x, (0, 1))
-        k = len(self.directions)
-        index = gather.view(1, k, 1, self.length).expand(x.shape[0], k, x.shape[2], self.length)
-        return torch.gather(x, -1, index)
+        batch, k, channels = x.shape[:3]
+        maps = x.transpose(1, 2).reshape(batch, channels, -1)  # (B, C, K * positions): a view for transposed maps
+        seqs = _reorder(maps, *self._indices("scan_each", x.device)).view(batch, channels, k, self.length)
+        return seqs.transpose(1, 2)
 
     def unscan(self, y: Tensor) -> Tensor:
         """(B, K, D, L) sequence outputs -> (B, K, D, H*W), each direction back in row-major order."""
-        _, inverse = self._indices(y.device)
-        return torch.stack([y[:, k].index_select(-1, inverse[k]) for k in range(len(self.directions))], dim=1)
+        inverse, back = self._indices("unscan", y.device)
+        return torch.stack([_reorder(y[:, k], inverse[k], back[k]) for k in range(len(self.directions))], dim=1)
 
 
 @functools.lru_cache(maxsize=256)
