@@ -13,7 +13,9 @@ same command again resumes: images already scored in the output (``.csv``, ``.js
 complete) are skipped and the rest appended; a row cut short by a kill is dropped and its image scored again.
 Scores outside the training dataset's scale are flagged (``above range`` / ``below range``), or clipped with
 ``--clip``. ``--devices N`` runs N scoring processes on every N-th file each (parts ``<output>.partial.rank<r>``),
-then merges them in input order; parts a killed run left are merged first when it is resumed.
+then merges them in input order; ``--num_nodes M`` spreads the shards over M machines that share the output's
+folder (each runs the command with its ``--node_rank``; a gloo barrier tells node 0 when to merge). Parts a killed
+run left are kept and merged when it is resumed.
 """
 
 from __future__ import annotations
@@ -118,11 +120,11 @@ class _Output:
         self.stream.flush()
 
 
-def _scored_before(partial: Path, kind: str) -> set[str]:
-    """Paths with a score in an earlier run's output; rewrites it without a last line that a kill cut short."""
+def _scored_before(partial: Path, kind: str, trim: bool = True) -> set[str]:
+    """Paths with a score in an earlier run's output; ``trim`` rewrites it without a last line a kill cut short."""
     text = partial.read_text(encoding="utf-8")
     complete = text[: text.rfind("\n") + 1]  # rows are written whole, so only a kill mid-write leaves a tail
-    if complete != text:
+    if trim and complete != text:
         partial.write_text(complete, encoding="utf-8")
     if kind in ("jsonl", "parquet"):
         entries = [json.loads(line) for line in complete.splitlines() if line.strip()]
@@ -266,6 +268,12 @@ def _parser() -> argparse.ArgumentParser:
                         "(<DIR>/<image path>.png: the image tinted by the scores of windows slid over it)")
     parser.add_argument("--devices", type=int, default=1, help="score with N processes, each on its own GPU (or "
                         "CPU share), every image exactly once; the parts are merged in input order (needs -o)")
+    parser.add_argument("--num_nodes", "--num-nodes", type=int, default=1, help="machines scoring together (each "
+                        "runs this command with --devices N; the output's folder must be shared): node 0 merges. "
+                        "Needs MASTER_ADDR / MASTER_PORT, as set by torchrun or SLURM")
+    parser.add_argument("--node_rank", "--node-rank", type=int, default=int(os.environ.get(
+                        "NODE_RANK", os.environ.get("SLURM_NODEID", "0"))),
+                        help="this machine's index among --num_nodes (default: $NODE_RANK or $SLURM_NODEID, else 0)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--clip", action="store_true", help="clip scores to the dataset's scale (default: flag them)")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -276,59 +284,70 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("crops", "batch_size", "max_side", "devices"):
+    for name in ("crops", "batch_size", "max_side", "devices", "num_nodes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    if not 0 <= args.node_rank < args.num_nodes:
+        parser.error(f"--node_rank {args.node_rank} is not one of the {args.num_nodes} nodes (0 to "
+                     f"{args.num_nodes - 1})")
+    if args.num_nodes > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        parser.error("--num_nodes needs MASTER_ADDR and MASTER_PORT (node 0's address and a free port; torchrun and "
+                     "SLURM set them) so that node 0 knows when every node is done")
     inputs = [p for item in args.inputs for p in (_read_list(parser, "-") if item == "-" else [item])]
     inputs += [p for source in args.lists for p in _read_list(parser, source)]
     if not inputs:
         parser.error("no images to score: name files or folders, --list FILE, or - for paths on standard input")
     output = Path(args.output) if args.output else None
-    if args.devices > 1 and output is None:
-        parser.error("--devices needs --output: each process writes its part next to it")
+    sharded = args.devices > 1 or args.num_nodes > 1
+    if sharded and output is None:
+        parser.error("--devices and --num_nodes need --output: each process writes its part next to it")
     if output is not None and _output_kind(output) == "parquet" and importlib.util.find_spec("pyarrow") is None:
         parser.error("Parquet output needs pyarrow (pip install pyarrow), or write .csv / .jsonl")
+    if args.node_rank > 0:  # a helper node: score its shards into parts; node 0 owns the output
+        _help_node_zero(args, inputs, output)  # type: ignore[arg-type]
+        return
     target = _PartialFile(parser, output) if output else None
 
     from qmamba.scoring import load  # torch and the model: after the cheap checks
 
-    try:
-        scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
-                      batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side)
+    try:  # with several processes this one only reads the model's description: it stays on the CPU
+        scorer = load(args.ckpt_path, device="cpu" if sharded else args.device, crops=args.crops,
+                      dataset=args.dataset, batch_size=args.batch_size, trusted=args.trust_checkpoint,
+                      max_side=args.max_side)
     except BaseException:
         if target is not None:
             target.rollback()
         raise
     stream, scored_before = target.open() if target else (sys.stdout, set())
     partial = target.path if target else None
-    kind = _output_kind(output)
     scale = scorer.scale
     direction = "lower is better" if scale.lower_better else "higher is better"
     header = {"model": scorer.info, "score_range": [scale.low, scale.high], "direction": direction}
-    writer = _Output(stream, kind, header, resumed=bool(scored_before))
-    if partial is not None:  # parts a sharded run left behind (killed before merging) count as scored
-        scored_before |= _merge_parts(partial, writer, order=None)
+    writer = _Output(stream, _output_kind(output), header, resumed=bool(scored_before))
     files, errors = expand_inputs(inputs)
-    skipped = len(files)
-    files = [f for f in files if f not in scored_before]
-    skipped -= len(files)
-    if skipped:
-        print(f"qmamba score: resuming {partial}: {skipped} images already scored, {len(files)} to go",
+    in_parts = _part_scores(partial) if partial is not None else set()  # a sharded run stopped before merging
+    if in_parts and not sharded:  # resumed in one process: merge its parts now
+        _merge_parts(partial, writer, files, exclude=scored_before)  # type: ignore[arg-type]
+    todo = [f for f in files if f not in scored_before and f not in in_parts]
+    if len(todo) < len(files):
+        print(f"qmamba score: resuming {partial}: {len(files) - len(todo)} images already scored, {len(todo)} to go",
               file=sys.stderr)
     writer.write([], errors)  # inputs that lead nowhere (JSON Lines records them)
     stop, done = _Stop(), 0
     try:
-        if args.devices > 1:
-            done, failed = _score_sharded(args, files, partial, writer)  # type: ignore[arg-type]
+        if sharded:
+            _spawn_shards(args, files, partial, scored_before | in_parts)  # type: ignore[arg-type]
+            merged, failed = _merge_parts(partial, writer, files, exclude=scored_before)  # type: ignore[arg-type]
+            done = len(set(todo) & merged)
         else:
-            done, failed = _score(scorer, files, writer, args, stop)
+            done, failed = _score(scorer, todo, writer, args, stop)
         errors += failed
     finally:
         stop.restore()
-        complete = done == len(files) and stop.signal is None
+        complete = done == len(todo) and stop.signal is None
         writer.close(errors, complete)
         if target is not None:
             stream.close()
@@ -339,13 +358,27 @@ def main(argv: list[str]) -> None:
     where = f" to {output if complete else partial}" if output else ""
     if stop.signal is not None:
         name = signal.Signals(stop.signal).name
-        print(f"qmamba score: {name} after {done} of {len(files)} images; {writer.rows} scores written{where} "
+        print(f"qmamba score: {name} after {done} of {len(todo)} images; {writer.rows} scores written{where} "
               "(the run stopped early)", file=sys.stderr)
         raise SystemExit(128 + stop.signal)
     print(f"qmamba score: {writer.rows} scored, {len(errors)} skipped{where} ({scorer.dataset} scale "
           f"{scale.low:g}-{scale.high:g}, {direction})", file=sys.stderr)
     if errors:
         raise SystemExit(1)
+
+
+def _help_node_zero(args: argparse.Namespace, inputs: list[str], output: Path) -> None:
+    """Node ``--node_rank`` > 0 of ``--num_nodes``: its shards go into parts next to node 0's output."""
+    partial = output.with_name(output.name + ".partial")
+    files, _ = expand_inputs(inputs)
+    scored = _scored_before(partial, _output_kind(output), trim=False) if partial.is_file() else set()
+    stop = _Stop()
+    try:
+        _spawn_shards(args, files, partial, scored | _part_scores(partial))
+    finally:
+        stop.restore()
+    print(f"qmamba score: node {args.node_rank} of {args.num_nodes} done; node 0 merges the parts into {output}",
+          file=sys.stderr)
 
 
 def _score(scorer: Any, files: list[str], writer: _Output, args: argparse.Namespace, stop: _Stop
@@ -427,22 +460,24 @@ def _read_part(part: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
-def _merge_parts(partial: Path, writer: _Output, order: list[str] | None) -> set[str]:
-    """Move the rows of every ``<partial>.rank<r>`` part into ``writer`` (in ``order`` when given) and delete the
-    parts; returns the paths that got a score."""
+def _part_scores(partial: Path) -> set[str]:
+    return {e["path"] for part in _part_paths(partial) for e in _read_part(part) if "score" in e}
+
+
+def _merge_parts(partial: Path, writer: _Output, order: list[str], exclude: set[str]
+                 ) -> tuple[set[str], list[tuple[str, str]]]:
+    """Write every part's rows (scores and failures) into ``writer`` in input order, except paths already in the
+    output, then delete the parts. Returns the paths handled and the failures."""
     entries = {e["path"]: e for part in _part_paths(partial) for e in _read_part(part)}
-    paths = [p for p in order if p in entries] if order is not None else list(entries)
-    rows = [(p, entries[p]["score"], entries[p].get("flag", "")) for p in paths if "score" in entries[p]]
-    writer.write(rows, [])
+    new = [p for p in order if p in entries and p not in exclude]
+    writer.write([(p, entries[p]["score"], entries[p].get("flag", "")) for p in new if "score" in entries[p]], [])
     for part in _part_paths(partial):
         part.unlink()
-    return {p for p, _, _ in rows}
+    return set(new), [(p, entries[p]["error"]) for p in new if "error" in entries[p]]
 
 
-def _score_sharded(args: argparse.Namespace, files: list[str], partial: Path, writer: _Output
-                   ) -> tuple[int, list[tuple[str, str]]]:
-    """``--devices N``: N processes score every N-th file each into ``<partial>.rank<r>`` (JSON Lines, flushed per
-    batch); this process then merges the parts in input order. Each file is in exactly one shard."""
+def _spawn_shards(args: argparse.Namespace, files: list[str], partial: Path, scored: set[str]) -> None:
+    """This node's ``--devices`` processes; they return once every process of every node is done."""
     import torch
     import torch.multiprocessing as mp
 
@@ -450,32 +485,42 @@ def _score_sharded(args: argparse.Namespace, files: list[str], partial: Path, wr
     if device.startswith("cuda") and torch.cuda.device_count() < args.devices:
         raise UsageError(f"--devices {args.devices} needs as many GPUs; {torch.cuda.device_count()} visible here")
     try:
-        mp.spawn(_score_shard, args=(args, files, partial, device), nprocs=args.devices, join=True)
+        mp.spawn(_score_shard, args=(args, files, partial, device, scored), nprocs=args.devices, join=True)
     except mp.ProcessRaisedException as err:
         raise QMambaError("a scoring process failed: " + str(err).strip().splitlines()[-1]) from None
-    entries = {e["path"]: e for part in _part_paths(partial) for e in _read_part(part)}
-    failed = [(p, entries[p]["error"]) for p in files if p in entries and "error" in entries[p]]
-    _merge_parts(partial, writer, order=files)
-    return sum(p in entries for p in files), failed
 
 
-def _score_shard(rank: int, args: argparse.Namespace, files: list[str], partial: Path, device: str) -> None:
-    """One process of ``--devices N``: files ``rank, rank + N, ...`` on its own GPU (or its share of the cores)."""
+def _score_shard(local: int, args: argparse.Namespace, files: list[str], partial: Path, device: str,
+                 scored: set[str]) -> None:
+    """One scoring process: every ``world``-th file of the whole input list from its global rank on (so that a
+    file's shard never depends on what earlier runs scored), minus those already scored, into its own part."""
     import torch
+    import torch.distributed as dist
 
     from qmamba.scoring import load
 
-    if device == "cuda":
-        device = f"cuda:{rank}"
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
-    scorer = load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset,
-                  batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side)
-    part = partial.with_name(f"{partial.name}.rank{rank}")
-    shard = files[rank :: args.devices]
-    stop = _Stop()
+    rank, world = args.node_rank * args.devices + local, args.num_nodes * args.devices
+    if args.num_nodes > 1:  # across machines: a barrier at the end tells node 0 that every part is complete
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     try:
-        with part.open("a", encoding="utf-8") as stream:
-            _score(scorer, shard, _Output(stream, "jsonl", {}, resumed=True), args, stop)
+        if device == "cuda":
+            device = f"cuda:{local}"
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
+        scorer = load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset,
+                      batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side)
+        part = partial.with_name(f"{partial.name}.rank{rank}")
+        if part.is_file():  # drop a last line a kill cut short before appending
+            text = part.read_text(encoding="utf-8")
+            part.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+        todo = [f for f in files[rank::world] if f not in scored]
+        stop = _Stop()
+        try:
+            with part.open("a", encoding="utf-8") as stream:
+                _score(scorer, todo, _Output(stream, "jsonl", {}, resumed=True), args, stop)
+        finally:
+            stop.restore()
     finally:
-        stop.restore()
+        if args.num_nodes > 1:
+            dist.barrier()
+            dist.destroy_process_group()
