@@ -1,10 +1,12 @@
-"""The CPU benchmark script runs end to end (tiny sizes: it checks the script, not the speed)."""
+"""The benchmark scripts run end to end (tiny sizes: they check the scripts, not the speed)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -30,3 +32,16 @@ def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
     assert [int(r[3]) for r in rows] == [0, 1] and all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
     assert "`qmamba score --help`" in result.stdout
+
+
+def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path):
+    pytest.importorskip("fastapi", reason="qmamba serve needs its extra")
+    root, run = trained
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "serve.py"), str(run / "checkpoints" / "best.ckpt"), "--images",
+         str(root / "kadid" / "images"), "--count", "4", "--requests", "8", "--clients", "1", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
+    assert [int(r[0]) for r in rows[1:]] == [1, 2] and all(float(r[1]) > 0 for r in rows[1:])
+    assert "qmamba score's loop" in result.stdout

@@ -107,7 +107,8 @@ def test_onnx_export_from_a_fresh_process_matches_pytorch(trained, tmp_path):
 
 def test_scoring_and_export_import_no_training_stack():
     """Using a trained model needs torch, numpy, PIL and qmamba's models: not Lightning, albumentations or pandas."""
-    code = ("import sys, qmamba.scoring, qmamba.export, qmamba.trained; "
+    code = ("import sys, qmamba.scoring, qmamba.export, qmamba.trained, qmamba.serve, qmamba.quality_maps; "
+            "qmamba.serve.create_app; "
             "bad = [m for m in ('lightning', 'albumentations', 'pandas') if m in sys.modules]; print(bad); "
             "sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

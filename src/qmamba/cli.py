@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "predict": Command("qmamba.training.cli", "score a config's test images with a checkpoint (Lightning loop)"),
     "score": Command("qmamba.score_command", "score image files and folders with a checkpoint (no Lightning)"),
     "export": Command("qmamba.export", "export a checkpoint to ONNX"),
+    "serve": Command("qmamba.serve", "a scoring service and web page for a checkpoint (no Lightning)"),
     "weights": Command("qmamba.weights_command", "list, download and verify the ImageNet-pretrained backbones"),
     "benchmark": Command("qmamba.benchmark", "the N-split protocol on one config: median and mean SRCC/PLCC"),
     "transfer": Command("qmamba.transfer", "adapt a trained model to another dataset with several methods"),

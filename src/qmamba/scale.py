@@ -31,6 +31,10 @@ class ScoreScale:
         unit = 1.0 - unit if self.lower_better else unit
         return unit * (self.high - self.low) + self.low
 
+    def out_of_range(self, score: float) -> str:
+        """``above range`` / ``below range`` for a prediction outside the scale, else an empty string."""
+        return "above range" if score > self.high else "below range" if score < self.low else ""
+
     def as_dict(self) -> dict[str, float | bool]:
         return {"low": self.low, "high": self.high, "lower_better": self.lower_better}
 

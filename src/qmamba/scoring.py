@@ -152,7 +152,8 @@ class Scorer:
         return cls(trained.model.to(device), evaluation, scale, dataset, info, device, batch_size, max_side)
 
     @torch.inference_mode()
-    def _batch(self, crops: list[torch.Tensor]) -> list[float]:
+    def score_crops(self, crops: list[torch.Tensor]) -> list[float]:
+        """Native-scale scores of images given as their crops (one (count, 3, size, size) tensor each)."""
         counts = [len(c) for c in crops]
         units = self.model(torch.cat(crops).to(self.device)).float().cpu()
         means = torch.stack([chunk.mean() for chunk in units.split(counts)])
@@ -197,7 +198,7 @@ class Scorer:
             yield from batch
 
     def _scored(self, pending: list[tuple[int, torch.Tensor]]) -> list[Result]:
-        scores = self._batch([crops for _, crops in pending])
+        scores = self.score_crops([crops for _, crops in pending])
         return [Result(index, score, None) for (index, _), score in zip(pending, scores, strict=True)]
 
     @torch.inference_mode()

@@ -9,7 +9,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatasetError
 
-__all__ = ["ImageReadError", "bomb_message", "read_rgb"]
+__all__ = ["ImageReadError", "bomb_message", "read_rgb", "rgb_array"]
 
 
 class ImageReadError(DatasetError):
@@ -31,7 +31,7 @@ def read_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> np.nd
             if max_side is not None and max(image.size) > max_side:  # JPEG: decode at a reduced scale directly
                 ratio = max_side / max(image.size)
                 image.draft("RGB", (max(1, int(image.width * ratio)), max(1, int(image.height * ratio))))
-            array = _rgb_array(ImageOps.exif_transpose(image))
+            array = rgb_array(ImageOps.exif_transpose(image))
     except FileNotFoundError as err:
         raise ImageReadError(f"image file not found: {path}") from err
     except Image.DecompressionBombError as err:
@@ -45,7 +45,8 @@ def read_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> np.nd
     return array
 
 
-def _rgb_array(image: Image.Image) -> np.ndarray:
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array of an opened image (the conversions :func:`read_rgb` describes)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         depth = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0

@@ -1,0 +1,179 @@
+"""``qmamba serve``: the API through an HTTP client, batching under concurrent requests, the limits, and the page in
+a real browser (headless Chromium, skipped with the reason where it is not installed)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import qmamba
+from qmamba.serve import Limits, create_app
+
+pytest.importorskip("fastapi", reason="qmamba serve needs its extra: pip install 'qmamba[serve]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
+
+
+@pytest.fixture(scope="module")
+def images(trained) -> list[Path]:
+    root, _ = trained
+    return sorted((root / "kadid" / "images").glob("I0*_01_0*.png"))[:6]
+
+
+@pytest.fixture(scope="module")
+def scorer(trained):
+    return qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(scorer):
+    with TestClient(create_app(scorer, Limits(max_upload_bytes=200_000, max_pixels=10_000))) as client:
+        yield client
+
+
+def _files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (name, data, "application/octet-stream")) for name, data in items]
+
+
+def _multipart(data: bytes) -> bytes:
+    return (b"--qmamba\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n--qmamba--\r\n")
+
+
+def test_health_describes_the_model(client, scorer):
+    health = client.get("/health").json()
+    assert health["model"] == "qmamba_test" and health["dataset"] == scorer.dataset
+    assert health["score_range"] == [scorer.scale.low, scorer.scale.high] and health["direction"] == "higher is better"
+
+
+def test_good_images_score_as_the_python_api_and_bad_ones_fail_alone(client, scorer, images):
+    response = client.post("/score", files=_files(
+        (images[0].name, images[0].read_bytes()),
+        ("notes.png", b"this is text, whatever its name says"),  # content is decoded, not trusted by extension
+        ("broken.jpg", images[1].read_bytes()[:200]),  # a truncated image
+        (images[1].name, images[1].read_bytes())))
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["file"] for r in results] == [images[0].name, "notes.png", "broken.jpg", images[1].name]
+    assert "not a readable image" in results[1]["error"] and "error" in results[2]
+    expected = scorer.score([str(images[0]), str(images[1])])
+    np.testing.assert_allclose([results[0]["score"], results[3]["score"]], expected, rtol=1e-5)
+    assert results[0]["direction"] == "higher is better" and results[0]["scale"] == [1.0, 5.0]
+
+
+def test_refusals_are_4xx_with_one_line_reasons(client, images):
+    too_big = client.post("/score", files=_files(("big.bin", b"\0" * 300_000)))
+    assert too_big.status_code == 413 and "limit of 200000 bytes" in too_big.json()["detail"]
+    chunked = client.post("/score", content=iter([_multipart(b"\0" * 300_000)]),
+                          headers={"content-type": "multipart/form-data; boundary=qmamba"})
+    assert chunked.status_code == 413  # no Content-Length: checked after reading
+    text_only = client.post("/score", files=_files(("a.txt", b"hello")))
+    assert text_only.status_code == 422 and "not a readable image" in text_only.json()["detail"]
+    bomb = io.BytesIO()
+    Image.new("L", (200, 200)).save(bomb, format="PNG")  # 40,000 pixels: above this server's 10,000
+    refused = client.post("/score", files=_files(("bomb.png", bomb.getvalue())))
+    assert refused.status_code == 422 and "above this server's limit of 10000 pixels" in refused.json()["detail"]
+    assert client.post("/score").status_code == 422  # no files at all
+
+
+def test_quality_map_comes_with_window_scores_and_a_png(client, scorer, images):
+    result = client.post("/score?map=1", files=_files((images[2].name, images[2].read_bytes()))).json()["results"][0]
+    qmap = scorer.quality_map(str(images[2]))
+    np.testing.assert_allclose(result["map"]["scores"], qmap.scores, rtol=1e-5, atol=1e-6)
+    assert result["map"]["png"].startswith("data:image/png;base64,")
+
+
+def test_twenty_concurrent_requests_are_batched_and_all_answered(scorer, images):
+    app = create_app(scorer, Limits(batch_size=8, window_s=0.05))
+    expected = dict(zip([p.name for p in images], scorer.score([str(p) for p in images]), strict=True))
+    with TestClient(app) as client, ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(lambda i: client.post("/score", files=_files(
+            (images[i % len(images)].name, images[i % len(images)].read_bytes()))), range(20)))
+    assert all(r.status_code == 200 for r in responses)
+    for response in responses:
+        result = response.json()["results"][0]
+        assert result["score"] == pytest.approx(expected[result["file"]], rel=1e-5)
+
+
+def test_the_page_is_served_without_external_resources(client):
+    page = client.get("/").text
+    assert "<title>qmamba: image quality</title>" in page
+    assert "http://" not in page and "https://" not in page  # works offline: no CDN
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium and chromium-driver (apt install chromium "
+                    "chromium-driver; .ci/run installs them)")
+def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images, tmp_path):
+    pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium (pip install selenium)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser, driver_path = _chromium()  # type: ignore[misc]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "qmamba", "serve", "--ckpt_path",
+                               str(trained[1] / "checkpoints" / "best.ckpt"), "--port", str(port), "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        options.add_argument(flag)
+    chrome = None
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.2)
+        chrome = webdriver.Chrome(options=options, service=Service(driver_path))
+        chrome.get(url)
+        picker = chrome.find_element(By.ID, "picker")
+        picker.send_keys("\n".join(str(p) for p in images[:2]))
+        wait = WebDriverWait(chrome, 60)
+        wait.until(lambda c: c.find_element(By.ID, "status").text.startswith("Scored 2 of 2"))
+        scores = {c.find_element(By.CLASS_NAME, "name").text: float(c.find_element(By.CLASS_NAME, "score").text)
+                  for c in chrome.find_elements(By.CLASS_NAME, "card")}
+        api = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu").score([str(p) for p in images[:2]])
+        assert scores == {p.name: pytest.approx(s, abs=0.006) for p, s in zip(images[:2], api, strict=True)}
+        Select(chrome.find_element(By.ID, "sort")).select_by_value("best")
+        order = [c.find_element(By.CLASS_NAME, "name").text for c in chrome.find_elements(By.CLASS_NAME, "card")]
+        assert order == [p.name for _, p in sorted(zip(api, images[:2], strict=True), key=lambda t: -t[0])]
+        chrome.find_element(By.ID, "maps").click()
+        wait.until(lambda c: all("showmap" in card.get_attribute("class")
+                                 for card in c.find_elements(By.CLASS_NAME, "card")))
+        maps = chrome.find_elements(By.CSS_SELECTOR, "img.map")
+        assert all(m.get_attribute("src").startswith("data:image/png") for m in maps)
+        chrome.save_screenshot(str(tmp_path / "serve.png"))
+        if os.environ.get("QMAMBA_SCREENSHOT"):  # refresh the README's screenshot
+            shutil.copy(tmp_path / "serve.png", SCREENSHOT)
+    finally:
+        if chrome is not None:
+            chrome.quit()
+        server.terminate()
+        server.wait(timeout=30)
