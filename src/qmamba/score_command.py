@@ -21,7 +21,6 @@ run left are kept and merged when it is resumed.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import os
@@ -29,10 +28,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from qmamba.errors import QMambaError, UsageError
 from qmamba.scale import ScoreScale
+from qmamba.score_outputs import PartialOutput, RowWriter, output_kind, scored_paths
 
 __all__ = ["expand_inputs", "main"]
 
@@ -83,133 +83,6 @@ def _flag(score: float, scale: ScoreScale, clip: bool) -> tuple[float, str]:
     if flag and clip:
         return min(max(score, scale.low), scale.high), f"clipped ({flag}: {score:.6g})"
     return score, flag
-
-
-class _Output:
-    """Streams rows as CSV (``path,score,flag``, quoted as needed), JSON Lines (one object per image, errors
-    included) or one JSON document closed at the end."""
-
-    def __init__(self, stream: IO[str], kind: str, header: dict[str, Any], resumed: bool) -> None:
-        self.stream, self.kind, self.rows = stream, kind, 0
-        self.writer = csv.writer(stream, lineterminator="\n")
-        if kind == "json":
-            self.stream.write(json.dumps(header, indent=2)[:-2] + ',\n  "scores": [')
-        elif kind == "csv" and not resumed:
-            self.writer.writerow(["path", "score", "flag"])
-
-    def write(self, rows: list[tuple[str, float, str]], errors: list[tuple[str, str]]) -> None:
-        for path, score, flag in rows:
-            entry = {"path": path, "score": score, **({"flag": flag} if flag else {})}
-            if self.kind == "json":
-                self.stream.write(("," if self.rows else "") + "\n    " + json.dumps(entry))
-            elif self.kind in ("jsonl", "parquet"):  # Parquet streams JSON Lines until the run completes
-                self.stream.write(json.dumps(entry) + "\n")
-            else:
-                self.writer.writerow([path, f"{score:.6g}", flag])
-            self.rows += 1
-        if self.kind in ("jsonl", "parquet"):
-            self.stream.writelines(json.dumps({"path": p, "error": e}) + "\n" for p, e in errors)
-        self.stream.flush()
-
-    def close(self, errors: list[tuple[str, str]], complete: bool) -> None:
-        if self.kind == "json":
-            listed = [{"path": p, "error": e} for p, e in errors]
-            self.stream.write(f'\n  ],\n  "errors": {json.dumps(listed)},\n  "complete": {json.dumps(complete)}\n}}\n')
-        self.stream.flush()
-
-
-def _scored_before(partial: Path, kind: str, trim: bool = True) -> set[str]:
-    """Paths with a score in an earlier run's output; ``trim`` rewrites it without a last line a kill cut short."""
-    text = partial.read_text(encoding="utf-8")
-    complete = text[: text.rfind("\n") + 1]  # rows are written whole, so only a kill mid-write leaves a tail
-    if trim and complete != text:
-        partial.write_text(complete, encoding="utf-8")
-    if kind in ("jsonl", "parquet"):
-        entries = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        return {e["path"] for e in entries if "score" in e}
-    rows = list(csv.reader(complete.splitlines()))
-    return {row[0] for row in rows[1:] if len(row) >= 2 and row[1]}
-
-
-def _output_kind(output: Path | None) -> str:
-    suffix = output.suffix.lower() if output else ".csv"
-    return {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "csv")
-
-
-class _PartialFile:
-    """``<output>.partial``: prepared before the model loads (so that a bad path costs nothing), holding what an
-    earlier run of the same command scored (a finished output is reopened), and renamed to ``<output>`` at the end."""
-
-    def __init__(self, parser: argparse.ArgumentParser, output: Path) -> None:
-        if output.is_dir():
-            parser.error(f"--output {output} is a folder; name a file such as {output / 'scores.csv'}")
-        self.output, self.path = output, output.with_name(output.name + ".partial")
-        self.kind = _output_kind(output)
-        self.reopened = self.created = False
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if output.is_file() and not self.path.exists() and self.kind == "parquet":
-                _parquet_to_jsonl(output, self.path)  # the finished file stays until the new one replaces it
-            elif output.is_file() and not self.path.exists():
-                os.replace(output, self.path)
-                self.reopened = True
-            self.created = not self.path.exists()
-            self.path.open("a", encoding="utf-8").close()
-        except OSError as err:
-            parser.error(f"cannot write --output {output}: {err.strerror or err} (choose a writable file)")
-
-    def finish(self, header: dict[str, Any]) -> None:
-        """Give the complete output its final name (Parquet: written from the JSON Lines, then renamed)."""
-        if self.kind == "parquet":
-            temporary = self.output.with_name(f".{self.output.name}.tmp")
-            _jsonl_to_parquet(self.path, temporary, header)
-            os.replace(temporary, self.output)
-            self.path.unlink()
-        else:
-            os.replace(self.path, self.output)
-
-    def rollback(self) -> None:
-        """Leave everything as it was (the run could not start)."""
-        if self.reopened:
-            os.replace(self.path, self.output)
-        elif self.created:
-            self.path.unlink(missing_ok=True)
-
-    def open(self) -> tuple[IO[str], set[str]]:
-        """The stream to write and the images already scored in it (JSON documents cannot be resumed)."""
-        scored: set[str] = set()
-        if self.kind != "json":
-            scored = _scored_before(self.path, self.kind)
-        elif not self.created:
-            print(f"qmamba score: {self.path} is JSON, which cannot be resumed: starting over (use .csv or .jsonl "
-                  "for resumable runs)", file=sys.stderr)
-        return self.path.open("a" if scored else "w", encoding="utf-8", newline=""), scored
-
-
-def _jsonl_to_parquet(source: Path, target: Path, header: dict[str, Any]) -> None:
-    """Columns path, score, flag, error (one row per image); the model and scale go into the file's metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    entries = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    table = pa.table({
-        "path": pa.array([e["path"] for e in entries], pa.string()),
-        "score": pa.array([e.get("score") for e in entries], pa.float64()),
-        "flag": pa.array([e.get("flag", "") if "score" in e else None for e in entries], pa.string()),
-        "error": pa.array([e.get("error") for e in entries], pa.string()),
-    }).replace_schema_metadata({"qmamba": json.dumps(header)})
-    pq.write_table(table, target)
-
-
-def _parquet_to_jsonl(source: Path, target: Path) -> None:
-    """A finished Parquet output as the JSON Lines a resumed run appends to."""
-    import pyarrow.parquet as pq
-
-    with target.open("w", encoding="utf-8") as out:
-        for row in pq.read_table(source).to_pylist():
-            entry = {"path": row["path"], "error": row["error"]} if row["error"] is not None else {
-                "path": row["path"], "score": row["score"], **({"flag": row["flag"]} if row["flag"] else {})}
-            out.write(json.dumps(entry) + "\n")
 
 
 def _read_list(parser: argparse.ArgumentParser, source: str) -> list[str]:
@@ -303,12 +176,12 @@ def main(argv: list[str]) -> None:
     sharded = args.devices > 1 or args.num_nodes > 1
     if sharded and output is None:
         parser.error("--devices and --num_nodes need --output: each process writes its part next to it")
-    if output is not None and _output_kind(output) == "parquet" and importlib.util.find_spec("pyarrow") is None:
+    if output is not None and output_kind(output) == "parquet" and importlib.util.find_spec("pyarrow") is None:
         parser.error("Parquet output needs pyarrow (pip install pyarrow), or write .csv / .jsonl")
     if args.node_rank > 0:  # a helper node: score its shards into parts; node 0 owns the output
         _help_node_zero(args, inputs, output)  # type: ignore[arg-type]
         return
-    target = _PartialFile(parser, output) if output else None
+    target = PartialOutput(output) if output else None
 
     from qmamba.scoring import load  # torch and the model: after the cheap checks
 
@@ -325,7 +198,7 @@ def main(argv: list[str]) -> None:
     scale = scorer.scale
     direction = "lower is better" if scale.lower_better else "higher is better"
     header = {"model": scorer.info, "score_range": [scale.low, scale.high], "direction": direction}
-    writer = _Output(stream, _output_kind(output), header, resumed=bool(scored_before))
+    writer = RowWriter(stream, output_kind(output), header, resumed=bool(scored_before))
     files, errors = expand_inputs(inputs)
     in_parts = _part_scores(partial) if partial is not None else set()  # a sharded run stopped before merging
     if in_parts and not sharded:  # resumed in one process: merge its parts now
@@ -370,7 +243,7 @@ def _help_node_zero(args: argparse.Namespace, inputs: list[str], output: Path) -
     """Node ``--node_rank`` > 0 of ``--num_nodes``: its shards go into parts next to node 0's output."""
     partial = output.with_name(output.name + ".partial")
     files, _ = expand_inputs(inputs)
-    scored = _scored_before(partial, _output_kind(output), trim=False) if partial.is_file() else set()
+    scored = scored_paths(partial, output_kind(output), trim=False) if partial.is_file() else set()
     stop = _Stop()
     try:
         _spawn_shards(args, files, partial, scored | _part_scores(partial))
@@ -380,7 +253,7 @@ def _help_node_zero(args: argparse.Namespace, inputs: list[str], output: Path) -
           file=sys.stderr)
 
 
-def _score(scorer: Any, files: list[str], writer: _Output, args: argparse.Namespace, stop: _Stop
+def _score(scorer: Any, files: list[str], writer: RowWriter, args: argparse.Namespace, stop: _Stop
            ) -> tuple[int, list[tuple[str, str]]]:
     """Score ``files`` in order into ``writer`` (and their maps), stopping after the batch a signal arrives in.
     Returns how many images were handled and the ones that could not be scored."""
@@ -464,7 +337,7 @@ def _part_scores(partial: Path) -> set[str]:
     return {e["path"] for part in _part_paths(partial) for e in _read_part(part) if "score" in e}
 
 
-def _merge_parts(partial: Path, writer: _Output, order: list[str], exclude: set[str]
+def _merge_parts(partial: Path, writer: RowWriter, order: list[str], exclude: set[str]
                  ) -> tuple[set[str], list[tuple[str, str]]]:
     """Write every part's rows (scores and failures) into ``writer`` in input order, except paths already in the
     output, then delete the parts. Returns the paths handled and the failures."""
@@ -517,7 +390,7 @@ def _score_shard(local: int, args: argparse.Namespace, files: list[str], partial
         stop = _Stop()
         try:
             with part.open("a", encoding="utf-8") as stream:
-                _score(scorer, todo, _Output(stream, "jsonl", {}, resumed=True), args, stop)
+                _score(scorer, todo, RowWriter(stream, "jsonl", {}, resumed=True), args, stop)
         finally:
             stop.restore()
     finally:

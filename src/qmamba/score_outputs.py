@@ -1,0 +1,148 @@
+"""Where ``qmamba score`` writes: CSV, JSON Lines, JSON or Parquet rows, streamed into ``<output>.partial`` as they
+come and renamed to ``<output>`` when every input was handled; what an earlier run of the same command scored.
+
+A row is written whole and flushed with its batch, so a kill leaves at most a cut-short last line, which resuming
+drops. Parquet is written from JSON Lines at the end (a Parquet file is unreadable until closed), so it resumes like
+the text formats; a JSON document cannot be resumed and starts over.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from qmamba.errors import UsageError
+
+__all__ = ["PartialOutput", "RowWriter", "output_kind", "scored_paths"]
+
+
+class RowWriter:
+    """Streams rows as CSV (``path,score,flag``, quoted as needed), JSON Lines (one object per image, errors
+    included) or one JSON document closed at the end."""
+
+    def __init__(self, stream: IO[str], kind: str, header: dict[str, Any], resumed: bool) -> None:
+        self.stream, self.kind, self.rows = stream, kind, 0
+        self.writer = csv.writer(stream, lineterminator="\n")
+        if kind == "json":
+            self.stream.write(json.dumps(header, indent=2)[:-2] + ',\n  "scores": [')
+        elif kind == "csv" and not resumed:
+            self.writer.writerow(["path", "score", "flag"])
+
+    def write(self, rows: list[tuple[str, float, str]], errors: list[tuple[str, str]]) -> None:
+        for path, score, flag in rows:
+            entry = {"path": path, "score": score, **({"flag": flag} if flag else {})}
+            if self.kind == "json":
+                self.stream.write(("," if self.rows else "") + "\n    " + json.dumps(entry))
+            elif self.kind in ("jsonl", "parquet"):  # Parquet streams JSON Lines until the run completes
+                self.stream.write(json.dumps(entry) + "\n")
+            else:
+                self.writer.writerow([path, f"{score:.6g}", flag])
+            self.rows += 1
+        if self.kind in ("jsonl", "parquet"):
+            self.stream.writelines(json.dumps({"path": p, "error": e}) + "\n" for p, e in errors)
+        self.stream.flush()
+
+    def close(self, errors: list[tuple[str, str]], complete: bool) -> None:
+        if self.kind == "json":
+            listed = [{"path": p, "error": e} for p, e in errors]
+            self.stream.write(f'\n  ],\n  "errors": {json.dumps(listed)},\n  "complete": {json.dumps(complete)}\n}}\n')
+        self.stream.flush()
+
+
+def scored_paths(partial: Path, kind: str, trim: bool = True) -> set[str]:
+    """Paths with a score in an earlier run's output; ``trim`` rewrites it without a last line a kill cut short."""
+    text = partial.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]  # rows are written whole, so only a kill mid-write leaves a tail
+    if trim and complete != text:
+        partial.write_text(complete, encoding="utf-8")
+    if kind in ("jsonl", "parquet"):
+        entries = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return {e["path"] for e in entries if "score" in e}
+    rows = list(csv.reader(complete.splitlines()))
+    return {row[0] for row in rows[1:] if len(row) >= 2 and row[1]}
+
+
+def output_kind(output: Path | None) -> str:
+    suffix = output.suffix.lower() if output else ".csv"
+    return {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "csv")
+
+
+class PartialOutput:
+    """``<output>.partial``: prepared before the model loads (so that a bad path costs nothing), holding what an
+    earlier run of the same command scored (a finished output is reopened), and renamed to ``<output>`` at the end."""
+
+    def __init__(self, output: Path) -> None:
+        if output.is_dir():
+            raise UsageError(f"--output {output} is a folder; name a file such as {output / 'scores.csv'}")
+        self.output, self.path = output, output.with_name(output.name + ".partial")
+        self.kind = output_kind(output)
+        self.reopened = self.created = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if output.is_file() and not self.path.exists() and self.kind == "parquet":
+                _parquet_to_jsonl(output, self.path)  # the finished file stays until the new one replaces it
+            elif output.is_file() and not self.path.exists():
+                os.replace(output, self.path)
+                self.reopened = True
+            self.created = not self.path.exists()
+            self.path.open("a", encoding="utf-8").close()
+        except OSError as err:
+            raise UsageError(f"cannot write --output {output}: {err.strerror or err} (choose a writable "
+                             "file)") from None
+
+    def finish(self, header: dict[str, Any]) -> None:
+        """Give the complete output its final name (Parquet: written from the JSON Lines, then renamed)."""
+        if self.kind == "parquet":
+            temporary = self.output.with_name(f".{self.output.name}.tmp")
+            _jsonl_to_parquet(self.path, temporary, header)
+            os.replace(temporary, self.output)
+            self.path.unlink()
+        else:
+            os.replace(self.path, self.output)
+
+    def rollback(self) -> None:
+        """Leave everything as it was (the run could not start)."""
+        if self.reopened:
+            os.replace(self.path, self.output)
+        elif self.created:
+            self.path.unlink(missing_ok=True)
+
+    def open(self) -> tuple[IO[str], set[str]]:
+        """The stream to write and the images already scored in it (JSON documents cannot be resumed)."""
+        scored: set[str] = set()
+        if self.kind != "json":
+            scored = scored_paths(self.path, self.kind)
+        elif not self.created:
+            print(f"qmamba score: {self.path} is JSON, which cannot be resumed: starting over (use .csv or .jsonl "
+                  "for resumable runs)", file=sys.stderr)
+        return self.path.open("a" if scored else "w", encoding="utf-8", newline=""), scored
+
+
+def _jsonl_to_parquet(source: Path, target: Path, header: dict[str, Any]) -> None:
+    """Columns path, score, flag, error (one row per image); the model and scale go into the file's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    entries = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    table = pa.table({
+        "path": pa.array([e["path"] for e in entries], pa.string()),
+        "score": pa.array([e.get("score") for e in entries], pa.float64()),
+        "flag": pa.array([e.get("flag", "") if "score" in e else None for e in entries], pa.string()),
+        "error": pa.array([e.get("error") for e in entries], pa.string()),
+    }).replace_schema_metadata({"qmamba": json.dumps(header)})
+    pq.write_table(table, target)
+
+
+def _parquet_to_jsonl(source: Path, target: Path) -> None:
+    """A finished Parquet output as the JSON Lines a resumed run appends to."""
+    import pyarrow.parquet as pq
+
+    with target.open("w", encoding="utf-8") as out:
+        for row in pq.read_table(source).to_pylist():
+            entry = {"path": row["path"], "error": row["error"]} if row["error"] is not None else {
+                "path": row["path"], "score": row["score"], **({"flag": row["flag"]} if row["flag"] else {})}
+            out.write(json.dumps(entry) + "\n")
