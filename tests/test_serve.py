@@ -107,6 +107,30 @@ def test_twenty_concurrent_requests_are_batched_and_all_answered(scorer, images)
         assert result["score"] == pytest.approx(expected[result["file"]], rel=1e-5)
 
 
+def test_a_client_that_leaves_mid_batch_does_not_stop_the_batcher():
+    """A request cancelled while its image waits (the client disconnected) must not break later requests."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qmamba.serve import _Batcher
+
+    class Slow:
+        def score_crops(self, crops):
+            time.sleep(0.05)
+            return [float(c) for c in crops]
+
+    async def scenario() -> list[float]:
+        batcher = _Batcher(Slow(), Limits(batch_size=4, window_s=0.02), ThreadPoolExecutor(1))
+        leaving = asyncio.create_task(batcher.score(1))
+        staying = asyncio.create_task(batcher.score(2))
+        await asyncio.sleep(0.03)  # both are in the running batch now
+        leaving.cancel()
+        first = await asyncio.wait_for(staying, 10)
+        return [first, await asyncio.wait_for(batcher.score(3), 10)]  # before the fix: the batcher was dead
+
+    assert asyncio.run(scenario()) == [2.0, 3.0]
+
+
 def test_the_page_is_served_without_external_resources(client):
     page = client.get("/").text
     assert "<title>qmamba: image quality</title>" in page

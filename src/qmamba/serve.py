@@ -62,14 +62,19 @@ class _Batcher:
                     batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
                 except asyncio.TimeoutError:
                     break
+            batch = [(crops, future) for crops, future in batch if not future.done()]  # clients that left
+            if not batch:
+                continue
             try:
                 scores = await loop.run_in_executor(self.executor, self.scorer.score_crops, [c for c, _ in batch])
             except Exception as err:  # noqa: BLE001 - every waiting request learns why
                 for _, future in batch:
-                    future.set_exception(err)
+                    if not future.done():
+                        future.set_exception(err)
                 continue
             for (_, future), score in zip(batch, scores, strict=True):
-                future.set_result(score)
+                if not future.done():  # a client that disconnected meanwhile must not stop the batcher
+                    future.set_result(score)
 
 
 def _decode(data: bytes, max_pixels: int) -> Any:
