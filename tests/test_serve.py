@@ -131,6 +131,15 @@ def test_a_client_that_leaves_mid_batch_does_not_stop_the_batcher():
     assert asyncio.run(scenario()) == [2.0, 3.0]
 
 
+def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    from qmamba.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--ckpt_path", "missing.ckpt"])
+    assert exit_info.value.code == 2 and 'pip install "qmamba[serve]"' in capsys.readouterr().err
+
+
 def test_the_page_is_served_without_external_resources(client):
     page = client.get("/").text
     assert "<title>qmamba: image quality</title>" in page

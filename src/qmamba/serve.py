@@ -190,9 +190,11 @@ def main(argv: list[str]) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     try:
         import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401 - FastAPI needs it for uploads
         import uvicorn
     except ImportError:
-        raise UsageError("qmamba serve needs its extra: pip install \"qmamba[serve]\" (FastAPI and uvicorn)") from None
+        raise UsageError("qmamba serve needs its extra: pip install \"qmamba[serve]\" (FastAPI, uvicorn and "
+                         "python-multipart)") from None
 
     from qmamba.scoring import load
 
