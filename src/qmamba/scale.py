@@ -31,6 +31,10 @@ class ScoreScale:
         unit = 1.0 - unit if self.lower_better else unit
         return unit * (self.high - self.low) + self.low
 
+    @property
+    def direction(self) -> str:
+        return "lower is better" if self.lower_better else "higher is better"
+
     def out_of_range(self, score: float) -> str:
         """``above range`` / ``below range`` for a prediction outside the scale, else an empty string."""
         return "above range" if score > self.high else "below range" if score < self.low else ""

@@ -196,8 +196,7 @@ def main(argv: list[str]) -> None:
     stream, scored_before = target.open() if target else (sys.stdout, set())
     partial = target.path if target else None
     scale = scorer.scale
-    direction = "lower is better" if scale.lower_better else "higher is better"
-    header = {"model": scorer.info, "score_range": [scale.low, scale.high], "direction": direction}
+    header = {"model": scorer.info, "score_range": [scale.low, scale.high], "direction": scale.direction}
     writer = RowWriter(stream, output_kind(output), header, resumed=bool(scored_before))
     files, errors = expand_inputs(inputs)
     in_parts = _part_scores(partial) if partial is not None else set()  # a sharded run stopped before merging
@@ -234,7 +233,7 @@ def main(argv: list[str]) -> None:
               "(the run stopped early)", file=sys.stderr)
         raise SystemExit(128 + stop.signal)
     print(f"qmamba score: {writer.rows} scored, {len(errors)} skipped{where} ({scorer.dataset} scale "
-          f"{scale.low:g}-{scale.high:g}, {direction})", file=sys.stderr)
+          f"{scale.low:g}-{scale.high:g}, {scale.direction})", file=sys.stderr)
     if errors:
         raise SystemExit(1)
 

@@ -107,7 +107,6 @@ def create_app(scorer: Any, limits: Limits | None = None) -> Any:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmamba-model")  # the model runs here only
     batcher = _Batcher(scorer, limits, executor)
     scale = scorer.scale
-    direction = "lower is better" if scale.lower_better else "higher is better"
     app = FastAPI(title="qmamba", description="No-reference image quality scores from a QMamba checkpoint.")
     page = resources.files("qmamba").joinpath("web/index.html").read_text(encoding="utf-8")
 
@@ -127,7 +126,7 @@ def create_app(scorer: Any, limits: Limits | None = None) -> Any:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": scorer.info["backbone"], "datasets": scorer.info["datasets"],
                 "dataset": scorer.dataset, "device": str(scorer.device), "score_range": [scale.low, scale.high],
-                "direction": direction, "crops": scorer.crops.count, "crop_size": scorer.crops.size}
+                "direction": scale.direction, "crops": scorer.crops.count, "crop_size": scorer.crops.size}
 
     async def score_one(upload: UploadFile, with_map: bool) -> dict[str, Any]:
         entry: dict[str, Any] = {"file": upload.filename}
@@ -138,7 +137,7 @@ def create_app(scorer: Any, limits: Limits | None = None) -> Any:
         except ValueError as err:
             return {**entry, "error": str(err)}
         value = await batcher.score(crops)
-        entry.update(score=value, scale=[scale.low, scale.high], direction=direction)
+        entry.update(score=value, scale=[scale.low, scale.high], direction=scale.direction)
         if scale.out_of_range(value):  # a prediction beyond the training scale is shown as it is, and said so
             entry["flag"] = scale.out_of_range(value)
         if with_map:
