@@ -32,7 +32,7 @@ from typing import Any
 
 from qmamba.errors import QMambaError, UsageError
 from qmamba.scale import ScoreScale
-from qmamba.score_outputs import PartialOutput, RowWriter, output_kind, scored_paths
+from qmamba.score_outputs import PartialOutput, RowWriter, output_kind, scored_paths, whole_lines
 
 __all__ = ["expand_inputs", "main"]
 
@@ -328,8 +328,7 @@ def _part_paths(partial: Path) -> list[Path]:
 
 def _read_part(part: Path) -> list[dict[str, Any]]:
     """The whole JSON lines of a part (a line cut short by a kill is dropped: its image is scored again)."""
-    text = part.read_text(encoding="utf-8")
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+    return [json.loads(line) for line in whole_lines(part).splitlines() if line.strip()]
 
 
 def _part_scores(partial: Path) -> set[str]:
@@ -382,9 +381,8 @@ def _score_shard(local: int, args: argparse.Namespace, files: list[str], partial
         scorer = load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset,
                       batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side)
         part = partial.with_name(f"{partial.name}.rank{rank}")
-        if part.is_file():  # drop a last line a kill cut short before appending
-            text = part.read_text(encoding="utf-8")
-            part.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+        if part.is_file():
+            whole_lines(part, trim=True)  # appending after a cut-short line would fuse two rows
         todo = [f for f in files[rank::world] if f not in scored]
         stop = _Stop()
         try:

@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from qmamba.errors import UsageError
 
-__all__ = ["PartialOutput", "RowWriter", "output_kind", "scored_paths"]
+__all__ = ["PartialOutput", "RowWriter", "output_kind", "scored_paths", "whole_lines"]
 
 
 class RowWriter:
@@ -53,12 +53,19 @@ class RowWriter:
         self.stream.flush()
 
 
+def whole_lines(path: Path, trim: bool = False) -> str:
+    """A streamed file's text without a last line that a kill cut short (rows are written whole, so only a kill
+    mid-write leaves one); ``trim`` also rewrites the file without it, before appending to it."""
+    text = path.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    if trim and complete != text:
+        path.write_text(complete, encoding="utf-8")
+    return complete
+
+
 def scored_paths(partial: Path, kind: str, trim: bool = True) -> set[str]:
     """Paths with a score in an earlier run's output; ``trim`` rewrites it without a last line a kill cut short."""
-    text = partial.read_text(encoding="utf-8")
-    complete = text[: text.rfind("\n") + 1]  # rows are written whole, so only a kill mid-write leaves a tail
-    if trim and complete != text:
-        partial.write_text(complete, encoding="utf-8")
+    complete = whole_lines(partial, trim)
     if kind in ("jsonl", "parquet"):
         entries = [json.loads(line) for line in complete.splitlines() if line.strip()]
         return {e["path"] for e in entries if "score" in e}
