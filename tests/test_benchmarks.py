@@ -45,3 +45,22 @@ def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path):
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
     assert [int(r[0]) for r in rows[1:]] == [1, 2] and all(float(r[1]) > 0 for r in rows[1:])
     assert "qmamba score's loop" in result.stdout
+
+
+def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "ordered_scan.py"), "--device", "cpu", "--batch", "1", "--stages", "3",
+         "--repeats", "1", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 3:")]
+    assert [r[1].strip() for r in rows] == ["cpu", "torch"] and all(float(r[3]) > 0 for r in rows)
+
+
+def test_gpu_check_model_table_runs_on_the_cpu():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "models", "--device", "cpu", "--batches", "2", "--size",
+         "32", "--steps", "1", "--models", "qmamba_test", "--backends", "cpu"], capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
+    assert len(rows) == 1 and float(rows[0][2]) > 0 and float(rows[0][4]) > 0

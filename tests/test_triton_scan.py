@@ -1,6 +1,6 @@
-"""The Triton selective scan on the CPU: compiled for sm_90 (no GPU needed), and ``triton_cases.py`` run by Triton's
-interpreter in a subprocess (Triton reads TRITON_INTERPRET when it is imported, so the cases cannot run in this
-process)."""
+"""The Triton selective scan on the CPU: compiled for sm_80 and sm_90 (no GPU needed), and ``triton_cases.py`` run
+by Triton's interpreter in a subprocess (Triton reads TRITON_INTERPRET when it is imported, so the cases cannot run
+in this process)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,16 @@ def test_triton_kernels_match_the_reference_under_the_interpreter():
     assert " passed" in result.stdout and "failed" not in result.stdout and "skipped" not in result.stdout
 
 
-@pytest.mark.parametrize("kernel_name", ["_forward_kernel", "_backward_kernel"])
-def test_triton_kernels_compile_for_hopper(kernel_name):
+KERNELS = ["_chunk_summary_kernel", "_chunk_carry_kernel", "_chunk_output_kernel", "_chunk_backward_kernel"]
+HALF_OPERANDS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr"}  # read as bf16 / fp16 when given so
+
+
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm_80", "sm_90"])
+@pytest.mark.parametrize("kernel_name", KERNELS)
+def test_triton_kernels_compile_for_ampere_and_hopper(kernel_name, arch):
     """The interpreter runs kernels as Python and misses what only the compiler checks (a loop-carried variable
-    that changes type, which broke both kernels on the first H200 run). Compiling to sm_90 needs no GPU."""
+    that changes type broke the first kernels on their first H200 run). Compiling to sm_80 / sm_90 needs no GPU:
+    every kernel, with every compile-time branch taken once, for fp32 and bf16 operands."""
     pytest.importorskip("triton", reason="triton is not installed (it ships with CUDA builds of torch)")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -37,10 +43,14 @@ def test_triton_kernels_compile_for_hopper(kernel_name):
     from qmamba.ops import triton_scan
 
     kernel = getattr(triton_scan, kernel_name)
-    for softplus, low_rank in [(True, True), (True, False), (False, True), (False, False)]:
-        constants = dict(SOFTPLUS=softplus, LOW_RANK=low_rank, BLOCK=32, N_PAD=16, R_PAD=8)
+    names = {p.name for p in kernel.params}
+    for flags, operand in [(True, "fp32"), (False, "bf16")]:
+        constants = {name: value for name, value in dict(
+            SOFTPLUS=flags, LOW_RANK=flags, ADJOINT=flags, ACCUMULATE=flags, REVERSE=flags,
+            CHUNK=triton_scan.TILE.chunk, BLOCK=triton_scan.TILE.channels).items() if name in names}
         signature = {p.name: "constexpr" if p.is_constexpr else "*i32" if p.name == "table_ptr"
-                     else "*fp32" if p.name.endswith("_ptr") else "i32" for p in kernel.params}
+                     else f"*{operand}" if p.name in HALF_OPERANDS else "*fp32" if p.name.endswith("_ptr") else "i32"
+                     for p in kernel.params}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants),
-                                  target=GPUTarget("cuda", 90, 32))
-        assert compiled.asm["cubin"], (kernel_name, constants)
+                                  target=GPUTarget("cuda", arch, 32))
+        assert compiled.asm["cubin"], (kernel_name, constants, operand)

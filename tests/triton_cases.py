@@ -1,6 +1,8 @@
 """The Triton selective scan, run on CPU tensors by Triton's interpreter: every scan order, N = 1 and N > 1,
 grouped / single / constant B and C, full and low-rank step sizes, forward and every gradient against the
-sequential reference (1e-5 relative, fp32).
+sequential reference (1e-5 relative, fp32), with the default chunk and with chunks of 8 steps so that short test
+sequences cross chunk boundaries (L not a multiple of the chunk, L shorter than one chunk, L = 1); bf16 operands;
+bit-identical reruns.
 
 Triton reads TRITON_INTERPRET when it is imported, so these cases run in a subprocess with the variable set,
 started by ``test_triton_scan.py``; the file's name keeps pytest from collecting it in the main process.
@@ -12,15 +14,27 @@ import os
 
 import pytest
 import torch
-from scan_cases import ORDERS, check_gradients, check_ordered_scan, ordered_inputs
+from scan_cases import ORDERS, check_gradients, check_ordered_scan, ordered_inputs, ordered_reference, rel_err
 
-from qmamba.ops import ordered_selective_scan, selective_scan, selective_scan_reference
+from qmamba.ops import ordered_selective_scan, selective_scan, selective_scan_reference, triton_scan
 from qmamba.ops.scan_order import CROSS_2D, ScanOrder
 from qmamba.ops.selective_scan import resolve_backend
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton cases run under TRITON_INTERPRET=1 (tests/test_triton_scan.py starts them)",
                 allow_module_level=True)
+
+
+@pytest.fixture(params=[8, triton_scan.TILE.chunk], ids=lambda chunk: f"chunk{chunk}")
+def chunk(request, monkeypatch):
+    """Both the default chunk and chunks of 8 steps, which the test maps' 1 to 35 steps cross."""
+    monkeypatch.setattr(triton_scan, "TILE", triton_scan.Tile(chunk=request.param))
+    return request.param
+
+
+@pytest.fixture
+def short_chunks(monkeypatch):
+    monkeypatch.setattr(triton_scan, "TILE", triton_scan.Tile(chunk=8))
 
 
 # The interpreter runs a few thousand kernel steps a second: a covering set of cases rather than the full product.
@@ -38,13 +52,13 @@ ORDERED_CASES = [  # (scan order, N, merge, rank of delta, batch, channels)
 @pytest.mark.parametrize("order_case,n,merge,rank,batch,dim", ORDERED_CASES,
                          ids=[f"{c[0].id}-N{c[1]}-{'merged' if c[2] else 'each'}-{'rank' if c[3] else 'full'}"
                               for c in ORDERED_CASES])
-def test_ordered_triton_scan_matches_sequential_reference(order_case, n, merge, rank, batch, dim):
+def test_ordered_triton_scan_matches_sequential_reference(order_case, n, merge, rank, batch, dim, chunk):
     check_ordered_scan("triton", ScanOrder(*order_case.values), batch, dim, n, merge, rank)
 
 
 @pytest.mark.parametrize("bc_form,n,length,softplus", [("grouped:4", 1, 23, True), ("grouped:2", 3, 23, False),
                                                        ("single", 4, 23, True), ("constant", 2, 23, False),
-                                                       ("single", 1, 300, True)])  # a long sequence
+                                                       ("single", 1, 300, True)])  # 5 chunks of 64
 def test_1d_triton_scan_matches_sequential_reference(bc_form, n, length, softplus):
     g = torch.Generator().manual_seed(0)
     batch, dim = (2, 8) if length < 100 else (1, 4)
@@ -72,6 +86,36 @@ def test_half_inputs_keep_fp32_states(dtype):
     assert y.dtype == dtype
     y32 = ordered_selective_scan(*[t.float() for t in half], order, backend="triton")
     assert torch.equal(y, y32.to(dtype))  # the inputs' rounding only: the scan itself ran in fp32
+
+
+def test_bf16_gradients_are_as_close_as_the_inputs_rounding_allows(short_chunks):
+    """bf16 u, delta, B, C read as they are: the output and every gradient match the fp32 reference run on the same
+    (rounded) values to fp32 accuracy, so the scan adds no bf16 error of its own."""
+    order = ScanOrder(("w3", "w3c_flip"), 5, 7)
+    args = [t.detach() for t in ordered_inputs(1, 2, 35, 20, 1)]
+    args = [(t.to(torch.bfloat16) if i in (0, 1, 3, 4) else t).requires_grad_() for i, t in enumerate(args)]
+    y = ordered_selective_scan(*args, order, merge=True, backend="triton")
+    exact = [t.detach().float().requires_grad_() for t in args]
+    y_ref = ordered_reference(*exact, order, True, True)
+    assert rel_err(y.float(), y_ref) < 1e-2  # the output is cast back to bf16
+    grad_out = torch.randn_like(y_ref).to(torch.bfloat16).float()  # what reaches the kernel through the casts
+    grads = torch.autograd.grad(y.float(), args, grad_out)
+    grads_ref = torch.autograd.grad(y_ref, exact, grad_out)
+    for name, g, g_ref in zip("u delta A B C D delta_bias".split(), grads, grads_ref, strict=True):
+        half = name in ("u", "delta", "B", "C")  # their gradients come back in bf16: one rounding
+        assert g.dtype == (torch.bfloat16 if half else torch.float32), name
+        assert rel_err(g.float(), g_ref) < (1e-2 if half else 1e-5), name
+
+
+def test_reruns_are_bit_identical(short_chunks):
+    """No atomics: the same inputs give the same output and gradients, bit for bit."""
+    order = ScanOrder(CROSS_2D, 5, 7)
+    runs = []
+    for _ in range(2):
+        args = ordered_inputs(1, 4, 35, 20, 1)
+        y = ordered_selective_scan(*args, order, backend="triton")
+        runs.append((y, *torch.autograd.grad(y, args, torch.ones_like(y))))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_backend_resolution_under_the_interpreter():

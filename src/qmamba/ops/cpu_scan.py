@@ -412,7 +412,8 @@ def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: 
              u.new_zeros(batch, *D.shape), u.new_zeros(batch, *bias.shape))
     _run(_backward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, grad_y, *grads)),
          problem.dims, softplus)
-    return grads
+    grad_u, grad_steps, *rest = grads
+    return grad_u, grad_steps, None, *rest  # the low-rank chain rule is left to torch
 
 
 selective_scan_cpu = fused_scan("_FusedScan", _forward, _gradients)

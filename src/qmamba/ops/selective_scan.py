@@ -500,7 +500,7 @@ def ordered_selective_scan(
         delta_softplus: apply softplus to delta + delta_bias.
         backend: as for :func:`selective_scan`.
         delta_proj: optional (K, D, R), VMamba's ``dt_projs_weight``: the step sizes are ``delta @ delta_proj[k].T``,
-            which the ``cpu`` backend computes per step instead of materialising (batch, K, T, D).
+            which the ``cpu`` and ``triton`` backends compute per step instead of materialising (batch, K, T, D).
 
     Returns:
         y in u's dtype.
