@@ -3,12 +3,15 @@
     pip install -e ".[benchmark]"                 # timm, for the baselines
     python benchmarks/cpu_models.py               # the full table (about 5 minutes on 2 cores)
     python benchmarks/cpu_models.py --rounds 3 --models qmamba_tiny:cpu swin_tiny --no-scan
+    python benchmarks/cpu_models.py --models qmamba_tiny:cpu+compiled swin_tiny+compiled --no-scan
 
 Inference: batch 8 at 224x224 under ``torch.inference_mode``. Training step: batch 2, forward, backward and an
 AdamW step, every model with a one-output regression head (timm's ``num_classes=1``). Rounds are interleaved (each
 round measures every model once, in the same order), so that slow drifts of the machine hit every model alike; the
-table shows the median over rounds, and each model's ratio to swin_tiny from the same run. Run it on an otherwise
-idle machine: a second torch process on the same cores slows both by an order of magnitude.
+table shows the median over rounds, and each model's ratio to swin_tiny from the same run. A ``+compiled`` model
+runs through ``torch.compile`` (static shapes; QMamba as one graph with the fused scan inside) and is compared with
+``swin_tiny+compiled``; its compile time is the first inference plus the first training step. Run it on an
+otherwise idle machine: a second torch process on the same cores slows both by an order of magnitude.
 
 The scan table times the selective scan at QMamba-T's stage-0 and stage-1 shapes (batch 2, fp32, grouped B/C): the
 1-D ``selective_scan`` on (batch, K*D, L) sequences and ``ordered_selective_scan``, the cross-scan form SS2D calls.
@@ -29,18 +32,24 @@ from qmamba.ops import ordered_selective_scan
 from qmamba.ops.scan_order import CROSS_2D, scan_order
 
 DEFAULT_MODELS = ["qmamba_tiny:cpu", "qmamba_tiny:torch", "lqmamba_tiny:cpu", "lqmamba_tiny:torch", "swin_tiny",
-                  "convnext_tiny"]
+                  "convnext_tiny", "qmamba_tiny:cpu+compiled", "lqmamba_tiny:cpu+compiled", "swin_tiny+compiled"]
+COMPILED = "+compiled"
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "convnext_tiny": "convnext_tiny"}
 
 
 def build(spec: str) -> torch.nn.Module:
-    """``name`` (a timm baseline) or ``qmamba_preset:backend``."""
-    if spec in TIMM_NAMES:
+    """``name`` (a timm baseline) or ``qmamba_preset:backend``, either with ``+compiled``."""
+    base = spec.removesuffix(COMPILED)
+    if base in TIMM_NAMES:
         import timm
 
-        return timm.create_model(TIMM_NAMES[spec], num_classes=1)
-    name, _, backend = spec.partition(":")
-    return build_model(name, scan_backend=backend or "auto")
+        model = timm.create_model(TIMM_NAMES[base], num_classes=1)
+    else:
+        name, _, backend = base.partition(":")
+        model = build_model(name, scan_backend=backend or "auto")
+    if spec.endswith(COMPILED):  # qmamba's whole model is one graph; timm's models are not checked for that
+        return torch.compile(model, dynamic=False, fullgraph=base not in TIMM_NAMES)
+    return model
 
 
 def inference_step(model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
@@ -78,8 +87,7 @@ def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, trai
     models = {spec: build(spec) for spec in specs}
     steps = {(spec, "inference"): inference_step(m, infer_batch, size) for spec, m in models.items()}
     steps |= {(spec, "training"): training_step(m, train_batch, size) for spec, m in models.items()}
-    for step in steps.values():  # warm-up: kernel compilation, allocator, optimizer state
-        step()
+    first = {key: seconds(step) for key, step in steps.items()}  # warm-up: compilation, allocator, optimizer state
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for _ in range(rounds):
         for key, step in steps.items():
@@ -88,18 +96,21 @@ def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, trai
             for key, t in times.items()}
     print(f"\nmodels: {size}x{size} fp32, inference batch {infer_batch}, training step batch {train_batch}, "
           f"median of {rounds} interleaved rounds")
-    header = (f"| {'model':<22} | {'params':>7} | {'inference img/s':>15} | {'x swin':>6} | {'train img/s':>11} "
-              f"| {'x swin':>6} |")
+    header = (f"| {'model':<26} | {'params':>7} | {'inference img/s':>15} | {'x swin':>6} | {'train img/s':>11} "
+              f"| {'x swin':>6} | {'compile s':>9} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    base = {mode: rate.get(("swin_tiny", mode)) for mode in ("inference", "training")}
     for spec, model in models.items():
         params = sum(p.numel() for p in model.parameters()) / 1e6
+        swin = "swin_tiny" + (COMPILED if spec.endswith(COMPILED) else "")  # eager to eager, compiled to compiled
         cells = []
         for mode in ("inference", "training"):
-            ratio = f"{rate[spec, mode] / base[mode]:.2f}" if base[mode] else "-"
+            base = rate.get((swin, mode))
+            ratio = f"{rate[spec, mode] / base:.2f}" if base else "-"
             cells.append(f"{rate[spec, mode]:>{15 if mode == 'inference' else 11}.2f} | {ratio:>6}")
-        print(f"| {spec:<22} | {params:>6.1f}M | {cells[0]} | {cells[1]} |")
+        compile_s = (f"{first[spec, 'inference'] + first[spec, 'training']:>9.0f}" if spec.endswith(COMPILED)
+                     else f"{'-':>9}")
+        print(f"| {spec:<26} | {params:>6.1f}M | {cells[0]} | {cells[1]} | {compile_s} |")
 
 
 def ordered_scan_inputs(batch: int, dim: int, height: int) -> list[torch.Tensor]:

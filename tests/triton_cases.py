@@ -121,3 +121,17 @@ def test_reruns_are_bit_identical(short_chunks):
 def test_backend_resolution_under_the_interpreter():
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
     assert resolve_backend("auto", torch.device("cpu")) != "triton"  # auto keeps CPU tensors on the CPU kernel
+
+
+def test_triton_scan_custom_ops_pass_opcheck(short_chunks):
+    from qmamba.ops.triton_scan import _scan
+
+    order = ScanOrder(("w3", "w3c_flip"), 4, 5)  # padded windows
+    u, delta, A, B, C, D, bias = ordered_inputs(1, 2, 20, 8, 1)
+    args = (u.detach().unsqueeze(1).requires_grad_(), delta, torch.empty(0, 0, 0),
+            A.detach().view(2, 8, 1).transpose(1, 2).contiguous().requires_grad_(), B, C,
+            D.detach().view(2, 8).requires_grad_(), bias.detach().view(2, 8).requires_grad_(), order.table, True, True)
+    torch.library.opcheck(_scan.op, args)
+    grad_y = torch.randn_like(_scan.op(*args))
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # the backward is not differentiable
+    torch.library.opcheck(_scan.backward_op, (grad_y, *plain))

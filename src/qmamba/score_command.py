@@ -147,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                         "NODE_RANK", os.environ.get("SLURM_NODEID", "0"))),
                         help="this machine's index among --num_nodes (default: $NODE_RANK or $SLURM_NODEID, else 0)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (faster after "
+                        "the first batches of each size, which compile; needs a C++ compiler on a CPU)")
     parser.add_argument("--clip", action="store_true", help="clip scores to the dataset's scale (default: flag them)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
@@ -188,7 +190,7 @@ def main(argv: list[str]) -> None:
     try:  # with several processes this one only reads the model's description: it stays on the CPU
         scorer = load(args.ckpt_path, device="cpu" if sharded else args.device, crops=args.crops,
                       dataset=args.dataset, batch_size=args.batch_size, trusted=args.trust_checkpoint,
-                      max_side=args.max_side)
+                      max_side=args.max_side, compile=args.compile and not sharded)
     except BaseException:
         if target is not None:
             target.rollback()
@@ -379,7 +381,8 @@ def _score_shard(local: int, args: argparse.Namespace, files: list[str], partial
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
         scorer = load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset,
-                      batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side)
+                      batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side,
+                      compile=args.compile)
         part = partial.with_name(f"{partial.name}.rank{rank}")
         if part.is_file():
             whole_lines(part, trim=True)  # appending after a cut-short line would fuse two rows

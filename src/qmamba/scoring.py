@@ -13,6 +13,7 @@ crops, mapped to the chosen dataset's scale and direction.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from qmamba.checkpoint import CheckpointError
+from qmamba.compiling import compile_errors, compile_model
 from qmamba.data.images import read_rgb
 from qmamba.errors import UsageError
 from qmamba.preprocessing import EvalCrops
@@ -34,6 +36,7 @@ from qmamba.trained import load_trained
 
 __all__ = ["ImageInput", "Result", "Scorer", "load"]
 
+COMPILE_OPTION = "--compile (compile=True in qmamba.load)"
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
@@ -130,10 +133,13 @@ class Scorer:
     def from_checkpoint(
         cls, path: str | os.PathLike[str], device: str | torch.device | None = None, crops: int | None = None,
         dataset: str | None = None, batch_size: int = 8, trusted: bool = False, max_side: int | None = None,
+        compile: bool = False,  # noqa: A002  (the option's name everywhere: --compile, compile: true)
     ) -> Scorer:
         """Build the model a qmamba checkpoint describes. ``dataset`` picks whose scale scores are reported on
         (default: the first training dataset); ``crops`` overrides the evaluation crop count; ``max_side``
-        downscales image files whose longer side exceeds it before cropping (default: native resolution)."""
+        downscales image files whose longer side exceeds it before cropping (default: native resolution);
+        ``compile`` runs the model through ``torch.compile`` (:mod:`qmamba.compiling`; the first batches of each
+        size pay for the compilation)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_side is not None and max_side < 1:
@@ -148,14 +154,22 @@ class Scorer:
             raise UsageError(f"device {device}: no CUDA GPU is visible here; use the CPU (device cpu)")
         info = {"checkpoint": str(path), "backbone": trained.architecture["backbone"], "datasets": spec.datasets,
                 "dataset": dataset, "crop_size": evaluation.size, "crops": evaluation.count,
-                "score_range": scale.as_dict(), "max_side": max_side}
-        return cls(trained.model.to(device), evaluation, scale, dataset, info, device, batch_size, max_side)
+                "score_range": scale.as_dict(), "max_side": max_side, "compiled": compile}
+        model = trained.model.to(device)
+        if compile:
+            compile_model(model, device, COMPILE_OPTION)
+        return cls(model, evaluation, scale, dataset, info, device, batch_size, max_side)
+
+    def _units(self, crops: torch.Tensor) -> torch.Tensor:
+        """The model's unit-scale scores of normalised crops, on the CPU."""
+        with compile_errors(COMPILE_OPTION) if self.info.get("compiled") else contextlib.nullcontext():
+            return self.model(crops.to(self.device)).float().cpu()
 
     @torch.inference_mode()
     def score_crops(self, crops: list[torch.Tensor]) -> list[float]:
         """Native-scale scores of images given as their crops (one (count, 3, size, size) tensor each)."""
         counts = [len(c) for c in crops]
-        units = self.model(torch.cat(crops).to(self.device)).float().cpu()
+        units = self._units(torch.cat(crops))
         means = torch.stack([chunk.mean() for chunk in units.split(counts)])
         return self.scale.to_native(means).tolist()
 
@@ -216,7 +230,7 @@ class Scorer:
         units = []
         for start in range(0, len(windows), 8 * self.batch_size):
             crops = np.stack([rgb[t : t + size, c : c + size] for t, c in windows[start : start + 8 * self.batch_size]])
-            units.append(self.model(preprocessing.normalize(crops).to(self.device)).float().cpu())
+            units.append(self._units(preprocessing.normalize(crops)))
         scores = self.scale.to_native(torch.cat(units)).numpy().reshape(len(tops), len(lefts))
         return QualityMap(scores, tops, lefts, size, rgb.shape[0], rgb.shape[1])
 

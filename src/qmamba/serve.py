@@ -180,6 +180,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_bytes / 2**20,
                         help="largest request body (default 50)")
     parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest image (default 60 M)")
+    parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (requests of a "
+                        "new batch size wait for its compilation once)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
     args = parser.parse_args(argv)
@@ -198,7 +200,7 @@ def main(argv: list[str]) -> None:
     from qmamba.scoring import load
 
     scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
-                  batch_size=args.batch_size, trusted=args.trust_checkpoint)
+                  batch_size=args.batch_size, trusted=args.trust_checkpoint, compile=args.compile)
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.batch_size, args.window_ms / 1000)
     print(f"qmamba serve: {scorer.info['backbone']} on {scorer.device}, {scorer.dataset} scale; open "
           f"http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)

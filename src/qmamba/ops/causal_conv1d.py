@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from typing import Literal
@@ -14,14 +13,14 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from qmamba.ops.selective_scan import ScanBackend, validate_backend
+from qmamba.ops.selective_scan import ScanBackend, load_once, validate_backend
 
 __all__ = ["causal_conv1d", "causal_conv1d_available", "causal_conv1d_torch"]
 
 log = logging.getLogger(__name__)
 
 
-@functools.cache
+@load_once
 def _load_cuda_kernel() -> Callable[..., Tensor] | None:
     try:
         import causal_conv1d_cuda  # noqa: F401  (the compiled extension)

@@ -416,7 +416,7 @@ def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: 
     return grad_u, grad_steps, None, *rest  # the low-rank chain rule is left to torch
 
 
-selective_scan_cpu = fused_scan("_FusedScan", _forward, _gradients)
+selective_scan_cpu = fused_scan("cpu_scan", _forward, _gradients)
 selective_scan_cpu.__doc__ = """The fused scan in the module's layout (see the module docstring), float32 or float64
 throughout; ``delta_proj`` (K, R, C) makes ``delta`` the rank-R input of the step-size projection. See
 :func:`qmamba.ops.fused_scan.fused_scan`."""

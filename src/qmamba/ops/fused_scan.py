@@ -1,5 +1,6 @@
 """What the fused scan backends (:mod:`qmamba.ops.cpu_scan`, :mod:`qmamba.ops.triton_scan`) share around their
-kernels: the autograd Function that saves only the inputs, and the gradients assembled from the kernels' outputs.
+kernels: their registration as ``torch.library`` custom ops with an autograd that saves only the inputs, and the
+gradients assembled from the kernels' outputs.
 
 A backend gives two functions over the kernels' layout (see :mod:`qmamba.ops.cpu_scan`'s docstring):
 ``forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus) -> y`` and
@@ -36,32 +37,54 @@ def _assemble(inputs: tuple[Tensor, ...], raw: tuple[Tensor, ...]) -> tuple[Tens
             grad_bias.sum(0).to(bias.dtype))
 
 
-def fused_scan(name: str, forward: Callable[..., Tensor], gradients: Callable[..., tuple[Tensor, ...]]
+def fused_scan(name: str, forward: Callable[..., Tensor], gradients: Callable[..., tuple[Tensor | None, ...]]
                ) -> Callable[..., Tensor]:
     """The entry point of a fused backend: ``scan(u, delta, A, B, C, D, bias, table, merge, softplus, delta_proj)``.
 
-    Through autograd (an autograd Function ``name`` that saves only the inputs) when an input needs a gradient;
-    otherwise, as under ``no_grad`` / ``inference_mode``, only the forward kernel runs and nothing is saved.
+    The kernels are registered as the ``torch.library`` custom ops ``qmamba::<name>`` (forward) and
+    ``qmamba::<name>_backward`` (every input's gradient), with fake-tensor implementations, so that
+    ``torch.compile(fullgraph=True)`` keeps the fused kernel in its graph and compiles what is around it. The
+    registered autograd saves only the inputs; under ``no_grad`` / ``inference_mode`` only the forward kernel runs and
+    nothing is saved. The output is fp32 (fp64 for fp64 inputs) of shape (batch, 1 or K, T, C).
     """
 
-    def function_forward(ctx, u, delta, proj, A, B, C, D, bias, table, merge, softplus):  # noqa: ANN001, ANN202
-        ctx.save_for_backward(u, delta, proj, A, B, C, D, bias, table)
-        ctx.merge, ctx.softplus = merge, softplus
+    @torch.library.custom_op(f"qmamba::{name}", mutates_args=())
+    def scan_op(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
+                table: Tensor, merge: bool, softplus: bool) -> Tensor:
         return forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
 
-    def function_backward(ctx, grad_y):  # noqa: ANN001, ANN202
-        *inputs, table = ctx.saved_tensors
-        raw = gradients(*inputs, table, grad_y, ctx.merge, ctx.softplus)
-        return (*_assemble(tuple(inputs), raw), None, None, None)
+    @scan_op.register_fake
+    def _(u, delta, proj, A, B, C, D, bias, table, merge, softplus):  # noqa: ANN001, ANN202
+        batch, _, tokens, channels = u.shape
+        return u.new_empty(batch, 1 if merge else delta.shape[1], tokens, channels,
+                           dtype=torch.promote_types(u.dtype, torch.float32))
 
-    function = type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(function_forward), "backward": staticmethod(function_backward)})
+    @torch.library.custom_op(f"qmamba::{name}_backward", mutates_args=())
+    def backward_op(grad_y: Tensor, u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                    D: Tensor, bias: Tensor, table: Tensor, merge: bool, softplus: bool) -> list[Tensor]:
+        inputs = (u, delta, proj, A, B, C, D, bias)
+        grads = _assemble(inputs, gradients(*inputs, table, grad_y, merge, softplus))
+        # contiguous whatever the inputs' strides, as the fake implementation promises
+        return [x.new_zeros(x.shape) if g is None else g.contiguous() for x, g in zip(inputs, grads, strict=True)]
+
+    @backward_op.register_fake
+    def _(grad_y, u, delta, proj, A, B, C, D, bias, table, merge, softplus):  # noqa: ANN001, ANN202
+        return [x.new_empty(x.shape) for x in (u, delta, proj, A, B, C, D, bias)]
+
+    def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN202
+        ctx.save_for_backward(*inputs[:9])
+        ctx.merge, ctx.softplus = inputs[9], inputs[10]
+
+    def backward(ctx, grad_y):  # noqa: ANN001, ANN202
+        return (*backward_op(grad_y, *ctx.saved_tensors, ctx.merge, ctx.softplus), None, None, None)
+
+    scan_op.register_autograd(backward, setup_context=setup_context)
 
     def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor, table: Tensor,
              merge: bool, softplus: bool, delta_proj: Tensor | None = None) -> Tensor:
-        operands = (u, delta, A.new_empty(0, 0, 0) if delta_proj is None else delta_proj, A, B, C, D, bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
-            return function.apply(*operands, table, merge, softplus)
-        return forward(*operands, table, merge, softplus)
+        proj = A.new_empty(0, 0, 0) if delta_proj is None else delta_proj
+        operands = [x if x.is_contiguous() else x.contiguous() for x in (u, delta, proj, A, B, C, D, bias)]
+        return scan_op(*operands, table, merge, softplus)
 
+    scan.op, scan.backward_op = scan_op, backward_op  # for torch.library.opcheck and tests
     return scan

@@ -17,7 +17,6 @@ directly.
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
@@ -146,10 +145,19 @@ class ScanOrder:
         return torch.stack([_reorder(y[:, k], inverse[k], back[k]) for k in range(len(self.directions))], dim=1)
 
 
-@functools.lru_cache(maxsize=256)
+_ORDERS: dict[tuple[tuple[str, ...], int, int], ScanOrder] = {}
+_MAX_ORDERS = 256
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: the tables are constants of its graph
 def scan_order(directions: tuple[str, ...], height: int, width: int) -> ScanOrder:
     """Cached :class:`ScanOrder` (index tensors are built once per directions and map size)."""
-    return ScanOrder(directions, height, width)
+    key = (directions, height, width)
+    if key not in _ORDERS:
+        if len(_ORDERS) >= _MAX_ORDERS:
+            del _ORDERS[next(iter(_ORDERS))]
+        _ORDERS[key] = ScanOrder(directions, height, width)
+    return _ORDERS[key]
 
 
 def identity_table(length: int, sequences: int) -> Tensor:

@@ -15,12 +15,13 @@ Backends:
 * ``cpu``: qmamba's fused numba kernels (:mod:`qmamba.ops.cpu_scan`), for CPU tensors; numba is imported on first
   use and the kernels are compiled once per machine (cached next to the module or in numba's user cache).
 * ``torch``: pure PyTorch, fp32 internally, a blocked linear scan with a hand-written backward (see
-  :mod:`qmamba.ops.linear_scan`). Runs on any device and under ``torch.export`` / ``torch.compile``.
+  :mod:`qmamba.ops.linear_scan`). Runs on any device and under ``torch.export`` (ONNX) and ``torch.compile``.
 * :func:`selective_scan_reference`: a plain sequential loop under autograd, kept for tests and benchmarks.
 
 ``auto`` picks ``cuda`` for CUDA tensors when mamba-ssm imports, else ``triton``; ``cpu`` for CPU tensors when numba
-imports; else ``torch`` (and always ``torch`` while ``torch.export``/``torch.compile`` trace) -- decided per call, so
-CPU and GPU models can share a process.
+imports; else ``torch`` (and always ``torch`` while ``torch.export`` traces, the ONNX path) -- decided per call, so
+CPU and GPU models can share a process. The fused kernels are ``torch.library`` custom ops, so ``torch.compile`` keeps
+them in its graph.
 
 :func:`ordered_selective_scan` scans K orderings of one token set (VMamba's cross-scan, LQMamba's window scans) given
 as a :class:`~qmamba.ops.scan_order.ScanOrder`: the ``cpu`` backend reads the tokens in each order and merges the
@@ -67,7 +68,21 @@ BACKEND_DESCRIPTIONS = {
 log = logging.getLogger(__name__)
 
 
-@functools.cache
+def load_once(load: Callable[[], object]) -> Callable[[], object]:
+    """``functools.cache`` for an optional kernel's loader, in a form ``torch.compile`` traces without a warning (it
+    ignores ``functools.cache`` wrappers and says so)."""
+    loaded: list[object] = []
+
+    @functools.wraps(load)
+    def once() -> object:
+        if not loaded:
+            loaded.append(load())
+        return loaded[0]
+
+    return once
+
+
+@load_once
 def _load_cuda_kernel() -> Callable[..., Tensor] | None:
     """mamba-ssm's ``selective_scan_fn``, or None when the package or its compiled extension is missing."""
     try:
@@ -84,7 +99,7 @@ def cuda_selective_scan_available() -> bool:
     return _load_cuda_kernel() is not None
 
 
-@functools.cache
+@load_once
 def _load_cpu_kernel() -> Callable[..., Tensor] | None:
     """qmamba's fused CPU scan, or None when numba cannot be imported (logged once)."""
     try:
@@ -101,7 +116,7 @@ def cpu_selective_scan_available() -> bool:
     return _load_cpu_kernel() is not None
 
 
-@functools.cache
+@load_once
 def _load_triton_kernel() -> Callable[..., Tensor] | None:
     """qmamba's fused Triton scan, or None when triton cannot be imported."""
     try:
@@ -134,10 +149,11 @@ def resolve_backend(backend: ScanBackend, device: torch.device) -> Literal["cuda
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        if torch.compiler.is_compiling():  # torch.export / torch.compile trace tensor ops, not foreign kernels
+        if torch.compiler.is_exporting():  # torch.export (and so ONNX) needs plain tensor ops, not custom kernels
             return "torch"
         if device.type == "cuda":
-            if cuda_selective_scan_available():
+            compiling = torch.compiler.is_compiling()  # mamba-ssm's op is no custom op: compiled graphs take triton's
+            if cuda_selective_scan_available() and not (compiling and triton_selective_scan_available()):
                 return "cuda"
             return "triton" if triton_selective_scan_available() else "torch"
         return "cpu" if device.type == "cpu" and cpu_selective_scan_available() else "torch"

@@ -361,14 +361,13 @@ def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: 
     return grad_u, grad_delta, grad_proj, *grads
 
 
-_scan = fused_scan("_TritonScan", _forward, _gradients)
+_scan = fused_scan("triton_scan", _forward, _gradients)
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
                           table: Tensor, merge: bool, softplus: bool, delta_proj: Tensor | None = None) -> Tensor:
     """The fused scan in :mod:`qmamba.ops.cpu_scan`'s layout; u, delta, B, C in fp32/bf16/fp16 (read as they are),
-    A, D, bias, proj in fp32; the result is fp32. Only the forward kernels run without autograd."""
-    operands = [x if x.is_contiguous() else x.contiguous() for x in (u, delta, A, B, C, D, bias)]
+    A, D, bias, proj in fp32; the result is fp32. Only the forward kernels run without autograd. See
+    :func:`qmamba.ops.fused_scan.fused_scan`."""
     table = table.to(device=u.device, dtype=torch.int32).contiguous()
-    return _scan(*operands, table, merge, softplus,
-                 None if delta_proj is None else delta_proj.contiguous())
+    return _scan(u, delta, A, B, C, D, bias, table, merge, softplus, delta_proj)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric
 
 from qmamba.atomic import write_text_atomic
+from qmamba.compiling import compile_errors, compile_model
 from qmamba.data import IQADataModule
 from qmamba.models import load_official_checkpoint
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
@@ -28,6 +29,7 @@ from qmamba.weights import resolve_pretrained
 __all__ = ["QMambaIQA"]
 
 log = logging.getLogger(__name__)
+COMPILE_OPTION = "--model.compile true"
 
 
 class QMambaIQA(L.LightningModule):
@@ -49,6 +51,8 @@ class QMambaIQA(L.LightningModule):
         optimizer: optimizer factory, called with parameter groups (no weight decay on norms, biases, A_logs, Ds).
         scheduler: optional epoch-wise LR scheduler factory.
         scatter_points: at most this many points per predicted-vs-MOS scatter figure.
+        compile: run the regressor through ``torch.compile`` as one graph (:mod:`qmamba.compiling`); checkpoints
+            are unchanged.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class QMambaIQA(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         scatter_points: int = 2000,
+        compile: bool = False,  # noqa: A002  (the option's name everywhere: --compile, compile: true)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -80,6 +85,9 @@ class QMambaIQA(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """Unit-scale quality scores (B,) of a (B, 3, H, W) batch."""
+        if self.hparams.compile:
+            with compile_errors(COMPILE_OPTION):
+                return self.model(images)
         return self.model(images)
 
     # -------------------------------------------------------------------------------------------------- setup
@@ -90,6 +98,8 @@ class QMambaIQA(L.LightningModule):
         for split in ("val", "test"):
             for i in range(len(self.spec.datasets)):
                 self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({"preds": CatMetric(), "target": CatMetric()})
+        if self.hparams.compile:
+            compile_model(self.model, self.trainer.strategy.root_device, COMPILE_OPTION)
 
     def _datamodule(self) -> L.LightningDataModule | None:
         return self.trainer.datamodule if self._trainer is not None else None

@@ -1,0 +1,73 @@
+"""``torch.compile`` for qmamba's models: the ``compile`` option of fit/validate/test/predict, ``qmamba score``,
+``qmamba serve`` and ``qmamba.load``.
+
+The fused scans are ``torch.library`` custom ops (:mod:`qmamba.ops.fused_scan`), so a whole QMamba, LQMamba or Vim
+compiles as one graph (``fullgraph=True``): the kernel stays fused and inductor compiles the norms, projections and
+layout changes around it. Compiling is in place (``nn.Module.compile``), so parameter names, state dicts and
+checkpoints are those of the eager model. Nothing falls back silently: a missing compiler is reported before any
+work starts, and a compilation that fails is one line naming the cause and the option that turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+
+import torch
+
+from qmamba.errors import QMambaError
+
+__all__ = ["CompileError", "check_compiler", "compile_errors", "compile_model"]
+
+
+class CompileError(QMambaError):
+    """torch.compile cannot run here, or failed on the model."""
+
+
+def check_compiler(device: torch.device, option: str) -> None:
+    """Raise :class:`CompileError` when inductor has no compiler for ``device``: a C++ compiler for CPU code, Triton
+    for CUDA code. ``option`` names how the user turns compiling off."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise CompileError(f"torch.compile on {device} needs Triton, which does not import here (it ships with "
+                               f"CUDA builds of torch); install it or run without {option}")
+        return
+    from torch._inductor import cpp_builder
+
+    try:
+        compiler = cpp_builder.get_cpp_compiler()
+    except Exception as err:  # inductor says why it found none
+        compiler, reason = None, str(err).splitlines()[0] if str(err) else type(err).__name__
+    else:
+        reason = f"{compiler} is not on PATH"
+    if compiler is None or shutil.which(compiler) is None:
+        raise CompileError(f"torch.compile on the CPU needs a C++ compiler ({reason}): install one (apt install g++, "
+                           f"or set CXX) or run without {option}")
+
+
+def compile_model(model: torch.nn.Module, device: torch.device, option: str) -> torch.nn.Module:
+    """Compile ``model`` in place as one graph, after checking that a compiler exists for ``device``.
+
+    Shapes are static (the scan orders are constants of the graph, built for one map size): each new input shape
+    compiles once more (a run's last, smaller batch, say). Past torch's recompile limit (8 shapes) compiling fails
+    with the one-line error instead of silently running the model eagerly."""
+    check_compiler(device, option)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    model.compile(fullgraph=True, dynamic=False)
+    return model
+
+
+@contextlib.contextmanager
+def compile_errors(option: str) -> Iterator[None]:
+    """Turn a failing compilation (which happens at the first call of a compiled model) into one line."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        yield
+    except TorchDynamoException as err:
+        cause = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise CompileError(f"torch.compile failed on this model ({type(err).__name__}: {cause[:300]}); run without "
+                           f"{option}") from err

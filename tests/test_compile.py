@@ -1,0 +1,143 @@
+"""torch.compile: the fused scans as custom ops (opcheck), whole models compiled as one graph with the fused kernel
+inside and the eager model's numbers, and the ``compile`` option of fit, score and qmamba.load."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from scan_cases import low_rank, ordered_inputs
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+from qmamba.cli import main
+from qmamba.compiling import CompileError, check_compiler
+from qmamba.models import build_model
+from qmamba.ops.cpu_scan import selective_scan_cpu
+from qmamba.ops.scan_order import ScanOrder
+
+
+def _norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _op_args(merge: bool, rank: int | None) -> tuple:
+    order = ScanOrder(("w3", "w3c_flip"), 4, 5)  # padded windows
+    args = ordered_inputs(2, 2, 20, 16, 2)
+    proj = torch.empty(0, 0, 0)
+    if rank:
+        args, proj = low_rank(args, rank)
+        proj = proj.detach().transpose(1, 2).contiguous().requires_grad_()  # the kernels' (K, R, C)
+    u, delta, A, B, C, D, bias = args
+    A_k = A.detach().view(2, 16, 2).transpose(1, 2).contiguous().requires_grad_()
+    return (u.detach().unsqueeze(1).requires_grad_(), delta, proj, A_k, B, C, D.detach().view(2, 16).requires_grad_(),
+            bias.detach().view(2, 16).requires_grad_(), order.table, merge, True)
+
+
+@pytest.mark.parametrize("merge,rank", [(True, 3), (False, None)], ids=["merged-rank", "each-full"])
+def test_cpu_scan_custom_ops_pass_opcheck(merge, rank):
+    args = _op_args(merge, rank)
+    torch.library.opcheck(selective_scan_cpu.op, args)
+    grad_y = torch.randn_like(selective_scan_cpu.op(*args))
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # the backward is not differentiable
+    torch.library.opcheck(selective_scan_cpu.backward_op, (grad_y, *plain))
+
+
+def _compiled_against_eager(name: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name)
+    images = torch.randn(2, 3, size, size)
+    eager = model(images)
+    eager.sum().backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True)
+    scores, modules = run_and_get_code(compiled, images)  # inductor's modules of the call
+    code = "\n".join(modules)
+    scores.sum().backward()
+    assert not counters["graph_break"]
+    ss2d_layers = sum(type(m).__name__ == "SS2D" for m in model.modules())
+    assert code.count("torch.ops.qmamba.cpu_scan.default(") == ss2d_layers  # the fused kernel, inside the graph
+    assert _norm_err(scores, eager) < 1e-5
+    for n, p in model.named_parameters():  # inductor reorders fp32 sums: 1.05e-5 seen on a small LayerNorm bias
+        if n in eager_grads:
+            assert _norm_err(p.grad, eager_grads[n]) < 2e-5, n
+
+
+@pytest.mark.slow
+def test_compiled_qmamba_tiny_is_one_graph_with_the_fused_kernel_and_equals_eager():
+    _compiled_against_eager("qmamba_tiny", 64)
+
+
+@pytest.mark.slow
+def test_compiled_lqmamba_tiny_with_padded_windows_equals_eager():
+    _compiled_against_eager("lqmamba_tiny", 64)  # 16x16 at stage 0: 14-token windows are padded
+
+
+def test_a_missing_cpp_compiler_is_one_line_naming_the_option(monkeypatch):
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "no-such-c++")
+    with pytest.raises(CompileError, match=r"needs a C\+\+ compiler \(no-such-c\+\+ is not on PATH\).*run without "
+                                           r"--compile"):
+        check_compiler(torch.device("cpu"), "--compile")
+
+
+@pytest.mark.slow
+def test_score_compile_gives_the_eager_scores(trained, tmp_path, capsys):
+    root, run = trained
+    ckpt = str(run / "checkpoints" / "best.ckpt")
+    images = str(root / "kadid" / "images")
+    outputs = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"scores{len(flags)}.jsonl"
+        main(["score", "--ckpt_path", ckpt, images, "-o", str(out), "--device", "cpu", *flags])
+        outputs[bool(flags)] = {row["path"]: row["score"] for row in map(json.loads, out.read_text().splitlines())}
+    assert outputs[True].keys() == outputs[False].keys()
+    assert all(abs(outputs[True][p] - outputs[False][p]) < 1e-5 for p in outputs[False])
+
+
+def test_score_compile_without_a_compiler_stops_before_scoring(trained, tmp_path, monkeypatch, capsys):
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "no-such-c++")
+    root, run = trained
+    out = tmp_path / "scores.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), str(root / "kadid" / "images"), "-o",
+              str(out), "--device", "cpu", "--compile"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "C++ compiler" in err[0] and "--compile" in err[0]
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+@pytest.mark.slow
+def test_fit_with_model_compile_trains_compiled_and_records_the_option(workdir, capsys):
+    root, config = workdir
+    torch._dynamo.reset()
+    counters.clear()
+    main(["fit", "--config", str(config), "--trainer.fast_dev_run", "true", "--model.compile", "true"])
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # the step ran compiled
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.compile", "true", "--print_config"])
+    assert "  compile: true" in capsys.readouterr().out  # what a run's config.yaml records
+
+
+def test_auto_keeps_the_custom_ops_when_compiling_and_the_torch_scan_when_exporting(monkeypatch):
+    dispatch = importlib.import_module("qmamba.ops.selective_scan")  # the module (the package exports the function)
+    monkeypatch.setattr(dispatch, "cuda_selective_scan_available", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_selective_scan_available", lambda: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert dispatch.resolve_backend("auto", cuda) == "cuda"  # eager: mamba-ssm first
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert dispatch.resolve_backend("auto", cuda) == "triton"  # mamba-ssm's op is no custom op
+    assert dispatch.resolve_backend("auto", cpu) == "cpu"
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert dispatch.resolve_backend("auto", cpu) == dispatch.resolve_backend("auto", cuda) == "torch"  # ONNX
