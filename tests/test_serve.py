@@ -140,6 +140,17 @@ def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys):
     assert exit_info.value.code == 2 and 'pip install "qmamba[serve]"' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value", [("--max-upload-mb", "-1"), ("--max-upload-mb", "0"), ("--window-ms", "-5"),
+                                          ("--window-ms", "nan")])
+def test_limits_that_would_refuse_everything_are_usage_errors(option, value, capsys):
+    from qmamba.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--ckpt_path", "missing.ckpt", option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{option} must be" in err and "Traceback" not in err
+
+
 def test_the_page_is_served_without_external_resources(client):
     page = client.get("/").text
     assert "<title>qmamba: image quality</title>" in page

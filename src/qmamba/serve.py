@@ -189,6 +189,10 @@ def main(argv: list[str]) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.max_upload_mb > 0:  # a limit of 0 or less would refuse every request
+        parser.error(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if not args.window_ms >= 0:
+        parser.error(f"--window-ms must be >= 0, got {args.window_ms}")
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401 - FastAPI needs it for uploads
