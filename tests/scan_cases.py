@@ -73,6 +73,24 @@ def low_rank(args: list[torch.Tensor], rank: int) -> tuple[list[torch.Tensor], t
 
 
 
+def kernel_args(order: ScanOrder, batch: int, dim: int, n: int, merge: bool, rank: int | None) -> tuple:
+    """The fused kernels' own operands (``qmamba.ops.cpu_scan``'s layout), requiring gradients: for opcheck."""
+    k = len(order.directions)
+    args = ordered_inputs(batch, k, order.num_tokens, dim, n)
+    proj = torch.empty(0, 0, 0)
+    if rank:
+        args, proj = low_rank(args, rank)
+        proj = proj.detach().transpose(1, 2).contiguous().requires_grad_()  # (K, R, C)
+    u, delta, A, B, C, D, bias = args
+
+    def fresh(x: torch.Tensor, *shape: int) -> torch.Tensor:
+        return x.detach().reshape(shape).contiguous().requires_grad_()
+
+    A_k = A.detach().view(k, dim, n).transpose(1, 2).contiguous().requires_grad_()
+    return (fresh(u, batch, 1, order.num_tokens, dim), delta, proj, A_k, B, C, fresh(D, k, dim), fresh(bias, k, dim),
+            order.table, merge, True)
+
+
 def check_gradients(y: torch.Tensor, y_ref: torch.Tensor, inputs: list[torch.Tensor], names: list[str]) -> None:
     """The output and every input's gradient within 1e-5 relative of the reference's."""
     assert rel_err(y, y_ref) < 1e-5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scan_cases import low_rank, ordered_inputs
+from scan_cases import kernel_args
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
@@ -24,22 +24,9 @@ def _norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def _op_args(merge: bool, rank: int | None) -> tuple:
-    order = ScanOrder(("w3", "w3c_flip"), 4, 5)  # padded windows
-    args = ordered_inputs(2, 2, 20, 16, 2)
-    proj = torch.empty(0, 0, 0)
-    if rank:
-        args, proj = low_rank(args, rank)
-        proj = proj.detach().transpose(1, 2).contiguous().requires_grad_()  # the kernels' (K, R, C)
-    u, delta, A, B, C, D, bias = args
-    A_k = A.detach().view(2, 16, 2).transpose(1, 2).contiguous().requires_grad_()
-    return (u.detach().unsqueeze(1).requires_grad_(), delta, proj, A_k, B, C, D.detach().view(2, 16).requires_grad_(),
-            bias.detach().view(2, 16).requires_grad_(), order.table, merge, True)
-
-
 @pytest.mark.parametrize("merge,rank", [(True, 3), (False, None)], ids=["merged-rank", "each-full"])
 def test_cpu_scan_custom_ops_pass_opcheck(merge, rank):
-    args = _op_args(merge, rank)
+    args = kernel_args(ScanOrder(("w3", "w3c_flip"), 4, 5), 2, 16, 2, merge, rank)  # padded windows
     torch.library.opcheck(selective_scan_cpu.op, args)
     grad_y = torch.randn_like(selective_scan_cpu.op(*args))
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # the backward is not differentiable

@@ -14,7 +14,15 @@ import os
 
 import pytest
 import torch
-from scan_cases import ORDERS, check_gradients, check_ordered_scan, ordered_inputs, ordered_reference, rel_err
+from scan_cases import (
+    ORDERS,
+    check_gradients,
+    check_ordered_scan,
+    kernel_args,
+    ordered_inputs,
+    ordered_reference,
+    rel_err,
+)
 
 from qmamba.ops import ordered_selective_scan, selective_scan, selective_scan_reference, triton_scan
 from qmamba.ops.scan_order import CROSS_2D, ScanOrder
@@ -126,11 +134,7 @@ def test_backend_resolution_under_the_interpreter():
 def test_triton_scan_custom_ops_pass_opcheck(short_chunks):
     from qmamba.ops.triton_scan import _scan
 
-    order = ScanOrder(("w3", "w3c_flip"), 4, 5)  # padded windows
-    u, delta, A, B, C, D, bias = ordered_inputs(1, 2, 20, 8, 1)
-    args = (u.detach().unsqueeze(1).requires_grad_(), delta, torch.empty(0, 0, 0),
-            A.detach().view(2, 8, 1).transpose(1, 2).contiguous().requires_grad_(), B, C,
-            D.detach().view(2, 8).requires_grad_(), bias.detach().view(2, 8).requires_grad_(), order.table, True, True)
+    args = kernel_args(ScanOrder(("w3", "w3c_flip"), 4, 5), 1, 8, 1, True, None)  # padded windows
     torch.library.opcheck(_scan.op, args)
     grad_y = torch.randn_like(_scan.op(*args))
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # the backward is not differentiable

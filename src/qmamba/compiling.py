@@ -39,11 +39,10 @@ def check_compiler(device: torch.device, option: str) -> None:
 
     try:
         compiler = cpp_builder.get_cpp_compiler()
+        reason = None if shutil.which(compiler) else f"{compiler} is not on PATH"
     except Exception as err:  # inductor says why it found none
-        compiler, reason = None, str(err).splitlines()[0] if str(err) else type(err).__name__
-    else:
-        reason = f"{compiler} is not on PATH"
-    if compiler is None or shutil.which(compiler) is None:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if reason:
         raise CompileError(f"torch.compile on the CPU needs a C++ compiler ({reason}): install one (apt install g++, "
                            f"or set CXX) or run without {option}")
 

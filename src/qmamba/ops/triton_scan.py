@@ -114,8 +114,7 @@ def _step_sizes(delta_ptr, proj_ptr, bias_ptr, seq_row, valid, in_range, k, c, c
             w = tl.load(delta_ptr + seq_row * rank + r, mask=valid, other=0.0).to(tl.float32)
             z += w[:, None] * tl.load(proj_ptr + (k * rank + r) * channels + c, mask=cmask, other=0.0)[None, :]
     else:
-        z = tl.load(delta_ptr + seq_row[:, None] * channels + c[None, :], mask=valid[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
+        z = _tokens(delta_ptr, seq_row, valid, c, cmask, channels)
     z += tl.load(bias_ptr + k * channels + c, mask=cmask, other=0.0)[None, :]
     if SOFTPLUS:
         d, slope = _softplus_and_slope(z)
@@ -129,6 +128,12 @@ def _tokens(ptr, row, valid, c, cmask, channels):
     """A (chunk, channels) tile of a channel-last tensor at the rows' tokens, fp32, zero at padding steps."""
     return tl.load(ptr + row[:, None] * channels + c[None, :], mask=valid[:, None] & cmask[None, :],
                    other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_lane(b, k, chunk, n, c, K, n_chunks, channels, N):
+    """Offsets of lane n's channels in a chunk tensor (batch * K, chunks, N, C): summaries and carries."""
+    return (((b * K + k) * n_chunks + chunk) * N + n) * channels + c
 
 
 @triton.jit
@@ -159,7 +164,7 @@ def _chunk_summary_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, bias_
         A, bn = _lane(A_ptr, B_ptr, seq_row, valid, k, n, c, cmask, channels, N)
         dA = d * A[None, :]
         after = tl.cumsum(dA, axis=0, reverse=True) - dA  # A * sum_{j>l} d_j
-        out = ((b * K + k) * n_chunks + chunk) * N * channels + n * channels + c
+        out = _chunk_lane(b, k, chunk, n, c, K, n_chunks, channels, N)
         tl.store(decay_ptr + out, tl.exp(tl.sum(dA, axis=0)), mask=cmask)
         tl.store(state_ptr + out, tl.sum(tl.exp(after) * dx * bn[:, None], axis=0), mask=cmask)
         if ADJOINT:
@@ -200,8 +205,7 @@ def _chunk_output_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_ptr,
     for n in range(N):
         A, bn = _lane(A_ptr, B_ptr, seq_row, valid, k, n, c, cmask, channels, N)
         decay, state = tl.associative_scan((tl.exp(d * A[None, :]), d * x * bn[:, None]), 0, _recurrence_combine)
-        h0 = tl.load(carry_ptr + ((b * K + k) * n_chunks + chunk) * N * channels + n * channels + c, mask=cmask,
-                     other=0.0)
+        h0 = tl.load(carry_ptr + _chunk_lane(b, k, chunk, n, c, K, n_chunks, channels, N), mask=cmask, other=0.0)
         cn = tl.load(C_ptr + seq_row * N + n, mask=valid, other=0.0).to(tl.float32)
         y += (decay * h0[None, :] + state) * cn[:, None]
     out = y_ptr + ((b * Ko + k % Ko) * T + p[:, None]) * channels + c[None, :]
@@ -238,7 +242,7 @@ def _chunk_backward_kernel(u_ptr, delta_ptr, proj_ptr, A_ptr, B_ptr, C_ptr, D_pt
         A, bn = _lane(A_ptr, B_ptr, seq_row, valid, k, n, c, cmask, channels, N)
         a = tl.exp(d * A[None, :])
         inputs = d * x * bn[:, None]
-        carry = ((b * K + k) * n_chunks + chunk) * N * channels + n * channels + c
+        carry = _chunk_lane(b, k, chunk, n, c, K, n_chunks, channels, N)
         decay, state = tl.associative_scan((a, inputs), 0, _recurrence_combine)
         h = decay * tl.load(state_carry_ptr + carry, mask=cmask, other=0.0)[None, :] + state
         cn = tl.load(C_ptr + seq_row * N + n, mask=valid, other=0.0).to(tl.float32)
