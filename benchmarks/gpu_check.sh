@@ -34,5 +34,5 @@ wanted compiled && stage compiled "${COMPILED_S:-150}" python3 benchmarks/gpu_ch
 wanted fit && stage fit "${FIT_S:-60}" python3 benchmarks/gpu_check.py fit --fit-steps 50
 wanted score && stage score "${SCORE_S:-60}" python3 benchmarks/score.py --tiny --device cuda --images 200 \
     --tiny-images 200 --workers 0 8 --batch-size 32 --workdir "$(mktemp -d)"
-wanted profile && stage profile "${PROFILE_S:-120}" python3 benchmarks/gpu_profile.py
+wanted profile && stage profile "${PROFILE_S:-120}" python3 benchmarks/profile_step.py --device cuda
 true

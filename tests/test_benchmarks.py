@@ -56,6 +56,16 @@ def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend():
     assert [r[1].strip() for r in rows] == ["cpu", "torch"] and all(float(r[3]) > 0 for r in rows)
 
 
+def test_profile_step_prints_the_layout_share_and_the_largest_operations():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_step.py"), "--models", "qmamba_test", "--size", "32", "--rows", "5",
+         "--train-only"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = next(line for line in result.stdout.splitlines() if "training step" in line)
+    assert "aten::copy_" in summary and "aten::fill_" in summary
+    assert "qmamba::cpu_scan_backward" in result.stdout  # the fused scan ran, and backward through it
+
+
 def test_gpu_check_model_table_runs_on_the_cpu():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "gpu_check.py"), "models", "--device", "cpu", "--batches", "2", "--size",

@@ -81,16 +81,22 @@ def test_inference_saves_nothing_and_training_records_the_fused_backward():
     assert "GeneratedBackwardFor_qmamba_cpu_scan_defaultBackward" in seen  # the custom op's registered autograd
 
 
-def test_thread_count_does_not_change_the_result():
-    """Tasks split channels differently for 1 and 2 threads: the forward is bitwise equal, gradients close."""
+@pytest.mark.parametrize("rank", [None, 3], ids=["full", "low-rank"])
+def test_thread_count_does_not_change_the_result(rank: int | None):
+    """Tasks split channels differently for 1 and 2 threads: the forward is bitwise equal, gradients close (also
+    the low-rank chain rule's, whose partial sums are then per channel block)."""
     order = ScanOrder(CROSS_2D, 6, 6)
     args = ordered_inputs(1, 4, 36, 48, 1)  # batch 1: two threads split the channels into blocks
+    proj = None
+    if rank:
+        args, proj = low_rank(args, rank)
+        args.append(proj)
     results = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            y = ordered_selective_scan(*args, order, backend="cpu")
+            y = ordered_selective_scan(*args[:7], order, backend="cpu", delta_proj=proj)
             results.append((y.detach(), torch.autograd.grad(y.sum(), args)))
     finally:
         torch.set_num_threads(threads)

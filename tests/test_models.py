@@ -86,6 +86,31 @@ def test_official_checkpoint_loads_every_tensor(tmp_path, name):
         for key, value in ours.items():
             assert torch.equal(value, state[key]), key
     assert torch.isfinite(backbone(torch.randn(1, 3, 64, 64))).all()
+    assert _channels_last_convolutions(backbone)  # loading copied into the parameters' own layout
+
+
+def _channels_last_convolutions(model: torch.nn.Module) -> bool:
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+
+
+def test_convolutions_run_channels_last_without_copying_their_weights():
+    """VMamba's maps are channel-last: its convolution weights are too, so that a convolution of a permuted map
+    does not copy its weight into the map's layout at every call, and gradients come in the weights' layout; a
+    contiguous state dict (an older checkpoint) loads into that layout."""
+    model = build_model("qmamba_test")
+    assert _channels_last_convolutions(model)
+    model.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    assert _channels_last_convolutions(model)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        scores = model(images)
+    scores.sum().backward()
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1}
+    copied = [e for e in prof.events() if e.name == "aten::copy_" and e.input_shapes
+              and tuple(e.input_shapes[0]) in weight_shapes]
+    assert copied == []
+    assert all(p.grad.stride() == p.stride() for p in model.parameters() if p.dim() == 4)
 
 
 def test_qmamba_tiny_from_the_5_block_checkpoint_drops_exactly_one_block(tmp_path, caplog):

@@ -9,8 +9,16 @@ import sys
 
 import pytest
 import torch
+from scan_cases import low_rank, ordered_inputs
 
-from qmamba.ops import causal_conv1d, linear_scan, selective_scan, selective_scan_reference, selective_scan_torch
+from qmamba.ops import (
+    causal_conv1d,
+    linear_scan,
+    ordered_selective_scan,
+    selective_scan,
+    selective_scan_reference,
+    selective_scan_torch,
+)
 from qmamba.ops.causal_conv1d import causal_conv1d_torch
 from qmamba.ops.linear_scan import linear_scan_reference
 from qmamba.ops.scan_order import ScanOrder, direction_positions
@@ -89,6 +97,22 @@ def test_scan_keeps_input_dtype_and_computes_in_fp32(backend):
     assert y.dtype == torch.bfloat16
     y32 = selective_scan(u16.float(), delta16.float(), *rest[:3], rest[3], rest[4], True, backend=backend)
     assert torch.equal(y, y32.bfloat16())  # fp32 inside: the only rounding is the final cast
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_scan_of_bf16_operands_equals_the_scan_of_their_fp32_copies(backend):
+    """SS2D's scan_fp32 under bf16 autocast: out_dtype=float32 scans bf16 operands as if upcast first."""
+    order = ScanOrder(("h", "v", "w2", "w2_flip"), 4, 5)
+    args, proj = low_rank([t.detach() for t in ordered_inputs(2, 4, 20, 16, 1)], 3)
+    half = [t.detach().bfloat16() if i in (0, 1, 3, 4) else t for i, t in enumerate(args)]  # u, delta, B, C
+    half = [t.requires_grad_() for t in half]
+    y = ordered_selective_scan(*half, order, backend=backend, delta_proj=proj.detach(), out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    y_ref = ordered_selective_scan(*[t.detach().float() for t in half], order, backend=backend,
+                                   delta_proj=proj.detach())
+    assert torch.equal(y, y_ref)
+    grads = torch.autograd.grad(y.sum(), half)
+    assert [g.dtype for g in grads] == [t.dtype for t in half]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

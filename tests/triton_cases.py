@@ -94,6 +94,8 @@ def test_half_inputs_keep_fp32_states(dtype):
     assert y.dtype == dtype
     y32 = ordered_selective_scan(*[t.float() for t in half], order, backend="triton")
     assert torch.equal(y, y32.to(dtype))  # the inputs' rounding only: the scan itself ran in fp32
+    # SS2D's scan_fp32: the half operands read as they are, the fp32 result kept
+    assert torch.equal(ordered_selective_scan(*half, order, backend="triton", out_dtype=torch.float32), y32)
 
 
 def test_bf16_gradients_are_as_close_as_the_inputs_rounding_allows(short_chunks):

@@ -58,7 +58,8 @@ class SS2D(nn.Module):
         gated: v0 form: in_proj also produces z and the output is multiplied by SiLU(z).
         conv_bias: bias in the depthwise 3x3 conv (v0 only).
         scan_backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch`` (see :func:`qmamba.ops.selective_scan`).
-        scan_fp32: run the scan on fp32 inputs under mixed precision (VMamba's maintainer's advice).
+        scan_fp32: an fp32 scan under mixed precision (VMamba's maintainer's advice): fp32 states and output; the
+            fused kernels read the bf16 operands as they are, the other backends scan fp32 copies.
     """
 
     def __init__(
@@ -113,19 +114,19 @@ class SS2D(nn.Module):
         proj = tokens @ self.x_proj_weight.view(k * (rank + 2 * n), self.inner).t()
         dts, bs, cs = proj.view(batch, height * width, k, rank + 2 * n).transpose(1, 2).split([rank, n, n], dim=-1)
 
-        scan_dtype = torch.float32 if self.scan_fp32 else tokens.dtype
-        y = ordered_selective_scan(
-            tokens.to(scan_dtype),
-            dts.to(scan_dtype).contiguous(),
+        y = ordered_selective_scan(  # the operands as they are: the scan takes them in its kernel's layout and dtype
+            tokens,
+            dts,
             -torch.exp(self.A_logs.float()),
-            bs.to(scan_dtype).contiguous(),
-            cs.to(scan_dtype).contiguous(),
+            bs,
+            cs,
             self.Ds.float(),
             self.dt_projs_bias.float().flatten(),
             scan_order(self.directions, height, width),
             merge=self.fusion is None,
             backend=self.scan_backend,
-            delta_proj=self.dt_projs_weight.to(scan_dtype),
+            delta_proj=self.dt_projs_weight,
+            out_dtype=torch.float32 if self.scan_fp32 else None,
         )
         if self.fusion is not None:  # (B, K, H*W, D): gate each direction by its own statistics, then sum
             y = self.fusion(y).sum(1)

@@ -186,6 +186,9 @@ class VMamba(nn.Module):
         # the official model's final norm lives in its classifier; keeping the name keeps checkpoints loadable
         self.classifier = nn.ModuleDict({"norm": nn.LayerNorm(self.num_features)})
         self.apply(trunc_normal_init)
+        # the maps are channel-last, so the convolution weights are too: otherwise every convolution of a permuted map
+        # copies its weight into the map's layout at every call
+        self.to(memory_format=torch.channels_last)
 
     def forward_features(self, images: Tensor) -> dict[str, Tensor]:
         """Named features: ``stage{i}`` (B, C_i, H_i, W_i) block outputs before downsampling, ``norm`` the

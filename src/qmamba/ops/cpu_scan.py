@@ -162,6 +162,31 @@ def _step_delta(z, delta, proj, b, k, p, c0, width, dims):  # noqa: ANN001, ANN2
             z[c] += w * proj[row + c]
 
 
+@njit(fastmath={"reassoc", "nsz"}, **_JIT)
+def _step_delta_grad(g_z, delta, proj, grad_delta, grad_proj, b, blk, k, p, c0, width, dims):  # noqa: ANN001, ANN201
+    """Accumulate the gradient g_z[:width] of the step's delta (before bias), channels c0.. of sequence k at token p,
+    into grad_delta; for a low-rank delta, through the projection's chain rule into this block's partial sums of the
+    rank-R factor's gradient (blocks, batch, K, T, R) and the batch row's of proj's (batch, K, R, C)."""
+    batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
+    if rank == 0:
+        row = np.uint64(((b * K + k) * T + p) * channels + c0)
+        for c in range(width):
+            grad_delta[row + c] += g_z[c]
+        return
+    low = ((b * K + k) * T + p) * rank
+    out = (((blk * batch + b) * K + k) * T + p) * rank
+    for r in range(rank):
+        w = delta[low + r]
+        row = np.uint64((k * rank + r) * channels + c0)
+        grad_row = np.uint64(((b * K + k) * rank + r) * channels + c0)
+        total = g_z[0] * proj[row]
+        grad_proj[grad_row] += w * g_z[0]
+        for c in range(np.uint64(1), width):
+            total += g_z[c] * proj[row + c]
+            grad_proj[grad_row + c] += w * g_z[c]
+        grad_delta[out + r] += total
+
+
 @njit(**_JIT)
 def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, first_task, last_task):  # noqa: ANN001, ANN201
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
@@ -210,15 +235,15 @@ def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, 
 
 
 @njit(**_JIT)
-def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, grad_delta, grad_A, grad_B,  # noqa: ANN001, ANN201
-                     grad_C, grad_D, grad_bias, dims, softplus, first_task, last_task):
+def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, grad_delta, grad_proj, grad_A,  # noqa: ANN001, ANN201
+                     grad_B, grad_C, grad_D, grad_bias, dims, softplus, first_task, last_task):
     """Gradients of :func:`_forward_kernel`. Per task and sequence: a forward pass storing delta, softplus' slope and
     every state, then the adjoint recurrence ``g[l] = a[l+1] g[l+1] + dy[l] C[l]`` from the last step to the first.
 
-    grad_u: like u; grad_delta: (batch, K, T, C), the gradient of the full step sizes (before bias) also for a
-    low-rank delta (the caller applies the projection's chain rule); both accumulated: zero them first. grad_A, grad_D,
-    grad_bias: per batch row (batch, K, N, C) / (batch, K, C); grad_B, grad_C: per channel block (blocks, batch, K, T,
-    N). The caller sums.
+    Every gradient is accumulated: zero them first. grad_u: like u; grad_delta: like delta, or for a low-rank delta
+    per channel block (blocks, batch, K, T, R), with grad_proj per batch row (batch, K, R, C) (unused, empty, for a
+    full delta); grad_A, grad_D, grad_bias: per batch row (batch, K, N, C) / (batch, K, C); grad_B, grad_C: per
+    channel block (blocks, batch, K, T, N). The caller sums the partial sums.
     """
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     blocks = (channels + block - 1) // block
@@ -283,10 +308,9 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
                 p = table[k * L + step]
                 valid = p >= 0
                 sl, prev, cur = np.uint64(step * block), np.uint64(step) * nb, np.uint64(step + 1) * nb
-                row = u_row = np.uint64(0)
+                u_row = np.uint64(0)
                 b_row = ((b * K + k) * T + p) * N
                 if valid:
-                    row = np.uint64(((b * K + k) * T + p) * channels + c0)
                     u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
                     y_row = np.uint64(((b * Ko + ko) * T + p) * channels + c0)
                     for c in range(width):
@@ -325,8 +349,8 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
                     g_D[c] += gy[c] * uc[c]
                     g_dt[c] = g_z
                 if valid:
+                    _step_delta_grad(g_dt, delta, proj, grad_delta, grad_proj, b, blk, k, p, c0, width, dims)
                     for c in range(width):
-                        grad_delta[row + c] += g_dt[c]
                         grad_u[u_row + c] += g_uc[c] + gy[c] * D[kc + c]
             for n in range(N):
                 a_out, s_row = np.uint64(((b * K + k) * N + n) * channels + c0), np.uint64(n * block)
@@ -390,7 +414,6 @@ class _Problem:
         self.block, self.blocks = _partition(batch, channels, torch.get_num_threads())
         self.tasks = batch * self.blocks
         self.out_shape = (batch, 1 if merge else k, tokens, channels)
-        self.delta_shape = (batch, k, tokens, channels)  # of the full step sizes
         self.dims = (batch, ku, k, self.out_shape[1], tokens, length, channels, n, rank, self.block)
 
 
@@ -406,14 +429,16 @@ def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Te
 def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
                table: Tensor, grad_y: Tensor, merge: bool, softplus: bool) -> tuple[Tensor, ...]:
     problem = _Problem(u, delta, proj, A, table, merge)
-    batch = u.shape[0]
-    grads = (u.new_zeros(u.shape), u.new_zeros(problem.delta_shape), u.new_zeros(batch, *A.shape),
+    batch, low_rank = u.shape[0], proj.numel() > 0
+    grad_delta = u.new_zeros(problem.blocks, *delta.shape) if low_rank else u.new_zeros(delta.shape)
+    grad_proj = u.new_zeros(batch, *proj.shape) if low_rank else u.new_zeros(0)
+    grads = (u.new_zeros(u.shape), grad_delta, grad_proj, u.new_zeros(batch, *A.shape),
              u.new_zeros(problem.blocks, *B.shape), u.new_zeros(problem.blocks, *C.shape),
              u.new_zeros(batch, *D.shape), u.new_zeros(batch, *bias.shape))
     _run(_backward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, grad_y, *grads)),
          problem.dims, softplus)
-    grad_u, grad_steps, *rest = grads
-    return grad_u, grad_steps, None, *rest  # the low-rank chain rule is left to torch
+    grad_u, _, _, *rest = grads
+    return grad_u, grad_delta.sum(0) if low_rank else grad_delta, grad_proj if low_rank else None, *rest
 
 
 selective_scan_cpu = fused_scan("cpu_scan", _forward, _gradients)

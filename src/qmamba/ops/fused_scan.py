@@ -5,10 +5,10 @@ gradients assembled from the kernels' outputs.
 A backend gives two functions over the kernels' layout (see :mod:`qmamba.ops.cpu_scan`'s docstring):
 ``forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus) -> y`` and
 ``gradients(u, delta, proj, A, B, C, D, bias, table, grad_y, merge, softplus)`` returning the kernels' raw
-gradients: u; delta, either as given or, for a low-rank delta, the full step sizes' (batch, K, T, C); proj's partial
-sums (partials, K, R, C), or None when the step sizes are returned and the low-rank chain rule is left to torch; A, D
-and bias as partial sums (partials, ...); B and C per channel block. ``proj`` is an empty tensor when delta is given
-in full.
+gradients: u; delta (for a low-rank delta, its rank-R factor's: the kernels apply the projection's chain rule, so
+that the full step sizes' gradient is never materialised); proj's partial sums (partials, K, R, C), or None when delta
+is given in full (``proj`` is then an empty tensor); A, D and bias as partial sums (partials, ...); B and C per channel
+block.
 """
 
 from __future__ import annotations
@@ -22,16 +22,11 @@ __all__ = ["fused_scan"]
 
 
 def _assemble(inputs: tuple[Tensor, ...], raw: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
-    """Autograd's gradients: the low-rank chain rule where the kernel left it, partial sums summed, each in its input's
-    dtype."""
+    """Autograd's gradients: partial sums summed, each in its input's dtype."""
     u, delta, proj, A, B, C, D, bias = inputs
     grad_u, grad_delta, grad_proj, grad_A, grad_B, grad_C, grad_D, grad_bias = raw
     if grad_proj is not None:
         grad_proj = grad_proj.sum(0).to(proj.dtype)
-    elif proj.numel():  # steps = delta @ proj[k]: (batch, K, T, R) @ (K, R, C)
-        grad_steps = grad_delta
-        grad_delta = grad_steps @ proj.to(grad_steps.dtype).transpose(1, 2)
-        grad_proj = torch.einsum("bktr,bktc->krc", delta.to(grad_steps.dtype), grad_steps).to(proj.dtype)
     return (grad_u.to(u.dtype), grad_delta.to(delta.dtype), grad_proj, grad_A.sum(0).to(A.dtype),
             grad_B.sum(0).to(B.dtype), grad_C.sum(0).to(C.dtype), grad_D.sum(0).to(D.dtype),
             grad_bias.sum(0).to(bias.dtype))

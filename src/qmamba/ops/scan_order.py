@@ -67,7 +67,7 @@ class _Reorder(torch.autograd.Function):
     """``x.index_select(-1, index)`` for an index that visits each position a fixed number of times (a scan order
     is a permutation, or K of them), with a backward that gathers the gradient back through ``inverse`` instead of
     scattering it. index_select's and gather's own backwards are index_add / scatter_add, whose atomics were the
-    largest kernels of a QMamba-T training step on an H200 (benchmarks/gpu_profile.py); this one is deterministic."""
+    largest kernels of a QMamba-T training step on an H200 (benchmarks/profile_step.py); this one is deterministic."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:

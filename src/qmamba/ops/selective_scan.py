@@ -497,6 +497,7 @@ def ordered_selective_scan(
     delta_softplus: bool = True,
     backend: ScanBackend = "auto",
     delta_proj: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Selective scans of one token set read in K orders (SS2D), inputs and outputs at the tokens' own positions.
 
@@ -517,9 +518,13 @@ def ordered_selective_scan(
         backend: as for :func:`selective_scan`.
         delta_proj: optional (K, D, R), VMamba's ``dt_projs_weight``: the step sizes are ``delta @ delta_proj[k].T``,
             which the ``cpu`` and ``triton`` backends compute per step instead of materialising (batch, K, T, D).
+        out_dtype: y's dtype, u's by default. The fused kernels compute in fp32 whatever their operands' dtype (the
+            Triton kernels read bf16 / fp16 operands as they are); the other backends scan u, delta, B, C and
+            delta_proj cast to ``out_dtype``. So ``out_dtype=torch.float32`` is an fp32 scan of bf16 operands on
+            every backend, without casting copies on the fused ones.
 
     Returns:
-        y in u's dtype.
+        y in ``out_dtype``.
     """
     batch, tokens, dim = u.shape
     k = len(order.directions)
@@ -542,9 +547,11 @@ def ordered_selective_scan(
             _skip_or_bias(delta_bias, (k, dim), A_k), order.table, merge, delta_softplus,
             None if delta_proj is None else delta_proj.to(params).transpose(1, 2),
         )
-        return (y.squeeze(1) if merge else y).to(u.dtype)
+        return (y.squeeze(1) if merge else y).to(out_dtype or u.dtype)
+    if out_dtype is not None:
+        u, delta, B, C = (x.to(out_dtype) for x in (u, delta, B, C))
     if delta_proj is not None:
-        delta = delta @ delta_proj.transpose(1, 2)  # (batch, K, T, R) @ (K, R, D)
+        delta = delta @ delta_proj.to(delta.dtype).transpose(1, 2)  # (batch, K, T, R) @ (K, R, D)
     ys = selective_scan(
         order.scan(u.transpose(1, 2)).reshape(batch, k * dim, order.length),
         order.scan_each(delta.transpose(2, 3)).reshape(batch, k * dim, order.length),
