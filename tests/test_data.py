@@ -96,6 +96,16 @@ def test_read_rgb_converts_modes_and_reports_corrupt_files(tmp_path):
         read_rgb(tmp_path / "absent.png")
 
 
+def test_float_tiffs_from_0_to_1_decode_exactly_and_other_ranges_are_refused(tmp_path):
+    gray = pattern(0)[..., 0]
+    Image.fromarray(gray.astype(np.float32) / 255.0).save(tmp_path / "unit.tif")  # mode F, values 0-1
+    assert np.array_equal(read_rgb(tmp_path / "unit.tif"), np.repeat(gray[..., None], 3, -1))
+    Image.fromarray(gray.astype(np.float32) * 4.0).save(tmp_path / "hdr.tif")
+    with pytest.raises(ImageReadError, match=r"hdr.tif: a 32-bit float image must hold values in 0-1 \(this one "
+                                             r"spans 0 to 1016\); save it as 8 or 16 bits"):
+        read_rgb(tmp_path / "hdr.tif")
+
+
 def test_eval_crops_are_deterministic_and_cover_the_image():
     image = pattern(1, size=(80, 60))
     crops = EvalCrops(Preprocessing(32, eval_crops=5))

@@ -220,14 +220,30 @@ def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(workdir)
             assert torch.equal(final["state_dict"][key], value), (delay, stopped_at, key)
 
 
-@pytest.mark.parametrize("key, value", [("batch_size", "0"), ("eval_crops", "0"), ("crop_size", "-32")])
-def test_impossible_data_sizes_are_one_line(workdir, capsys, key, value):
+@pytest.mark.parametrize("key, value, message", [
+    ("batch_size", "0", "must be >= 1, got 0"), ("eval_crops", "0", "must be >= 1, got 0"),
+    ("crop_size", "-32", "must be >= 1, got -32"),
+    ("num_workers", "-1", "must be >= 0 (0 loads in the main process), got -1"),
+    ("val_fraction", "1.5", "must be in [0, 1), got 1.5"),
+    ("test_fraction", "-0.1", "must be in [0, 1), got -0.1"),
+])
+def test_impossible_data_options_are_one_line(workdir, capsys, key, value, message):
     _, config = workdir
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), f"--data.init_args.{key}", value])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
-    assert err[-1] == f"qmamba: error: data.init_args.{key} must be >= 1, got {value}"
+    assert err[-1] == f"qmamba: error: data.init_args.{key} {message}"
+
+
+def test_fractions_that_leave_nothing_to_train_on_are_one_line(workdir, capsys):
+    _, config = workdir
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--data.init_args.test_fraction", "0.6",
+              "--data.init_args.val_fraction", "0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert "must be below 1 (something must be left to train on), got 0.6 + 0.5" in err[-1]
 
 
 @pytest.mark.parametrize("damage, message", [

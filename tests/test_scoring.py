@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 import qmamba
+from qmamba.checkpoint import CheckpointError
 from qmamba.cli import main
 from qmamba.preprocessing import IMAGENET_MEAN
 
@@ -212,6 +214,7 @@ def test_a_signal_finishes_the_batch_and_keeps_every_score(trained, tmp_path, si
 @pytest.mark.parametrize("damage, message", [
     ("empty", "is empty (0 bytes)"), ("random bytes", "is not a PyTorch checkpoint"),
     ("truncated", "is damaged or truncated"), ("plain state dict", "is not a checkpoint written by qmamba training"),
+    ("NaN weights", "NaN or infinite weights in 2 tensors (backbone.patch_embed.0.weight, head.regressor.1.weight)"),
 ])
 def test_bad_checkpoints_are_one_line(trained, tmp_path, capsys, damage, message):
     root, run = trained
@@ -219,6 +222,13 @@ def test_bad_checkpoints_are_one_line(trained, tmp_path, capsys, damage, message
     bad = tmp_path / "bad.ckpt"
     if damage == "plain state dict":
         torch.save(torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"], bad)
+    elif damage == "NaN weights":
+        checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+        checkpoint["state_dict"]["model.backbone.patch_embed.0.weight"][0, 0, 0, 0] = float("nan")
+        checkpoint["state_dict"]["model.head.regressor.1.weight"].fill_(float("inf"))
+        torch.save(checkpoint, bad)
+        with pytest.raises(CheckpointError, match="NaN or infinite weights"):  # the Python API too
+            qmamba.load(bad)
     else:
         contents = {"empty": b"", "random bytes": bytes(range(7, 250)), "truncated": good[: len(good) // 2]}
         bad.write_bytes(contents[damage])
@@ -299,3 +309,16 @@ def test_a_killed_scoring_run_resumes_to_the_uninterrupted_output(trained, tmp_p
     again = subprocess.run(command(output), capture_output=True, text=True, timeout=600)  # finished: nothing to do
     assert again.returncode == 0 and "240 images already scored, 0 to go" in again.stderr
     assert rows(output) == got
+
+
+def test_the_python_api_refuses_pickled_objects_with_qmambas_error(trained, tmp_path):
+    """A checkpoint with pickled objects (which could run code) through qmamba.load and load_tuned: qmamba's
+    CheckpointError with the opt-in named, not pickle's UnpicklingError."""
+    from qmamba.training.prompt_tuning import load_tuned
+
+    evil = tmp_path / "evil.ckpt"
+    checkpoint = torch.load(trained[1] / "checkpoints" / "best.ckpt", weights_only=True)
+    torch.save({**checkpoint, "extra": argparse.Namespace(a=1)}, evil)
+    for call in (lambda: qmamba.load(evil), lambda: load_tuned(torch.nn.Linear(1, 1), evil)):
+        with pytest.raises(CheckpointError, match="contains pickled Python objects.*trusted=True"):
+            call()

@@ -1,15 +1,20 @@
 """Atomic file writes: write a temporary file next to the target, fsync, then rename over it.
 
-A crash or Ctrl-C mid-write leaves the previous file (or none), never a truncated one.
+A crash or Ctrl-C mid-write leaves the previous file (or none), never a truncated one. The temporary file has a
+random name and is created exclusively, and renaming replaces a symbolic link at the target instead of following it,
+so a link planted next to the target redirects nothing.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
-__all__ = ["write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_writer", "write_bytes_atomic", "write_text_atomic"]
 
 
 def _read_umask() -> int:
@@ -21,20 +26,28 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once: os.umask is process-wide, and writers may run in threads
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+@contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A binary stream whose bytes replace ``path`` when the block ends without an error (and are removed if it
+    fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qmamba.errors import QMambaError
 
-__all__ = ["RunFolderError", "RunLock", "prepare_fit_folder"]
+__all__ = ["ProcessLock", "RunFolderError", "RunLock", "prepare_fit_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -42,32 +42,32 @@ def _alive(pid: int, host: str) -> bool:
     return True
 
 
-class RunLock:
-    """``<run>/.qmamba.lock`` holding ``<pid> <host>``, created exclusively; stale when that process is gone."""
+class ProcessLock:
+    """A lock file holding ``<pid> <host>``, created exclusively (never through a link); stale when that process is
+    gone. ``what`` names the locked thing in messages, ``advice`` says what to do instead of waiting."""
 
-    def __init__(self, run: Path) -> None:
-        self.run, self.path = run, run / LOCK_NAME
+    def __init__(self, path: Path, what: str, advice: str) -> None:
+        self.path, self.what, self.advice = path, what, advice
         self.token = f"{os.getpid()} {socket.gethostname()}"
 
     def acquire(self) -> None:
-        self.run.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self.path.read_text(errors="replace").split() if self.path.exists() else []
+                owner = self.path.read_text(errors="replace").split() if self.path.is_file() else []
                 pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 and owner[0].isdigit() else (-1, "")
                 if pid > 0 and _alive(pid, host):
-                    raise RunFolderError(
-                        f"{self.run} is in use by another qmamba run (pid {pid} on {host}); wait for it to end or "
-                        "choose another run name with --trainer.logger.init_args.name NAME") from None
-                log.warning("%s: taking over a stale lock (%s: that process is gone)", self.run, " ".join(owner))
+                    raise RunFolderError(f"{self.what} is in use by another qmamba run (pid {pid} on {host}); wait "
+                                         f"for it to end or {self.advice}") from None
+                log.warning("%s: taking over a stale lock (%s: that process is gone)", self.what, " ".join(owner))
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(self.token)
             return
-        raise RunFolderError(f"cannot lock {self.run}: {self.path} keeps reappearing; is another run starting?")
+        raise RunFolderError(f"cannot lock {self.what}: {self.path} keeps reappearing; is another run starting?")
 
     def release(self) -> None:
         try:
@@ -75,6 +75,13 @@ class RunLock:
                 self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+class RunLock(ProcessLock):
+    """``<run>/.qmamba.lock``: one process per run folder."""
+
+    def __init__(self, run: Path) -> None:
+        super().__init__(run / LOCK_NAME, str(run), "choose another run name with --trainer.logger.init_args.name NAME")
 
 
 def _existing_run(run: Path) -> list[str]:

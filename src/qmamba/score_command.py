@@ -30,9 +30,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qmamba.atomic import atomic_writer
 from qmamba.errors import QMambaError, UsageError
 from qmamba.scale import ScoreScale
-from qmamba.score_outputs import PartialOutput, RowWriter, output_kind, scored_paths, whole_lines
+from qmamba.score_outputs import (
+    PartialOutput,
+    RowWriter,
+    open_for_writing,
+    output_kind,
+    refuse_link,
+    scored_paths,
+    whole_lines,
+)
 
 __all__ = ["expand_inputs", "main"]
 
@@ -183,8 +192,17 @@ def main(argv: list[str]) -> None:
     if args.node_rank > 0:  # a helper node: score its shards into parts; node 0 owns the output
         _help_node_zero(args, inputs, output)  # type: ignore[arg-type]
         return
-    target = PartialOutput(output) if output else None
+    target = PartialOutput(output) if output else None  # locked from here to the end of the run
+    try:
+        _score_inputs(args, inputs, output, target, sharded)
+    finally:
+        if target is not None:
+            target.unlock()
 
+
+def _score_inputs(args: argparse.Namespace, inputs: list[str], output: Path | None, target: PartialOutput | None,
+                  sharded: bool) -> None:
+    """The run itself: the model, what an earlier run left, the scoring, and the report."""
     from qmamba.scoring import load  # torch and the model: after the cheap checks
 
     try:  # with several processes this one only reads the model's description: it stays on the CPU
@@ -280,21 +298,30 @@ def _score(scorer: Any, files: list[str], writer: RowWriter, args: argparse.Name
     return done, failed
 
 
+def map_path(maps: Path, path: str) -> Path:
+    """``<maps>/<path>.png``, named after the image's path so that equal names in different folders do not collide:
+    a relative path that stays below the working folder keeps its name, any other (absolute, or leading up with
+    ``..``) is named by its absolute path without the root, so that every map lands inside ``maps``."""
+    relative = Path(os.path.normpath(path))
+    if relative.is_absolute() or relative.parts[:1] == ("..",):
+        relative = Path(*Path(os.path.abspath(path)).parts[1:])
+    return maps / relative.with_name(relative.name + ".png")
+
+
 def _write_map(scorer: Any, path: str, maps: Path) -> None:
-    """``<maps>/<path>.png``: the image's quality map, named after its path so that equal names in different
-    folders do not collide (absolute paths lose their root, relative ones stay relative)."""
+    """The image's quality map at :func:`map_path`; a folder inside ``maps`` that links out of it is refused."""
     from qmamba.quality_maps import render
     from qmamba.scoring import _as_rgb
 
-    relative = Path(path)
-    relative = Path(*relative.parts[1:]) if relative.is_absolute() else Path(os.path.normpath(relative))
-    target = maps / relative.with_name(relative.name + ".png")
+    target = map_path(maps, path)
+    if not target.parent.resolve().is_relative_to(maps.resolve()):
+        raise UsageError(f"--maps {maps}: {target.parent} leads out of it (to {target.parent.resolve()}) through a "
+                         "symbolic link; remove the link or choose another --maps folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     image = _as_rgb(path, scorer.max_side)
     picture = render(image, scorer.quality_map(image), scorer.scale)
-    temporary = target.with_name(f".{target.name}.tmp")
-    picture.save(temporary, format="PNG")
-    os.replace(temporary, target)
+    with atomic_writer(target) as stream:
+        picture.save(stream, format="PNG")
 
 
 class _Progress:
@@ -325,7 +352,10 @@ class _Progress:
 
 # --------------------------------------------------------------------------------------- several processes
 def _part_paths(partial: Path) -> list[Path]:
-    return sorted(partial.parent.glob(f"{partial.name}.rank*"))
+    parts = sorted(partial.parent.glob(f"{partial.name}.rank*"))
+    for part in parts:
+        refuse_link(part, "the shard part")
+    return parts
 
 
 def _read_part(part: Path) -> list[dict[str, Any]]:
@@ -389,7 +419,7 @@ def _score_shard(local: int, args: argparse.Namespace, files: list[str], partial
         todo = [f for f in files[rank::world] if f not in scored]
         stop = _Stop()
         try:
-            with part.open("a", encoding="utf-8") as stream:
+            with open_for_writing(part, "a") as stream:
                 _score(scorer, todo, RowWriter(stream, "jsonl", {}, resumed=True), args, stop)
         finally:
             stop.restore()

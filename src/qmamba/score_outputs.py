@@ -3,7 +3,12 @@ come and renamed to ``<output>`` when every input was handled; what an earlier r
 
 A row is written whole and flushed with its batch, so a kill leaves at most a cut-short last line, which resuming
 drops. Parquet is written from JSON Lines at the end (a Parquet file is unreadable until closed), so it resumes like
-the text formats; a JSON document cannot be resumed and starts over.
+the text formats; a JSON document cannot be resumed and starts over. Images that failed are tried again by a rerun,
+so their earlier error rows are dropped when it reopens the output.
+
+Nothing is written through a symbolic link: an output, partial file or part that is a link is refused, files are
+opened with ``O_NOFOLLOW``, and temporary files are created exclusively. The output is locked (``.<name>.lock``
+next to it) for the run's life, so a second run on the same output is refused instead of interleaving its rows.
 """
 
 from __future__ import annotations
@@ -15,9 +20,31 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from qmamba.atomic import atomic_writer, write_text_atomic
 from qmamba.errors import UsageError
+from qmamba.run_folder import ProcessLock
 
-__all__ = ["PartialOutput", "RowWriter", "output_kind", "scored_paths", "whole_lines"]
+__all__ = ["PartialOutput", "RowWriter", "open_for_writing", "output_kind", "refuse_link", "scored_paths",
+           "whole_lines"]
+
+
+def open_for_writing(path: Path, mode: str = "w") -> IO[str]:
+    """``path`` opened for text writing (``w`` truncates, ``a`` appends) without following a link at its name."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if path.is_symlink():
+            raise UsageError(f"{path} is a symbolic link; qmamba score does not write through links (remove it, or "
+                             "name the file it points to)") from None
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+    return os.fdopen(fd, mode, encoding="utf-8", newline="")
+
+
+def refuse_link(path: Path, what: str) -> None:
+    if path.is_symlink():
+        raise UsageError(f"{what} {path} is a symbolic link; qmamba score does not write through links (remove it, "
+                         "or name the file it points to)")
 
 
 class RowWriter:
@@ -59,7 +86,7 @@ def whole_lines(path: Path, trim: bool = False) -> str:
     text = path.read_text(encoding="utf-8")
     complete = text[: text.rfind("\n") + 1]
     if trim and complete != text:
-        path.write_text(complete, encoding="utf-8")
+        write_text_atomic(path, complete)
     return complete
 
 
@@ -86,27 +113,39 @@ class PartialOutput:
         if output.is_dir():
             raise UsageError(f"--output {output} is a folder; name a file such as {output / 'scores.csv'}")
         self.output, self.path = output, output.with_name(output.name + ".partial")
+        refuse_link(output, "--output")
+        refuse_link(self.path, "the partial output")
         self.kind = output_kind(output)
         self.reopened = self.created = False
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot write --output {output}: {err.strerror or err} (choose a writable "
+                             "file)") from None
+        self.lock = ProcessLock(output.with_name(f".{output.name}.lock"), f"--output {output}",
+                                "write to another --output")
+        self.lock.acquire()
+        try:
             if output.is_file() and not self.path.exists() and self.kind == "parquet":
                 _parquet_to_jsonl(output, self.path)  # the finished file stays until the new one replaces it
             elif output.is_file() and not self.path.exists():
                 os.replace(output, self.path)
                 self.reopened = True
             self.created = not self.path.exists()
-            self.path.open("a", encoding="utf-8").close()
+            open_for_writing(self.path, "a").close()
         except OSError as err:
+            self.lock.release()
             raise UsageError(f"cannot write --output {output}: {err.strerror or err} (choose a writable "
                              "file)") from None
+        except BaseException:
+            self.lock.release()
+            raise
 
     def finish(self, header: dict[str, Any]) -> None:
         """Give the complete output its final name (Parquet: written from the JSON Lines, then renamed)."""
         if self.kind == "parquet":
-            temporary = self.output.with_name(f".{self.output.name}.tmp")
-            _jsonl_to_parquet(self.path, temporary, header)
-            os.replace(temporary, self.output)
+            with atomic_writer(self.output) as stream:
+                _jsonl_to_parquet(self.path, stream, header)
             self.path.unlink()
         else:
             os.replace(self.path, self.output)
@@ -117,19 +156,29 @@ class PartialOutput:
             os.replace(self.path, self.output)
         elif self.created:
             self.path.unlink(missing_ok=True)
+        self.unlock()
+
+    def unlock(self) -> None:
+        self.lock.release()
 
     def open(self) -> tuple[IO[str], set[str]]:
-        """The stream to write and the images already scored in it (JSON documents cannot be resumed)."""
+        """The stream to write and the images already scored in it (JSON documents cannot be resumed); an earlier
+        run's error rows are dropped, as its failed images are tried again."""
         scored: set[str] = set()
+        if self.kind in ("jsonl", "parquet"):
+            lines = whole_lines(self.path).splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and "score" in json.loads(line)]
+            if len(kept) < len(lines):
+                write_text_atomic(self.path, "".join(kept))
         if self.kind != "json":
             scored = scored_paths(self.path, self.kind)
         elif not self.created:
             print(f"qmamba score: {self.path} is JSON, which cannot be resumed: starting over (use .csv or .jsonl "
                   "for resumable runs)", file=sys.stderr)
-        return self.path.open("a" if scored else "w", encoding="utf-8", newline=""), scored
+        return open_for_writing(self.path, "a" if scored else "w"), scored
 
 
-def _jsonl_to_parquet(source: Path, target: Path, header: dict[str, Any]) -> None:
+def _jsonl_to_parquet(source: Path, target: IO[bytes], header: dict[str, Any]) -> None:
     """Columns path, score, flag, error (one row per image); the model and scale go into the file's metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -148,7 +197,7 @@ def _parquet_to_jsonl(source: Path, target: Path) -> None:
     """A finished Parquet output as the JSON Lines a resumed run appends to."""
     import pyarrow.parquet as pq
 
-    with target.open("w", encoding="utf-8") as out:
+    with open_for_writing(target) as out:
         for row in pq.read_table(source).to_pylist():
             entry = {"path": row["path"], "error": row["error"]} if row["error"] is not None else {
                 "path": row["path"], "score": row["score"], **({"flag": row["flag"]} if row["flag"] else {})}

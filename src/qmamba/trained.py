@@ -11,7 +11,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from qmamba.checkpoint import CheckpointError, model_state, read_checkpoint
+from qmamba.errors import UsageError
 from qmamba.models import QMamba, build_model
 from qmamba.models.prompts import attach_prompts
 from qmamba.preprocessing import Preprocessing
@@ -48,7 +51,8 @@ class DataSpec:
 
     def scale_of(self, dataset: str) -> ScoreScale:
         if dataset not in self.datasets:
-            raise ValueError(f"the model was trained on {self.datasets}; choose one of them, not {dataset!r}")
+            raise UsageError(f"the model was trained on {', '.join(self.datasets)}: choose one of them (--dataset in "
+                             f"qmamba score and serve, dataset= in Python), not {dataset!r}")
         return self.scales[self.datasets.index(dataset)]
 
     def to_meta(self) -> dict[str, Any]:
@@ -97,9 +101,16 @@ def load_trained(path: str | os.PathLike[str], trusted: bool = False) -> Trained
     model = build_architecture(**architecture)
     if meta.get("prompts"):
         attach_prompts(model, **meta["prompts"])
+    state = model_state(checkpoint)
     try:
-        model.load_state_dict(model_state(checkpoint))
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: the weights do not fit the model its hyper-parameters describe ({err})") \
             from err
+    broken = [name for name, value in state.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:  # it would score NaN for every image
+        raise CheckpointError(f"{path} holds NaN or infinite weights in {len(broken)} tensors ({', '.join(broken[:4])}"
+                              f"{', ...' if len(broken) > 4 else ''}): the run that wrote it diverged or the file was "
+                              "altered; use an earlier checkpoint of the run")
     return TrainedModel(model.eval(), DataSpec.from_meta(meta), architecture)

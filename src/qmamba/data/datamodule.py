@@ -121,6 +121,15 @@ class IQADataModule(L.LightningDataModule):
                             ("train_repeats", train_repeats)):
             if value < 1:
                 raise UsageError(f"data.init_args.{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise UsageError("data.init_args.num_workers must be >= 0 (0 loads in the main process), got "
+                             f"{num_workers}")
+        for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+            if not 0 <= value < 1:
+                raise UsageError(f"data.init_args.{name} must be in [0, 1), got {value}")
+        if test_fraction + val_fraction >= 1:
+            raise UsageError(f"data.init_args.test_fraction + val_fraction must be below 1 (something must be left "
+                             f"to train on), got {test_fraction} + {val_fraction}")
         self.configs = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in datasets]
         keys = [c.key for c in self.configs]
         if len(set(keys)) != len(keys):

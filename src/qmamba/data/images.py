@@ -20,7 +20,8 @@ def read_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> np.nd
     """(H, W, 3) uint8 RGB array of an image file.
 
     EXIF orientation is applied (phone photos); grayscale, palette, RGBA (alpha dropped) and CMYK images are
-    converted to RGB; 16-bit images are rescaled to 8 bits by their bit depth, not by their content.
+    converted to RGB; 16-bit images are rescaled to 8 bits by their bit depth, not by their content, and 32-bit
+    float images from 0-1 (others are refused: their scale is unknown).
 
     ``max_side`` downscales an image whose longer side exceeds it (an opt-in for huge images: it changes the
     quality the model sees). JPEGs are then decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (PIL's
@@ -47,6 +48,14 @@ def read_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> np.nd
 
 def rgb_array(image: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8 RGB array of an opened image (the conversions :func:`read_rgb` describes)."""
+    if image.mode == "F":  # 32-bit float: by convention 0-1; any other range has no scale to trust
+        array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError("a 32-bit float image holds NaN or infinite values; save it as 8 or 16 bits")
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise ValueError(f"a 32-bit float image must hold values in 0-1 (this one spans {array.min():g} to "
+                             f"{array.max():g}); save it as 8 or 16 bits")
+        return np.repeat((array * 255.0).round().astype(np.uint8)[..., None], 3, -1)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         depth = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
