@@ -28,23 +28,21 @@ __all__ = ["PartialOutput", "RowWriter", "open_for_writing", "output_kind", "ref
            "whole_lines"]
 
 
+def refuse_link(path: Path, what: str) -> None:
+    if path.is_symlink():
+        raise UsageError(f"{what} {path} is a symbolic link; qmamba score does not write through links (remove it, "
+                         "or name the file it points to)")
+
+
 def open_for_writing(path: Path, mode: str = "w") -> IO[str]:
     """``path`` opened for text writing (``w`` truncates, ``a`` appends) without following a link at its name."""
     flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_APPEND if mode == "a" else os.O_TRUNC)
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as err:
-        if path.is_symlink():
-            raise UsageError(f"{path} is a symbolic link; qmamba score does not write through links (remove it, or "
-                             "name the file it points to)") from None
+        refuse_link(path, "the file")  # O_NOFOLLOW's ELOOP
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
     return os.fdopen(fd, mode, encoding="utf-8", newline="")
-
-
-def refuse_link(path: Path, what: str) -> None:
-    if path.is_symlink():
-        raise UsageError(f"{what} {path} is a symbolic link; qmamba score does not write through links (remove it, "
-                         "or name the file it points to)")
 
 
 class RowWriter:
@@ -117,29 +115,24 @@ class PartialOutput:
         refuse_link(self.path, "the partial output")
         self.kind = output_kind(output)
         self.reopened = self.created = False
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"cannot write --output {output}: {err.strerror or err} (choose a writable "
-                             "file)") from None
         self.lock = ProcessLock(output.with_name(f".{output.name}.lock"), f"--output {output}",
                                 "write to another --output")
-        self.lock.acquire()
         try:
-            if output.is_file() and not self.path.exists() and self.kind == "parquet":
-                _parquet_to_jsonl(output, self.path)  # the finished file stays until the new one replaces it
-            elif output.is_file() and not self.path.exists():
-                os.replace(output, self.path)
-                self.reopened = True
-            self.created = not self.path.exists()
-            open_for_writing(self.path, "a").close()
+            self.lock.acquire()  # creates the output's folder too
+            try:
+                if output.is_file() and not self.path.exists() and self.kind == "parquet":
+                    _parquet_to_jsonl(output, self.path)  # the finished file stays until the new one replaces it
+                elif output.is_file() and not self.path.exists():
+                    os.replace(output, self.path)
+                    self.reopened = True
+                self.created = not self.path.exists()
+                open_for_writing(self.path, "a").close()
+            except BaseException:
+                self.lock.release()
+                raise
         except OSError as err:
-            self.lock.release()
             raise UsageError(f"cannot write --output {output}: {err.strerror or err} (choose a writable "
                              "file)") from None
-        except BaseException:
-            self.lock.release()
-            raise
 
     def finish(self, header: dict[str, Any]) -> None:
         """Give the complete output its final name (Parquet: written from the JSON Lines, then renamed)."""
