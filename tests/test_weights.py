@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from vmamba_fixtures import fake_official_checkpoint
+from vmamba_fixtures import fake_official_checkpoint, official_keys
 
 from qmamba.cli import main
 from qmamba.errors import UsageError
@@ -30,14 +30,20 @@ TINY_FILE = OFFICIAL_FILES["qmamba_tiny"].file
 
 
 class ReleaseServer:
-    """Files served like GitHub release assets: ``/<quoted tag>/<file>``, byte ranges answered with 206. Every GET
-    is recorded with its Range header; ``drop_after`` cuts the next responses after that many body bytes."""
+    """Files served like GitHub release assets: ``/<quoted tag>/<file>``, byte ranges answered with 206 when the
+    ``If-Range`` validator still matches (a strong ETag from the content, and Last-Modified). Every GET is recorded
+    with its Range header. Misbehaviours on demand: ``drop_after`` cuts the next responses after that many body
+    bytes; ``ignore_range`` answers every request whole; ``ignore_if_range`` honours a Range whatever the file;
+    ``validators`` off sends neither ETag nor Last-Modified; ``content_type`` and ``status`` replace the answer's;
+    ``send_length`` off closes the connection instead of announcing the length."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.drop_after: list[int] = []  # one entry per response to cut, consumed in order
-        self.ignore_range = False
+        self.ignore_range = self.ignore_if_range = False
+        self.validators = self.send_length = True
+        self.content_type = "application/octet-stream"
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,16 +54,26 @@ class ReleaseServer:
                 if data is None:
                     self.send_error(404, "Not Found")
                     return
+                etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
                 start = 0
-                if self.headers.get("Range") and not server.ignore_range:
+                if_range = self.headers.get("If-Range")
+                if self.headers.get("Range") and not server.ignore_range and (
+                        if_range is None or if_range == etag or server.ignore_if_range):
                     start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
                     if start >= len(data):
                         self.send_error(416, "Range Not Satisfiable")
                         return
                 self.send_response(206 if start else 200)
+                self.send_header("Content-Type", server.content_type)
+                if server.validators:
+                    self.send_header("ETag", etag)
+                    self.send_header("Last-Modified", "Tue, 24 Sep 2024 10:00:00 GMT")
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
+                if server.send_length:
+                    self.send_header("Content-Length", str(len(data) - start))
+                else:
+                    self.close_connection = True
                 self.end_headers()
                 body = data[start:]
                 if server.drop_after:
@@ -95,6 +111,17 @@ def tiny_official(tmp_path_factory) -> tuple[bytes, dict[str, torch.Tensor]]:
     return path.read_bytes(), state
 
 
+def release_bytes(tmp_path: Path, keys: str = "keys_vmamba_tiny_s2l5.txt", version: int = 0) -> bytes:
+    """A small file with a release's structure (its keys; 1-D weights at their width, the rest one value, and a
+    1000-class head for size): what the cache checks a download against, at ~3 MB instead of ~120."""
+    state = {k: torch.full(shape if len(shape) == 1 else (1,), float(version))
+             for k, shape in official_keys(keys).items()}
+    state["classifier.head.weight"] = torch.full((1000, 768), float(version))
+    path = tmp_path / f"release-{keys}-{version}.pth"
+    torch.save({"model": state, "epoch": 262}, path)
+    return path.read_bytes()
+
+
 def _cache(tmp_path: Path) -> Path:
     return tmp_path / "home" / "weights"
 
@@ -118,7 +145,7 @@ def test_first_use_downloads_with_progress_then_the_cache_serves_without_network
 
 
 def test_a_corrupted_cache_file_is_named_by_its_hash_check(server, tmp_path, capsys):
-    server.files[TINY_FILE] = b"\x80weights" * 1000
+    server.files[TINY_FILE] = release_bytes(tmp_path)
     path = fetch(OFFICIAL_FILES["qmamba_tiny"]).path
     path.write_bytes(path.read_bytes()[:-1] + b"!")
     with pytest.raises(WeightsError, match=f"{path} does not match its recorded SHA-256"):
@@ -133,8 +160,8 @@ def test_a_corrupted_cache_file_is_named_by_its_hash_check(server, tmp_path, cap
 
 
 @pytest.mark.parametrize("server_ranges", [True, False], ids=["resumed", "restarted"])
-def test_a_dropped_connection_resumes_or_restarts_into_an_intact_file(server, server_ranges):
-    data = bytes(range(256)) * 4096  # 1 MiB
+def test_a_dropped_connection_resumes_or_restarts_into_an_intact_file(server, server_ranges, tmp_path):
+    data = release_bytes(tmp_path)
     server.files[TINY_FILE] = data
     server.drop_after = [300_000, 200_000]  # two broken responses, then a whole one
     server.ignore_range = not server_ranges
@@ -144,17 +171,114 @@ def test_a_dropped_connection_resumes_or_restarts_into_an_intact_file(server, se
     assert ranges == [None, "bytes=300000-", "bytes=500000-" if server_ranges else "bytes=200000-"]
 
 
-def test_a_partial_download_left_by_a_killed_process_is_resumed(server, tmp_path):
-    data = b"w" * 100_000
+def test_a_partial_download_left_by_a_stopped_process_is_resumed(server, tmp_path):
+    data = release_bytes(tmp_path)
     server.files[TINY_FILE] = data
-    _cache(tmp_path).mkdir(parents=True)
-    (_cache(tmp_path) / f"{TINY_FILE}.part").write_bytes(data[:40_000])
+    server.drop_after = [40_000, 0, 0, 0]  # every attempt of the first command breaks off
+    with pytest.raises(WeightsError, match=r"kept breaking off \(40000 bytes kept"):
+        fetch(OFFICIAL_FILES["qmamba_tiny"])
+    server.requests.clear()
     assert fetch(OFFICIAL_FILES["qmamba_tiny"]).path.read_bytes() == data
     assert server.requests == [(TINY_FILE, "bytes=40000-")]
 
 
+def test_a_partial_file_without_its_validator_is_downloaded_again(server, tmp_path):
+    data = release_bytes(tmp_path)
+    server.files[TINY_FILE] = data
+    _cache(tmp_path).mkdir(parents=True)
+    (_cache(tmp_path) / f"{TINY_FILE}.part").write_bytes(b"from an unknown version" * 100)
+    assert fetch(OFFICIAL_FILES["qmamba_tiny"]).path.read_bytes() == data
+    assert server.requests == [(TINY_FILE, None)]  # nothing says the bytes kept belong to this file
+
+
+def _nothing_recorded(tmp_path: Path) -> bool:
+    return sorted(p.name for p in _cache(tmp_path).iterdir()) == [f"{TINY_FILE}.lock"]
+
+
+@pytest.mark.parametrize("cut", ["on the mirror", "without a length"])
+def test_a_truncated_file_is_refused_and_nothing_is_recorded(server, tmp_path, capsys, cut):
+    data = release_bytes(tmp_path)
+    server.files[TINY_FILE] = data[:len(data) // 2]
+    if cut == "without a length":  # the whole file announced by nothing: the connection closes half-way
+        server.files[TINY_FILE], server.send_length, server.drop_after = data, False, [len(data) // 2]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["weights", "fetch", "qmamba_tiny"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"sent {len(data) // 2} bytes that are not VMamba-T [s2l5]'s checkpoint" in err
+    assert "damaged or truncated" in err and _nothing_recorded(tmp_path)
+    main(["weights", "verify", "qmamba_tiny"])
+    assert f"{TINY_FILE}: not cached" in capsys.readouterr().out
+
+
+def test_an_html_page_served_with_status_200_is_not_the_weights(server, tmp_path, capsys):
+    server.files[TINY_FILE] = b"<!doctype html><title>Sign in</title><p>Please log in to download." * 20
+    server.content_type = "text/html; charset=utf-8"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["weights", "fetch", "qmamba_tiny"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "answered with an HTML page (HTTP 200) instead of the weights file" in err
+    assert _nothing_recorded(tmp_path)
+    server.content_type = "application/octet-stream"  # the same page as a binary: not a checkpoint either
+    with pytest.raises(WeightsError, match=r"is not a PyTorch checkpoint \(it starts with b'<!do'\)"):
+        fetch(OFFICIAL_FILES["qmamba_tiny"])
+    assert _nothing_recorded(tmp_path)
+
+
+def test_another_network_under_the_release_name_is_refused(server, tmp_path):
+    server.files[TINY_FILE] = release_bytes(tmp_path, "keys_vanilla_tiny_legacy.txt")
+    with pytest.raises(WeightsError, match=r"blocks per stage \(2, 2, 9, 2\) and width 96, VMamba-T \[s2l5\] has"):
+        fetch(OFFICIAL_FILES["qmamba_tiny"])
+    assert _nothing_recorded(tmp_path)
+
+
+def test_a_changed_upstream_file_after_the_cache_was_deleted_is_an_error_until_accepted(server, tmp_path, capsys):
+    first, changed = release_bytes(tmp_path, version=0), release_bytes(tmp_path, version=1)
+    server.files[TINY_FILE] = first
+    cached = fetch(OFFICIAL_FILES["qmamba_tiny"])
+    cached.path.unlink()  # the record stays: it is what the next download must match
+    server.files[TINY_FILE] = changed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["weights", "fetch", "qmamba_tiny"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    old, new = hashlib.sha256(first).hexdigest(), hashlib.sha256(changed).hexdigest()
+    assert "\n" not in err and f"with SHA-256 {new}" in err and f"recorded as {old}" in err
+    assert f"qmamba weights fetch --accept-changed {TINY_FILE}" in err
+    assert not cached.path.exists() and not (_cache(tmp_path) / f"{TINY_FILE}.part").exists()
+
+    server.files[TINY_FILE] = first  # upstream back as recorded: fetched without a word
+    assert fetch(OFFICIAL_FILES["qmamba_tiny"]).sha256 == old
+    cached.path.unlink()
+    server.files[TINY_FILE] = changed
+    main(["weights", "fetch", "--accept-changed", "qmamba_tiny"])
+    assert cached.path.read_bytes() == changed
+    assert json.loads((_cache(tmp_path) / f"{TINY_FILE}.json").read_text())["sha256"] == new
+
+
+@pytest.mark.parametrize("server_kind", ["honours If-Range", "ignores If-Range", "no validators"])
+def test_a_download_resumed_after_the_file_changed_is_never_spliced(server, tmp_path, server_kind):
+    first, changed = release_bytes(tmp_path, version=0), release_bytes(tmp_path, version=1)
+    assert len(first) == len(changed)  # a splice would have the right size
+    server.files[TINY_FILE] = first
+    server.ignore_if_range = server_kind == "ignores If-Range"
+    server.validators = server_kind != "no validators"
+    server.drop_after = [len(first) // 2, 0, 0, 0]
+    with pytest.raises(WeightsError, match="kept breaking off"):
+        fetch(OFFICIAL_FILES["qmamba_tiny"])
+    server.files[TINY_FILE] = changed
+    server.requests.clear()
+    assert fetch(OFFICIAL_FILES["qmamba_tiny"]).path.read_bytes() == changed
+    ranges = [r for _, r in server.requests]
+    expected = {"honours If-Range": [f"bytes={len(first) // 2}-"],  # answered whole (200): the new file
+                "ignores If-Range": [f"bytes={len(first) // 2}-", None],  # a 206 of another ETag: start again
+                "no validators": [None]}[server_kind]  # nothing to check a resume against: never resumed
+    assert ranges == expected
+
+
 def test_weights_list_shows_every_preset_with_its_file_and_cache_state(server, tmp_path, capsys):
-    server.files[TINY_FILE] = b"x" * 2048
+    server.files[TINY_FILE] = release_bytes(tmp_path)
     fetch(OFFICIAL_FILES["qmamba_tiny"])
     (_cache(tmp_path) / f"{OFFICIAL_FILES['qmamba_small'].file}.part").write_bytes(b"y" * 10)
     main(["weights", "list"])
@@ -167,10 +291,20 @@ def test_weights_list_shows_every_preset_with_its_file_and_cache_state(server, t
 
 def test_a_file_placed_by_hand_is_recorded_without_network(server, tmp_path):
     _cache(tmp_path).mkdir(parents=True)
-    (_cache(tmp_path) / TINY_FILE).write_bytes(b"copied from a machine with network")
+    (_cache(tmp_path) / TINY_FILE).write_bytes(release_bytes(tmp_path))
     cached = fetch(OFFICIAL_FILES["qmamba_tiny"])
-    assert cached.sha256 == hashlib.sha256(b"copied from a machine with network").hexdigest()
+    assert cached.sha256 == hashlib.sha256(release_bytes(tmp_path)).hexdigest()
     assert server.requests == [] and (_cache(tmp_path) / f"{TINY_FILE}.json").is_file()
+
+
+def test_a_file_placed_by_hand_that_is_not_the_release_is_refused_and_not_recorded(server, tmp_path):
+    _cache(tmp_path).mkdir(parents=True)
+    (_cache(tmp_path) / TINY_FILE).write_bytes(release_bytes(tmp_path, "keys_vmamba_tiny_s1l8.txt"))
+    with pytest.raises(WeightsError, match=r"placed in the cache by hand\) is not the release file: its state dict "
+                                           r"has blocks per stage \(2, 2, 8, 2\) and width 96, VMamba-T \[s2l5\] has "
+                                           r"\(2, 2, 5, 2\) and 96"):
+        fetch(OFFICIAL_FILES["qmamba_tiny"])
+    assert not (_cache(tmp_path) / f"{TINY_FILE}.json").exists()
 
 
 def _closed_port() -> int:
@@ -211,7 +345,7 @@ def _fetch_as_rank(rank: int, init_file: str, results: str) -> None:
 
 
 def test_two_ranks_download_once_and_read_the_same_file(server, tmp_path):
-    data = b"rank zero downloads" * 50_000
+    data = release_bytes(tmp_path)
     server.files[TINY_FILE] = data
     (tmp_path / "results").mkdir()
     mp.spawn(_fetch_as_rank, args=(str(tmp_path / "init"), str(tmp_path / "results")), nprocs=2)
@@ -243,7 +377,8 @@ def test_a_run_records_the_weights_it_started_from_and_resumes_without_them(serv
     source = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in source.items()}
     torch.save({"model": source, "epoch": 1}, tmp_path / "official.pth")
     server.files["qmamba_test_in1k.pth"] = (tmp_path / "official.pth").read_bytes()
-    monkeypatch.setitem(OFFICIAL_FILES, "qmamba_test", OfficialWeights("qmamba_test_in1k.pth", "#v2cls", "test"))
+    monkeypatch.setitem(OFFICIAL_FILES, "qmamba_test",
+                        OfficialWeights("qmamba_test_in1k.pth", "#v2cls", "test", (1, 1, 1, 1), 16))
     digest = hashlib.sha256(server.files["qmamba_test_in1k.pth"]).hexdigest()
 
     main(["fit", "--config", str(config), "--model.init_args.pretrained", "imagenet",

@@ -2,6 +2,7 @@
 
     qmamba weights list                       # every preset: its official file, cache state and size
     qmamba weights fetch qmamba_tiny lqmamba_tiny   # download now (e.g. on a login node before a cluster job)
+    qmamba weights fetch --accept-changed FILE      # accept an upstream file whose hash differs from the record
     qmamba weights verify                     # re-hash every cached file against its record
 """
 
@@ -32,6 +33,9 @@ def main(argv: list[str]) -> None:
     actions.add_parser("list", help="every preset with its official file, cache state and size")
     fetch_parser = actions.add_parser("fetch", help="download the weights of presets (or official file names)")
     fetch_parser.add_argument("names", nargs="+", metavar="NAME", help="a preset (qmamba_tiny) or a file name")
+    fetch_parser.add_argument("--accept-changed", action="store_true",
+                              help="record a download whose SHA-256 differs from the one recorded before (the file "
+                                   "changed upstream); without it that is an error")
     verify_parser = actions.add_parser("verify", help="re-hash cached files against their recorded SHA-256")
     verify_parser.add_argument("names", nargs="*", metavar="NAME", help="presets or file names (default: all cached)")
     args = parser.parse_args(argv)
@@ -40,7 +44,7 @@ def main(argv: list[str]) -> None:
         list_weights()
     elif args.action == "fetch":
         for weights in _select(args.names):
-            cached = fetch(weights)
+            cached = fetch(weights, accept_changed=args.accept_changed)
             print(f"{weights.file}: {cached.size / 2**20:.1f} MiB, sha256 {cached.sha256} ({cached.path})")
     else:
         verify_weights(_select(args.names) if args.names else _unique(OFFICIAL_FILES.values()))
