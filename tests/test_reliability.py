@@ -28,11 +28,17 @@ scoring cases are tested in tests/test_scoring.py).
 | predictions outside the training scale | flagged in the output, or clipped with --clip |
 | SIGINT / SIGTERM while scoring | the batch finishes; <output>.partial keeps every score; exit 130 / 143 |
 | export from a fresh process | works (scan tables are built before tracing): tests/test_scoring.py |
+| trainer.devices 0, a negative lr, a batch_size larger than the training set | one line naming the option, exit 2 |
+| a run whose loss or predictions become NaN (lr 1e6); testing NaN weights | one line: where, and the fix |
+| resuming a checkpoint with a smaller --trainer.max_epochs | one line: raise it, or test the checkpoint |
+| test / fit --ckpt_path with a checkpoint of another architecture | one line naming both backbones and a key |
+| export into a folder that cannot be written | one line before the export runs |
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import socket
 import subprocess
@@ -315,3 +321,85 @@ def test_qmamba_test_with_a_bad_checkpoint_is_one_line(finished, capsys, damage,
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and message in err[-1] and err[-1].startswith("qmamba: error:")
     assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--trainer.devices", "0", "`Trainer(devices='0')` value is not a valid input using cpu accelerator. "
+                               "(`qmamba fit --help` lists the trainer options)"),
+    ("--model.init_args.optimizer.init_args.lr", "-1", "model.init_args.optimizer: Invalid learning rate: -1.0; fix "
+                                                       "it in the config or with "
+                                                       "--model.init_args.optimizer.init_args.<name>"),
+    ("--data.init_args.batch_size", "64", "an epoch of 15 training images holds no batch of 64 on each of 1 rank(s): "
+                                          "lower data.init_args.batch_size to at most 15 or raise "
+                                          "data.init_args.epoch_samples"),
+])
+def test_trainer_optimizer_and_batch_options_that_cannot_work_are_one_line(workdir, capsys, flag, value, message):
+    tmp_path, config = workdir
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1] == f"qmamba: error: {message}"
+
+
+def test_a_diverging_run_says_where_its_loss_stopped_being_finite(workdir, capsys):
+    _, config = workdir
+    line = _refused(capsys, "fit", "--config", str(config), "--data.init_args.batch_size", "4",
+                    "--model.init_args.optimizer.init_args.lr", "1e6")
+    assert line.startswith("qmamba: error: the training loss became nan at epoch 0, step ")
+    assert "the run diverged (learning rate 1e+06); lower model.init_args.optimizer.init_args.lr" in line
+
+
+def test_testing_a_checkpoint_with_nan_weights_is_one_line_not_metrics_without_those_images(finished, capsys):
+    run, _ = finished
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["state_dict"]["model.head.regressor.1.bias"].fill_(float("nan"))
+    torch.save(checkpoint, run.parent / "nan.ckpt")
+    line = _refused(capsys, "test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run.parent / "nan.ckpt"))
+    assert "the model predicted NaN or inf for 10 of 10 test images of tiny_kadid at epoch 0" in line
+
+
+def test_resuming_with_a_smaller_max_epochs_is_one_line(workdir, capsys):
+    tmp_path, config = workdir
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "3"])
+    run = tmp_path / "runs" / "tiny"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", "last", "--trainer.max_epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert "has trained past --trainer.max_epochs 1 (its epoch counter is 2): a resumed run can only go on" in err[-1]
+
+
+@pytest.mark.parametrize("command", ["test", "fit"])
+def test_a_checkpoint_of_another_architecture_is_one_line(finished, capsys, command):
+    run, _ = finished
+    line = _refused(capsys, command, "--config", str(run / "config.yaml"), "--ckpt_path",
+                    str(run / "checkpoints" / "last.ckpt"), "--model.init_args.backbone", "lqmamba_test",
+                    *(["--trainer.max_epochs", "2"] if command == "fit" else []))
+    assert "does not fit the model the config builds (checkpoint: qmamba_test, config: lqmamba_test; 24 weights " \
+           "missing, 0 unknown, 0 of another shape, e.g. model.backbone.layers.0.blocks.0.op.fusion" in line
+    assert line.endswith("use the config.yaml of the run the checkpoint comes from")
+
+
+def test_export_into_a_folder_that_cannot_be_written_is_one_line(trained, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    unwritable = Path("/sys") if not os.access("/sys", os.W_OK) or _cannot_create_in("/sys") else None
+    if unwritable is None:
+        pytest.skip("no folder here refuses writes (root on a machine whose /sys accepts files)")
+    _, run = trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), "-o", str(unwritable / "q.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1] == f"qmamba: error: cannot write --output {unwritable / 'q.onnx'}: Permission denied; pick a " \
+                      "folder you can write"
+
+
+def _cannot_create_in(folder: str) -> bool:
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            return False
+    except OSError:
+        return True

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from qmamba.errors import UsageError
+from qmamba.errors import QMambaError, UsageError
 from qmamba.scoring import Scorer, load
 
 __all__ = ["export_onnx", "verify_onnx"]
@@ -37,23 +38,40 @@ def export_onnx(scorer: Scorer, output: str | os.PathLike[str], opset: int = 18)
         model(example)  # construction would be traced too and stop on data-dependent checks
     batch = torch.export.Dim("batch", min=1, max=4096)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    torch.onnx.export(model, (example,), tmp, dynamo=True, opset_version=opset, input_names=["crops"],
-                      output_names=["unit_scores"], dynamic_shapes={"images": {0: batch}}, verbose=False)
-    graph = onnx.load(tmp)
-    meta: dict[str, Any] = {
-        **scorer.info,
-        "input": "(N, 3, crop_size, crop_size) crops of RGB images in [0, 1] normalised with mean/std; an image's "
-                 "score is the mean over its crops, mapped with score_range",
-        "mean": list(scorer.crops.preprocessing.mean),
-        "std": list(scorer.crops.preprocessing.std),
-    }
-    for key, value in meta.items():
-        graph.metadata_props.add(key=key, value=json.dumps(value, default=float))
-    onnx.save(graph, tmp)
-    os.replace(tmp, output)
+    tmp = _temporary_next_to(output)  # before the export's minutes: an unwritable folder is said at once
+    try:
+        torch.onnx.export(model, (example,), tmp, dynamo=True, opset_version=opset, input_names=["crops"],
+                          output_names=["unit_scores"], dynamic_shapes={"images": {0: batch}}, verbose=False)
+        graph = onnx.load(tmp)
+        meta: dict[str, Any] = {
+            **scorer.info,
+            "input": "(N, 3, crop_size, crop_size) crops of RGB images in [0, 1] normalised with mean/std; an "
+                     "image's score is the mean over its crops, mapped with score_range",
+            "mean": list(scorer.crops.preprocessing.mean),
+            "std": list(scorer.crops.preprocessing.std),
+        }
+        for key, value in meta.items():
+            graph.metadata_props.add(key=key, value=json.dumps(value, default=float))
+        onnx.save(graph, tmp)
+        os.replace(tmp, output)
+    except OSError as err:  # a full disk while writing
+        raise QMambaError(f"cannot write {output}: {err.strerror or err}; free space or pick another --output") \
+            from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return output
+
+
+def _temporary_next_to(output: Path) -> Path:
+    """An exclusively created, randomly named file in ``output``'s folder (a link planted there redirects nothing)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UsageError(f"cannot write --output {output}: {err.strerror or err}; pick a folder you can write") \
+            from None
+    os.close(fd)
+    return Path(tmp)
 
 
 def verify_onnx(scorer: Scorer, path: str | os.PathLike[str], batches: tuple[int, ...] = (1, 3)) -> float:

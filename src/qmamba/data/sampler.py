@@ -26,6 +26,8 @@ from typing import Literal
 import numpy as np
 from torch.utils.data import Sampler
 
+from qmamba.errors import UsageError
+
 __all__ = ["MultiDatasetBatchSampler", "SeededBatches", "ShardSampler", "dataset_shares"]
 
 Strategy = Literal["proportional", "balanced", "temperature"]
@@ -100,8 +102,9 @@ class MultiDatasetBatchSampler(Sampler[list[int]]):
         samples = sum(self.sizes) if epoch_samples is None else int(epoch_samples)
         self.batches_per_rank = samples // (batch_size * world_size)
         if self.batches_per_rank == 0:
-            raise ValueError(f"an epoch of {samples} samples holds no batch of {batch_size} on each of {world_size} "
-                             "ranks; lower batch_size or raise epoch_samples")
+            raise UsageError(f"an epoch of {samples} training images holds no batch of {batch_size} on each of "
+                             f"{world_size} rank(s): lower data.init_args.batch_size to at most "
+                             f"{samples // world_size} or raise data.init_args.epoch_samples")
         self.offsets = np.cumsum([0, *self.sizes[:-1]])
         self.epoch = 0
 

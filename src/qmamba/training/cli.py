@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would query the package index on import
 
 import torch  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
@@ -108,6 +109,12 @@ class QMambaCLI(LightningCLI):
             if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
                 raise CheckpointError(f"{config.ckpt_path} is not a checkpoint written by qmamba training (a plain "
                                       "state dict?); pass a runs/<name>/checkpoints/*.ckpt file")
+            epochs, max_epochs = checkpoint.get("epoch"), config.trainer.max_epochs
+            if self.subcommand == "fit" and isinstance(epochs, int) and max_epochs not in (None, -1) \
+                    and epochs > max_epochs:
+                raise UsageError(f"--ckpt_path {config.ckpt_path} has trained past --trainer.max_epochs {max_epochs} "
+                                 f"(its epoch counter is {epochs}): a resumed run can only go on; raise "
+                                 "--trainer.max_epochs, or evaluate the checkpoint with qmamba test")
         model = config.model.init_args
         if self.subcommand == "fit" and model.get("pretrained") and not config.ckpt_path:
             resolve_pretrained(model.backbone, model.pretrained)  # download or fail now, not after loading the data
@@ -156,7 +163,7 @@ def run_lightning_cli(args: ArgsType) -> None:
     try:
         _run_cli(args)
     except Exception as err:  # jsonargparse wraps errors raised while instantiating classes: unwrap the user's one
-        cause = _user_error(err)
+        cause = _user_error(err, args)
         if cause is None:
             raise
         raise cause from None
@@ -165,12 +172,20 @@ def run_lightning_cli(args: ArgsType) -> None:
             _HELD_LOCKS.pop().release()
 
 
-def _user_error(err: BaseException | None) -> QMambaError | None:
-    """The first :class:`QMambaError` in an exception's chain of causes."""
+def _subcommand(args: ArgsType) -> str:
+    words = sys.argv[1:] if args is None else [str(a) for a in args] if isinstance(args, list) else []
+    return next((w for w in words if w in ("fit", "validate", "test", "predict")), "fit")
+
+
+def _user_error(err: BaseException | None, args: ArgsType) -> QMambaError | None:
+    """The first :class:`QMambaError` in an exception's chain of causes; Lightning's refusal of a trainer option
+    (``devices 0``, ...) as a usage error."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, QMambaError):
             return err
+        if isinstance(err, MisconfigurationException):
+            return UsageError(f"{str(err).strip()} (`qmamba {_subcommand(args)} --help` lists the trainer options)")
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -16,8 +16,10 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric
 
 from qmamba.atomic import write_text_atomic
+from qmamba.checkpoint import CheckpointError
 from qmamba.compiling import compile_errors, compile_model
 from qmamba.data import IQADataModule
+from qmamba.errors import QMambaError, UsageError
 from qmamba.models import load_official_checkpoint
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
 from qmamba.trained import DataSpec, build_architecture
@@ -97,7 +99,9 @@ class QMambaIQA(L.LightningModule):
             self.spec = self._datamodule().spec
         for split in ("val", "test"):
             for i in range(len(self.spec.datasets)):
-                self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({"preds": CatMetric(), "target": CatMetric()})
+                # NaN predictions are kept (and refused in _epoch_metrics), never dropped from the metrics
+                self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({"preds": CatMetric(nan_strategy="disable"),
+                                                                 "target": CatMetric(nan_strategy="disable")})
         if self.hparams.compile:
             compile_model(self.model, self.trainer.strategy.root_device, COMPILE_OPTION)
 
@@ -143,7 +147,11 @@ class QMambaIQA(L.LightningModule):
             if param.requires_grad:
                 skip = param.ndim < 2 or getattr(param, "_no_weight_decay", False)
                 (no_decay if skip else decay).append(param)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        try:
+            optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        except ValueError as err:  # torch's own checks: a negative lr or weight decay, betas outside [0, 1)
+            raise UsageError(f"model.init_args.optimizer: {err}; fix it in the config or with "
+                             "--model.init_args.optimizer.init_args.<name>") from None
         trainable = sum(p.numel() for p in decay + no_decay)
         log.info("optimising %d of %d parameters (%d without weight decay)", trainable,
                  sum(p.numel() for p in self.parameters()), sum(p.numel() for p in no_decay))
@@ -156,6 +164,12 @@ class QMambaIQA(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         preds = self.model(batch["image"]).float()
         loss = self.criterion(preds, batch["target"].float())
+        if not torch.isfinite(loss):  # one scalar read per step; a NaN would otherwise end in an unrelated error
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
+            raise QMambaError(f"the training loss became {loss.item()} at epoch {self.current_epoch}, step "
+                              f"{self.global_step}: the run diverged (learning rate {lr:g}); lower "
+                              "model.init_args.optimizer.init_args.lr or check the labels. last.ckpt keeps the last "
+                              "finished epoch")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(preds))
         return loss
 
@@ -194,6 +208,11 @@ class QMambaIQA(L.LightningModule):
             preds, target = scale.to_native(store["preds"].compute()), scale.to_native(store["target"].compute())
             store["preds"].reset()
             store["target"].reset()
+            if not torch.isfinite(preds).all():
+                raise QMambaError(f"the model predicted NaN or inf for {int((~torch.isfinite(preds)).sum())} of "
+                                  f"{preds.numel()} {split} images of {name} at epoch {self.current_epoch}: its "
+                                  "weights are not finite (a diverged run?); use an earlier checkpoint or train "
+                                  "again with a lower learning rate")
             results[name] = iqa_metrics(preds, target, logistic=split == "test")
             results[name]["images"] = float(preds.numel())
             if split == "val" and not self.trainer.sanity_checking:
@@ -250,8 +269,25 @@ class QMambaIQA(L.LightningModule):
             meta["pretrained"] = self.pretrained_source
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_fits(checkpoint)
         meta = checkpoint.get("qmamba")
         if meta and not isinstance(self._datamodule(), IQADataModule):  # a run's own data wins (testing elsewhere)
             self.spec = DataSpec.from_meta(meta)
         if meta and meta.get("pretrained"):
             self.pretrained_source = meta["pretrained"]
+
+    def _check_fits(self, checkpoint: dict[str, Any]) -> None:
+        """One line, before Lightning's strict loading lists every key: a checkpoint of another architecture (or
+        with other head or prompt options) than the config builds."""
+        own, state = self.state_dict(), checkpoint.get("state_dict", {})
+        missing, unknown = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        shapes = sorted(k for k in own.keys() & state.keys() if tuple(own[k].shape) != tuple(state[k].shape))
+        if not (missing or unknown or shapes):
+            return
+        theirs = checkpoint.get("hyper_parameters", {}).get("backbone", "?")
+        example = (f"{missing[0]} missing" if missing else f"{unknown[0]} unknown" if unknown else
+                   f"{shapes[0]}: {tuple(state[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)}")
+        raise CheckpointError(
+            f"{self.trainer.ckpt_path} does not fit the model the config builds (checkpoint: {theirs}, config: "
+            f"{self.hparams.backbone}; {len(missing)} weights missing, {len(unknown)} unknown, {len(shapes)} of "
+            f"another shape, e.g. {example}); use the config.yaml of the run the checkpoint comes from")
