@@ -4,7 +4,9 @@ downloading once, and the run's record of the weights it started from."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import io
 import json
 import socket
 import threading
@@ -231,6 +233,19 @@ def test_another_network_under_the_release_name_is_refused(server, tmp_path):
     with pytest.raises(WeightsError, match=r"blocks per stage \(2, 2, 9, 2\) and width 96, VMamba-T \[s2l5\] has"):
         fetch(OFFICIAL_FILES["qmamba_tiny"])
     assert _nothing_recorded(tmp_path)
+
+
+def test_a_release_saved_with_python_objects_is_checked_as_an_archive(server, tmp_path, caplog):
+    state = torch.load(io.BytesIO(release_bytes(tmp_path)), weights_only=True)
+    state["config"] = argparse.Namespace(MODEL="vssm")  # as a training script saves its config object
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    server.files[TINY_FILE] = buffer.getvalue()[:len(buffer.getvalue()) - 100]  # cut: never recorded
+    with pytest.raises(WeightsError, match="not VMamba-T \\[s2l5\\]'s checkpoint"):
+        fetch(OFFICIAL_FILES["qmamba_tiny"])
+    server.files[TINY_FILE] = buffer.getvalue()
+    assert fetch(OFFICIAL_FILES["qmamba_tiny"]).path.read_bytes() == buffer.getvalue()
+    assert "holds pickled Python objects besides its tensors: checked as an intact archive only" in caplog.text
 
 
 def test_a_changed_upstream_file_after_the_cache_was_deleted_is_an_error_until_accepted(server, tmp_path, capsys):
