@@ -4,6 +4,7 @@ scoring cases are tested in tests/test_scoring.py).
 | case | what happens |
 | --- | --- |
 | fit into a folder that holds a finished run | refused on one line (resume, new name or --overwrite); files untouched |
+| fit into a folder left by a run stopped before its first checkpoint | refused without offering a resume |
 | fit --overwrite true into it | the earlier run's files are removed first; the saved config does not repeat the flag |
 | fit into a folder another live run holds | refused, naming that process |
 | a lock left by a killed run | taken over with a warning |
@@ -87,6 +88,18 @@ def test_fit_refuses_a_folder_that_holds_a_finished_run(finished, capsys):
     assert {p.name: _digest(p) for p in (run / "checkpoints").glob("*.ckpt")} == before
     assert _digest(run / "config.yaml") == saved_config
     assert not (run / ".qmamba.lock").exists()  # the refused fit released its lock
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_a_resume(workdir, capsys):
+    tmp_path, config = workdir
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config.read_text())  # what a fit killed in its first epoch leaves
+    message = _refused(capsys, "fit", "--config", str(config))
+    assert "it has no checkpoints/last.ckpt to resume from (it stopped before its first epoch ended)" in message
+    assert "--ckpt_path last" not in message and message.endswith("or replace it with --overwrite true")
+    main(["fit", "--config", str(config), "--overwrite", "true"])  # what the message offers works
+    assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_overwrite_replaces_the_run_and_is_not_saved(finished, capsys):

@@ -112,9 +112,11 @@ def prepare_fit_folder(run: Path, resuming: bool, overwrite: bool) -> RunLock:
         existing = _existing_run(run)
         if existing and not resuming:
             if not overwrite:
+                resume = ("resume it with --ckpt_path last" if "checkpoints/last.ckpt" in existing else
+                          "it has no checkpoints/last.ckpt to resume from (it stopped before its first epoch ended)")
                 raise RunFolderError(
-                    f"{run} already holds a run ({', '.join(existing)}); resume it with --ckpt_path last, start "
-                    "another with --trainer.logger.init_args.name NEW_NAME, or replace it with --overwrite true")
+                    f"{run} already holds a run ({', '.join(existing)}); {resume}, start another with "
+                    "--trainer.logger.init_args.name NEW_NAME, or replace it with --overwrite true")
             _remove_run(run)
             log.warning("%s: --overwrite: removed the earlier run (%s)", run, ", ".join(existing))
         _remove_temporaries(run)
