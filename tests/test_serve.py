@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -68,6 +69,8 @@ def test_good_images_score_as_the_python_api_and_bad_ones_fail_alone(client, sco
     results = response.json()["results"]
     assert [r["file"] for r in results] == [images[0].name, "notes.png", "broken.jpg", images[1].name]
     assert "not a readable image" in results[1]["error"] and "error" in results[2]
+    assert "cannot identify image file 'notes.png'" in results[1]["error"]  # named, not <_io.BytesIO object at 0x..>
+    assert " object at 0x" not in results[1]["error"] + results[2]["error"]
     expected = scorer.score([str(images[0]), str(images[1])])
     np.testing.assert_allclose([results[0]["score"], results[3]["score"]], expected, rtol=1e-5)
     assert results[0]["direction"] == "higher is better" and results[0]["scale"] == [1.0, 5.0]
@@ -86,6 +89,122 @@ def test_refusals_are_4xx_with_one_line_reasons(client, images):
     refused = client.post("/score", files=_files(("bomb.png", bomb.getvalue())))
     assert refused.status_code == 422 and "above this server's limit of 10000 pixels" in refused.json()["detail"]
     assert client.post("/score").status_code == 422  # no files at all
+
+
+def test_a_request_costs_at_most_its_limits(scorer, images):
+    small = io.BytesIO()
+    Image.new("RGB", (90, 90)).save(small, format="PNG")  # 8,100 pixels each: under 10,000 per image
+    limits = Limits(max_pixels=10_000, max_request_pixels=15_000, max_map_windows=3, max_pending=2)
+    with TestClient(create_app(scorer, limits)) as client:
+        pixels = client.post("/score", files=_files(("a.png", small.getvalue()), ("b.png", small.getvalue())))
+        assert pixels.status_code == 413
+        assert pixels.json()["detail"] == ("the images hold 16200 pixels in all, above this server's limit of 15000 "
+                                           "per request (--max-request-pixels); send them in several requests")
+        busy = client.post("/score", files=_files(*[(p.name, p.read_bytes()) for p in images[:3]]))
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
+        assert "0 images are waiting, and this server takes at most 2 (--max-pending)" in busy.json()["detail"]
+        mapped = client.post("/score?map=1", files=_files((images[0].name, images[0].read_bytes())))
+        result = mapped.json()["results"][0]  # 48x40 at 32-px crops, stride 16: 2 x 2 windows = 4 > 3
+        assert mapped.status_code == 200 and "score" in result and "map" not in result
+        assert result["map_error"] == ("a map of this image needs 4 windows, above this server's limit of 3 "
+                                       "(--max-map-windows); send a smaller image")
+
+
+def test_a_map_is_scored_a_model_batch_per_step_as_quality_map_scores_it(trained, images):
+    scorer = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu", batch_size=1)  # 8 windows a step
+    job = scorer.map_job(str(images[0]), stride=2)
+    steps = 1
+    while job.step():
+        steps += 1
+    assert steps == -(-job.windows // (8 * scorer.batch_size)) > 1  # other batches can run between the steps
+    whole = scorer.quality_map(str(images[0]), stride=2)
+    np.testing.assert_allclose(job.result().scores, whole.scores, rtol=1e-6)
+
+
+def test_a_token_guards_the_api_but_not_the_page_and_docs_are_off_by_default(scorer, images):
+    with TestClient(create_app(scorer, token="s3cret")) as client:
+        assert client.get("/").status_code == 200  # the page: it asks for the token itself
+        refused = client.get("/health")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer <token>" in refused.json()["detail"]
+        wrong = {"Authorization": "Bearer guess"}
+        assert client.post("/score", files=_files(("a.png", images[0].read_bytes())), headers=wrong).status_code == 401
+        right = {"Authorization": "Bearer s3cret"}
+        assert client.get("/health", headers=right).status_code == 200
+        assert client.post("/score", files=_files(("a.png", images[0].read_bytes())), headers=right).status_code == 200
+        assert client.get("/docs", headers=right).status_code == 404
+        assert client.get("/openapi.json", headers=right).status_code == 404
+    with TestClient(create_app(scorer, docs=True)) as client:
+        assert client.get("/docs").status_code == 200
+
+
+class _LiveServer:
+    """The app under uvicorn on 127.0.0.1 in a thread: what a raw socket client sees (TestClient reads whole
+    bodies before the app does, so streaming limits need a real server)."""
+
+    def __init__(self, app) -> None:
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _head(chunked: bool, length: int = 0) -> bytes:
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
+    return (f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\n{framing}\r\n"
+            "Content-Type: multipart/form-data; boundary=qmamba\r\n\r\n").encode()
+
+
+def _response(conn: socket.socket) -> str:
+    """A whole HTTP response (head and Content-Length bytes of body) read from a socket."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            next((line.split(b":")[1] for line in data.split(b"\r\n") if line.lower().startswith(b"content-length")),
+                 b"0")):
+        block = conn.recv(65536)
+        if not block:
+            break
+        data += block
+    return data.decode(errors="replace")
+
+
+def test_a_chunked_upload_is_stopped_at_the_limit_and_a_stalled_one_times_out(scorer):
+    live = _LiveServer(create_app(scorer, Limits(max_upload_bytes=200_000, body_timeout_s=0.5)))
+    try:
+        with live.connect() as conn:  # 150 MB offered in 1 MB chunks, without a Content-Length
+            preamble = _multipart(b"").split(b"\r\n--qmamba--")[0]
+            conn.sendall(_head(chunked=True) + b"%x\r\n" % len(preamble) + preamble + b"\r\n")
+            sent = 0
+            while sent < 150 and not select.select([conn], [], [], 0.05)[0]:  # until the server answers
+                conn.sendall(b"%x\r\n" % 2**20 + b"\0" * 2**20 + b"\r\n")
+                sent += 1
+            answer = _response(conn)
+        assert answer.startswith("HTTP/1.1 413") and "above this server's limit of 200000 bytes" in answer
+        assert sent < 20  # stopped near the limit, not after 150 MB
+        with live.connect() as conn:  # announces 5,000 bytes, sends the start of a form, then nothing
+            conn.sendall(_head(chunked=False, length=5000) + preamble + b"\0" * 100)
+            started = time.monotonic()
+            answer = _response(conn)
+        assert answer.startswith("HTTP/1.1 408") and "stalled for 0.5 s (--body-timeout)" in answer
+        assert time.monotonic() - started < 5
+    finally:
+        live.stop()
 
 
 def test_quality_map_comes_with_window_scores_and_a_png(client, scorer, images):
@@ -141,7 +260,8 @@ def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("option,value", [("--max-upload-mb", "-1"), ("--max-upload-mb", "0"), ("--window-ms", "-5"),
-                                          ("--window-ms", "nan")])
+                                          ("--window-ms", "nan"), ("--body-timeout", "0"), ("--token", " "),
+                                          ("--max-pending", "0"), ("--max-map-windows", "-1")])
 def test_limits_that_would_refuse_everything_are_usage_errors(option, value, capsys):
     from qmamba.cli import main
 
@@ -166,7 +286,8 @@ def _chromium() -> tuple[str, str] | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium and chromium-driver (apt install chromium "
                     "chromium-driver; .ci/run installs them)")
-def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images, tmp_path):
+@pytest.mark.parametrize("token", [None, "s3cret"], ids=["open", "token in the address"])
+def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images, tmp_path, token):
     pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium (pip install selenium)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -179,7 +300,8 @@ def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images,
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "qmamba", "serve", "--ckpt_path",
                                str(trained[1] / "checkpoints" / "best.ckpt"), "--port", str(port), "--device", "cpu"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **({"QMAMBA_SERVE_TOKEN": token} if token else {})})
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
@@ -196,7 +318,7 @@ def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images,
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.2)
         chrome = webdriver.Chrome(options=options, service=Service(driver_path))
-        chrome.get(url)
+        chrome.get(url + (f"#token={token}" if token else ""))  # with a token, the page sends it on every call
         picker = chrome.find_element(By.ID, "picker")
         picker.send_keys("\n".join(str(p) for p in images[:2]))
         wait = WebDriverWait(chrome, 60)
@@ -213,8 +335,9 @@ def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images,
                                  for card in c.find_elements(By.CLASS_NAME, "card")))
         maps = chrome.find_elements(By.CSS_SELECTOR, "img.map")
         assert all(m.get_attribute("src").startswith("data:image/png") for m in maps)
+        assert "trained on" in chrome.find_element(By.ID, "model").text  # /health answered too
         chrome.save_screenshot(str(tmp_path / "serve.png"))
-        if os.environ.get("QMAMBA_SCREENSHOT"):  # refresh the README's screenshot
+        if os.environ.get("QMAMBA_SCREENSHOT") and token is None:  # refresh the README's screenshot
             shutil.copy(tmp_path / "serve.png", SCREENSHOT)
     finally:
         if chrome is not None:

@@ -34,7 +34,7 @@ from qmamba.quality_maps import QualityMap, window_starts
 from qmamba.scale import ScoreScale
 from qmamba.trained import load_trained
 
-__all__ = ["ImageInput", "Result", "Scorer", "load"]
+__all__ = ["ImageInput", "MapJob", "Result", "Scorer", "load"]
 
 COMPILE_OPTION = "--compile (compile=True in qmamba.load)"
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -220,19 +220,19 @@ class Scorer:
         """Scores of crop-size windows slid over the image every ``stride`` pixels (default: half a crop), on the
         dataset's native scale: where in the image quality drops. :meth:`QualityMap.dense` spreads them over the
         pixels."""
+        job = self.map_job(image, stride)
+        while job.step():
+            pass
+        return job.result()
+
+    def map_job(self, image: ImageInput, stride: int | None = None) -> MapJob:
+        """:meth:`quality_map` one model batch at a time (:class:`MapJob`): its size is known before any model work,
+        and a server can run other batches between its steps."""
         rgb = _as_rgb(image, self.max_side)
-        preprocessing = self.crops.preprocessing
-        preprocessing.check_size(rgb)
+        self.crops.preprocessing.check_size(rgb)
         size = self.crops.size
         step = stride or max(1, size // 2)
-        tops, lefts = window_starts(rgb.shape[0], size, step), window_starts(rgb.shape[1], size, step)
-        windows = [(top, left) for top in tops for left in lefts]
-        units = []
-        for start in range(0, len(windows), 8 * self.batch_size):
-            crops = np.stack([rgb[t : t + size, c : c + size] for t, c in windows[start : start + 8 * self.batch_size]])
-            units.append(self._units(preprocessing.normalize(crops)))
-        scores = self.scale.to_native(torch.cat(units)).numpy().reshape(len(tops), len(lefts))
-        return QualityMap(scores, tops, lefts, size, rgb.shape[0], rgb.shape[1])
+        return MapJob(self, rgb, window_starts(rgb.shape[0], size, step), window_starts(rgb.shape[1], size, step))
 
     def score(self, images: ImageInput | Sequence[ImageInput]) -> float | list[float]:
         """Quality score(s) on the dataset's native scale; raises on an image that cannot be scored."""
@@ -243,6 +243,35 @@ class Scorer:
             raise ValueError("; ".join(errors))
         scores = [s for _, s, _ in results]
         return scores[0] if single else scores  # type: ignore[return-value]
+
+
+class MapJob:
+    """A quality map computed one model batch (``8 * batch_size`` windows) per :meth:`step`."""
+
+    def __init__(self, scorer: Scorer, rgb: np.ndarray, tops: np.ndarray, lefts: np.ndarray) -> None:
+        self.scorer, self.rgb, self.tops, self.lefts = scorer, rgb, tops, lefts
+        self.starts = [(top, left) for top in tops for left in lefts]
+        self.units: list[torch.Tensor] = []
+        self.done = 0
+
+    @property
+    def windows(self) -> int:
+        return len(self.starts)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Score the next batch of windows; False once every window is scored."""
+        if self.done < self.windows:
+            size, chunk = self.scorer.crops.size, 8 * self.scorer.batch_size
+            starts = self.starts[self.done : self.done + chunk]
+            crops = np.stack([self.rgb[t : t + size, c : c + size] for t, c in starts])
+            self.units.append(self.scorer._units(self.scorer.crops.preprocessing.normalize(crops)))
+            self.done += len(crops)
+        return self.done < self.windows
+
+    def result(self) -> QualityMap:
+        scores = self.scorer.scale.to_native(torch.cat(self.units)).numpy().reshape(len(self.tops), len(self.lefts))
+        return QualityMap(scores, self.tops, self.lefts, self.scorer.crops.size, *self.rgb.shape[:2])
 
 
 def _chunks(items: Iterable[_Prepared], size: int) -> Iterator[list[_Prepared]]:

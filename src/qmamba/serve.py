@@ -7,14 +7,24 @@ training dataset's scale with the direction, or why it could not be scored; ``?m
 (window scores and a PNG data URL). ``GET /health`` describes the model, ``GET /`` serves the page (plain HTML,
 CSS and JS shipped in the package: no build step, no CDN). Images from concurrent requests are batched onto the
 model: a request's crops wait at most ``--window-ms`` for others to fill a batch of ``--batch-size`` images, and one
-thread runs the model. Uploads are checked by decoding, never by extension; a request above ``--max-upload-mb``
-gets 413, an image above ``--max-pixels`` (a decompression bomb) fails alone. Needs ``pip install
-"qmamba[serve]"`` (FastAPI, uvicorn); like ``qmamba score``, it imports no Lightning.
+thread runs the model. Needs ``pip install "qmamba[serve]"`` (FastAPI, uvicorn); like ``qmamba score``, it imports no
+Lightning.
+
+What one request can cost is bounded (:class:`Limits`), since uploads are untrusted: the body is counted while it
+streams (413 at ``--max-upload-mb``, chunked uploads included) and must keep arriving (408 after ``--body-timeout``
+seconds of silence); images are checked by decoding, never by extension, and their pixels by their headers before
+any decoding, per image (``--max-pixels``) and per request (``--max-request-pixels``); a quality map above
+``--max-map-windows`` windows is refused for that image (its score is still given), and maps run one at a time, a
+model batch per step, so other requests' batches run between their steps; more than ``--max-pending`` images
+waiting gets 503 with Retry-After. ``--token`` (or ``QMAMBA_SERVE_TOKEN``) requires ``Authorization: Bearer
+<token>`` on the API for deployments beyond localhost; the API docs (``/docs``, which load Swagger UI from a CDN)
+are off unless ``--docs``.
 """
 
 import argparse
 import asyncio
 import base64
+import hmac
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +36,19 @@ from qmamba.errors import UsageError
 
 __all__ = ["Limits", "create_app", "main"]
 
+TOKEN_ENV = "QMAMBA_SERVE_TOKEN"
+
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may bring, and how long an image waits for others to share its batch."""
+    """What one request may bring and cost, and how long an image waits for others to share its batch."""
 
     max_upload_bytes: int = 50 * 2**20
-    max_pixels: int = 60_000_000
+    max_pixels: int = 60_000_000  # one image
+    max_request_pixels: int = 120_000_000  # all images of one request
+    max_map_windows: int = 1024  # model crops of one quality map
+    max_pending: int = 256  # images admitted and not yet answered, all requests together
+    body_timeout_s: float = 30.0  # longest silence while a request body streams in
     batch_size: int = 8
     window_s: float = 0.01
 
@@ -77,14 +93,36 @@ class _Batcher:
                     future.set_result(score)
 
 
-def _decode(data: bytes, max_pixels: int) -> Any:
+class _Upload(io.BytesIO):
+    """An upload's bytes that Pillow's messages name by the upload's file name, not by an object's address."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+def _pixels(data: bytes) -> int:
+    """Width x height from an image's header (nothing decoded); 0 when it is no image (it fails alone later)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 - any unreadable upload: reported by _decode with its reason
+        return 0
+
+
+def _decode(data: bytes, name: str, max_pixels: int) -> Any:
     """RGB array of uploaded bytes; a one-line ValueError for anything that is not a usable image."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from qmamba.data.images import rgb_array
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(_Upload(data, name)) as image:
             if image.width * image.height > max_pixels:
                 raise ValueError(f"image of {image.width}x{image.height} pixels is above this server's limit of "
                                  f"{max_pixels} pixels (a decompression bomb?)")
@@ -95,28 +133,81 @@ def _decode(data: bytes, max_pixels: int) -> Any:
         raise ValueError(f"not a readable image ({err.__class__.__name__}: {err})") from None
 
 
-def create_app(scorer: Any, limits: Limits | None = None) -> Any:
-    """The FastAPI application serving ``scorer`` (a :class:`qmamba.scoring.Scorer`)."""
+class _Guard:
+    """ASGI middleware in front of the API: the bearer token, and the request body counted and timed while it
+    streams, so that neither a chunked upload without Content-Length nor a stalled one is read to the end first."""
+
+    def __init__(self, app: Any, limits: Limits, token: str | None) -> None:
+        self.app, self.limits, self.token = app, limits, token
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.token is not None and scope["path"] != "/" and not hmac.compare_digest(
+                headers.get("authorization", "").encode(), f"Bearer {self.token}".encode()):
+            return await _reply(send, 401, "this server needs its access token: send the header Authorization: "
+                                           "Bearer <token> (the page asks for it)", {"www-authenticate": "Bearer"})
+        limit, length = self.limits.max_upload_bytes, headers.get("content-length", "")
+        if scope["method"] == "POST" and length.isdigit() and int(length) > limit:
+            return await _reply(send, 413, _too_large(int(length), limit))
+        received, streaming = 0, True
+
+        async def counted() -> dict[str, Any]:
+            from fastapi import HTTPException
+
+            nonlocal received, streaming
+            if not streaming:  # the body is in: later calls wait for a disconnect, as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.limits.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body stalled for {self.limits.body_timeout_s:g} s "
+                                         "(--body-timeout)") from None
+            streaming = message["type"] == "http.request" and message.get("more_body", False)
+            received += len(message.get("body", b""))
+            if received > limit:  # raised inside FastAPI's body parsing, which answers HTTPExceptions as they are
+                raise HTTPException(413, _too_large(received, limit, so_far=True))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(size: int, limit: int, so_far: bool = False) -> str:
+    return (f"upload of {'more than ' if so_far else ''}{size} bytes is above this server's limit of {limit} bytes "
+            "(--max-upload-mb)")
+
+
+async def _reply(send: Any, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(scorer: Any, limits: Limits | None = None, token: str | None = None, docs: bool = False) -> Any:
+    """The FastAPI application serving ``scorer`` (a :class:`qmamba.scoring.Scorer`); ``token`` requires
+    ``Authorization: Bearer <token>`` on everything but the page; ``docs`` serves FastAPI's ``/docs``."""
     import numpy as np
-    from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi import FastAPI, File, HTTPException, UploadFile
+    from fastapi.responses import HTMLResponse
 
     from qmamba.quality_maps import render
 
     limits = limits or Limits()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmamba-model")  # the model runs here only
     batcher = _Batcher(scorer, limits, executor)
+    maps = asyncio.Semaphore(1)  # one quality map at a time; its steps share the model thread with the batches
+    pending = [0]  # images admitted and not yet answered
     scale = scorer.scale
-    app = FastAPI(title="qmamba", description="No-reference image quality scores from a QMamba checkpoint.")
+    app = FastAPI(title="qmamba", description="No-reference image quality scores from a QMamba checkpoint.",
+                  **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
+    app.add_middleware(_Guard, limits=limits, token=token)
     page = resources.files("qmamba").joinpath("web/index.html").read_text(encoding="utf-8")
-
-    @app.middleware("http")
-    async def limit_upload(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length")
-        if request.method == "POST" and size is not None and int(size) > limits.max_upload_bytes:
-            return JSONResponse({"detail": f"upload of {int(size)} bytes is above this server's limit of "
-                                           f"{limits.max_upload_bytes} bytes (--max-upload-mb)"}, status_code=413)
-        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
@@ -128,11 +219,28 @@ def create_app(scorer: Any, limits: Limits | None = None) -> Any:
                 "dataset": scorer.dataset, "device": str(scorer.device), "score_range": [scale.low, scale.high],
                 "direction": scale.direction, "crops": scorer.crops.count, "crop_size": scorer.crops.size}
 
-    async def score_one(upload: UploadFile, with_map: bool) -> dict[str, Any]:
-        entry: dict[str, Any] = {"file": upload.filename}
+    async def quality_map(rgb: Any, entry: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(None, scorer.map_job, rgb)
+        if job.windows > limits.max_map_windows:
+            entry["map_error"] = (f"a map of this image needs {job.windows} windows, above this server's limit of "
+                                  f"{limits.max_map_windows} (--max-map-windows); send a smaller image")
+            return
+        async with maps:
+            while await loop.run_in_executor(executor, job.step):
+                pass
+        qmap = job.result()
+        png = io.BytesIO()
+        await loop.run_in_executor(None, lambda: render(np.asarray(rgb), qmap, scale).save(png, format="PNG"))
+        entry["map"] = {"scores": qmap.scores.round(6).tolist(), "tops": qmap.tops.tolist(),
+                        "lefts": qmap.lefts.tolist(), "size": qmap.size,
+                        "png": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}
+
+    async def score_one(name: str, data: bytes, with_map: bool) -> dict[str, Any]:
+        entry: dict[str, Any] = {"file": name}
         loop = asyncio.get_running_loop()
         try:
-            rgb = await loop.run_in_executor(None, _decode, await upload.read(), limits.max_pixels)
+            rgb = await loop.run_in_executor(None, _decode, data, name, limits.max_pixels)
             crops = await loop.run_in_executor(None, scorer.crops, rgb)
         except ValueError as err:
             return {**entry, "error": str(err)}
@@ -141,23 +249,29 @@ def create_app(scorer: Any, limits: Limits | None = None) -> Any:
         if scale.out_of_range(value):  # a prediction beyond the training scale is shown as it is, and said so
             entry["flag"] = scale.out_of_range(value)
         if with_map:
-            qmap = await loop.run_in_executor(executor, scorer.quality_map, rgb)
-            png = io.BytesIO()
-            render(np.asarray(rgb), qmap, scale).save(png, format="PNG")
-            entry["map"] = {"scores": qmap.scores.round(6).tolist(), "tops": qmap.tops.tolist(),
-                            "lefts": qmap.lefts.tolist(), "size": qmap.size,
-                            "png": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}
+            await quality_map(rgb, entry)
         return entry
 
     @app.post("/score")
     async def score(files: list[UploadFile] = File(...), map: int = 0) -> dict[str, Any]:  # noqa: A002
         if not files:
             raise HTTPException(422, "no images: send them as multipart field 'files'")
-        total = sum(f.size or 0 for f in files)  # also for chunked uploads, which carry no Content-Length
-        if total > limits.max_upload_bytes:
-            raise HTTPException(413, f"upload of {total} bytes is above this server's limit of "
-                                     f"{limits.max_upload_bytes} bytes (--max-upload-mb)")
-        results = await asyncio.gather(*(score_one(f, bool(map)) for f in files))
+        if pending[0] + len(files) > limits.max_pending:
+            raise HTTPException(503, f"{pending[0]} images are waiting, and this server takes at most "
+                                     f"{limits.max_pending} (--max-pending): try again shortly",
+                                headers={"Retry-After": "2"})
+        names = [f.filename or f"upload {i}" for i, f in enumerate(files)]
+        datas = [await f.read() for f in files]
+        pixels = sum(_pixels(d) for d in datas)
+        if pixels > limits.max_request_pixels:
+            raise HTTPException(413, f"the images hold {pixels} pixels in all, above this server's limit of "
+                                     f"{limits.max_request_pixels} per request (--max-request-pixels); send them "
+                                     "in several requests")
+        pending[0] += len(files)
+        try:
+            results = await asyncio.gather(*(score_one(n, d, bool(map)) for n, d in zip(names, datas, strict=True)))
+        finally:
+            pending[0] -= len(files)
         if all("error" in r for r in results):
             raise HTTPException(422, "; ".join(f"{r['file']}: {r['error']}" for r in results))
         return {"model": scorer.info["backbone"], "dataset": scorer.dataset, "results": results}
@@ -180,12 +294,24 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_bytes / 2**20,
                         help="largest request body (default 50)")
     parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels, help="largest image (default 60 M)")
+    parser.add_argument("--max-request-pixels", type=int, default=Limits.max_request_pixels,
+                        help="most pixels of all images in one request (default 120 M)")
+    parser.add_argument("--max-map-windows", type=int, default=Limits.max_map_windows,
+                        help="most windows of one quality map; larger maps are refused for that image (default 1024)")
+    parser.add_argument("--max-pending", type=int, default=Limits.max_pending,
+                        help="most images waiting at once, all requests together; beyond: 503 (default 256)")
+    parser.add_argument("--body-timeout", type=float, default=Limits.body_timeout_s,
+                        help="seconds a request body may stall before 408 (default 30)")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"require Authorization: Bearer TOKEN on the API (default: ${TOKEN_ENV}; the page asks "
+                             "for it, or open it as http://HOST:PORT/#token=TOKEN)")
+    parser.add_argument("--docs", action="store_true", help="serve FastAPI's /docs (loads Swagger UI from a CDN)")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (requests of a "
                         "new batch size wait for its compilation once)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "crops", "max_pixels"):
+    for name in ("batch_size", "crops", "max_pixels", "max_request_pixels", "max_map_windows", "max_pending"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -193,6 +319,11 @@ def main(argv: list[str]) -> None:
         parser.error(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     if not args.window_ms >= 0:
         parser.error(f"--window-ms must be >= 0, got {args.window_ms}")
+    if not args.body_timeout > 0:
+        parser.error(f"--body-timeout must be > 0, got {args.body_timeout}")
+    if args.token is not None and not args.token.strip():
+        parser.error(f"--token must be a secret, got an empty one (from --token or ${TOKEN_ENV}); leave both unset "
+                     "to serve without one")
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401 - FastAPI needs it for uploads
@@ -205,9 +336,13 @@ def main(argv: list[str]) -> None:
 
     scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
                   batch_size=args.batch_size, trusted=args.trust_checkpoint, compile=args.compile)
-    limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.batch_size, args.window_ms / 1000)
+    limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_request_pixels, args.max_map_windows,
+                    args.max_pending, args.body_timeout, args.batch_size, args.window_ms / 1000)
     print(f"qmamba serve: {scorer.info['backbone']} on {scorer.device}, {scorer.dataset} scale; open "
           f"http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(scorer, limits), host=args.host, port=args.port, log_level="warning",
+    if args.token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"qmamba serve: listening on {args.host} without --token: anyone who reaches this port can use the "
+              "model", flush=True)
+    uvicorn.run(create_app(scorer, limits, args.token, args.docs), host=args.host, port=args.port, log_level="warning",
                 workers=1, timeout_graceful_shutdown=5, loop="asyncio", env_file=None,
                 server_header=False, date_header=False, access_log=bool(os.environ.get("QMAMBA_ACCESS_LOG")))
