@@ -145,3 +145,123 @@ def test_a_dataset_the_model_was_not_trained_on_is_one_line(trained, images, cap
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert "the model was trained on tiny_kadid: choose one of them" in err.splitlines()[-1]
+
+
+ODD_NAMES = ["a\rb.png", "c\nd.png", "e\x1cf.png", "g\x85h.png", "i\u2028j.png", 'k, "l".png', " m .png",
+             os.fsdecode(b"caf\xe9.png")]  # the last is not UTF-8: a POSIX name is bytes
+
+
+def _read_paths(output: Path) -> list[str]:
+    """Every path an output holds, as a reader of its format gets it back (Parquet: through its metadata)."""
+    if output.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(output)
+        exact = json.loads((table.schema.metadata or {}).get(b"qmamba_path_bytes", b"{}"))
+        return [os.fsdecode(bytes.fromhex(exact[str(i)])) if str(i) in exact else p
+                for i, p in enumerate(table.column("path").to_pylist())]
+    with open(output, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        if output.suffix == ".csv":
+            import csv
+
+            return [row[0] for row in list(csv.reader(f))[1:]]
+        if output.suffix == ".json":
+            return [e["path"] for e in json.load(f)["scores"]]
+        return [json.loads(line)["path"] for line in f.read().split("\n") if line]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+def test_every_file_name_round_trips_through_every_format_and_resumes(trained, images, tmp_path, capsys, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    png = (images / sorted(p.name for p in images.glob("I0*.png"))[0]).read_bytes()
+    for name in ODD_NAMES:
+        with open(os.fsencode(folder) + b"/" + os.fsencode(name), "wb") as f:
+            f.write(png)
+    expected = sorted(str(folder / name) for name in ODD_NAMES)
+    output = tmp_path / f"scores{suffix}"
+    assert _score(trained, str(folder), "-o", str(output)) == 0
+    assert sorted(_read_paths(output)) == expected
+    if suffix == ".parquet":  # the column itself shows the undecodable byte as Python writes it
+        import pyarrow.parquet as pq
+
+        assert str(folder / "caf\\xe9.png") in pq.read_table(output).column("path").to_pylist()
+    capsys.readouterr()
+    assert _score(trained, str(folder), "-o", str(output)) == 0  # a rerun of the finished output
+    assert sorted(_read_paths(output)) == expected  # every name recognised: nothing scored twice
+    if suffix != ".json":  # JSON cannot resume: it starts over
+        assert f"{len(ODD_NAMES)} images already scored, 0 to go" in capsys.readouterr().err
+
+
+def test_names_from_a_list_file_keep_their_bytes_and_spaces(trained, images, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    png = (images / sorted(p.name for p in images.glob("I0*.png"))[0]).read_bytes()
+    names = [os.fsdecode(b"caf\xe9.png"), " m .png", "e\x1cf.png"]
+    for name in names:
+        with open(os.fsencode(folder) + b"/" + os.fsencode(name), "wb") as f:
+            f.write(png)
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"".join(os.fsencode(folder / name) + b"\r\n" for name in names))  # CRLF, as Windows writes
+    output = tmp_path / "s.jsonl"
+    assert _score(trained, "--list", str(listing), "-o", str(output)) == 0
+    assert sorted(_read_paths(output)) == sorted(str(folder / name) for name in names)
+
+
+@pytest.mark.parametrize("devices", ["1", "2"])
+def test_a_path_given_twice_is_scored_once_and_the_output_finished(trained, images, tmp_path, capsys, devices):
+    good = sorted(str(p) for p in images.glob("I0*.png"))
+    output = tmp_path / "s.csv"
+    assert _score(trained, good[0], good[1], good[0], good[1], "-o", str(output), "--devices", devices) == 0
+    assert output.is_file() and not output.with_name("s.csv.partial").exists()
+    assert sorted(_read_paths(output)) == good
+    assert "2 repeated input path(s) are scored once" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_parent_of_a_sharded_run_stops_its_shards_and_a_rerun_finishes(trained, images, tmp_path):
+    many = tmp_path / "many"
+    many.mkdir()
+    sources = sorted(images.glob("I0*.png"))
+    for i in range(1500):
+        (many / f"{i:04d}.png").write_bytes(sources[i % len(sources)].read_bytes())
+    output = tmp_path / "s.jsonl"
+    command = [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
+               str(many), "-o", str(output), "--device", "cpu", "--devices", "2", "--batch-size", "4"]
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = tmp_path / "s.jsonl.partial.rank0"
+    deadline = time.monotonic() + 120
+    while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
+        assert parent.poll() is None, parent.communicate()
+        time.sleep(0.1)
+    shards = [pid for child in _children(parent.pid) for pid in [child, *_children(child)]]
+    parent.send_signal(15)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 143, err
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in shards) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in shards if Path(f"/proc/{pid}").exists()
+                and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]], "shard processes outlived the parent"
+    assert "SIGTERM" in err and not output.exists()
+    stopped_at = len(_read_paths(tmp_path / "s.jsonl.partial"))
+    assert 0 < stopped_at < 1500  # the shards stopped after their batch, not after all of their files
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    paths = _read_paths(output)
+    assert len(paths) == len(set(paths)) == 1500  # every image exactly once

@@ -50,5 +50,5 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: str | os.PathLike[str], text: str, errors: str = "strict") -> None:
+    write_bytes_atomic(path, text.encode("utf-8", errors))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ from qmamba.scale import ScoreScale
 from qmamba.score_outputs import (
     PartialOutput,
     RowWriter,
+    json_lines,
     open_for_writing,
     output_kind,
     refuse_link,
@@ -63,7 +63,10 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             errors.append((str(path), "broken symbolic link"))
         else:
             errors.append((str(path), "no such file or folder"))
-    return files, errors
+    unique = list(dict.fromkeys(files))  # a path given twice is scored once, in every mode
+    if len(unique) < len(files):
+        print(f"qmamba score: {len(files) - len(unique)} repeated input path(s) are scored once", file=sys.stderr)
+    return unique, errors
 
 
 def _walk(folder: Path, files: list[str], errors: list[tuple[str, str]], seen: set[tuple[int, int]]) -> None:
@@ -95,12 +98,14 @@ def _flag(score: float, scale: ScoreScale, clip: bool) -> tuple[float, str]:
 
 
 def _read_list(parser: argparse.ArgumentParser, source: str) -> list[str]:
-    """Paths from a text file (``--list``) or standard input (``-``), one per line; blank lines are ignored."""
+    """Paths from a text file (``--list``) or standard input (``-``), one per ``\n``-ended line as written (a
+    ``\r`` before the ``\n`` is dropped; blank lines are ignored); bytes that are not UTF-8 stay the file name's
+    bytes, as ``find`` prints them."""
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        parser.error(f"cannot read the list of paths {source}: {err}")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as err:
+        parser.error(f"cannot read the list of paths {source}: {err.strerror or err}")
+    return [line.removesuffix("\r") for line in os.fsdecode(data).split("\n") if line.strip()]
 
 
 class _Stop:
@@ -213,6 +218,8 @@ def _score_inputs(args: argparse.Namespace, inputs: list[str], output: Path | No
         if target is not None:
             target.rollback()
         raise
+    if target is None and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")  # a file name's bytes as they are, like ls
     stream, scored_before = target.open() if target else (sys.stdout, set())
     partial = target.path if target else None
     scale = scorer.scale
@@ -230,7 +237,7 @@ def _score_inputs(args: argparse.Namespace, inputs: list[str], output: Path | No
     stop, done = _Stop(), 0
     try:
         if sharded:
-            _spawn_shards(args, files, partial, scored_before | in_parts)  # type: ignore[arg-type]
+            _spawn_shards(args, files, partial, scored_before | in_parts, stop)  # type: ignore[arg-type]
             merged, failed = _merge_parts(partial, writer, files, exclude=scored_before)  # type: ignore[arg-type]
             done = len(set(todo) & merged)
         else:
@@ -360,7 +367,7 @@ def _part_paths(partial: Path) -> list[Path]:
 
 def _read_part(part: Path) -> list[dict[str, Any]]:
     """The whole JSON lines of a part (a line cut short by a kill is dropped: its image is scored again)."""
-    return [json.loads(line) for line in whole_lines(part).splitlines() if line.strip()]
+    return json_lines(whole_lines(part))
 
 
 def _part_scores(partial: Path) -> set[str]:
@@ -379,16 +386,29 @@ def _merge_parts(partial: Path, writer: RowWriter, order: list[str], exclude: se
     return set(new), [(p, entries[p]["error"]) for p in new if "error" in entries[p]]
 
 
-def _spawn_shards(args: argparse.Namespace, files: list[str], partial: Path, scored: set[str]) -> None:
-    """This node's ``--devices`` processes; they return once every process of every node is done."""
+def _spawn_shards(args: argparse.Namespace, files: list[str], partial: Path, scored: set[str],
+                  stop: _Stop | None = None) -> None:
+    """This node's ``--devices`` processes; they return once every process of every node is done. A SIGINT or
+    SIGTERM that ``stop`` caught is passed on to them: each finishes its batch and keeps its part."""
     import torch
     import torch.multiprocessing as mp
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and torch.cuda.device_count() < args.devices:
         raise UsageError(f"--devices {args.devices} needs as many GPUs; {torch.cuda.device_count()} visible here")
+    context = mp.start_processes(_score_shard, args=(args, files, partial, device, scored), nprocs=args.devices,
+                                 join=False, start_method="spawn")
+    passed_on = False
     try:
-        mp.spawn(_score_shard, args=(args, files, partial, device, scored), nprocs=args.devices, join=True)
+        while not context.join(timeout=0.2):
+            if stop is not None and stop.signal is not None and not passed_on:
+                for process in context.processes:
+                    if process.is_alive():
+                        os.kill(process.pid, stop.signal)
+                passed_on = True
+    except mp.ProcessExitedException:
+        if not passed_on:  # killed from outside, or crashed: its part keeps what it wrote
+            raise QMambaError("a scoring process died; rerun the same command to resume") from None
     except mp.ProcessRaisedException as err:
         raise QMambaError("a scoring process failed: " + str(err).strip().splitlines()[-1]) from None
 

@@ -1,10 +1,15 @@
-"""Where ``qmamba score`` writes: CSV, JSON Lines, JSON or Parquet rows, streamed into ``<output>.partial`` as they
+r"""Where ``qmamba score`` writes: CSV, JSON Lines, JSON or Parquet rows, streamed into ``<output>.partial`` as they
 come and renamed to ``<output>`` when every input was handled; what an earlier run of the same command scored.
 
 A row is written whole and flushed with its batch, so a kill leaves at most a cut-short last line, which resuming
 drops. Parquet is written from JSON Lines at the end (a Parquet file is unreadable until closed), so it resumes like
 the text formats; a JSON document cannot be resumed and starts over. Images that failed are tried again by a rerun,
 so their earlier error rows are dropped when it reopens the output.
+
+Any file name round-trips: a name that is not valid UTF-8 (a POSIX name is bytes) is written as its bytes in CSV,
+as ``\udcXX`` escapes in JSON and, in Parquet (whose strings must be UTF-8), as ``\xNN`` in the ``path`` column with
+the exact bytes in the file's metadata; names with line or record separators (``\r``, ``\x1c``, ``\x85``,
+``\u2028``) are quoted in CSV and escaped in JSON, and every reader splits records on ``\n`` alone.
 
 Nothing is written through a symbolic link: an output, partial file or part that is a link is refused, files are
 opened with ``O_NOFOLLOW``, and temporary files are created exclusively. The output is locked (``.<name>.lock``
@@ -14,6 +19,7 @@ next to it) for the run's life, so a second run on the same output is refused in
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -24,8 +30,8 @@ from qmamba.atomic import atomic_writer, write_text_atomic
 from qmamba.errors import UsageError
 from qmamba.run_folder import ProcessLock
 
-__all__ = ["PartialOutput", "RowWriter", "open_for_writing", "output_kind", "refuse_link", "scored_paths",
-           "whole_lines"]
+__all__ = ["PartialOutput", "RowWriter", "json_lines", "open_for_writing", "output_kind", "read_text", "refuse_link",
+           "scored_paths", "whole_lines"]
 
 
 def refuse_link(path: Path, what: str) -> None:
@@ -42,7 +48,19 @@ def open_for_writing(path: Path, mode: str = "w") -> IO[str]:
     except OSError as err:
         refuse_link(path, "the file")  # O_NOFOLLOW's ELOOP
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
-    return os.fdopen(fd, mode, encoding="utf-8", newline="")
+    return os.fdopen(fd, mode, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def read_text(path: Path) -> str:
+    """A file written by :func:`open_for_writing`, exactly as written (no newline translation, names' bytes kept)."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return f.read()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The objects of JSON Lines text; records end at ``\n`` only (str.splitlines would also split at characters
+    that a JSON string may hold)."""
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 class RowWriter:
@@ -52,6 +70,7 @@ class RowWriter:
     def __init__(self, stream: IO[str], kind: str, header: dict[str, Any], resumed: bool) -> None:
         self.stream, self.kind, self.rows = stream, kind, 0
         self.writer = csv.writer(stream, lineterminator="\n")
+        self.quoted = csv.writer(stream, lineterminator="\n", quoting=csv.QUOTE_ALL)  # csv leaves a bare \r unquoted
         if kind == "json":
             self.stream.write(json.dumps(header, indent=2)[:-2] + ',\n  "scores": [')
         elif kind == "csv" and not resumed:
@@ -65,7 +84,7 @@ class RowWriter:
             elif self.kind in ("jsonl", "parquet"):  # Parquet streams JSON Lines until the run completes
                 self.stream.write(json.dumps(entry) + "\n")
             else:
-                self.writer.writerow([path, f"{score:.6g}", flag])
+                (self.quoted if "\r" in path else self.writer).writerow([path, f"{score:.6g}", flag])
             self.rows += 1
         if self.kind in ("jsonl", "parquet"):
             self.stream.writelines(json.dumps({"path": p, "error": e}) + "\n" for p, e in errors)
@@ -81,10 +100,10 @@ class RowWriter:
 def whole_lines(path: Path, trim: bool = False) -> str:
     """A streamed file's text without a last line that a kill cut short (rows are written whole, so only a kill
     mid-write leaves one); ``trim`` also rewrites the file without it, before appending to it."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     complete = text[: text.rfind("\n") + 1]
     if trim and complete != text:
-        write_text_atomic(path, complete)
+        write_text_atomic(path, complete, errors="surrogateescape")
     return complete
 
 
@@ -92,9 +111,8 @@ def scored_paths(partial: Path, kind: str, trim: bool = True) -> set[str]:
     """Paths with a score in an earlier run's output; ``trim`` rewrites it without a last line a kill cut short."""
     complete = whole_lines(partial, trim)
     if kind in ("jsonl", "parquet"):
-        entries = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        return {e["path"] for e in entries if "score" in e}
-    rows = list(csv.reader(complete.splitlines()))
+        return {e["path"] for e in json_lines(complete) if "score" in e}
+    rows = list(csv.reader(io.StringIO(complete, newline="")))
     return {row[0] for row in rows[1:] if len(row) >= 2 and row[1]}
 
 
@@ -159,8 +177,8 @@ class PartialOutput:
         run's error rows are dropped, as its failed images are tried again."""
         scored: set[str] = set()
         if self.kind in ("jsonl", "parquet"):
-            lines = whole_lines(self.path).splitlines(keepends=True)
-            kept = [line for line in lines if line.strip() and "score" in json.loads(line)]
+            lines = whole_lines(self.path).split("\n")
+            kept = [line + "\n" for line in lines if line.strip() and "score" in json.loads(line)]
             if len(kept) < len(lines):
                 write_text_atomic(self.path, "".join(kept))
         if self.kind != "json":
@@ -176,22 +194,35 @@ def _jsonl_to_parquet(source: Path, target: IO[bytes], header: dict[str, Any]) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    entries = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries = json_lines(read_text(source))
+    exact = {str(i): os.fsencode(e["path"]).hex() for i, e in enumerate(entries) if not _is_utf8(e["path"])}
     table = pa.table({
-        "path": pa.array([e["path"] for e in entries], pa.string()),
+        "path": pa.array([os.fsencode(e["path"]).decode("utf-8", "backslashreplace") for e in entries], pa.string()),
         "score": pa.array([e.get("score") for e in entries], pa.float64()),
         "flag": pa.array([e.get("flag", "") if "score" in e else None for e in entries], pa.string()),
         "error": pa.array([e.get("error") for e in entries], pa.string()),
-    }).replace_schema_metadata({"qmamba": json.dumps(header)})
+    }).replace_schema_metadata({"qmamba": json.dumps(header), **({"qmamba_path_bytes": json.dumps(exact)}
+                                                                   if exact else {})})
     pq.write_table(table, target)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a POSIX name, held as surrogates
+        return False
+    return True
 
 
 def _parquet_to_jsonl(source: Path, target: Path) -> None:
     """A finished Parquet output as the JSON Lines a resumed run appends to."""
     import pyarrow.parquet as pq
 
+    table = pq.read_table(source)
+    exact = json.loads((table.schema.metadata or {}).get(b"qmamba_path_bytes", b"{}"))
     with open_for_writing(target) as out:
-        for row in pq.read_table(source).to_pylist():
-            entry = {"path": row["path"], "error": row["error"]} if row["error"] is not None else {
-                "path": row["path"], "score": row["score"], **({"flag": row["flag"]} if row["flag"] else {})}
+        for i, row in enumerate(table.to_pylist()):
+            path = os.fsdecode(bytes.fromhex(exact[str(i)])) if str(i) in exact else row["path"]
+            entry = {"path": path, "error": row["error"]} if row["error"] is not None else {
+                "path": path, "score": row["score"], **({"flag": row["flag"]} if row["flag"] else {})}
             out.write(json.dumps(entry) + "\n")
