@@ -45,3 +45,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "save_dir: runs", f"save_dir: {root / 'runs'}"))
     main(["fit", "--config", str(config)])
     return root, root / "runs" / "tiny"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A folder on a tmpfs that holds 32 KiB (mounted for the test, as root; skipped where mounting is not
+    allowed): a disk that fills up, for real."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()}): needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

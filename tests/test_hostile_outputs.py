@@ -265,3 +265,22 @@ def test_sigterm_to_the_parent_of_a_sharded_run_stops_its_shards_and_a_rerun_fin
     assert rerun.returncode == 0, rerun.stderr
     paths = _read_paths(output)
     assert len(paths) == len(set(paths)) == 1500  # every image exactly once
+
+
+def test_a_full_disk_while_scoring_is_one_line_and_keeps_the_scores_written(trained, images, tmp_path, capsys,
+                                                                            small_disk):
+    many = tmp_path / "many"
+    many.mkdir()
+    png = (images / sorted(p.name for p in images.glob("I0*.png"))[0]).read_bytes()
+    for i in range(600):  # ~100 bytes a row: more rows than 32 KiB hold
+        (many / f"image-with-a-long-name-to-fill-the-disk-sooner-{i:04d}.png").write_bytes(png)
+    output = small_disk / "scores.csv"
+    assert _score(trained, str(many), "-o", str(output)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("qmamba: error: no space left on the device while writing ") and "Traceback" not in err
+    assert err[-1].endswith(f"every score written so far is kept in {output}.partial: free space and rerun the "
+                            "same command to resume")
+    partial = output.with_name("scores.csv.partial").read_text()
+    rows = partial[: partial.rfind("\n")].split("\n")[1:]  # whole rows (the disk may have cut the last one)
+    assert 50 < len(rows) < 600 and all(float(row.split(",")[1]) > 0 for row in rows)
+    assert not output.exists()

@@ -416,3 +416,10 @@ def _cannot_create_in(folder: str) -> bool:
             return False
     except OSError:
         return True
+
+
+def test_a_full_disk_during_fit_is_one_line(workdir, capsys, small_disk):
+    _, config = workdir
+    line = _refused(capsys, "fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(small_disk))
+    assert line.startswith("qmamba: error: no space left on the device while writing ")
+    assert "then rerun (with --ckpt_path last to resume from the last complete checkpoint" in line

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qmamba.atomic import atomic_writer
-from qmamba.errors import QMambaError, UsageError
+from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.scale import ScoreScale
 from qmamba.score_outputs import (
     PartialOutput,
@@ -200,6 +200,12 @@ def main(argv: list[str]) -> None:
     target = PartialOutput(output) if output else None  # locked from here to the end of the run
     try:
         _score_inputs(args, inputs, output, target, sharded)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        kept = f"; every score written so far is kept in {target.path}" if target else ""
+        raise QMambaError(f"no space left on the device while writing {err.filename or output or 'the output'}{kept}: "
+                          "free space and rerun the same command to resume") from None
     finally:
         if target is not None:
             target.unlock()

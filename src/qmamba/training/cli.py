@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 import qmamba  # noqa: E402
 from qmamba.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from qmamba.data import IQADataModule  # noqa: E402
-from qmamba.errors import QMambaError, UsageError  # noqa: E402
+from qmamba.errors import QMambaError, UsageError, is_disk_full  # noqa: E402
 from qmamba.run_folder import RunLock, prepare_fit_folder  # noqa: E402
 from qmamba.training.callbacks import (  # noqa: E402
     AtomicCheckpointIO,
@@ -184,6 +184,11 @@ def _user_error(err: BaseException | None, args: ArgsType) -> QMambaError | None
     while err is not None and id(err) not in seen:
         if isinstance(err, QMambaError):
             return err
+        if is_disk_full(err):
+            return QMambaError(f"no space left on the device while writing "
+                               f"{getattr(err, 'filename', None) or 'the run folder'}: "
+                               "free space, then rerun (with --ckpt_path last to resume from the last complete "
+                               "checkpoint, which a failed write never replaces)")
         if isinstance(err, MisconfigurationException):
             return UsageError(f"{str(err).strip()} (`qmamba {_subcommand(args)} --help` lists the trainer options)")
         seen.add(id(err))
