@@ -50,10 +50,14 @@ def _compiled_against_eager(name: str, size: int) -> None:
     assert not counters["graph_break"]
     ss2d_layers = sum(type(m).__name__ == "SS2D" for m in model.modules())
     assert code.count("torch.ops.qmamba.cpu_scan.default(") == ss2d_layers  # the fused kernel, inside the graph
-    assert _norm_err(scores, eager) < 1e-5
-    for n, p in model.named_parameters():  # inductor reorders fp32 sums: 1.05e-5 seen on a small LayerNorm bias
+    # fp32 rounding is the floor here: two eager implementations of the same function (the fused kernel and the
+    # torch scan) differ by 3.5e-6 to 9.1e-6 on QMamba-T's scores for such inputs, and inductor reorders the fp32
+    # sums of norms and products around the kernel (1.6e-5 seen on the scores, 1.05e-5 on a small LayerNorm bias's
+    # gradient); a wrong graph differs by orders of magnitude more
+    assert _norm_err(scores, eager) < 3e-5
+    for n, p in model.named_parameters():
         if n in eager_grads:
-            assert _norm_err(p.grad, eager_grads[n]) < 2e-5, n
+            assert _norm_err(p.grad, eager_grads[n]) < 3e-5, n
 
 
 @pytest.mark.slow
