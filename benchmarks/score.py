@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 import qmamba
-import qmamba.scoring
+import qmamba.inference.scoring
 
 TINY_CONFIG = """
 seed_everything: 0
@@ -98,7 +98,7 @@ def tiny_checkpoint(workdir: Path) -> Path:
 
 
 
-def data_floor(scorer: qmamba.scoring.Scorer, paths: list[str], workers: int) -> float:
+def data_floor(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: int) -> float:
     """Seconds to decode and crop ``paths`` as the scorer does, without the model."""
     start = time.perf_counter()
     for batch in _prepared(scorer, paths, workers):
@@ -106,8 +106,8 @@ def data_floor(scorer: qmamba.scoring.Scorer, paths: list[str], workers: int) ->
     return time.perf_counter() - start
 
 
-def _prepared(scorer: qmamba.scoring.Scorer, paths: list[str], workers: int):
-    from qmamba.scoring import _as_list, _Decoded, _init_worker, _Preparer
+def _prepared(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: int):
+    from qmamba.inference.scoring import _as_list, _Decoded, _init_worker, _Preparer
 
     prepare = _Preparer(scorer.crops, scorer.max_side)
     if not workers:
@@ -116,7 +116,7 @@ def _prepared(scorer: qmamba.scoring.Scorer, paths: list[str], workers: int):
                                        collate_fn=_as_list, worker_init_fn=_init_worker, prefetch_factor=4)
 
 
-def scoring(scorer: qmamba.scoring.Scorer, paths: list[str], workers: int) -> float:
+def scoring(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: int) -> float:
     """Seconds for ``qmamba score``'s loop over ``paths``."""
     start = time.perf_counter()
     for batch in scorer.iter_batches(paths, workers=workers):

@@ -14,8 +14,8 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 from qmamba.cli import main
-from qmamba.compiling import CompileError, check_compiler
 from qmamba.models import build_model
+from qmamba.models.compiling import CompileError, check_compiler
 from qmamba.ops.cpu_scan import selective_scan_cpu
 from qmamba.ops.scan_order import ScanOrder
 

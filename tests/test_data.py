@@ -12,16 +12,22 @@ from PIL import Image
 from qmamba.data import (
     DatasetConfig,
     DatasetError,
-    ImageReadError,
     IQADataModule,
     dataset_info,
     load_dataset,
-    read_rgb,
 )
 from qmamba.data.splits import make_splits
 from qmamba.data.transforms import TrainCrop
-from qmamba.preprocessing import IMAGENET_MEAN, IMAGENET_STD, EvalCrops, ImageTooSmallError, Preprocessing, crop_grid
-from qmamba.scale import ScoreScale
+from qmamba.inference.images import ImageReadError, read_rgb
+from qmamba.inference.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalCrops,
+    ImageTooSmallError,
+    Preprocessing,
+    crop_grid,
+)
+from qmamba.inference.scale import ScoreScale
 
 
 def test_kadid_loader_reads_the_official_layout(tmp_path):

@@ -62,7 +62,7 @@ def test_a_link_planted_where_a_temporary_would_go_is_not_followed(trained, imag
 
 def test_maps_of_inputs_above_the_working_folder_stay_inside_the_maps_folder(trained, images, tmp_path,
                                                                              monkeypatch):
-    from qmamba.score_command import map_path
+    from qmamba.commands.score import map_path
 
     work = tmp_path / "deep" / "work"
     work.mkdir(parents=True)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from vmamba_fixtures import fake_official_checkpoint, official_keys
 
-from qmamba.checkpoint import CheckpointError
+from qmamba.files.checkpoint import CheckpointError
+from qmamba.files.weights import WeightsError
 from qmamba.models import build_backbone, build_model, list_models
 from qmamba.models.vmamba import VMAMBA_PRESETS
-from qmamba.weights import WeightsError
 
 # backbone parameters incl. the final norm, without any head (the papers' counts; docs/architecture.md)
 EXACT_PARAMS = {

@@ -17,8 +17,8 @@ from PIL.JpegImagePlugin import JpegImageFile
 
 import qmamba
 from qmamba.cli import main
-from qmamba.data.images import read_rgb
-from qmamba.quality_maps import render
+from qmamba.inference.images import read_rgb
+from qmamba.inference.quality_maps import render
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_huge_jpegs_decode_at_a_reduced_scale_only_when_asked(tmp_path, monkeypa
 
 
 def test_progress_in_a_log_prints_rate_and_time_left(capsys):
-    from qmamba.score_command import _Progress
+    from qmamba.commands.score import _Progress
 
     progress = _Progress(100, every=0.0)
     progress.update(40)

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 import qmamba
-from qmamba.checkpoint import CheckpointError
 from qmamba.cli import main
-from qmamba.preprocessing import IMAGENET_MEAN
+from qmamba.files.checkpoint import CheckpointError
+from qmamba.inference.preprocessing import IMAGENET_MEAN
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_python_api_accepts_paths_pil_arrays_and_tensors(trained):
     np.testing.assert_allclose(batch, [expected] * 5, rtol=1e-5)
     with pytest.raises(ValueError, match="image 1"):
         scorer.score([path, np.zeros((8, 8, 3), np.uint8)])  # smaller than the crop: named, not padded
-    with pytest.raises(qmamba.scoring.CheckpointError, match="does not exist"):
+    with pytest.raises(qmamba.inference.scoring.CheckpointError, match="does not exist"):
         qmamba.load(root / "missing.ckpt")
 
 
@@ -93,7 +93,7 @@ def test_onnx_export_from_a_fresh_process_matches_pytorch(trained, tmp_path):
     pytest.importorskip("onnxscript")
     import onnx
 
-    from qmamba.export import verify_onnx
+    from qmamba.inference.export import verify_onnx
 
     _, run = trained
     ckpt = run / "checkpoints" / "best.ckpt"
@@ -109,8 +109,9 @@ def test_onnx_export_from_a_fresh_process_matches_pytorch(trained, tmp_path):
 
 def test_scoring_and_export_import_no_training_stack():
     """Using a trained model needs torch, numpy, PIL and qmamba's models: not Lightning, albumentations or pandas."""
-    code = ("import sys, qmamba.scoring, qmamba.export, qmamba.trained, qmamba.serve, qmamba.quality_maps; "
-            "qmamba.serve.create_app; "
+    code = ("import sys, qmamba.inference, qmamba.inference.scoring, qmamba.inference.export, qmamba.commands.score, "
+            "qmamba.commands.serve, qmamba.commands.export, qmamba.inference.quality_maps; "
+            "qmamba.commands.serve.create_app; "
             "bad = [m for m in ('lightning', 'albumentations', 'pandas') if m in sys.modules]; print(bad); "
             "sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import qmamba
-from qmamba.serve import Limits, create_app
+from qmamba.commands.serve import Limits, create_app
 
 pytest.importorskip("fastapi", reason="qmamba serve needs its extra: pip install 'qmamba[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -68,7 +68,7 @@ def test_good_images_score_as_the_python_api_and_bad_ones_fail_alone(client, sco
     assert response.status_code == 200
     results = response.json()["results"]
     assert [r["file"] for r in results] == [images[0].name, "notes.png", "broken.jpg", images[1].name]
-    assert "not a readable image" in results[1]["error"] and "error" in results[2]
+    assert "cannot read image notes.png" in results[1]["error"] and "error" in results[2]
     assert "cannot identify image file 'notes.png'" in results[1]["error"]  # named, not <_io.BytesIO object at 0x..>
     assert " object at 0x" not in results[1]["error"] + results[2]["error"]
     expected = scorer.score([str(images[0]), str(images[1])])
@@ -83,11 +83,12 @@ def test_refusals_are_4xx_with_one_line_reasons(client, images):
                           headers={"content-type": "multipart/form-data; boundary=qmamba"})
     assert chunked.status_code == 413  # no Content-Length: checked after reading
     text_only = client.post("/score", files=_files(("a.txt", b"hello")))
-    assert text_only.status_code == 422 and "not a readable image" in text_only.json()["detail"]
+    assert text_only.status_code == 422 and "cannot read image a.txt" in text_only.json()["detail"]
     bomb = io.BytesIO()
     Image.new("L", (200, 200)).save(bomb, format="PNG")  # 40,000 pixels: above this server's 10,000
     refused = client.post("/score", files=_files(("bomb.png", bomb.getvalue())))
-    assert refused.status_code == 422 and "above this server's limit of 10000 pixels" in refused.json()["detail"]
+    assert refused.status_code == 422 and "image bomb.png of 200x200 pixels is above the limit of 10000 pixels" \
+        in refused.json()["detail"]
     assert client.post("/score").status_code == 422  # no files at all
 
 
@@ -231,7 +232,7 @@ def test_a_client_that_leaves_mid_batch_does_not_stop_the_batcher():
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from qmamba.serve import _Batcher
+    from qmamba.commands.serve import _Batcher
 
     class Slow:
         def score_crops(self, crops):

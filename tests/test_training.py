@@ -92,7 +92,7 @@ def test_multi_crop_score_is_the_mean_over_crops():
 def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
     import os
 
-    from qmamba.atomic import write_text_atomic
+    from qmamba.files.atomic import write_text_atomic
 
     target = tmp_path / "results" / "out.json"
     write_text_atomic(target, "first")

@@ -169,7 +169,7 @@ def test_transfer_command_compares_methods_and_skips_finished_ones(tmp_path, mon
 
 
 def test_methods_all_means_every_tuning_method_and_unknown_ones_are_refused(tmp_path):
-    from qmamba.transfer import parse_methods, run_transfer
+    from qmamba.protocols.transfer import parse_methods, run_transfer
 
     methods = parse_methods("all")
     assert methods[0] == "none" and "static" in methods  # `all` once left out the v1 prompts

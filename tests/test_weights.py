@@ -23,8 +23,8 @@ from vmamba_fixtures import fake_official_checkpoint, official_keys
 
 from qmamba.cli import main
 from qmamba.errors import UsageError
+from qmamba.files.weights import OFFICIAL_FILES, OfficialWeights, WeightsError, fetch, resolve_pretrained
 from qmamba.models import build_backbone
-from qmamba.weights import OFFICIAL_FILES, OfficialWeights, WeightsError, fetch, resolve_pretrained
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PAPER_RUNS = [CONFIG_DIR / "universal.yaml", *sorted(CONFIG_DIR.glob("task/*.yaml"))]
@@ -413,3 +413,17 @@ def test_a_run_records_the_weights_it_started_from_and_resumes_without_them(serv
     main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "last"])
     assert json.loads((run / "test_results.json").read_text())["pretrained"] == recorded
     assert server.gets("qmamba_test_in1k.pth") == 1
+
+
+def test_a_fit_reads_its_pretrained_file_once_to_hash_it(workdir, monkeypatch):
+    """The early check before the data is read only looks for the file; training hashes it once."""
+    import qmamba.files.weights as weights
+
+    tmp_path, config = workdir
+    source = build_backbone("qmamba_test").state_dict()
+    torch.save({"model": source}, tmp_path / "official.pth")
+    hashed = []
+    original = weights._sha256
+    monkeypatch.setattr(weights, "_sha256", lambda path: hashed.append(path) or original(path))
+    main(["fit", "--config", str(config), "--model.init_args.pretrained", str(tmp_path / "official.pth")])
+    assert hashed == [tmp_path / "official.pth"]

@@ -30,12 +30,12 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("qmamba.training.cli", "evaluate a checkpoint on the validation splits"),
     "test": Command("qmamba.training.cli", "test a checkpoint: qmamba test --config RUN/config.yaml --ckpt_path best"),
     "predict": Command("qmamba.training.cli", "score a config's test images with a checkpoint (Lightning loop)"),
-    "score": Command("qmamba.score_command", "score image files and folders with a checkpoint (no Lightning)"),
-    "export": Command("qmamba.export", "export a checkpoint to ONNX"),
-    "serve": Command("qmamba.serve", "a scoring service and web page for a checkpoint (no Lightning)"),
-    "weights": Command("qmamba.weights_command", "list, download and verify the ImageNet-pretrained backbones"),
-    "benchmark": Command("qmamba.benchmark", "the N-split protocol on one config: median and mean SRCC/PLCC"),
-    "transfer": Command("qmamba.transfer", "adapt a trained model to another dataset with several methods"),
+    "score": Command("qmamba.commands.score", "score image files and folders with a checkpoint (no Lightning)"),
+    "export": Command("qmamba.commands.export", "export a checkpoint to ONNX"),
+    "serve": Command("qmamba.commands.serve", "a scoring service and web page for a checkpoint (no Lightning)"),
+    "weights": Command("qmamba.commands.weights", "list, download and verify the ImageNet-pretrained backbones"),
+    "benchmark": Command("qmamba.protocols.benchmark", "the N-split protocol on one config: median and mean SRCC/PLCC"),
+    "transfer": Command("qmamba.protocols.transfer", "adapt a trained model to another dataset with several methods"),
     "demo-data": Command("qmamba.data.demo", "build the two embedded demo datasets"),
 }
 

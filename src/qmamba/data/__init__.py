@@ -1,7 +1,8 @@
-"""IQA data: official-format loaders, split protocols, the training transform and the DataModule.
+"""IQA data: official-format loaders, split protocols, the training transform and the DataModule. Imports the
+inference core (images, scales, preprocessing) and the file layer, nothing above.
 
-Names are loaded on first use: reading an image (:func:`read_rgb`, used by scoring) must not pull in pandas or
-Lightning, which the label loaders and the DataModule need.
+Names are loaded on first use, so that importing one loader does not pull in Lightning, which only the DataModule
+needs. Reading an image file is the inference core's (:mod:`qmamba.inference.images`).
 """
 
 from importlib import import_module
@@ -16,8 +17,6 @@ _EXPORTS = {
     "IQADataModule": "datamodule",
     "IQADataset": "dataset",
     "DatasetError": "errors",
-    "ImageReadError": "images",
-    "read_rgb": "images",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from qmamba.scale import ScoreScale
+from qmamba.inference.scale import ScoreScale
 
 from .errors import DatasetError
 

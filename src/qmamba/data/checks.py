@@ -18,10 +18,10 @@ from typing import Literal
 
 from PIL import Image
 
-from qmamba.atomic import write_bytes_atomic
+from qmamba.files.atomic import write_bytes_atomic
+from qmamba.inference.images import ImageReadError, bomb_message, read_rgb
 
 from .errors import DatasetError
-from .images import ImageReadError, bomb_message, read_rgb
 
 __all__ = ["ImageCheck", "check_images", "report_problems"]
 

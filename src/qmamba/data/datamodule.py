@@ -2,8 +2,8 @@
 
 With several datasets (universal IQA) training batches come from :class:`MultiDatasetBatchSampler` (shares by
 strategy, single-dataset batches, DDP sharding); scores are trained on each dataset's [0, 1] higher-is-better
-scale (:class:`~qmamba.scale.ScoreScale`: min-max over the dataset's known range, DMOS flipped) and reported on the
-native scale.
+scale (:class:`~qmamba.inference.scale.ScoreScale`: min-max over the dataset's known range, DMOS flipped) and
+reported on the native scale.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qmamba.errors import UsageError
-from qmamba.preprocessing import EvalCrops, Preprocessing
-from qmamba.scale import ScoreScale
-from qmamba.trained import DataSpec
+from qmamba.inference.preprocessing import EvalCrops, Preprocessing
+from qmamba.inference.scale import ScoreScale
+from qmamba.inference.trained import DataSpec
 
 from .catalog import DatasetError, dataset_info, load_dataset
 from .checks import CheckMode, check_images, report_problems

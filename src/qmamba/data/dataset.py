@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from .images import read_rgb
+from qmamba.inference.images import read_rgb
 
 __all__ = ["IQADataset", "SeededConcat"]
 

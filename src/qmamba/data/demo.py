@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
-from qmamba.atomic import write_text_atomic
+from qmamba.files.atomic import write_text_atomic
 
 __all__ = ["DISTORTIONS", "IN_THE_WILD", "build_demo_datasets", "ms_ssim", "simulated_mos"]
 

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from qmamba.atomic import write_text_atomic
+from qmamba.files.atomic import write_text_atomic
 
 from .errors import DatasetError
 

@@ -2,7 +2,8 @@
 
 Resizing, colour jitter, blur, noise, compression or padding would change the very quality the labels describe, so
 training uses only ``RandomCrop`` + ``HorizontalFlip`` (albumentations, seeded explicitly because its RNG ignores
-the global seed); normalisation and the evaluation crops are :mod:`qmamba.preprocessing`'s, shared with scoring.
+the global seed); normalisation and the evaluation crops are :mod:`qmamba.inference.preprocessing`'s, shared
+with scoring.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from qmamba.preprocessing import Preprocessing
+from qmamba.inference.preprocessing import Preprocessing
 
 __all__ = ["TrainCrop"]
 

@@ -1,4 +1,5 @@
-"""Model registry: ``build_backbone(name)`` and ``build_model(name)`` for every preset.
+"""Pure ``nn.Module`` code (backbones, the quality head, prompts, ``torch.compile`` in place) and the registry:
+``build_backbone(name)`` and ``build_model(name)`` for every preset. Imports ``ops`` and ``files``, never Lightning.
 
 Names: ``qmamba_tiny``, ``qmamba_tiny5``, ``qmamba_small``, ``qmamba_base``, ``lqmamba_tiny``, ``lqmamba_small``,
 ``lqmamba_base``, ``vmamba_tiny_s1l8``, ``vmamba_tiny_s2l5``, ``vmamba_small``, ``vmamba_base``,
@@ -14,8 +15,8 @@ from typing import Any
 import torch
 
 from qmamba.errors import UsageError
+from qmamba.files.weights import resolve_pretrained
 from qmamba.ops.selective_scan import ScanBackend, validate_backend
-from qmamba.weights import resolve_pretrained
 
 from .qmamba import QMamba, QualityHead
 from .vim import VIM_PRESETS, Vim
@@ -43,7 +44,7 @@ def list_models() -> list[str]:
 def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, trusted: bool = False,
                    **overrides: Any) -> VMamba | Vim:
     """Build a registered backbone; ``pretrained`` is ``"imagenet"`` (the preset's official VMamba checkpoint,
-    downloaded and cached on first use: :mod:`qmamba.weights`) or an official VMamba checkpoint file.
+    downloaded and cached on first use: :mod:`qmamba.files.weights`) or an official VMamba checkpoint file.
 
     ``overrides`` replace preset arguments (e.g. ``drop_path_rate=0.1``, ``scan_backend="torch"``).
     ``trusted`` allows full unpickling of the checkpoint file (only for files from a source you trust).

@@ -19,7 +19,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from qmamba.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from qmamba.files.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 from qmamba.ops.scan_order import CROSS_2D
 from qmamba.ops.selective_scan import ScanBackend
 

@@ -1,4 +1,5 @@
-"""Lightning training code: the IQA module, losses, metrics, schedules and callbacks."""
+"""Lightning training code, kept thin around the models: the IQA module, its CLI, losses, metrics, schedules and
+callbacks. Imports every layer below (``data``, ``inference``, ``models``, ``ops``, ``files``), nothing above."""
 
 from .losses import IQALoss
 from .metrics import iqa_metrics

@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from qmamba.atomic import write_text_atomic
-from qmamba.checkpoint import save_atomic
+from qmamba.files.atomic import write_text_atomic
+from qmamba.files.checkpoint import save_atomic
 
 __all__ = ["AtomicCheckpointIO", "PlainProgress", "PredictionWriter", "RunCheckpoint"]
 

@@ -23,10 +23,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 import qmamba  # noqa: E402
-from qmamba.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from qmamba.data import IQADataModule  # noqa: E402
 from qmamba.errors import QMambaError, UsageError, is_disk_full  # noqa: E402
-from qmamba.run_folder import RunLock, prepare_fit_folder  # noqa: E402
+from qmamba.files.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+from qmamba.files.run_folder import RunLock, prepare_fit_folder  # noqa: E402
+from qmamba.files.weights import ensure_pretrained  # noqa: E402
 from qmamba.training.callbacks import (  # noqa: E402
     AtomicCheckpointIO,
     PlainProgress,
@@ -34,7 +35,6 @@ from qmamba.training.callbacks import (  # noqa: E402
     RunCheckpoint,
 )
 from qmamba.training.module import QMambaIQA  # noqa: E402
-from qmamba.weights import resolve_pretrained  # noqa: E402
 
 __all__ = ["QMambaCLI", "main", "run_dir", "run_lightning_cli"]
 
@@ -117,7 +117,7 @@ class QMambaCLI(LightningCLI):
                                  "--trainer.max_epochs, or evaluate the checkpoint with qmamba test")
         model = config.model.init_args
         if self.subcommand == "fit" and model.get("pretrained") and not config.ckpt_path:
-            resolve_pretrained(model.backbone, model.pretrained)  # download or fail now, not after loading the data
+            ensure_pretrained(model.backbone, model.pretrained)  # download or fail now, not after loading the data
         if self.subcommand == "fit" and rank_zero_only.rank == 0:  # DDP's other ranks join the folder rank 0 holds
             _HELD_LOCKS.append(prepare_fit_folder(run_dir(config), resuming=bool(config.ckpt_path),
                                                   overwrite=config.overwrite))

@@ -15,18 +15,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import CatMetric
 
-from qmamba.atomic import write_text_atomic
-from qmamba.checkpoint import CheckpointError
-from qmamba.compiling import compile_errors, compile_model
 from qmamba.data import IQADataModule
 from qmamba.errors import QMambaError, UsageError
+from qmamba.files.atomic import write_text_atomic
+from qmamba.files.checkpoint import CheckpointError
+from qmamba.files.weights import resolve_pretrained
+from qmamba.inference.trained import DataSpec, build_architecture
 from qmamba.models import load_official_checkpoint
+from qmamba.models.compiling import compile_errors, compile_model
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
-from qmamba.trained import DataSpec, build_architecture
 from qmamba.training.losses import IQALoss
 from qmamba.training.metrics import iqa_metrics
 from qmamba.training.plots import scatter_figure
-from qmamba.weights import resolve_pretrained
 
 __all__ = ["QMambaIQA"]
 
@@ -53,7 +53,7 @@ class QMambaIQA(L.LightningModule):
         optimizer: optimizer factory, called with parameter groups (no weight decay on norms, biases, A_logs, Ds).
         scheduler: optional epoch-wise LR scheduler factory.
         scatter_points: at most this many points per predicted-vs-MOS scatter figure.
-        compile: run the regressor through ``torch.compile`` as one graph (:mod:`qmamba.compiling`); checkpoints
+        compile: run the regressor through ``torch.compile`` as one graph (:mod:`qmamba.models.compiling`); checkpoints
             are unchanged.
     """
 

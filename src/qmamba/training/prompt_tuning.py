@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
-from qmamba.checkpoint import CheckpointError, model_state, read_checkpoint, save_atomic
+from qmamba.files.checkpoint import CheckpointError, model_state, read_checkpoint, save_atomic
 from qmamba.models.prompts import PROMPT_METHODS, PromptMethod, attach_prompts, has_prompts
 
 __all__ = ["TUNING_METHODS", "PromptTuning", "load_tuned", "tuned_state"]

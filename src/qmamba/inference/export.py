@@ -1,6 +1,6 @@
 """ONNX export of a trained QMamba through ``torch.export`` and the pure-PyTorch selective scan.
 
-    qmamba export --ckpt_path runs/demo/checkpoints/best.ckpt --output qmamba.onnx
+The command is :mod:`qmamba.commands.export` (``qmamba export --ckpt_path best.ckpt --output qmamba.onnx``).
 
 VMamba itself cannot be exported (its scan exists only as a CUDA kernel); qmamba's blocked pure-PyTorch scan is
 plain tensor algebra, so the whole regressor exports. The graph maps a batch of normalised crops (dynamic batch
@@ -11,7 +11,6 @@ around it (crop size, crop count, normalisation, the score scale and direction).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from qmamba.errors import QMambaError, UsageError
-from qmamba.scoring import Scorer, load
+from qmamba.inference.scoring import Scorer
 
 __all__ = ["export_onnx", "verify_onnx"]
 
@@ -88,25 +87,3 @@ def verify_onnx(scorer: Scorer, path: str | os.PathLike[str], batches: tuple[int
         got = session.run(None, {session.get_inputs()[0].name: crops.numpy()})[0]
         worst = max(worst, float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-3))))
     return worst
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="qmamba export", description="Export a trained QMamba to ONNX.")
-    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a qmamba checkpoint")
-    parser.add_argument("--output", "-o", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
-    args = parser.parse_args(argv)
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise UsageError(f"qmamba export needs the export extra ({err.name} is missing): pip install "
-                         "\"qmamba[export]\"") from None
-    scorer = load(args.ckpt_path, device="cpu", trusted=args.trust_checkpoint)
-    path = export_onnx(scorer, args.output, args.opset)
-    print(f"qmamba export: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    if not args.no_verify:
-        print(f"qmamba export: onnxruntime vs PyTorch, max relative difference {verify_onnx(scorer, path):.2e}")

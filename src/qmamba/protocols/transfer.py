@@ -22,10 +22,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from qmamba.atomic import write_text_atomic
-from qmamba.checkpoint import CheckpointError, read_checkpoint
-from qmamba.runs import config_args, fit_then_test, split_passthrough
-from qmamba.trained import read_architecture
+from qmamba.files.atomic import write_text_atomic
+from qmamba.files.checkpoint import CheckpointError, read_checkpoint
+from qmamba.inference.trained import read_architecture
+from qmamba.protocols.runs import config_args, fit_then_test, split_passthrough
 from qmamba.training.cli import run_lightning_cli
 from qmamba.training.prompt_tuning import TUNING_METHODS
 

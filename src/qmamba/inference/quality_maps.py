@@ -1,7 +1,7 @@
 """Quality maps: where in an image quality drops, from the scores of crop-size windows slid over it.
 
 A QMamba score is the mean over crops of the image; scoring windows on a denser grid shows how that quality varies
-across the image. :class:`QualityMap` holds the window scores (the scorer's :meth:`~qmamba.scoring.Scorer.
+across the image. :class:`QualityMap` holds the window scores (the scorer's :meth:`~qmamba.inference.scoring.Scorer.
 quality_map` makes one), :func:`render` draws them over the image as a red (worse) to green (better) tint whose
 colours mean the same on every image: they span the training dataset's score range, not each image's own.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from qmamba.scale import ScoreScale
+from qmamba.inference.scale import ScoreScale
 
 __all__ = ["QualityMap", "render", "window_starts"]
 

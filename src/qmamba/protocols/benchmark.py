@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from qmamba.atomic import write_text_atomic
-from qmamba.runs import config_args, fit_then_test, split_passthrough
+from qmamba.files.atomic import write_text_atomic
+from qmamba.protocols.runs import config_args, fit_then_test, split_passthrough
 
 __all__ = ["PAPER_RESULTS", "run_benchmark", "summarise"]
 

@@ -25,26 +25,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qmamba.checkpoint import CheckpointError
-from qmamba.compiling import compile_errors, compile_model
-from qmamba.data.images import read_rgb
 from qmamba.errors import UsageError
-from qmamba.preprocessing import EvalCrops
-from qmamba.quality_maps import QualityMap, window_starts
-from qmamba.scale import ScoreScale
-from qmamba.trained import load_trained
+from qmamba.files.checkpoint import CheckpointError
+from qmamba.inference.images import read_rgb
+from qmamba.inference.preprocessing import EvalCrops
+from qmamba.inference.quality_maps import QualityMap, window_starts
+from qmamba.inference.scale import ScoreScale
+from qmamba.inference.trained import load_trained
+from qmamba.models.compiling import compile_errors, compile_model
 
-__all__ = ["ImageInput", "MapJob", "Result", "Scorer", "load"]
+__all__ = ["ImageInput", "MapJob", "Result", "Scorer", "default_device", "load"]
 
 COMPILE_OPTION = "--compile (compile=True in qmamba.load)"
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+def default_device() -> str:
+    """Where a model runs unless told: the first CUDA GPU when one is visible, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _as_rgb(image: ImageInput, max_side: int | None = None) -> np.ndarray:
     """(H, W, 3) array on the 0-255 scale from a path, a PIL image, an HWC / HW array or a CHW / HW tensor.
 
     Floating-point arrays and tensors are taken to be in [0, 1]; integer ones in [0, 255]. ``max_side`` downscales
-    files whose longer side exceeds it (see :func:`qmamba.data.images.read_rgb`)."""
+    files whose longer side exceeds it (see :func:`qmamba.inference.images.read_rgb`)."""
     if isinstance(image, (str, os.PathLike)):
         return read_rgb(image, max_side)
     if isinstance(image, Image.Image):
@@ -138,7 +143,7 @@ class Scorer:
         """Build the model a qmamba checkpoint describes. ``dataset`` picks whose scale scores are reported on
         (default: the first training dataset); ``crops`` overrides the evaluation crop count; ``max_side``
         downscales image files whose longer side exceeds it before cropping (default: native resolution);
-        ``compile`` runs the model through ``torch.compile`` (:mod:`qmamba.compiling`; the first batches of each
+        ``compile`` runs the model through ``torch.compile`` (:mod:`qmamba.models.compiling`; the first batches of each
         size pay for the compilation)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -149,7 +154,7 @@ class Scorer:
         dataset = dataset or spec.datasets[0]
         scale = spec.scale_of(dataset)
         evaluation = EvalCrops(spec.preprocessing, crops)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(device or default_device())
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {device}: no CUDA GPU is visible here; use the CPU (device cpu)")
         info = {"checkpoint": str(path), "backbone": trained.architecture["backbone"], "datasets": spec.datasets,

@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from qmamba.atomic import atomic_writer, write_text_atomic
 from qmamba.errors import UsageError
-from qmamba.run_folder import ProcessLock
+from qmamba.files.atomic import atomic_writer, write_text_atomic
+from qmamba.files.run_folder import ProcessLock
 
 __all__ = ["PartialOutput", "RowWriter", "json_lines", "open_for_writing", "output_kind", "read_text", "refuse_link",
            "scored_paths", "whole_lines"]

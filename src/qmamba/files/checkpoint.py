@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from qmamba.atomic import write_bytes_atomic
 from qmamba.errors import QMambaError
+from qmamba.files.atomic import write_bytes_atomic
 
 __all__ = ["CheckpointError", "extract_state_dict", "read_checkpoint", "save_atomic"]
 

@@ -29,10 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qmamba.atomic import atomic_writer
-from qmamba.errors import QMambaError, UsageError, is_disk_full
-from qmamba.scale import ScoreScale
-from qmamba.score_outputs import (
+from qmamba.commands.score_outputs import (
     PartialOutput,
     RowWriter,
     json_lines,
@@ -42,6 +39,9 @@ from qmamba.score_outputs import (
     scored_paths,
     whole_lines,
 )
+from qmamba.errors import QMambaError, UsageError, is_disk_full
+from qmamba.files.atomic import atomic_writer
+from qmamba.inference.scale import ScoreScale
 
 __all__ = ["expand_inputs", "main"]
 
@@ -214,7 +214,7 @@ def main(argv: list[str]) -> None:
 def _score_inputs(args: argparse.Namespace, inputs: list[str], output: Path | None, target: PartialOutput | None,
                   sharded: bool) -> None:
     """The run itself: the model, what an earlier run left, the scoring, and the report."""
-    from qmamba.scoring import load  # torch and the model: after the cheap checks
+    from qmamba.inference.scoring import load  # torch and the model: after the cheap checks
 
     try:  # with several processes this one only reads the model's description: it stays on the CPU
         scorer = load(args.ckpt_path, device="cpu" if sharded else args.device, crops=args.crops,
@@ -323,8 +323,8 @@ def map_path(maps: Path, path: str) -> Path:
 
 def _write_map(scorer: Any, path: str, maps: Path) -> None:
     """The image's quality map at :func:`map_path`; a folder inside ``maps`` that links out of it is refused."""
-    from qmamba.quality_maps import render
-    from qmamba.scoring import _as_rgb
+    from qmamba.inference.quality_maps import render
+    from qmamba.inference.scoring import _as_rgb
 
     target = map_path(maps, path)
     if not target.parent.resolve().is_relative_to(maps.resolve()):
@@ -399,7 +399,9 @@ def _spawn_shards(args: argparse.Namespace, files: list[str], partial: Path, sco
     import torch
     import torch.multiprocessing as mp
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from qmamba.inference.scoring import default_device
+
+    device = args.device or default_device()
     if device.startswith("cuda") and torch.cuda.device_count() < args.devices:
         raise UsageError(f"--devices {args.devices} needs as many GPUs; {torch.cuda.device_count()} visible here")
     context = mp.start_processes(_score_shard, args=(args, files, partial, device, scored), nprocs=args.devices,
@@ -426,7 +428,7 @@ def _score_shard(local: int, args: argparse.Namespace, files: list[str], partial
     import torch
     import torch.distributed as dist
 
-    from qmamba.scoring import load
+    from qmamba.inference.scoring import load
 
     rank, world = args.node_rank * args.devices + local, args.num_nodes * args.devices
     if args.num_nodes > 1:  # across machines: a barrier at the end tells node 0 that every part is complete

@@ -37,8 +37,8 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import quote
 from urllib.request import Request, urlopen
 
-from qmamba.atomic import write_text_atomic
 from qmamba.errors import QMambaError, UsageError
+from qmamba.files.atomic import write_text_atomic
 
 __all__ = [
     "IMAGENET",
@@ -47,6 +47,7 @@ __all__ = [
     "OfficialWeights",
     "WeightsError",
     "cache_state",
+    "ensure_pretrained",
     "fetch",
     "official_weights",
     "resolve_pretrained",
@@ -135,11 +136,28 @@ def resolve_pretrained(backbone: str, pretrained: str | os.PathLike[str] | None)
     if str(pretrained) == IMAGENET:
         cached = fetch(official_weights(backbone))
         return cached.path, cached.provenance(IMAGENET)
+    path = _existing(pretrained)
+    return path, CachedWeights(path, None, _sha256(path), path.stat().st_size).provenance(str(path))
+
+
+def ensure_pretrained(backbone: str, pretrained: str | os.PathLike[str] | None) -> None:
+    """``pretrained`` made available without reading it: ``imagenet`` weights downloaded when not cached, a path
+    checked to exist. A fit calls this before it reads any data and hashes the file once, when training starts
+    (:func:`resolve_pretrained`)."""
+    if pretrained is None:
+        return
+    if str(pretrained) != IMAGENET:
+        _existing(pretrained)
+    elif not (weights_dir() / official_weights(backbone).file).is_file():
+        fetch(official_weights(backbone))
+
+
+def _existing(pretrained: str | os.PathLike[str]) -> Path:
     path = Path(pretrained).expanduser()
     if not path.is_file():
         raise WeightsError(f"pretrained: {path} does not exist; give the path of an official VMamba .pth file, or "
                            f"pretrained: {IMAGENET} to download the preset's own")
-    return path, CachedWeights(path, None, _sha256(path), path.stat().st_size).provenance(str(path))
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
@@ -191,8 +209,7 @@ def _fetch(weights: OfficialWeights, download: bool, progress: bool | None, acce
             return _verified(weights, path)
         if not download:
             raise WeightsError(_offline_message(weights, path, "it is not in the cache"))
-        _download(weights, path, sys.stderr.isatty() if progress is None else progress, accept_changed)
-        return _verified(weights, path)
+        return _download(weights, path, sys.stderr.isatty() if progress is None else progress, accept_changed)
 
 
 def _verified(weights: OfficialWeights, path: Path) -> CachedWeights:
@@ -262,7 +279,11 @@ _BLOCK_KEY = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
 def _check_release_file(weights: OfficialWeights, path: Path, what: str) -> None:
     """Raise unless ``path`` is a PyTorch checkpoint (read safely, tensors mapped) whose state dict has the release's
     blocks per stage and first-stage width: a truncated file, an error page or another network is caught here."""
-    from qmamba.checkpoint import CheckpointError, extract_state_dict, read_checkpoint  # torch: only when checking
+    from qmamba.files.checkpoint import (  # torch: only when checking
+        CheckpointError,
+        extract_state_dict,
+        read_checkpoint,
+    )
 
     try:
         state = extract_state_dict(read_checkpoint(path, lazy=True))
@@ -294,7 +315,7 @@ def _intact_archive(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- the download
-def _download(weights: OfficialWeights, path: Path, progress: bool, accept_changed: bool) -> None:
+def _download(weights: OfficialWeights, path: Path, progress: bool, accept_changed: bool) -> CachedWeights:
     """Stream the URL into ``<file>.part`` (resuming what an earlier attempt left), check it, then rename it to
     ``path`` and record it."""
     part, url = _part_path(path), weights.url
@@ -315,15 +336,14 @@ def _download(weights: OfficialWeights, path: Path, progress: bool, accept_chang
             raise WeightsError(f"cannot write {part}: {err.strerror or err}; free space or set {HOME_ENV} to "
                                "another folder") from None
         if complete:
-            _keep(weights, path, accept_changed)
-            return
+            return _keep(weights, path, accept_changed)
         log.warning("download of %s interrupted (attempt %d of %d): resuming", weights.file, attempt, ATTEMPTS)
     got = part.stat().st_size if part.is_file() else 0
     raise WeightsError(f"the download of {weights.file} from {url} kept breaking off ({got} bytes kept in {part}); "
                        "rerun the same command to resume it")
 
 
-def _keep(weights: OfficialWeights, path: Path, accept_changed: bool) -> None:
+def _keep(weights: OfficialWeights, path: Path, accept_changed: bool) -> CachedWeights:
     """Check a whole ``<file>.part`` and make it the cached, recorded ``path``; a file that fails is deleted."""
     part = _part_path(path)
     digest, size = _sha256(part), part.stat().st_size
@@ -346,6 +366,7 @@ def _keep(weights: OfficialWeights, path: Path, accept_changed: bool) -> None:
     _validator_path(part).unlink(missing_ok=True)
     _write_record(path, weights.url, digest, size)
     log.info("saved %s (%d bytes, sha256 recorded)", path, size)
+    return CachedWeights(path, weights.url, digest, size)
 
 
 def _transfer(url: str, part: Path, progress: bool) -> bool:

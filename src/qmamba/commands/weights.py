@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 
 from qmamba.errors import UsageError
-from qmamba.weights import (
+from qmamba.files.weights import (
     OFFICIAL_FILES,
     OfficialWeights,
     WeightsError,

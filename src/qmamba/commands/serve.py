@@ -29,6 +29,7 @@ import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -115,24 +116,6 @@ def _pixels(data: bytes) -> int:
         return 0
 
 
-def _decode(data: bytes, name: str, max_pixels: int) -> Any:
-    """RGB array of uploaded bytes; a one-line ValueError for anything that is not a usable image."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from qmamba.data.images import rgb_array
-
-    try:
-        with Image.open(_Upload(data, name)) as image:
-            if image.width * image.height > max_pixels:
-                raise ValueError(f"image of {image.width}x{image.height} pixels is above this server's limit of "
-                                 f"{max_pixels} pixels (a decompression bomb?)")
-            return rgb_array(ImageOps.exif_transpose(image))
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"refused as a possible decompression bomb ({err})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"not a readable image ({err.__class__.__name__}: {err})") from None
-
-
 class _Guard:
     """ASGI middleware in front of the API: the bearer token, and the request body counted and timed while it
     streams, so that neither a chunked upload without Content-Length nor a stalled one is read to the end first."""
@@ -190,13 +173,14 @@ async def _reply(send: Any, status: int, detail: str, headers: dict[str, str] | 
 
 
 def create_app(scorer: Any, limits: Limits | None = None, token: str | None = None, docs: bool = False) -> Any:
-    """The FastAPI application serving ``scorer`` (a :class:`qmamba.scoring.Scorer`); ``token`` requires
+    """The FastAPI application serving ``scorer`` (a :class:`qmamba.inference.scoring.Scorer`); ``token`` requires
     ``Authorization: Bearer <token>`` on everything but the page; ``docs`` serves FastAPI's ``/docs``."""
     import numpy as np
     from fastapi import FastAPI, File, HTTPException, UploadFile
     from fastapi.responses import HTMLResponse
 
-    from qmamba.quality_maps import render
+    from qmamba.inference.images import ImageReadError, read_rgb
+    from qmamba.inference.quality_maps import render
 
     limits = limits or Limits()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmamba-model")  # the model runs here only
@@ -207,7 +191,7 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
     app = FastAPI(title="qmamba", description="No-reference image quality scores from a QMamba checkpoint.",
                   **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
     app.add_middleware(_Guard, limits=limits, token=token)
-    page = resources.files("qmamba").joinpath("web/index.html").read_text(encoding="utf-8")
+    page = resources.files("qmamba.commands").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
@@ -240,9 +224,10 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
         entry: dict[str, Any] = {"file": name}
         loop = asyncio.get_running_loop()
         try:
-            rgb = await loop.run_in_executor(None, _decode, data, name, limits.max_pixels)
+            rgb = await loop.run_in_executor(None, partial(read_rgb, _Upload(data, name),
+                                                           max_pixels=limits.max_pixels))
             crops = await loop.run_in_executor(None, scorer.crops, rgb)
-        except ValueError as err:
+        except (ImageReadError, ValueError) as err:  # not an image, a bomb, too small for a crop: that image alone
             return {**entry, "error": str(err)}
         value = await batcher.score(crops)
         entry.update(score=value, scale=[scale.low, scale.high], direction=scale.direction)
@@ -332,7 +317,7 @@ def main(argv: list[str]) -> None:
         raise UsageError("qmamba serve needs its extra: pip install \"qmamba[serve]\" (FastAPI, uvicorn and "
                          "python-multipart)") from None
 
-    from qmamba.scoring import load
+    from qmamba.inference.scoring import load
 
     scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
                   batch_size=args.batch_size, trusted=args.trust_checkpoint, compile=args.compile)

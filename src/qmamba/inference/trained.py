@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from qmamba.checkpoint import CheckpointError, model_state, read_checkpoint
 from qmamba.errors import UsageError
+from qmamba.files.checkpoint import CheckpointError, model_state, read_checkpoint
+from qmamba.inference.preprocessing import Preprocessing
+from qmamba.inference.scale import ScoreScale
 from qmamba.models import QMamba, build_model
 from qmamba.models.prompts import attach_prompts
-from qmamba.preprocessing import Preprocessing
-from qmamba.scale import ScoreScale
 
 __all__ = ["ARCHITECTURE_ARGS", "DataSpec", "TrainedModel", "build_architecture", "load_trained",
            "read_architecture"]

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DatasetError
+from qmamba.errors import QMambaError
 
 __all__ = ["ImageReadError", "bomb_message", "read_rgb", "rgb_array"]
 
 
-class ImageReadError(DatasetError):
+class ImageReadError(QMambaError):
     """An image file is missing, truncated or in an unsupported format."""
 
 
-def read_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB array of an image file.
+def read_rgb(path: str | os.PathLike[str] | BinaryIO, max_side: int | None = None,
+             max_pixels: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array of an image file (or an open binary file, named in messages by its ``name``).
 
     EXIF orientation is applied (phone photos); grayscale, palette, RGBA (alpha dropped) and CMYK images are
     converted to RGB; 16-bit images are rescaled to 8 bits by their bit depth, not by their content, and 32-bit
@@ -26,19 +28,24 @@ def read_rgb(path: str | os.PathLike[str], max_side: int | None = None) -> np.nd
     ``max_side`` downscales an image whose longer side exceeds it (an opt-in for huge images: it changes the
     quality the model sees). JPEGs are then decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (PIL's
     ``draft``), so a 12000x9000 photo never occupies its full 324 MB; the rest is a Lanczos reduction.
+    ``max_pixels`` refuses an image with more pixels, from its header, before decoding (untrusted uploads).
     """
+    name = getattr(path, "name", path)
     try:
         with Image.open(path) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageReadError(f"image {name} of {image.width}x{image.height} pixels is above the limit of "
+                                     f"{max_pixels} pixels (a decompression bomb?)")
             if max_side is not None and max(image.size) > max_side:  # JPEG: decode at a reduced scale directly
                 ratio = max_side / max(image.size)
                 image.draft("RGB", (max(1, int(image.width * ratio)), max(1, int(image.height * ratio))))
             array = rgb_array(ImageOps.exif_transpose(image))
     except FileNotFoundError as err:
-        raise ImageReadError(f"image file not found: {path}") from err
+        raise ImageReadError(f"image file not found: {name}") from err
     except Image.DecompressionBombError as err:
-        raise ImageReadError(bomb_message(path, err)) from err
+        raise ImageReadError(bomb_message(name, err)) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"cannot read image {path}: {err} (corrupt or unsupported file)") from err
+        raise ImageReadError(f"cannot read image {name}: {err} (corrupt or unsupported file)") from err
     if max_side is not None and max(array.shape[:2]) > max_side:
         image = Image.fromarray(array)
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
