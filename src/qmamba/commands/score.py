@@ -1,9 +1,13 @@
-"""``qmamba score``: score image files and folders with a trained checkpoint, writing each batch as it is scored.
+"""``qmamba score``: score images, folders, shards and tables with a checkpoint, writing each batch as it is scored.
 
     qmamba score --ckpt_path runs/demo/checkpoints/best.ckpt photos/ extra.jpg -o scores.csv
     find /data -name '*.jpg' | qmamba score --ckpt_path best.ckpt - -o scores.jsonl      # paths on stdin
     qmamba score --ckpt_path best.ckpt --list paths.txt -o scores.csv                   # paths in a file
     qmamba score --ckpt_path best.ckpt photos/ -o scores.parquet --devices 4 --maps maps/  # 4 GPUs, heat maps
+    qmamba score --ckpt_path best.ckpt 's3://bucket/shards/{000000..000999}.tar' -o scores.parquet  # WebDataset shards
+    qmamba score --ckpt_path best.ckpt images.parquet --column url -o scores.jsonl      # a table of paths or URLs
+
+What counts as an input, and how shard members are keyed: :mod:`qmamba.inference.sources`.
 
 Images are decoded and cropped in ``--workers`` processes while the model runs. Rows go to ``<output>.partial`` as
 they come (flushed after every batch; JSON Lines for a Parquet output until it is complete) and the file takes
@@ -42,51 +46,18 @@ from qmamba.commands.score_outputs import (
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
 from qmamba.inference.scale import ScoreScale
+from qmamba.inference.sources import expand
 
-__all__ = ["expand_inputs", "main"]
+__all__ = ["main"]
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm"}
-
-
-def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files from files and folders (recursive, sorted, symlinks followed once); every input or link that
-    leads nowhere is returned as ``(path, reason)``."""
-    files: list[str] = []
-    errors: list[tuple[str, str]] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            _walk(path, files, errors, set())
-        elif path.is_file():
-            files.append(str(path))
-        elif path.is_symlink():
-            errors.append((str(path), "broken symbolic link"))
-        else:
-            errors.append((str(path), "no such file or folder"))
-    unique = list(dict.fromkeys(files))  # a path given twice is scored once, in every mode
+def expand_inputs(inputs: list[str], column: str | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every input's images (:func:`qmamba.inference.sources.expand`), each once: a path given twice is scored once,
+    in every mode, and said so."""
+    files, errors = expand(inputs, column)
+    unique = list(dict.fromkeys(files))
     if len(unique) < len(files):
         print(f"qmamba score: {len(files) - len(unique)} repeated input path(s) are scored once", file=sys.stderr)
     return unique, errors
-
-
-def _walk(folder: Path, files: list[str], errors: list[tuple[str, str]], seen: set[tuple[int, int]]) -> None:
-    stat = folder.stat()
-    if (stat.st_dev, stat.st_ino) in seen:
-        errors.append((str(folder), "symbolic link loop (folder already visited)"))
-        return
-    seen = seen | {(stat.st_dev, stat.st_ino)}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        path = Path(entry.path)
-        try:
-            if entry.is_dir():  # follows links
-                _walk(path, files, errors, seen)
-            elif entry.is_file():
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(str(path))
-            elif entry.is_symlink():
-                errors.append((str(path), "broken symbolic link"))
-        except OSError as err:  # e.g. a link loop the OS itself refuses (ELOOP) or a folder we may not read
-            errors.append((str(path), err.strerror or str(err)))
 
 
 def _flag(score: float, scale: ScoreScale, clip: bool) -> tuple[float, str]:
@@ -133,8 +104,12 @@ def _default_workers(on_gpu: bool) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qmamba score", description="Score images with a trained QMamba checkpoint.")
-    parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively); - reads paths from "
-                        "standard input, one per line")
+    parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively), tar shards "
+                        "(each image member a row), tables (.parquet, .csv, .jsonl) of paths or URLs, fsspec URIs "
+                        "(s3://, gs://, https://) of any of these, brace patterns (shards/{000..099}.tar); - reads "
+                        "paths from standard input, one per line")
+    parser.add_argument("--column", help="the column of a table input that names the images (default: path, else "
+                        "url)")
     parser.add_argument("--list", dest="lists", action="append", default=[],
                         help="a text file of image paths, one per line (repeatable)")
     parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a qmamba checkpoint (runs/<name>/...)")
@@ -195,11 +170,12 @@ def main(argv: list[str]) -> None:
     if output is not None and output_kind(output) == "parquet" and importlib.util.find_spec("pyarrow") is None:
         parser.error("Parquet output needs pyarrow (pip install pyarrow), or write .csv / .jsonl")
     if args.node_rank > 0:  # a helper node: score its shards into parts; node 0 owns the output
-        _help_node_zero(args, inputs, output)  # type: ignore[arg-type]
+        _help_node_zero(args, expand_inputs(inputs, args.column)[0], output)  # type: ignore[arg-type]
         return
+    files, errors = expand_inputs(inputs, args.column)  # shards and tables are listed before anything is written
     target = PartialOutput(output) if output else None  # locked from here to the end of the run
     try:
-        _score_inputs(args, inputs, output, target, sharded)
+        _score_inputs(args, files, errors, output, target, sharded)
     except OSError as err:
         if not is_disk_full(err):
             raise
@@ -211,8 +187,8 @@ def main(argv: list[str]) -> None:
             target.unlock()
 
 
-def _score_inputs(args: argparse.Namespace, inputs: list[str], output: Path | None, target: PartialOutput | None,
-                  sharded: bool) -> None:
+def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple[str, str]], output: Path | None,
+                  target: PartialOutput | None, sharded: bool) -> None:
     """The run itself: the model, what an earlier run left, the scoring, and the report."""
     from qmamba.inference.scoring import load  # torch and the model: after the cheap checks
 
@@ -231,7 +207,6 @@ def _score_inputs(args: argparse.Namespace, inputs: list[str], output: Path | No
     scale = scorer.scale
     header = {"model": scorer.info, "score_range": [scale.low, scale.high], "direction": scale.direction}
     writer = RowWriter(stream, output_kind(output), header, resumed=bool(scored_before))
-    files, errors = expand_inputs(inputs)
     in_parts = _part_scores(partial) if partial is not None else set()  # a sharded run stopped before merging
     if in_parts and not sharded:  # resumed in one process: merge its parts now
         _merge_parts(partial, writer, files, exclude=scored_before)  # type: ignore[arg-type]
@@ -271,10 +246,9 @@ def _score_inputs(args: argparse.Namespace, inputs: list[str], output: Path | No
         raise SystemExit(1)
 
 
-def _help_node_zero(args: argparse.Namespace, inputs: list[str], output: Path) -> None:
+def _help_node_zero(args: argparse.Namespace, files: list[str], output: Path) -> None:
     """Node ``--node_rank`` > 0 of ``--num_nodes``: its shards go into parts next to node 0's output."""
     partial = output.with_name(output.name + ".partial")
-    files, _ = expand_inputs(inputs)
     scored = scored_paths(partial, output_kind(output), trim=False) if partial.is_file() else set()
     stop = _Stop()
     try:

@@ -14,6 +14,7 @@ crops, mapped to the chosen dataset's scale and direction.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +32,7 @@ from qmamba.inference.images import read_rgb
 from qmamba.inference.preprocessing import EvalCrops
 from qmamba.inference.quality_maps import QualityMap, window_starts
 from qmamba.inference.scale import ScoreScale
+from qmamba.inference.sources import Source
 from qmamba.inference.trained import load_trained
 from qmamba.models.compiling import compile_errors, compile_model
 
@@ -46,10 +48,15 @@ def default_device() -> str:
 
 
 def _as_rgb(image: ImageInput, max_side: int | None = None) -> np.ndarray:
-    """(H, W, 3) array on the 0-255 scale from a path, a PIL image, an HWC / HW array or a CHW / HW tensor.
+    """(H, W, 3) array on the 0-255 scale from a path, a :class:`~qmamba.inference.sources.Source` (a tar member,
+    a URI), a PIL image, an HWC / HW array or a CHW / HW tensor.
 
     Floating-point arrays and tensors are taken to be in [0, 1]; integer ones in [0, 255]. ``max_side`` downscales
     files whose longer side exceeds it (see :func:`qmamba.inference.images.read_rgb`)."""
+    if isinstance(image, Source):  # a tar member or a URI: its bytes, named by its key in messages
+        data = io.BytesIO(image.read())
+        data.name = str(image)
+        return read_rgb(data, max_side)
     if isinstance(image, (str, os.PathLike)):
         return read_rgb(image, max_side)
     if isinstance(image, Image.Image):

@@ -1,0 +1,235 @@
+"""Images that are not files on this machine, and what an input holds.
+
+What an input holds (:func:`expand`):
+
+* an image file, or a folder (recursive, sorted, symlinks followed once; image suffixes only);
+* a tar shard (``.tar``, WebDataset's and img2dataset's format): each image member is one row keyed
+  ``<shard>#<member name>``, so its scores join back to the shard's metadata (``__key__`` is the member name without
+  its extension); other members (``.json``, ``.txt``, ``.cls``) are metadata, not rows;
+* a table (``.parquet``, ``.csv``, ``.jsonl``) whose ``column`` (default ``path``, else ``url``) names an image per
+  row: a local path as written, or a URI;
+* any of these behind an fsspec URI (``s3://bucket/shards/000000.tar``, ``https://...``), and brace patterns
+  (``shards/{000000..000999}.tar``) expanded first.
+
+A :class:`Source` *is* its row key, a ``str`` (``shards/000001.tar#000123.jpg`` or the URI), so that scoring, resume,
+de-duplication and sharding treat it like a path, and it fetches its own bytes: a tar member by its offset and size
+in the shard (one range read; the shard was listed once, streamed when remote), a URI through fsspec (imported only
+when used). Sources are small and picklable: DataLoader workers fetch and decode them. A shard or table that is
+missing or unreadable, or a column it lacks, is an :class:`InputError` (one line) before anything is scored; an image
+that cannot be read is that image's error when it is scored.
+
+    keys, missing = expand(["shards/{000000..000003}.tar", "images.parquet"])
+    scores = qmamba.load("best.ckpt").score(keys)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from qmamba.errors import QMambaError, UsageError
+
+__all__ = ["IMAGE_SUFFIXES", "InputError", "RemoteFile", "Source", "TarMember", "expand", "is_uri", "open_uri"]
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` (anything fsspec opens), false for a local path."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.isidentifier()
+
+
+def open_uri(path: str, mode: str = "rb") -> Any:
+    """``path`` opened through fsspec (a missing extra is one line naming the install command)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise UsageError(f"reading {path} needs fsspec: pip install \"qmamba[cloud]\" (fsspec, s3fs, gcsfs)") from None
+    try:
+        return fsspec.open(path, mode).open()
+    except ImportError as err:  # fsspec's message names the package of the URI's protocol
+        raise UsageError(f"reading {path}: {err}") from None
+
+
+class Source(str):
+    """A row key that fetches its image's bytes (:meth:`read`)."""
+
+    def read(self) -> bytes:
+        raise NotImplementedError
+
+    def __reduce__(self) -> tuple[Any, ...]:  # str subclasses pickle their value, not their fields: keep both
+        return type(self), (str(self), *self._fields())
+
+    def _fields(self) -> tuple[Any, ...]:
+        return ()
+
+
+class TarMember(Source):
+    """``<shard>#<member name>``: ``size`` bytes at ``offset`` of a tar shard (a local path or a URI)."""
+
+    shard: str
+    offset: int
+    size: int
+
+    def __new__(cls, key: str, shard: str, offset: int, size: int) -> TarMember:
+        member = super().__new__(cls, key)
+        member.shard, member.offset, member.size = shard, offset, size
+        return member
+
+    def _fields(self) -> tuple[Any, ...]:
+        return self.shard, self.offset, self.size
+
+    def read(self) -> bytes:
+        with (open_uri(self.shard) if is_uri(self.shard) else open(self.shard, "rb")) as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.shard} ends before its member {self} does (the shard changed or is truncated)")
+        return data
+
+
+class RemoteFile(Source):
+    """An image file behind an fsspec URI."""
+
+    def read(self) -> bytes:
+        with open_uri(str(self)) as f:
+            return f.read()
+
+
+# ------------------------------------------------------------------------------------------------------------ inputs
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm"}
+SHARD_SUFFIXES = {".tar"}
+TABLE_SUFFIXES = {".parquet", ".csv", ".jsonl"}
+COLUMNS = ("path", "url")  # tried in order when --column is not given
+
+
+class InputError(QMambaError):
+    """A shard or table that cannot be read, or a column it lacks: the run cannot score what was asked."""
+
+
+def expand(inputs: list[str], column: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """The images of every input as row keys (paths and :class:`Source` objects), in order, each once; inputs that
+    lead nowhere are returned as ``(path, reason)``."""
+    files: list[str] = []
+    errors: list[tuple[str, str]] = []
+    for item in inputs:
+        for name in _braces(item):
+            suffix = PurePosixPath(name.split("?", 1)[0]).suffix.lower()
+            if suffix in SHARD_SUFFIXES:
+                files += _shard_members(name)
+            elif suffix in TABLE_SUFFIXES:
+                files += _table_images(name, suffix, column)
+            elif is_uri(name):
+                files.append(RemoteFile(name))
+            else:
+                _local(Path(name), files, errors)
+    return files, errors
+
+
+def _braces(item: str) -> list[str]:
+    if "{" not in item:
+        return [item]
+    try:
+        from braceexpand import braceexpand
+    except ImportError:
+        raise UsageError(f"the brace pattern {item} needs braceexpand: pip install \"qmamba[cloud]\"") from None
+    return list(braceexpand(item))
+
+
+def _local(path: Path, files: list[str], errors: list[tuple[str, str]]) -> None:
+    if path.is_dir():
+        _walk(path, files, errors, set())
+    elif path.is_file():
+        files.append(str(path))
+    elif path.is_symlink():
+        errors.append((str(path), "broken symbolic link"))
+    else:
+        errors.append((str(path), "no such file or folder"))
+
+
+def _walk(folder: Path, files: list[str], errors: list[tuple[str, str]], seen: set[tuple[int, int]]) -> None:
+    stat = folder.stat()
+    if (stat.st_dev, stat.st_ino) in seen:
+        errors.append((str(folder), "symbolic link loop (folder already visited)"))
+        return
+    seen = seen | {(stat.st_dev, stat.st_ino)}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path = Path(entry.path)
+        try:
+            if entry.is_dir():  # follows links
+                _walk(path, files, errors, seen)
+            elif entry.is_file():
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(str(path))
+            elif entry.is_symlink():
+                errors.append((str(path), "broken symbolic link"))
+        except OSError as err:  # e.g. a link loop the OS itself refuses (ELOOP) or a folder we may not read
+            errors.append((str(path), err.strerror or str(err)))
+
+
+def _open(name: str, what: str) -> IO[bytes]:
+    """A shard or table, local or remote; one line when it cannot be opened (missing, no credentials, ...)."""
+    try:
+        return open_uri(name) if is_uri(name) else open(name, "rb")
+    except UsageError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{what} {name} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - fsspec backends raise their own types (credentials, HTTP, ...)
+        raise InputError(f"cannot open {what} {name}: {_reason(err)}") from None
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _shard_members(shard: str) -> list[str]:
+    """Image members of a tar shard, in the shard's order, listed in one streaming pass."""
+    try:  # a remote shard streams through once; a local one is read by seeking past each member's data
+        with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|*" if is_uri(shard) else "r:*") as archive:
+            return [TarMember(f"{shard}#{member.name}", shard, member.offset_data, member.size)
+                    for member in _members(archive) if PurePosixPath(member.name).suffix.lower() in IMAGE_SUFFIXES]
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise InputError(f"cannot read the shard {shard}: {_reason(err)} (not a tar file, or truncated)") from None
+
+
+def _members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    for member in archive:
+        if member.isfile():
+            yield member
+
+
+def _table_images(table: str, suffix: str, column: str | None) -> list[str]:
+    """The images a table names, one per row with a value in its path column."""
+    with _open(table, "table") as f:
+        data = f.read()
+    try:
+        columns = _read_table(data, suffix)
+    except Exception as err:  # noqa: BLE001 - pyarrow, csv and json each raise their own
+        raise InputError(f"cannot read the table {table}: {_reason(err)}") from None
+    wanted = [column] if column else [c for c in COLUMNS if c in columns]
+    if not wanted or wanted[0] not in columns:
+        raise InputError(f"the table {table} has no column {column or ' or '.join(COLUMNS)} (its columns: "
+                         f"{', '.join(columns) or 'none'}); name the one with the images with --column")
+    values = [str(v) for v in columns[wanted[0]] if v not in (None, "")]
+    return [RemoteFile(v) if is_uri(v) else v for v in values]
+
+
+def _read_table(data: bytes, suffix: str) -> dict[str, list[object]]:
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pydict()
+    if suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline="")))
+        names = list(rows[0]) if rows else []
+        return {name: [row[name] for row in rows] for name in names}
+    entries = [json.loads(line) for line in data.decode("utf-8", "surrogateescape").split("\n") if line.strip()]
+    names = list(dict.fromkeys(k for e in entries for k in e))
+    return {name: [e.get(name) for e in entries] for name in names}
