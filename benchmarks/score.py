@@ -3,11 +3,14 @@
     python benchmarks/score.py runs/demo/checkpoints/best.ckpt            # the demo model (make demo)
     python benchmarks/score.py runs/demo/checkpoints/best.ckpt --tiny     # + a QMamba-T checkpoint made here
     python benchmarks/score.py CKPT --images 2000 --tiny-images 64 --workers 0 2
+    python benchmarks/score.py CKPT --shards 8      # + the same JPEGs in 8 tar shards (WebDataset's format)
 
 For each checkpoint and each ``--workers`` value, in one process: the data floor (decode and crop every file the
 way the checkpoint's evaluation does, through the same DataLoader, no model) and the scoring loop of ``qmamba
 score`` (``qmamba.load(...).iter_batches(files, workers)``: decode, crops, batched forward, score mapping), as
-img/s; "x floor" is the scoring time over the floor's. Then the start-up of ``qmamba --help`` and ``qmamba score
+img/s; "x floor" is the scoring time over the floor's. With ``--shards N`` the same JPEGs are also written into N tar
+shards and scored as their members (``qmamba.inference.sources.expand``), so loose files and shards compare in one
+run. Then the start-up of ``qmamba --help`` and ``qmamba score
 --help`` in fresh processes. The JPEGs are synthetic photographs (smooth gradients and blocky texture) written once
 to --workdir, in KonIQ-10k's layout with random MOS, so that ``--tiny`` can train QMamba-T (224 px crops) for one
 step through the real CLI: its scores are meaningless, its speed is QMamba-T's.
@@ -98,6 +101,24 @@ def tiny_checkpoint(workdir: Path) -> Path:
 
 
 
+def make_shards(root: Path, paths: list[str], shards: int) -> list[str]:
+    """The JPEGs in ``shards`` tar files (WebDataset's layout: member ``<key>.jpg``); their member keys."""
+    import tarfile
+
+    from qmamba.inference.sources import expand
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        shard = root / f"{s:06d}.tar"
+        if not shard.exists():
+            with tarfile.open(shard, "w") as archive:
+                for path in paths[s::shards]:
+                    archive.add(path, arcname=Path(path).name)
+    keys, missing = expand([str(root / f"{{{0:06d}..{shards - 1:06d}}}.tar")])
+    assert not missing and len(keys) == len(paths)
+    return keys
+
+
 def data_floor(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: int) -> float:
     """Seconds to decode and crop ``paths`` as the scorer does, without the model."""
     start = time.perf_counter()
@@ -140,6 +161,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass, as qmamba score's default")
     parser.add_argument("--workdir", type=Path, default=Path("runs/benchmark_score"))
     parser.add_argument("--device", default="cpu", help="where the model runs (cuda on a GPU machine)")
+    parser.add_argument("--shards", type=int, default=0, help="also score the JPEGs from this many tar shards")
     args = parser.parse_args()
 
     if not args.checkpoints and not args.tiny:
@@ -150,19 +172,23 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, model on {args.device} ({where}), {os.cpu_count()} cores, JPEGs of 1024x768, "
           f"batch {args.batch_size}")
-    print(f"| {'model':<12} | {'crops':>9} | {'images':>6} | {'workers':>7} | {'data floor img/s':>16} | "
-          f"{'score img/s':>11} | {'x floor':>7} |")
-    print(f"|{'-' * 14}|{'-' * 11}|{'-' * 8}|{'-' * 9}|{'-' * 18}|{'-' * 13}|{'-' * 9}|")
+    print(f"| {'model':<12} | {'crops':>9} | {'images':>6} | {'source':>10} | {'workers':>7} | "
+          f"{'data floor img/s':>16} | {'score img/s':>11} | {'x floor':>7} |")
+    print(f"|{'-' * 14}|{'-' * 11}|{'-' * 8}|{'-' * 12}|{'-' * 9}|{'-' * 18}|{'-' * 13}|{'-' * 9}|")
     for ckpt, count in runs:
         scorer = qmamba.load(ckpt, device=args.device, batch_size=args.batch_size)
-        files = paths[:count]
-        scoring(scorer, files[: 2 * args.batch_size], 0)  # warm-up: kernel compilation, allocator, page cache
-        data_floor(scorer, files, 0)
-        for workers in args.workers:
-            floor, scored = data_floor(scorer, files, workers), scoring(scorer, files, workers)
-            crops = f"{scorer.crops.count}x{scorer.crops.size}"
-            print(f"| {scorer.info['backbone']:<12} | {crops:>9} | {count:>6} | {workers:>7} | "
-                  f"{count / floor:>16.1f} | {count / scored:>11.1f} | {scored / floor:>7.2f} |", flush=True)
+        sources = {"loose": paths[:count]}
+        if args.shards:
+            sources[f"{args.shards} shards"] = make_shards(args.workdir / f"shards_{count}", paths[:count],
+                                                           args.shards)
+        scoring(scorer, paths[: 2 * args.batch_size], 0)  # warm-up: kernel compilation, allocator, page cache
+        for source, files in sources.items():
+            data_floor(scorer, files, 0)  # the page cache
+            for workers in args.workers:
+                floor, scored = data_floor(scorer, files, workers), scoring(scorer, files, workers)
+                crops = f"{scorer.crops.count}x{scorer.crops.size}"
+                print(f"| {scorer.info['backbone']:<12} | {crops:>9} | {count:>6} | {source:>10} | {workers:>7} | "
+                      f"{count / floor:>16.1f} | {count / scored:>11.1f} | {scored / floor:>7.2f} |", flush=True)
     print(f"\nstart-up: `qmamba --help` {startup('--help'):.2f} s, `qmamba score --help` "
           f"{startup('score', '--help'):.2f} s, `qmamba --version` {startup('--version'):.2f} s")
 

@@ -27,10 +27,12 @@ def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
     ckpt = trained[1] / "checkpoints" / "best.ckpt"
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "score.py"), str(ckpt), "--images", "6", "--workers", "0", "1",
-         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+         "--shards", "2", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
-    assert [int(r[3]) for r in rows] == [0, 1] and all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| qmamba_test")]
+    assert [(r[3], int(r[4])) for r in rows] == [("loose", 0), ("loose", 1), ("2 shards", 0), ("2 shards", 1)]
+    assert all(float(r[5]) > 0 and float(r[6]) > 0 for r in rows)
     assert "`qmamba score --help`" in result.stdout
 
 
