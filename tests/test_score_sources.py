@@ -30,8 +30,8 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def collection(trained, tmp_path_factory):
-    """4 shards of 3 images each (jpg, png, webp) with a .json metadata member per key, one corrupt jpg member, and
-    the same images as loose files: (shards folder, {member name: loose file})."""
+    """4 shards of 3 images each (jpg, png, webp) with a .json metadata member per key, a corrupt jpg member and a
+    text file named .png, and the same images as loose files: (shards folder, {member name: loose file})."""
     root, _ = trained
     sources = sorted((root / "kadid" / "images").glob("I0*.png"))
     base = tmp_path_factory.mktemp("collection")
@@ -50,6 +50,7 @@ def collection(trained, tmp_path_factory):
                 files[f"{key}.{ext}"].write_bytes(data)
             if s == 2:
                 sink.write({"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 not a jpeg"})
+                sink.write({"__key__": "text", "png": b"a text file under an image name"})
     return shards, files
 
 
@@ -82,6 +83,8 @@ def test_shards_give_each_image_member_one_row_with_the_files_scores(trained, co
     assert all(k.startswith(str(shards)) and ".tar#" in k for k in rows)
     corrupt = rows[f"{shards / '000002.tar'}#corrupt.jpg"]
     assert "cannot read image" in corrupt["error"] and "000002.tar#corrupt.jpg" in corrupt["error"]
+    text = rows[f"{shards / '000002.tar'}#text.png"]["error"]  # Pillow names what it cannot identify
+    assert f"cannot identify image file '{shards / '000002.tar'}#text.png'" in text and " object at 0x" not in text
     assert _score(trained, str(shards / "{000000..000003}.tar"), "-o", str(output)) == 1  # resumes: nothing twice
     assert len(output.read_text().splitlines()) == len(rows)
 

@@ -94,17 +94,6 @@ class _Batcher:
                     future.set_result(score)
 
 
-class _Upload(io.BytesIO):
-    """An upload's bytes that Pillow's messages name by the upload's file name, not by an object's address."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        super().__init__(data)
-        self.name = name
-
-    def __repr__(self) -> str:
-        return repr(self.name)
-
-
 def _pixels(data: bytes) -> int:
     """Width x height from an image's header (nothing decoded); 0 when it is no image (it fails alone later)."""
     from PIL import Image
@@ -179,7 +168,7 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
     from fastapi import FastAPI, File, HTTPException, UploadFile
     from fastapi.responses import HTMLResponse
 
-    from qmamba.inference.images import ImageReadError, read_rgb
+    from qmamba.inference.images import ImageReadError, NamedBytes, read_rgb
     from qmamba.inference.quality_maps import render
 
     limits = limits or Limits()
@@ -224,7 +213,7 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
         entry: dict[str, Any] = {"file": name}
         loop = asyncio.get_running_loop()
         try:
-            rgb = await loop.run_in_executor(None, partial(read_rgb, _Upload(data, name),
+            rgb = await loop.run_in_executor(None, partial(read_rgb, NamedBytes(data, name),
                                                            max_pixels=limits.max_pixels))
             crops = await loop.run_in_executor(None, scorer.crops, rgb)
         except (ImageReadError, ValueError) as err:  # not an image, a bomb, too small for a crop: that image alone

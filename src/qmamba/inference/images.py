@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import BinaryIO
 
@@ -10,11 +11,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qmamba.errors import QMambaError
 
-__all__ = ["ImageReadError", "bomb_message", "read_rgb", "rgb_array"]
+__all__ = ["ImageReadError", "NamedBytes", "bomb_message", "read_rgb", "rgb_array"]
 
 
 class ImageReadError(QMambaError):
     """An image file is missing, truncated or in an unsupported format."""
+
+
+class NamedBytes(io.BytesIO):
+    """An image's bytes (an upload, a tar member) that messages, Pillow's included, name by ``name`` instead of an
+    object's address."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return repr(self.name)
 
 
 def read_rgb(path: str | os.PathLike[str] | BinaryIO, max_side: int | None = None,
@@ -30,7 +43,7 @@ def read_rgb(path: str | os.PathLike[str] | BinaryIO, max_side: int | None = Non
     ``draft``), so a 12000x9000 photo never occupies its full 324 MB; the rest is a Lanczos reduction.
     ``max_pixels`` refuses an image with more pixels, from its header, before decoding (untrusted uploads).
     """
-    name = getattr(path, "name", path)
+    name = path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "an open file")
     try:
         with Image.open(path) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:

@@ -14,7 +14,6 @@ crops, mapped to the chosen dataset's scale and direction.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +27,7 @@ from PIL import Image
 
 from qmamba.errors import UsageError
 from qmamba.files.checkpoint import CheckpointError
-from qmamba.inference.images import read_rgb
+from qmamba.inference.images import NamedBytes, read_rgb
 from qmamba.inference.preprocessing import EvalCrops
 from qmamba.inference.quality_maps import QualityMap, window_starts
 from qmamba.inference.scale import ScoreScale
@@ -54,9 +53,7 @@ def _as_rgb(image: ImageInput, max_side: int | None = None) -> np.ndarray:
     Floating-point arrays and tensors are taken to be in [0, 1]; integer ones in [0, 255]. ``max_side`` downscales
     files whose longer side exceeds it (see :func:`qmamba.inference.images.read_rgb`)."""
     if isinstance(image, Source):  # a tar member or a URI: its bytes, named by its key in messages
-        data = io.BytesIO(image.read())
-        data.name = str(image)
-        return read_rgb(data, max_side)
+        return read_rgb(NamedBytes(image.read(), str(image)), max_side)
     if isinstance(image, (str, os.PathLike)):
         return read_rgb(image, max_side)
     if isinstance(image, Image.Image):
