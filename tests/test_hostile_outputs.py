@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from score_runs import run_score
 
 from qmamba.cli import main
 
@@ -27,14 +28,6 @@ def images(trained, tmp_path) -> Path:
     return folder
 
 
-def _score(trained, *args: str) -> int:
-    """qmamba score's exit status (0 when it returns)."""
-    try:
-        main(["score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"), "--device", "cpu", *args])
-    except SystemExit as exit_info:
-        return exit_info.code
-    return 0
-
 
 @pytest.mark.parametrize("planted", ["output", "partial"])
 def test_a_symlinked_output_or_partial_file_is_refused_and_its_target_untouched(trained, images, tmp_path, capsys,
@@ -43,7 +36,7 @@ def test_a_symlinked_output_or_partial_file_is_refused_and_its_target_untouched(
     victim.write_text("precious")
     output = tmp_path / "scores.csv"
     (output if planted == "output" else output.with_name("scores.csv.partial")).symlink_to(victim)
-    assert _score(trained, str(images), "-o", str(output)) == 2
+    assert run_score(trained, str(images), "-o", str(output)) == 2
     err = capsys.readouterr().err
     assert "is a symbolic link" in err.splitlines()[-1] and "Traceback" not in err
     assert victim.read_text() == "precious"
@@ -56,7 +49,7 @@ def test_a_link_planted_where_a_temporary_would_go_is_not_followed(trained, imag
     victim.write_text("precious")
     output = tmp_path / "scores.parquet"
     (tmp_path / ".scores.parquet.tmp").symlink_to(victim)
-    assert _score(trained, str(images), "-o", str(output)) == 1  # the corrupt image
+    assert run_score(trained, str(images), "-o", str(output)) == 1  # the corrupt image
     assert victim.read_text() == "precious" and output.is_file() and not output.is_symlink()
 
 
@@ -71,7 +64,7 @@ def test_maps_of_inputs_above_the_working_folder_stay_inside_the_maps_folder(tra
     escaping = os.path.join("..", "..", "imgs", "I01_01_01.png")
     assert map_path(maps, escaping) == maps / Path(*images.parts[1:]) / "I01_01_01.png.png"
     assert map_path(maps, "a/../b.png") == maps / "b.png.png"  # below the working folder: keeps its name
-    assert _score(trained, escaping, "-o", str(work / "s.csv"), "--maps", str(maps)) == 0
+    assert run_score(trained, escaping, "-o", str(work / "s.csv"), "--maps", str(maps)) == 0
     written = [p for p in tmp_path.rglob("*.png.png")]
     assert written and all(p.is_relative_to(maps) for p in written)
 
@@ -83,7 +76,7 @@ def test_a_link_inside_the_maps_folder_that_leads_out_is_refused(trained, images
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (maps / "imgs").symlink_to(outside)
-    assert _score(trained, "imgs/I01_01_01.png", "-o", "s.csv", "--maps", "maps") == 2
+    assert run_score(trained, "imgs/I01_01_01.png", "-o", "s.csv", "--maps", "maps") == 2
     assert "leads out of it" in capsys.readouterr().err and list(outside.iterdir()) == []
 
 
@@ -93,7 +86,7 @@ def test_two_runs_on_one_output_are_refused_and_a_stale_lock_is_taken_over(train
     try:
         lock = tmp_path / ".scores.csv.lock"
         lock.write_text(f"{holder.pid} {os.uname().nodename}")
-        assert _score(trained, str(images), "-o", str(output)) == 1
+        assert run_score(trained, str(images), "-o", str(output)) == 1
         err = capsys.readouterr().err.splitlines()[-1]
         assert f"--output {output} is in use by another qmamba run (pid {holder.pid}" in err
         assert not output.exists() and not output.with_name("scores.csv.partial").exists()
@@ -101,7 +94,7 @@ def test_two_runs_on_one_output_are_refused_and_a_stale_lock_is_taken_over(train
         holder.kill()
         holder.wait()
     time.sleep(0.1)
-    assert _score(trained, str(images), "-o", str(output)) == 1  # the holder is gone: its lock is stale
+    assert run_score(trained, str(images), "-o", str(output)) == 1  # the holder is gone: its lock is stale
     assert len(output.read_text().splitlines()) == 3 and not lock.exists()  # header + 2 scores, lock released
 
 
@@ -111,7 +104,7 @@ def test_rerunning_a_finished_output_does_not_repeat_its_error_rows(trained, ima
         pytest.importorskip("pyarrow")
     output = tmp_path / f"scores{suffix}"
     for _ in range(3):
-        assert _score(trained, str(images), "-o", str(output)) == 1
+        assert run_score(trained, str(images), "-o", str(output)) == 1
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -128,7 +121,7 @@ def test_a_symlinked_shard_part_is_refused(trained, images, tmp_path, capsys):
     victim.write_text("precious")
     output = tmp_path / "scores.jsonl"
     output.with_name("scores.jsonl.partial.rank1").symlink_to(victim)
-    assert _score(trained, str(images), "-o", str(output), "--devices", "2", "--workers", "0") == 2
+    assert run_score(trained, str(images), "-o", str(output), "--devices", "2", "--workers", "0") == 2
     err = capsys.readouterr().err
     assert "the shard part" in err.splitlines()[-1] and "is a symbolic link" in err and "Traceback" not in err
     assert victim.read_text() == "precious"
@@ -182,14 +175,14 @@ def test_every_file_name_round_trips_through_every_format_and_resumes(trained, i
             f.write(png)
     expected = sorted(str(folder / name) for name in ODD_NAMES)
     output = tmp_path / f"scores{suffix}"
-    assert _score(trained, str(folder), "-o", str(output)) == 0
+    assert run_score(trained, str(folder), "-o", str(output)) == 0
     assert sorted(_read_paths(output)) == expected
     if suffix == ".parquet":  # the column itself shows the undecodable byte as Python writes it
         import pyarrow.parquet as pq
 
         assert str(folder / "caf\\xe9.png") in pq.read_table(output).column("path").to_pylist()
     capsys.readouterr()
-    assert _score(trained, str(folder), "-o", str(output)) == 0  # a rerun of the finished output
+    assert run_score(trained, str(folder), "-o", str(output)) == 0  # a rerun of the finished output
     assert sorted(_read_paths(output)) == expected  # every name recognised: nothing scored twice
     if suffix != ".json":  # JSON cannot resume: it starts over
         assert f"{len(ODD_NAMES)} images already scored, 0 to go" in capsys.readouterr().err
@@ -206,7 +199,7 @@ def test_names_from_a_list_file_keep_their_bytes_and_spaces(trained, images, tmp
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"".join(os.fsencode(folder / name) + b"\r\n" for name in names))  # CRLF, as Windows writes
     output = tmp_path / "s.jsonl"
-    assert _score(trained, "--list", str(listing), "-o", str(output)) == 0
+    assert run_score(trained, "--list", str(listing), "-o", str(output)) == 0
     assert sorted(_read_paths(output)) == sorted(str(folder / name) for name in names)
 
 
@@ -214,7 +207,7 @@ def test_names_from_a_list_file_keep_their_bytes_and_spaces(trained, images, tmp
 def test_a_path_given_twice_is_scored_once_and_the_output_finished(trained, images, tmp_path, capsys, devices):
     good = sorted(str(p) for p in images.glob("I0*.png"))
     output = tmp_path / "s.csv"
-    assert _score(trained, good[0], good[1], good[0], good[1], "-o", str(output), "--devices", devices) == 0
+    assert run_score(trained, good[0], good[1], good[0], good[1], "-o", str(output), "--devices", devices) == 0
     assert output.is_file() and not output.with_name("s.csv.partial").exists()
     assert sorted(_read_paths(output)) == good
     assert "2 repeated input path(s) are scored once" in capsys.readouterr().err
@@ -275,7 +268,7 @@ def test_a_full_disk_while_scoring_is_one_line_and_keeps_the_scores_written(trai
     for i in range(600):  # ~100 bytes a row: more rows than 32 KiB hold
         (many / f"image-with-a-long-name-to-fill-the-disk-sooner-{i:04d}.png").write_bytes(png)
     output = small_disk / "scores.csv"
-    assert _score(trained, str(many), "-o", str(output)) == 1
+    assert run_score(trained, str(many), "-o", str(output)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("qmamba: error: no space left on the device while writing ") and "Traceback" not in err
     assert err[-1].endswith(f"every score written so far is kept in {output}.partial: free space and rerun the "

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from score_runs import run_score
 
 import qmamba
-from qmamba.cli import main
 
 webdataset = pytest.importorskip("webdataset", reason="the shard tests write shards with webdataset (test extra)")
 pytest.importorskip("braceexpand")
@@ -58,13 +58,6 @@ def _rows(path: Path) -> dict[str, dict]:
     return {e["path"]: e for e in (json.loads(line) for line in path.read_text().splitlines() if line)}
 
 
-def _score(trained, *args: str) -> int:
-    try:
-        main(["score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"), "--device", "cpu", *args])
-    except SystemExit as exit_info:
-        return exit_info.code
-    return 0
-
 
 def _expected(trained, files: dict[str, Path]) -> dict[str, float]:
     scorer = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu")
@@ -74,7 +67,7 @@ def _expected(trained, files: dict[str, Path]) -> dict[str, float]:
 def test_shards_give_each_image_member_one_row_with_the_files_scores(trained, collection, tmp_path):
     shards, files = collection
     output = tmp_path / "scores.jsonl"
-    assert _score(trained, str(shards / "{000000..000003}.tar"), "-o", str(output)) == 1  # the corrupt member
+    assert run_score(trained, str(shards / "{000000..000003}.tar"), "-o", str(output)) == 1  # the corrupt member
     rows = _rows(output)
     expected = _expected(trained, files)
     scored = {k.split("#", 1)[1]: e["score"] for k, e in rows.items() if "score" in e}
@@ -85,7 +78,7 @@ def test_shards_give_each_image_member_one_row_with_the_files_scores(trained, co
     assert "cannot read image" in corrupt["error"] and "000002.tar#corrupt.jpg" in corrupt["error"]
     text = rows[f"{shards / '000002.tar'}#text.png"]["error"]  # Pillow names what it cannot identify
     assert f"cannot identify image file '{shards / '000002.tar'}#text.png'" in text and " object at 0x" not in text
-    assert _score(trained, str(shards / "{000000..000003}.tar"), "-o", str(output)) == 1  # resumes: nothing twice
+    assert run_score(trained, str(shards / "{000000..000003}.tar"), "-o", str(output)) == 1  # resumes: nothing twice
     assert len(output.read_text().splitlines()) == len(rows)
 
     from qmamba.inference.sources import expand  # the Python API: the same keys, and a Scorer reads them
@@ -112,11 +105,11 @@ def test_a_table_of_paths_is_scored_by_its_column(trained, collection, tmp_path,
     else:
         table.write_text("".join(json.dumps({"key": n, "url": str(files[n])}) + "\n" for n in names))
     output = tmp_path / "scores.jsonl"
-    assert _score(trained, str(table), "-o", str(output)) == 0  # no path column: url
+    assert run_score(trained, str(table), "-o", str(output)) == 0  # no path column: url
     expected = _expected(trained, {n: files[n] for n in names})
     rows = _rows(output)
     np.testing.assert_allclose([rows[str(files[n])]["score"] for n in names], list(expected.values()), rtol=1e-6)
-    assert _score(trained, str(table), "--column", "picture", "-o", str(tmp_path / "other.jsonl")) == 1
+    assert run_score(trained, str(table), "--column", "picture", "-o", str(tmp_path / "other.jsonl")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"qmamba: error: the table {table} has no column picture (its columns: key, url); name the one "
                        "with the images with --column")
@@ -127,7 +120,7 @@ def test_a_missing_or_broken_shard_stops_before_scoring(trained, collection, tmp
     (tmp_path / "broken.tar").write_bytes(b"not a tar file" * 100)
     for shard, message in ((shards / "000009.tar", f"shard {shards / '000009.tar'} does not exist"),
                            (tmp_path / "broken.tar", "cannot read the shard")):
-        assert _score(trained, str(shards / "000000.tar"), str(shard), "-o", str(tmp_path / "s.csv")) == 1
+        assert run_score(trained, str(shards / "000000.tar"), str(shard), "-o", str(tmp_path / "s.csv")) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and "Traceback" not in "\n".join(err)
         assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.csv.partial").exists()
@@ -171,7 +164,7 @@ def test_shards_and_a_table_of_urls_in_a_bucket_score_as_the_local_files(trained
     client.put_object(Bucket="iqa", Key="tables/images.parquet", Body=table.getvalue())
 
     output = tmp_path / "scores.jsonl"
-    assert _score(trained, "s3://iqa/shards/{000000..000003}.tar", "s3://iqa/tables/images.parquet",
+    assert run_score(trained, "s3://iqa/shards/{000000..000003}.tar", "s3://iqa/tables/images.parquet",
                   "-o", str(output)) == 1  # the corrupt member
     rows = _rows(output)
     expected = _expected(trained, files)
