@@ -128,9 +128,9 @@ def data_floor(scorer: qmamba.inference.scoring.Scorer, paths: list[str], worker
 
 
 def _prepared(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: int):
-    from qmamba.inference.scoring import _as_list, _Decoded, _init_worker, _Preparer
+    from qmamba.inference.scoring import _as_list, _Decoded, _init_worker, Preparer
 
-    prepare = _Preparer(scorer.crops, scorer.max_side)
+    prepare = Preparer(scorer.crops, scorer.max_side)
     if not workers:
         return ([prepare(i, p)] for i, p in enumerate(paths))
     return torch.utils.data.DataLoader(_Decoded(paths, prepare), batch_size=scorer.batch_size, num_workers=workers,

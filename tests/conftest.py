@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from iqa_fixtures import make_kadid
+from PIL import Image
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -62,3 +64,60 @@ def small_disk(tmp_path: Path):
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def collection(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """4 shards written by webdataset, of 3 images each (jpg, png, webp) with a .json metadata member per key, a
+    corrupt jpg member and a text file named .png, and the same images as loose files: (shards folder, {member name:
+    loose file})."""
+    webdataset = pytest.importorskip("webdataset", reason="the shard tests write shards with webdataset (test extra)")
+    root, _ = trained
+    sources = sorted((root / "kadid" / "images").glob("I0*.png"))
+    base = tmp_path_factory.mktemp("collection")
+    shards, loose = base / "shards", base / "loose"
+    shards.mkdir()
+    loose.mkdir()
+    files = {}
+    for s in range(4):
+        with webdataset.TarWriter(str(shards / f"{s:06d}.tar")) as sink:
+            for i, fmt in enumerate(("JPEG", "PNG", "WEBP")):
+                key = f"{s:06d}{i:03d}"
+                ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+                data = _encode(Image.open(sources[(3 * s + i) % len(sources)]).convert("RGB"), fmt)
+                sink.write({"__key__": key, ext: data, "json": {"key": key, "caption": "a test image"}})
+                files[f"{key}.{ext}"] = loose / f"{key}.{ext}"
+                files[f"{key}.{ext}"].write_bytes(data)
+            if s == 2:
+                sink.write({"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 not a jpeg"})
+                sink.write({"__key__": "text", "png": b"a text file under an image name"})
+    return shards, files
+
+
+@pytest.fixture
+def bucket(monkeypatch: pytest.MonkeyPatch):
+    """An S3 API on 127.0.0.1 (moto's server) with an empty bucket ``iqa``, and this process's credentials for it:
+    (boto3 client, the environment that reaches it)."""
+    moto_server = pytest.importorskip("moto.server", reason="the S3 tests run moto's server (test extra)")
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs", reason="s3:// needs s3fs (pip install 'qmamba[cloud]')")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket="iqa")
+    import fsspec
+
+    fsspec.AbstractFileSystem.clear_instance_cache()  # s3fs keeps filesystems per process: none from another test
+    yield client, env
+    server.stop()

@@ -1,14 +1,30 @@
-"""Running ``qmamba score`` in-process from tests, as a user would from a shell."""
+"""Running ``qmamba score`` in-process from tests, as a user would from a shell, and reading what it wrote."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import qmamba
 from qmamba.cli import main
 
 
-def run_score(trained, *args: str) -> int:  # noqa: ANN001 (the session fixture's (root, run folder) pair)
-    """qmamba score with the trained test model on the CPU; its exit status (0 when it returns)."""
+def run_score(trained, *args: str, device: str | None = "cpu") -> int:  # noqa: ANN001 (the (root, run) pair)
+    """qmamba score with the trained test model (on ``device``); its exit status (0 when it returns)."""
     try:
-        main(["score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"), "--device", "cpu", *args])
+        main(["score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
+              *(["--device", device] if device else []), *args])
     except SystemExit as exit_info:
         return exit_info.code
     return 0
+
+
+def rows_of(path: Path) -> dict[str, dict]:
+    """A JSON Lines output's rows by path."""
+    return {e["path"]: e for e in (json.loads(line) for line in path.read_text().splitlines() if line)}
+
+
+def file_scores(trained, files: dict[str, Path]) -> dict[str, float]:  # noqa: ANN001
+    """The test model's scores of image files, one by one through qmamba.load, under the names given."""
+    scorer = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu")
+    return dict(zip(files, scorer.score([str(p) for p in files.values()]), strict=True))

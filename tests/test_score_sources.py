@@ -9,67 +9,23 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from score_runs import run_score
+from score_runs import file_scores, rows_of, run_score
 
 import qmamba
 
-webdataset = pytest.importorskip("webdataset", reason="the shard tests write shards with webdataset (test extra)")
+pytest.importorskip("webdataset", reason="the shard tests write shards with webdataset (test extra)")
 pytest.importorskip("braceexpand")
-
-
-def _encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **({"quality": 95} if fmt != "PNG" else {}))
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def collection(trained, tmp_path_factory):
-    """4 shards of 3 images each (jpg, png, webp) with a .json metadata member per key, a corrupt jpg member and a
-    text file named .png, and the same images as loose files: (shards folder, {member name: loose file})."""
-    root, _ = trained
-    sources = sorted((root / "kadid" / "images").glob("I0*.png"))
-    base = tmp_path_factory.mktemp("collection")
-    shards, loose = base / "shards", base / "loose"
-    shards.mkdir()
-    loose.mkdir()
-    files = {}
-    for s in range(4):
-        with webdataset.TarWriter(str(shards / f"{s:06d}.tar")) as sink:
-            for i, fmt in enumerate(("JPEG", "PNG", "WEBP")):
-                key = f"{s:06d}{i:03d}"
-                ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
-                data = _encode(Image.open(sources[(3 * s + i) % len(sources)]).convert("RGB"), fmt)
-                sink.write({"__key__": key, ext: data, "json": {"key": key, "caption": "a test image"}})
-                files[f"{key}.{ext}"] = loose / f"{key}.{ext}"
-                files[f"{key}.{ext}"].write_bytes(data)
-            if s == 2:
-                sink.write({"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 not a jpeg"})
-                sink.write({"__key__": "text", "png": b"a text file under an image name"})
-    return shards, files
-
-
-def _rows(path: Path) -> dict[str, dict]:
-    return {e["path"]: e for e in (json.loads(line) for line in path.read_text().splitlines() if line)}
-
-
-
-def _expected(trained, files: dict[str, Path]) -> dict[str, float]:
-    scorer = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu")
-    return dict(zip(files, scorer.score([str(p) for p in files.values()]), strict=True))
 
 
 def test_shards_give_each_image_member_one_row_with_the_files_scores(trained, collection, tmp_path):
     shards, files = collection
     output = tmp_path / "scores.jsonl"
     assert run_score(trained, str(shards / "{000000..000003}.tar"), "-o", str(output)) == 1  # the corrupt member
-    rows = _rows(output)
-    expected = _expected(trained, files)
+    rows = rows_of(output)
+    expected = file_scores(trained, files)
     scored = {k.split("#", 1)[1]: e["score"] for k, e in rows.items() if "score" in e}
     assert scored.keys() == expected.keys()  # metadata members are no rows
     np.testing.assert_allclose([scored[k] for k in expected], list(expected.values()), rtol=1e-6)
@@ -106,8 +62,8 @@ def test_a_table_of_paths_is_scored_by_its_column(trained, collection, tmp_path,
         table.write_text("".join(json.dumps({"key": n, "url": str(files[n])}) + "\n" for n in names))
     output = tmp_path / "scores.jsonl"
     assert run_score(trained, str(table), "-o", str(output)) == 0  # no path column: url
-    expected = _expected(trained, {n: files[n] for n in names})
-    rows = _rows(output)
+    expected = file_scores(trained, {n: files[n] for n in names})
+    rows = rows_of(output)
     np.testing.assert_allclose([rows[str(files[n])]["score"] for n in names], list(expected.values()), rtol=1e-6)
     assert run_score(trained, str(table), "--column", "picture", "-o", str(tmp_path / "other.jsonl")) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -124,28 +80,6 @@ def test_a_missing_or_broken_shard_stops_before_scoring(trained, collection, tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and "Traceback" not in "\n".join(err)
         assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.csv.partial").exists()
-
-
-@pytest.fixture
-def bucket(monkeypatch):
-    """An S3 API on 127.0.0.1 (moto's server) with an empty bucket, and this process's credentials for it."""
-    moto_server = pytest.importorskip("moto.server", reason="the S3 tests run moto's server (test extra)")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs", reason="s3:// needs s3fs (pip install 'qmamba[cloud]')")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    client.create_bucket(Bucket="iqa")
-    import fsspec
-
-    fsspec.AbstractFileSystem.clear_instance_cache()  # s3fs keeps filesystems per process: none from another test
-    yield client, env
-    server.stop()
 
 
 def test_shards_and_a_table_of_urls_in_a_bucket_score_as_the_local_files(trained, collection, tmp_path, bucket):
@@ -166,8 +100,8 @@ def test_shards_and_a_table_of_urls_in_a_bucket_score_as_the_local_files(trained
     output = tmp_path / "scores.jsonl"
     assert run_score(trained, "s3://iqa/shards/{000000..000003}.tar", "s3://iqa/tables/images.parquet",
                   "-o", str(output)) == 1  # the corrupt member
-    rows = _rows(output)
-    expected = _expected(trained, files)
+    rows = rows_of(output)
+    expected = file_scores(trained, files)
     for name, score in expected.items():
         shard = f"s3://iqa/shards/{name[:6]}.tar#{name}"
         assert rows[shard]["score"] == pytest.approx(score, rel=1e-6), name

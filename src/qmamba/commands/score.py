@@ -43,10 +43,11 @@ from qmamba.commands.score_outputs import (
     scored_paths,
     whole_lines,
 )
+from qmamba.commands.score_ray import check_options
+from qmamba.commands.score_ray import run as run_on_ray
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
-from qmamba.inference.scale import ScoreScale
-from qmamba.inference.sources import expand
+from qmamba.inference.sources import expand, is_uri
 
 __all__ = ["main"]
 
@@ -58,14 +59,6 @@ def expand_inputs(inputs: list[str], column: str | None) -> tuple[list[str], lis
     if len(unique) < len(files):
         print(f"qmamba score: {len(files) - len(unique)} repeated input path(s) are scored once", file=sys.stderr)
     return unique, errors
-
-
-def _flag(score: float, scale: ScoreScale, clip: bool) -> tuple[float, str]:
-    """The reported score and its flag: out-of-range predictions are kept and flagged, or clipped when asked."""
-    flag = scale.out_of_range(score)
-    if flag and clip:
-        return min(max(score, scale.low), scale.high), f"clipped ({flag}: {score:.6g})"
-    return score, flag
 
 
 def _read_list(parser: argparse.ArgumentParser, source: str) -> list[str]:
@@ -141,6 +134,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", action="store_true", help="clip scores to the dataset's scale (default: flag them)")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
+    ray = parser.add_argument_group("the Ray engine (pip install \"qmamba[ray]\")")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this machine's processes "
+                     "(default); ray: a Ray cluster, writing Parquet parts to the --output folder or bucket")
+    ray.add_argument("--address", help="the Ray cluster: auto (a running one), ray://host:10001 (default: "
+                     "$RAY_ADDRESS, as `ray job submit` sets it, else a cluster of this machine started for the run)")
+    ray.add_argument("--concurrency", type=int, default=1, help="scoring actors, each holding the model (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per scoring actor; 0 (default) scores "
+                     "on CPUs, a fraction shares a GPU between actors")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU cores per scoring actor (its torch "
+                     "threads; default 1); decoding runs in tasks of one core each")
+    ray.add_argument("--part-rows", type=int, default=10_000, help="rows per Parquet part at most; a part is also "
+                     "written every minute while rows arrive (default 10000)")
     return parser
 
 
@@ -159,10 +164,21 @@ def main(argv: list[str]) -> None:
     if args.num_nodes > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         parser.error("--num_nodes needs MASTER_ADDR and MASTER_PORT (node 0's address and a free port; torchrun and "
                      "SLURM set them) so that node 0 knows when every node is done")
+    check_options(parser, args)
     inputs = [p for item in args.inputs for p in (_read_list(parser, "-") if item == "-" else [item])]
     inputs += [p for source in args.lists for p in _read_list(parser, source)]
     if not inputs:
         parser.error("no images to score: name files or folders, --list FILE, or - for paths on standard input")
+    if args.engine == "ray":
+        stop = _Stop()
+        try:
+            run_on_ray(args, inputs, stop, _Progress(None))
+        finally:
+            stop.restore()
+        return
+    if args.output and is_uri(args.output):
+        parser.error(f"--output {args.output}: the local engine writes a local file; --engine ray writes Parquet parts "
+                     "to a bucket (or copy the file there when the run ends)")
     output = Path(args.output) if args.output else None
     sharded = args.devices > 1 or args.num_nodes > 1
     if sharded and output is None:
@@ -271,7 +287,7 @@ def _score(scorer: Any, files: list[str], writer: RowWriter, args: argparse.Name
         for batch in scorer.iter_batches(files, workers=workers):
             bad = [(files[r.index], r.error) for r in batch if r.error is not None]
             good = [r for r in batch if r.error is None]
-            writer.write([(files[r.index], *_flag(r.score, scorer.scale, args.clip)) for r in good], bad)
+            writer.write([(files[r.index], *scorer.scale.report(r.score, args.clip)) for r in good], bad)
             if args.maps is not None:
                 for r in good:
                     _write_map(scorer, files[r.index], args.maps)
@@ -312,25 +328,29 @@ def _write_map(scorer: Any, path: str, maps: Path) -> None:
 
 
 class _Progress:
-    """A bar with img/s and ETA in a terminal; in a log, one line every ``every`` seconds."""
+    """A bar with img/s and ETA in a terminal; in a log, one line every ``every`` seconds. ``total`` None: a count
+    without an end (shards not listed in advance)."""
 
-    def __init__(self, total: int, every: float = 30.0) -> None:
+    def __init__(self, total: int | None, every: float = 30.0) -> None:
         from tqdm import tqdm
 
         self.total, self.every, self.done = total, every, 0
         self.start = self.last = time.monotonic()
         self.bar = tqdm(total=total, desc="scoring", unit="img", file=sys.stderr,
-                        disable=not total or not sys.stderr.isatty())
+                        disable=total == 0 or not sys.stderr.isatty())
 
     def update(self, count: int) -> None:
         self.bar.update(count)
         self.done += count
         now = time.monotonic()
-        if self.bar.disable and self.total and now - self.last >= self.every:
+        if self.bar.disable and self.total != 0 and now - self.last >= self.every:
             rate = self.done / (now - self.start)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            print(f"qmamba score: {self.done} of {self.total} images, {rate:.1f} img/s, about {eta / 60:.0f} min "
-                  "to go", file=sys.stderr, flush=True)
+            if self.total is None:
+                line = f"{self.done} images, {rate:.1f} img/s"
+            else:
+                eta = (self.total - self.done) / rate if rate else float("inf")
+                line = f"{self.done} of {self.total} images, {rate:.1f} img/s, about {eta / 60:.0f} min to go"
+            print(f"qmamba score: {line}", file=sys.stderr, flush=True)
             self.last = now
 
     def close(self) -> None:

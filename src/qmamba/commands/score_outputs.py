@@ -30,8 +30,8 @@ from qmamba.errors import UsageError
 from qmamba.files.atomic import atomic_writer, write_text_atomic
 from qmamba.files.run_folder import ProcessLock
 
-__all__ = ["PartialOutput", "RowWriter", "json_lines", "open_for_writing", "output_kind", "read_text", "refuse_link",
-           "scored_paths", "whole_lines"]
+__all__ = ["PartialOutput", "RowWriter", "is_utf8", "json_lines", "open_for_writing", "output_kind", "read_text",
+           "refuse_link", "scored_paths", "whole_lines"]
 
 
 def refuse_link(path: Path, what: str) -> None:
@@ -195,7 +195,7 @@ def _jsonl_to_parquet(source: Path, target: IO[bytes], header: dict[str, Any]) -
     import pyarrow.parquet as pq
 
     entries = json_lines(read_text(source))
-    exact = {str(i): os.fsencode(e["path"]).hex() for i, e in enumerate(entries) if not _is_utf8(e["path"])}
+    exact = {str(i): os.fsencode(e["path"]).hex() for i, e in enumerate(entries) if not is_utf8(e["path"])}
     table = pa.table({
         "path": pa.array([os.fsencode(e["path"]).decode("utf-8", "backslashreplace") for e in entries], pa.string()),
         "score": pa.array([e.get("score") for e in entries], pa.float64()),
@@ -206,7 +206,8 @@ def _jsonl_to_parquet(source: Path, target: IO[bytes], header: dict[str, Any]) -
     pq.write_table(table, target)
 
 
-def _is_utf8(name: str) -> bool:
+def is_utf8(name: str) -> bool:
+    """False for a POSIX name whose bytes are not UTF-8 (held as surrogates)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes of a POSIX name, held as surrogates

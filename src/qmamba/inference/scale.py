@@ -39,6 +39,14 @@ class ScoreScale:
         """``above range`` / ``below range`` for a prediction outside the scale, else an empty string."""
         return "above range" if score > self.high else "below range" if score < self.low else ""
 
+    def report(self, score: float, clip: bool) -> tuple[float, str]:
+        """The score to report and its flag: out-of-range predictions are kept and flagged, or clipped when asked
+        (the flag then keeps the prediction)."""
+        flag = self.out_of_range(score)
+        if flag and clip:
+            return min(max(score, self.low), self.high), f"clipped ({flag}: {score:.6g})"
+        return score, flag
+
     def as_dict(self) -> dict[str, float | bool]:
         return {"low": self.low, "high": self.high, "lower_better": self.lower_better}
 

@@ -35,7 +35,7 @@ from qmamba.inference.sources import Source
 from qmamba.inference.trained import load_trained
 from qmamba.models.compiling import compile_errors, compile_model
 
-__all__ = ["ImageInput", "MapJob", "Result", "Scorer", "default_device", "load"]
+__all__ = ["ImageInput", "MapJob", "Preparer", "Result", "Scorer", "default_device", "load"]
 
 COMPILE_OPTION = "--compile (compile=True in qmamba.load)"
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -79,23 +79,29 @@ class _Prepared(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _Preparer:
-    """Decode and crop one image (small and picklable: DataLoader workers get this, not the model)."""
+class Preparer:
+    """Decode and crop one image (small and picklable: DataLoader workers and Ray tasks get this, not the model).
+    Whatever goes wrong with one image is that image's error message, the same in every engine."""
 
     crops: EvalCrops
     max_side: int | None
 
     def __call__(self, index: int, image: ImageInput) -> _Prepared:
+        crops, error = self.cut(image)
+        return _Prepared(index, None if crops is None else self.crops.preprocessing.normalize(crops), error)
+
+    def cut(self, image: ImageInput) -> tuple[np.ndarray | None, str | None]:
+        """The image's uint8 crops (:meth:`EvalCrops.cut`), or why it cannot be scored."""
         try:
-            return _Prepared(index, self.crops(_as_rgb(image, self.max_side)), None)
+            return self.crops.cut(_as_rgb(image, self.max_side)), None
         except Exception as err:  # noqa: BLE001 - reported per image, the others are still scored
-            return _Prepared(index, None, str(err))
+            return None, str(err)
 
 
 class _Decoded(torch.utils.data.Dataset):
     """Images decoded and cropped in DataLoader workers, each item an :class:`_Prepared`."""
 
-    def __init__(self, images: Sequence[ImageInput], prepare: _Preparer) -> None:
+    def __init__(self, images: Sequence[ImageInput], prepare: Preparer) -> None:
         self.images, self.prepare = images, prepare
 
     def __len__(self) -> int:
@@ -198,7 +204,7 @@ class Scorer:
             torch.set_num_threads(threads)
 
     def _iter_batches(self, images: Iterable[ImageInput], workers: int) -> Iterator[list[Result]]:
-        prepare = _Preparer(self.crops, self.max_side)
+        prepare = Preparer(self.crops, self.max_side)
         if workers:
             sequence = images if isinstance(images, Sequence) else list(images)
             prepared: Iterable[list[_Prepared]] = torch.utils.data.DataLoader(

@@ -35,7 +35,8 @@ from typing import IO, Any
 
 from qmamba.errors import QMambaError, UsageError
 
-__all__ = ["IMAGE_SUFFIXES", "InputError", "RemoteFile", "Source", "TarMember", "expand", "is_uri", "open_uri"]
+__all__ = ["IMAGE_SUFFIXES", "InputError", "RemoteFile", "Shard", "Source", "TarMember", "expand", "is_uri",
+           "open_uri", "shard_images"]
 
 
 def is_uri(path: str) -> bool:
@@ -101,6 +102,11 @@ class RemoteFile(Source):
             return f.read()
 
 
+class Shard(str):
+    """A tar shard named whole, its members not listed: an engine that reads each shard in one task streams it once
+    (:func:`shard_images`) instead of listing it here and range-reading every member."""
+
+
 # ------------------------------------------------------------------------------------------------------------ inputs
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm"}
 SHARD_SUFFIXES = {".tar"}
@@ -112,16 +118,18 @@ class InputError(QMambaError):
     """A shard or table that cannot be read, or a column it lacks: the run cannot score what was asked."""
 
 
-def expand(inputs: list[str], column: str | None = None) -> tuple[list[str], list[tuple[str, str]]]:
-    """The images of every input as row keys (paths and :class:`Source` objects), in order, each once; inputs that
-    lead nowhere are returned as ``(path, reason)``."""
+def expand(inputs: list[str], column: str | None = None, list_shards: bool = True
+           ) -> tuple[list[str], list[tuple[str, str]]]:
+    """The images of every input as row keys (paths and :class:`Source` objects), in order; inputs that lead nowhere
+    are returned as ``(path, reason)``. With ``list_shards`` false a shard is one :class:`Shard`, checked to be a
+    readable tar file but not listed."""
     files: list[str] = []
     errors: list[tuple[str, str]] = []
     for item in inputs:
         for name in _braces(item):
             suffix = PurePosixPath(name.split("?", 1)[0]).suffix.lower()
             if suffix in SHARD_SUFFIXES:
-                files += _shard_members(name)
+                files += _shard_members(name) if list_shards else [_checked_shard(name)]
             elif suffix in TABLE_SUFFIXES:
                 files += _table_images(name, suffix, column)
             elif is_uri(name):
@@ -194,15 +202,51 @@ def _shard_members(shard: str) -> list[str]:
     try:  # a remote shard streams through once; a local one is read by seeking past each member's data
         with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|*" if is_uri(shard) else "r:*") as archive:
             return [TarMember(f"{shard}#{member.name}", shard, member.offset_data, member.size)
-                    for member in _members(archive) if PurePosixPath(member.name).suffix.lower() in IMAGE_SUFFIXES]
+                    for member in _image_members(archive)]
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise InputError(f"cannot read the shard {shard}: {_reason(err)} (not a tar file, or truncated)") from None
+        raise InputError(_unreadable_shard(shard, err)) from None
 
 
-def _members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+def _unreadable_shard(shard: str, err: BaseException) -> str:
+    return f"cannot read the shard {shard}: {_reason(err)} (not a tar file, or truncated)"
+
+
+def _image_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The image members of a shard, each name once (a tar file may repeat one: the first counts, as in
+    :func:`expand`'s de-duplication); other members are the samples' metadata."""
+    seen: set[str] = set()
     for member in archive:
-        if member.isfile():
+        if member.isfile() and PurePosixPath(member.name).suffix.lower() in IMAGE_SUFFIXES and member.name not in seen:
+            seen.add(member.name)
             yield member
+
+
+def _checked_shard(shard: str) -> Shard:
+    """``shard`` after reading its first header (one small read): a missing, unreachable or non-tar shard is an
+    :class:`InputError` before any work starts, as when it is listed."""
+    with _open(shard, "shard") as f:
+        head = f.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.EOFHeaderError:  # a zero block: an archive without members
+        pass
+    except tarfile.HeaderError as err:
+        raise InputError(_unreadable_shard(shard, err)) from None
+    return Shard(shard)
+
+
+def shard_images(shard: str, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """``(key, bytes, None)`` for each image member of a shard not in ``skip`` (keys), streaming it once; a shard
+    that breaks off (truncated, unreadable) ends with ``(shard, None, reason)`` after the members before the break."""
+    try:
+        with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|*") as archive:
+            for member in _image_members(archive):
+                key = f"{shard}#{member.name}"
+                if key not in skip:
+                    data = archive.extractfile(member).read()  # type: ignore[union-attr]  (a file member)
+                    yield key, data, None
+    except (tarfile.TarError, OSError, EOFError, InputError) as err:
+        yield shard, None, str(err) if isinstance(err, InputError) else _unreadable_shard(shard, err)
 
 
 def _table_images(table: str, suffix: str, column: str | None) -> list[str]:
