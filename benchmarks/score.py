@@ -4,13 +4,16 @@
     python benchmarks/score.py runs/demo/checkpoints/best.ckpt --tiny     # + a QMamba-T checkpoint made here
     python benchmarks/score.py CKPT --images 2000 --tiny-images 64 --workers 0 2
     python benchmarks/score.py CKPT --shards 8      # + the same JPEGs in 8 tar shards (WebDataset's format)
+    python benchmarks/score.py CKPT --shards 8 --ray   # + the Ray engine on both (pip install "qmamba[ray]")
 
 For each checkpoint and each ``--workers`` value, in one process: the data floor (decode and crop every file the
 way the checkpoint's evaluation does, through the same DataLoader, no model) and the scoring loop of ``qmamba
 score`` (``qmamba.load(...).iter_batches(files, workers)``: decode, crops, batched forward, score mapping), as
 img/s; "x floor" is the scoring time over the floor's. With ``--shards N`` the same JPEGs are also written into N tar
 shards and scored as their members (``qmamba.inference.sources.expand``), so loose files and shards compare in one
-run. Then the start-up of ``qmamba --help`` and ``qmamba score
+run. With ``--ray`` each source is also scored by the Ray engine's pipeline (``qmamba score --engine ray`` without
+its Parquet parts) on a cluster of this machine, against the local engine with one decoding worker (the same
+shape: one core decodes while the model runs). Then the start-up of ``qmamba --help`` and ``qmamba score
 --help`` in fresh processes. The JPEGs are synthetic photographs (smooth gradients and blocky texture) written once
 to --workdir, in KonIQ-10k's layout with random MOS, so that ``--tiny`` can train QMamba-T (224 px crops) for one
 step through the real CLI: its scores are meaningless, its speed is QMamba-T's.
@@ -128,7 +131,7 @@ def data_floor(scorer: qmamba.inference.scoring.Scorer, paths: list[str], worker
 
 
 def _prepared(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: int):
-    from qmamba.inference.scoring import _as_list, _Decoded, _init_worker, Preparer
+    from qmamba.inference.scoring import Preparer, _as_list, _Decoded, _init_worker
 
     prepare = Preparer(scorer.crops, scorer.max_side)
     if not workers:
@@ -143,6 +146,23 @@ def scoring(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: 
     for batch in scorer.iter_batches(paths, workers=workers):
         assert all(r.error is None for r in batch), batch
     return time.perf_counter() - start
+
+
+def ray_engine(ckpt: Path, inputs: list[str], batch_size: int, device: str) -> tuple[float, int]:
+    """Seconds for ``qmamba score --engine ray``'s pipeline over ``inputs`` on the Ray session of this process (shards
+    named whole, as the engine reads them: one task each), from the driver's checks to the last row, and the rows."""
+    from qmamba.inference.ray_data import RayScorer
+    from qmamba.inference.sources import expand
+
+    start = time.perf_counter()
+    items, missing = expand(inputs, list_shards=False)
+    assert not missing, missing
+    scorer = RayScorer(ckpt, batch_size=batch_size, gpus_per_worker=1.0 if device.startswith("cuda") else 0.0)
+    rows = 0
+    for table in scorer.score_inputs(items, set()).iter_batches(batch_size=None, batch_format="pyarrow"):
+        assert table["error"].null_count == table.num_rows, table["error"]
+        rows += table.num_rows
+    return time.perf_counter() - start, rows
 
 
 def startup(*args: str) -> float:
@@ -162,6 +182,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/benchmark_score"))
     parser.add_argument("--device", default="cpu", help="where the model runs (cuda on a GPU machine)")
     parser.add_argument("--shards", type=int, default=0, help="also score the JPEGs from this many tar shards")
+    parser.add_argument("--ray", action="store_true", help="also the Ray engine (a Ray cluster of this machine) on "
+                        "each source, against the local engine with one decoding worker")
     args = parser.parse_args()
 
     if not args.checkpoints and not args.tiny:
@@ -169,26 +191,47 @@ def main() -> None:
     paths = make_jpegs(args.workdir / "jpegs", max(args.images, args.tiny_images))
     runs = [(Path(c), args.images) for c in args.checkpoints]
     runs += [(tiny_checkpoint(args.workdir), args.tiny_images)] if args.tiny else []
+    if args.ray:
+        import ray
+
+        start = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray_start = time.perf_counter() - start
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, model on {args.device} ({where}), {os.cpu_count()} cores, JPEGs of 1024x768, "
           f"batch {args.batch_size}")
     print(f"| {'model':<12} | {'crops':>9} | {'images':>6} | {'source':>10} | {'workers':>7} | "
           f"{'data floor img/s':>16} | {'score img/s':>11} | {'x floor':>7} |")
     print(f"|{'-' * 14}|{'-' * 11}|{'-' * 8}|{'-' * 12}|{'-' * 9}|{'-' * 18}|{'-' * 13}|{'-' * 9}|")
+    engines = []  # (model, source, local img/s with one worker, Ray img/s)
     for ckpt, count in runs:
         scorer = qmamba.load(ckpt, device=args.device, batch_size=args.batch_size)
-        sources = {"loose": paths[:count]}
+        sources = {"loose": (paths[:count], paths[:count])}
         if args.shards:
-            sources[f"{args.shards} shards"] = make_shards(args.workdir / f"shards_{count}", paths[:count],
-                                                           args.shards)
+            shard_folder = args.workdir / f"shards_{count}"
+            keys = make_shards(shard_folder, paths[:count], args.shards)
+            sources[f"{args.shards} shards"] = (keys, [str(shard_folder / f"{{000000..{args.shards - 1:06d}}}.tar")])
         scoring(scorer, paths[: 2 * args.batch_size], 0)  # warm-up: kernel compilation, allocator, page cache
-        for source, files in sources.items():
+        for source, (files, inputs) in sources.items():
             data_floor(scorer, files, 0)  # the page cache
             for workers in args.workers:
                 floor, scored = data_floor(scorer, files, workers), scoring(scorer, files, workers)
                 crops = f"{scorer.crops.count}x{scorer.crops.size}"
                 print(f"| {scorer.info['backbone']:<12} | {crops:>9} | {count:>6} | {source:>10} | {workers:>7} | "
                       f"{count / floor:>16.1f} | {count / scored:>11.1f} | {scored / floor:>7.2f} |", flush=True)
+            if args.ray:
+                local = count / scoring(scorer, files, 1)
+                seconds, rows = ray_engine(ckpt, inputs, args.batch_size, args.device)
+                assert rows == count, (rows, count)
+                engines.append((scorer.info["backbone"], source, local, count / seconds))
+    if args.ray:
+        print(f"\nRay engine (a cluster of this machine started once in {ray_start:.1f} s; from the driver's checks to "
+              "the last row, the actor's start included) against the local engine with 1 decoding worker:")
+        print(f"| {'model':<12} | {'source':>10} | {'local img/s':>11} | {'Ray img/s':>9} | {'Ray / local':>11} |")
+        print(f"|{'-' * 14}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 13}|")
+        for model, source, local, remote in engines:
+            print(f"| {model:<12} | {source:>10} | {local:>11.1f} | {remote:>9.1f} | {remote / local:>11.2f} |")
     print(f"\nstart-up: `qmamba --help` {startup('--help'):.2f} s, `qmamba score --help` "
           f"{startup('score', '--help'):.2f} s, `qmamba --version` {startup('--version'):.2f} s")
 
