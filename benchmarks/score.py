@@ -148,9 +148,11 @@ def scoring(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: 
     return time.perf_counter() - start
 
 
-def ray_engine(ckpt: Path, inputs: list[str], batch_size: int, device: str) -> tuple[float, int]:
-    """Seconds for ``qmamba score --engine ray``'s pipeline over ``inputs`` on the Ray session of this process (shards
-    named whole, as the engine reads them: one task each), from the driver's checks to the last row, and the rows."""
+def ray_engine(ckpt: Path, inputs: list[str], count: int, batch_size: int, device: str
+               ) -> tuple[float, float, float]:
+    """``qmamba score --engine ray``'s pipeline over ``inputs`` on the Ray session of this process (shards named
+    whole, as the engine reads them: one task each): img/s from the driver's checks to the last row, seconds to the
+    first row (the workers' start: they import torch and load the model), and img/s after it."""
     from qmamba.inference.ray_data import RayScorer
     from qmamba.inference.sources import expand
 
@@ -158,11 +160,14 @@ def ray_engine(ckpt: Path, inputs: list[str], batch_size: int, device: str) -> t
     items, missing = expand(inputs, list_shards=False)
     assert not missing, missing
     scorer = RayScorer(ckpt, batch_size=batch_size, gpus_per_worker=1.0 if device.startswith("cuda") else 0.0)
-    rows = 0
+    rows, first = 0, None
     for table in scorer.score_inputs(items, set()).iter_batches(batch_size=None, batch_format="pyarrow"):
         assert table["error"].null_count == table.num_rows, table["error"]
+        first = first or (time.perf_counter(), table.num_rows)
         rows += table.num_rows
-    return time.perf_counter() - start, rows
+    end = time.perf_counter()
+    assert first is not None and rows == count, (rows, count)
+    return rows / (end - start), first[0] - start, (rows - first[1]) / (end - first[0])
 
 
 def startup(*args: str) -> float:
@@ -222,16 +227,18 @@ def main() -> None:
                       f"{count / floor:>16.1f} | {count / scored:>11.1f} | {scored / floor:>7.2f} |", flush=True)
             if args.ray:
                 local = count / scoring(scorer, files, 1)
-                seconds, rows = ray_engine(ckpt, inputs, args.batch_size, args.device)
-                assert rows == count, (rows, count)
-                engines.append((scorer.info["backbone"], source, local, count / seconds))
+                engines.append((scorer.info["backbone"], source, local, *ray_engine(ckpt, inputs, count,
+                                                                                      args.batch_size, args.device)))
     if args.ray:
-        print(f"\nRay engine (a cluster of this machine started once in {ray_start:.1f} s; from the driver's checks to "
-              "the last row, the actor's start included) against the local engine with 1 decoding worker:")
-        print(f"| {'model':<12} | {'source':>10} | {'local img/s':>11} | {'Ray img/s':>9} | {'Ray / local':>11} |")
-        print(f"|{'-' * 14}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 13}|")
-        for model, source, local, remote in engines:
-            print(f"| {model:<12} | {source:>10} | {local:>11.1f} | {remote:>9.1f} | {remote / local:>11.2f} |")
+        print(f"\nRay engine on a cluster of this machine (started once, in {ray_start:.1f} s) against the local "
+              "engine with 1 decoding worker: img/s of the whole run (from the driver's checks to the last row), "
+              "seconds to the first row (workers starting), img/s after it, and the ratios to the local engine:")
+        print(f"| {'model':<12} | {'source':>10} | {'local img/s':>11} | {'Ray img/s':>9} | {'first row s':>11} | "
+              f"{'then img/s':>10} | {'Ray / local':>11} | {'then / local':>12} |")
+        print(f"|{'-' * 14}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 13}|{'-' * 12}|{'-' * 13}|{'-' * 14}|")
+        for model, source, local, whole, first, then in engines:
+            print(f"| {model:<12} | {source:>10} | {local:>11.1f} | {whole:>9.1f} | {first:>11.1f} | {then:>10.1f} | "
+                  f"{whole / local:>11.2f} | {then / local:>12.2f} |")
     print(f"\nstart-up: `qmamba --help` {startup('--help'):.2f} s, `qmamba score --help` "
           f"{startup('score', '--help'):.2f} s, `qmamba --version` {startup('--version'):.2f} s")
 

@@ -28,3 +28,21 @@ def file_scores(trained, files: dict[str, Path]) -> dict[str, float]:  # noqa: A
     """The test model's scores of image files, one by one through qmamba.load, under the names given."""
     scorer = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu")
     return dict(zip(files, scorer.score([str(p) for p in files.values()]), strict=True))
+
+
+def parts_of(folder: Path) -> dict[str, dict]:
+    """The rows of a folder of Parquet parts by key; a key twice fails the test."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(folder).to_pylist() if any(folder.glob("*.parquet")) else []
+    keys = [r["path"] for r in rows]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    return {r["path"]: r for r in rows}
+
+
+def bucket_parts(client, prefix: str, folder: Path) -> dict[str, dict]:  # noqa: ANN001 (a boto3 client)
+    """:func:`parts_of` the objects under ``prefix`` of the test bucket ``iqa``, downloaded into a new ``folder``."""
+    folder.mkdir(parents=True)
+    for entry in client.list_objects_v2(Bucket="iqa", Prefix=prefix).get("Contents", []):
+        client.download_file("iqa", entry["Key"], str(folder / Path(entry["Key"]).name))
+    return parts_of(folder)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_runs import file_scores, rows_of, run_score
+from score_runs import bucket_parts, file_scores, parts_of, rows_of, run_score
 
 ray = pytest.importorskip("ray", reason="the Ray engine's tests need ray[data] (test extra)")
 pytest.importorskip("ray.data")
@@ -39,14 +39,6 @@ def ray_score(trained, *args: str) -> int:  # noqa: ANN001
     return run_score(trained, "--engine", "ray", *args, device=None)
 
 
-def parts(folder: Path) -> dict[str, dict]:
-    """The rows of a parts folder by key; a key twice fails the test."""
-    rows = pq.read_table(folder).to_pylist() if any(folder.glob("*.parquet")) else []
-    keys = [r["path"] for r in rows]
-    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
-    return {r["path"]: r for r in rows}
-
-
 def member_scores(trained, collection) -> dict[str, float]:  # noqa: ANN001
     """The collection's images scored as extracted files one by one, by member name."""
     return file_scores(trained, collection[1])
@@ -61,7 +53,7 @@ def test_both_engines_give_the_files_scores_for_shards_a_table_and_a_folder(trai
     assert run_score(trained, *inputs, "-o", str(tmp_path / "local.jsonl")) == 1  # the corrupt member, the text
     local = rows_of(tmp_path / "local.jsonl")
     assert ray_score(trained, *inputs, "-o", str(tmp_path / "ray")) == 1
-    remote = parts(tmp_path / "ray")
+    remote = parts_of(tmp_path / "ray")
     assert remote.keys() == local.keys()
     for key, row in local.items():
         if "error" in row:
@@ -79,7 +71,7 @@ def test_both_engines_give_the_files_scores_for_shards_a_table_and_a_folder(trai
 
     errors_before = sorted(p.name for p in (tmp_path / "ray").glob("errors-*"))
     assert ray_score(trained, *inputs, "-o", str(tmp_path / "ray")) == 1  # resumed: only the failures again
-    assert parts(tmp_path / "ray").keys() == remote.keys()
+    assert parts_of(tmp_path / "ray").keys() == remote.keys()
     assert sorted(p.name for p in (tmp_path / "ray").glob("errors-*")) != errors_before  # retried, replaced
 
 
@@ -168,7 +160,7 @@ def test_a_scoring_actor_killed_mid_batch_is_restarted_and_every_key_is_scored_o
     os.kill(victim, signal.SIGKILL)
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 0, err
-    rows = parts(output)
+    rows = parts_of(output)
     assert len(rows) == count and all(r["score"] is not None for r in rows.values())
     assert f"{count} scored, 0 skipped" in err
 
@@ -182,24 +174,17 @@ def test_a_driver_killed_and_rerun_on_a_bucket_scores_every_key_exactly_once(tra
         client.upload_file(shard, "iqa", f"shards/{Path(shard).name}")
     inputs, output = ["s3://iqa/shards/{000000..000005}.tar"], "s3://iqa/scores/"
 
-    def downloaded() -> dict[str, dict]:
-        local = tmp_path / f"scores{time.monotonic_ns()}"
-        local.mkdir()
-        for entry in client.list_objects_v2(Bucket="iqa", Prefix="scores/").get("Contents", []):
-            client.download_file("iqa", entry["Key"], str(local / Path(entry["Key"]).name))
-        return parts(local)
-
     driver = _driver(trained, cluster, inputs, output, env)
     _wait_for(lambda: client.list_objects_v2(Bucket="iqa", Prefix="scores/part-").get("KeyCount", 0), driver)
     driver.kill()
     driver.communicate()
-    before = downloaded()
+    before = bucket_parts(client, "scores/", tmp_path / "before")
     assert 0 < len(before) < count, "the kill came after the run had finished"
     rerun = _driver(trained, cluster, inputs, output, env)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert f"resuming {output}: {len(before)} images already scored" in err
-    after = downloaded()
+    after = bucket_parts(client, "scores/", tmp_path / "after")
     assert len(after) == count and all(k.startswith("s3://iqa/shards/00000") and ".tar#" in k for k in after)
     assert all(after[k]["score"] == before[k]["score"] for k in before)
     assert client.list_objects_v2(Bucket="iqa", Prefix="scores/_qmamba.json")["KeyCount"] == 1
@@ -224,7 +209,7 @@ def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_
         ([str(shards / "000009.tar"), "-o", str(tmp_path / "a")], f"shard {shards / '000009.tar'} does not exist"),
         ([str(table), "--column", "picture", "-o", str(tmp_path / "b")], "has no column picture"),
         ([good, "-o", str(read_only / "scores")], f"cannot write --output {read_only / 'scores'}"),
-        ([good, "-o", str(tmp_path / "scores.csv")], "writes Parquet parts into a folder or bucket prefix"),
+        ([good, "-o", str(tmp_path / "scores.csv")], "--engine ray writes Parquet parts into a folder or bucket"),
         ([good, "-o", "s3://no-such-bucket/scores/"], "cannot write --output s3://no-such-bucket/scores/"),
         ([good, "-o", str(tmp_path / "c"), "--workers", "2"], "--workers applies to the local engine only"),
     ]

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from score_runs import file_scores, rows_of, run_score
+from score_runs import bucket_parts, file_scores, parts_of, rows_of, run_score
 
 import qmamba
 
@@ -120,3 +120,21 @@ def test_shards_and_a_table_of_urls_in_a_bucket_score_as_the_local_files(trained
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert err[-1].startswith("qmamba: error: cannot open shard s3://iqa/shards/000000.tar: ")
     assert "credentials" in err[-1].lower()
+
+
+def test_a_bucket_or_folder_output_holds_parquet_parts_and_resumes(trained, collection, bucket, tmp_path):
+    client, _ = bucket
+    shards, files = collection
+    inputs = [str(shards / "{000000..000003}.tar")]
+    expected = file_scores(trained, files)
+    for output in ("s3://iqa/scores/", f"{tmp_path / 'scores'}/"):
+        read = (lambda name: bucket_parts(client, "scores/", tmp_path / name)) if output.startswith("s3://") else (
+            lambda name: parts_of(tmp_path / "scores"))
+        assert run_score(trained, *inputs, "-o", output, "--part-rows", "4") == 1  # the corrupt member, the text
+        rows = read("first")
+        assert len(rows) == 14 and sum(r["error"] is not None for r in rows.values()) == 2
+        for key, row in rows.items():
+            if row["error"] is None:
+                assert row["score"] == pytest.approx(expected[key.rsplit("#", 1)[1]], rel=1e-6), key
+        assert run_score(trained, *inputs, "-o", output) == 1  # resumed: only the two failures tried again
+        assert read("second").keys() == rows.keys()

@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,11 @@ from qmamba.commands.score_outputs import (
     scored_paths,
     whole_lines,
 )
-from qmamba.commands.score_ray import check_options
+from qmamba.commands.score_parts import PART_ROWS, arrow_keys, is_folder_output, score_into_parts
 from qmamba.commands.score_ray import run as run_on_ray
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
-from qmamba.inference.sources import expand, is_uri
+from qmamba.inference.sources import expand
 
 __all__ = ["main"]
 
@@ -107,8 +108,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="a text file of image paths, one per line (repeatable)")
     parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a qmamba checkpoint (runs/<name>/...)")
     parser.add_argument("--output", "-o", help="scores.csv (path,score,flag), scores.jsonl, scores.json or "
-                        "scores.parquet (needs pyarrow); default: CSV on stdout. Rerunning with the same output "
-                        "resumes it (not .json)")
+                        "scores.parquet (needs pyarrow); a folder or bucket prefix (scores/, s3://bucket/scores/) for "
+                        "Parquet parts; default: CSV on stdout. Rerunning with the same output resumes it (not .json)")
+    parser.add_argument("--part-rows", type=int, default=PART_ROWS, help="a folder or bucket output's rows per "
+                        f"Parquet part at most; a part is also written every minute while rows arrive (default "
+                        f"{PART_ROWS})")
     parser.add_argument("--crops", type=int, help="evaluation crops per image (default: as in training)")
     parser.add_argument("--dataset", help="report on this training dataset's scale (default: the first)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
@@ -144,8 +148,6 @@ def _parser() -> argparse.ArgumentParser:
                      "on CPUs, a fraction shares a GPU between actors")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU cores per scoring actor (its torch "
                      "threads; default 1); decoding runs in tasks of one core each")
-    ray.add_argument("--part-rows", type=int, default=10_000, help="rows per Parquet part at most; a part is also "
-                     "written every minute while rows arrive (default 10000)")
     return parser
 
 
@@ -164,21 +166,18 @@ def main(argv: list[str]) -> None:
     if args.num_nodes > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
         parser.error("--num_nodes needs MASTER_ADDR and MASTER_PORT (node 0's address and a free port; torchrun and "
                      "SLURM set them) so that node 0 knows when every node is done")
-    check_options(parser, args)
+    _check_engine(parser, args)
     inputs = [p for item in args.inputs for p in (_read_list(parser, "-") if item == "-" else [item])]
     inputs += [p for source in args.lists for p in _read_list(parser, source)]
     if not inputs:
         parser.error("no images to score: name files or folders, --list FILE, or - for paths on standard input")
-    if args.engine == "ray":
+    if args.engine == "ray" or is_folder_output(args.output):  # Parquet parts (qmamba.commands.score_parts)
         stop = _Stop()
         try:
-            run_on_ray(args, inputs, stop, _Progress(None))
+            (run_on_ray if args.engine == "ray" else _score_into_folder)(args, inputs, stop, _Progress(None))
         finally:
             stop.restore()
         return
-    if args.output and is_uri(args.output):
-        parser.error(f"--output {args.output}: the local engine writes a local file; --engine ray writes Parquet parts "
-                     "to a bucket (or copy the file there when the run ends)")
     output = Path(args.output) if args.output else None
     sharded = args.devices > 1 or args.num_nodes > 1
     if sharded and output is None:
@@ -201,6 +200,39 @@ def main(argv: list[str]) -> None:
     finally:
         if target is not None:
             target.unlock()
+
+
+def _check_engine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options that mean nothing to the engine or output chosen are refused, not ignored."""
+    ray_only = {"address": None, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0, "concurrency": 1}
+    if args.part_rows < 1:
+        parser.error(f"--part-rows must be >= 1, got {args.part_rows}")
+    folder = args.engine == "ray" or is_folder_output(args.output)
+    if args.part_rows != PART_ROWS and not folder:
+        parser.error("--part-rows applies to a folder or bucket output (a URI, or a name ending with /)")
+    if folder and args.output and args.output.lower().rstrip("/").endswith((".csv", ".jsonl", ".json")):
+        parser.error(f"--output {args.output}: {'--engine ray' if args.engine == 'ray' else 'a bucket output'} "
+                     "writes Parquet parts into a folder or bucket prefix, not one file: name one such as scores/ "
+                     "(the local engine writes .csv, .jsonl and .json to a local file)")
+    if args.engine != "ray":
+        for name, default in ray_only.items():
+            if getattr(args, name) != default:
+                parser.error(f"--{name.replace('_', '-')} applies to --engine ray only")
+        if folder and (args.devices > 1 or args.num_nodes > 1):
+            parser.error("--devices and --num_nodes merge file outputs; a folder or bucket output is written by one "
+                         "process (--engine ray spreads the work over a cluster)")
+        return
+    local_only = {"maps": None, "devices": 1, "num_nodes": 1, "workers": None, "device": None}
+    for name, default in local_only.items():
+        if getattr(args, name) != default:
+            hint = {"device": " (use --gpus-per-worker)", "devices": " (use --concurrency)",
+                    "num_nodes": " (Ray spreads the work over its cluster)",
+                    "workers": " (Ray decodes in its CPU tasks)"}.get(name, "")
+            parser.error(f"--{name.replace('_', '-')} applies to the local engine only{hint}")
+    if not args.output:
+        parser.error("--engine ray needs --output: a folder or bucket prefix for its Parquet parts (-o scores/)")
+    if args.concurrency < 1 or args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+        parser.error("--concurrency must be >= 1, --gpus-per-worker >= 0, --cpus-per-worker > 0")
 
 
 def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple[str, str]], output: Path | None,
@@ -260,6 +292,36 @@ def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple
           f"{scale.low:g}-{scale.high:g}, {scale.direction})", file=sys.stderr)
     if errors:
         raise SystemExit(1)
+
+
+def _score_into_folder(args: argparse.Namespace, inputs: list[str], stop: _Stop, progress: _Progress) -> None:
+    """The local engine writing Parquet parts to a folder or bucket prefix (:mod:`qmamba.commands.score_parts`)."""
+    from qmamba.inference.scoring import Scorer, load, results_table
+
+    files, errors = expand_inputs(inputs, args.column)
+    files = arrow_keys(files, errors)
+    scorer: Scorer | None = None
+
+    def describe() -> Scorer:
+        nonlocal scorer
+        scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
+                      batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side,
+                      compile=args.compile)
+        return scorer
+
+    def batches(scored: set[str]) -> Iterator[Any]:
+        todo = [f for f in files if f not in scored]
+        workers = _default_workers(scorer.device.type == "cuda") if args.workers is None else args.workers
+        for batch in scorer.iter_batches(todo, workers=workers):  # type: ignore[union-attr]
+            results = [(*scorer.scale.report(r.score, args.clip), None) if r.error is None  # type: ignore[union-attr]
+                       else (None, None, r.error) for r in batch]
+            if args.maps is not None:
+                for r in batch:
+                    if r.error is None:
+                        _write_map(scorer, todo[r.index], args.maps)
+            yield results_table([todo[r.index] for r in batch], results)
+
+    score_into_parts(args, errors, describe, batches, stop, progress)
 
 
 def _help_node_zero(args: argparse.Namespace, files: list[str], output: Path) -> None:

@@ -1,4 +1,5 @@
-"""A folder or bucket prefix of Parquet parts: where ``qmamba score --engine ray`` writes, as the rows arrive.
+"""A folder or bucket prefix of Parquet parts: where ``qmamba score`` writes when ``--output`` is a URI or ends with
+``/``, and always with ``--engine ray``, as the rows arrive.
 
     scores/part-20261202T071500-3f2a-000000.parquet   path, score, flag, error (error null): the scored images
     scores/errors-20261202T071500-3f2a-000001.parquet the images that could not be scored, with the reason
@@ -12,18 +13,27 @@ on an object store as one upload, which the store publishes only when it complet
 parts and nothing else that counts, and a rerun of the same command reads the keys its parts hold and scores the
 rest. Error parts are deleted by a rerun, whose images are tried again, as in the local engine. A local folder is
 locked for the run's life; a bucket prefix cannot be, so two runs must not share one.
+
+:func:`score_into_parts` is such a run for either engine: the engine says what the model is and yields its rows as
+Arrow tables (:func:`qmamba.inference.scoring.results_table`); the run writes them as parts of ``--part-rows`` rows
+or of what arrived in the last minute, drops a key it has already written (a batch an engine retried), stops at a
+signal after writing what arrived, and marks the output complete.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
+import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from qmamba.commands.score_outputs import is_utf8
 from qmamba.errors import UsageError
 from qmamba.files.run_folder import ProcessLock
 from qmamba.inference.sources import is_uri
@@ -31,9 +41,25 @@ from qmamba.inference.sources import is_uri
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["PartsOutput"]
+__all__ = ["PART_ROWS", "PartsOutput", "arrow_keys", "is_folder_output", "score_into_parts"]
 
 SUMMARY = "_qmamba.json"
+PART_ROWS = 10_000  # rows per part at most, by default (--part-rows)
+PART_SECONDS = 60.0  # a part is written at least this often while rows arrive
+SHOWN_ERRORS = 20  # failures printed at the end; all are in the error parts
+
+
+def arrow_keys(keys: list[str], errors: list[tuple[str, str]]) -> list[str]:
+    """The keys a Parquet part can hold; a name that is not UTF-8 (a POSIX name's bytes) cannot be an Arrow string
+    and joins ``errors``."""
+    errors += [(k, "a name that is not UTF-8 cannot be a Parquet string; write a .csv or .jsonl output with the "
+                   "local engine") for k in keys if not is_utf8(k)]
+    return [k for k in keys if is_utf8(k)]
+
+
+def is_folder_output(output: str | None) -> bool:
+    """An ``--output`` written as Parquet parts: a URI (a bucket prefix) or a name ending with ``/``."""
+    return bool(output) and (is_uri(output) or output.endswith("/"))  # type: ignore[union-attr]
 
 
 class PartsOutput:
@@ -71,9 +97,7 @@ class PartsOutput:
                 f.write(b"qmamba")
             self.fs.rm(probe)
         except Exception as err:  # noqa: BLE001 - each fsspec backend raises its own (PermissionError, botocore, ...)
-            self.unlock()
-            if self.created and self.local:
-                Path(self.root).rmdir()
+            self.abandon()
             reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
             raise UsageError(f"cannot write --output {self.url}: {reason.splitlines()[0]} (choose a writable folder "
                              "or bucket, with credentials that may write to it)") from None
@@ -136,6 +160,12 @@ class PartsOutput:
         """Mark the output complete: ``_qmamba.json`` with the model, the scale and the counts."""
         self._publish(SUMMARY, lambda f: f.write(json.dumps(summary, indent=2).encode() + b"\n"))
 
+    def abandon(self) -> None:
+        """The run could not start: unlock, and remove the folder if this run created it."""
+        self.unlock()
+        if self.created and self.local:
+            Path(self.root).rmdir()
+
     def unlock(self) -> None:
         if self.lock is not None:
             self.lock.release()
@@ -155,3 +185,99 @@ def _filesystem(url: str) -> tuple[Any, str]:
     if not is_uri(url):
         root = os.path.abspath(root)
     return fs, root
+
+
+def score_into_parts(args: argparse.Namespace, errors: list[tuple[str, str]], describe: Callable[[], Any],
+                     batches: Callable[[set[str]], Iterator[pa.Table]], stop: Any, progress: Any) -> None:
+    """Score into the parts folder ``args.output``: ``describe()`` checks the model and returns its
+    :class:`~qmamba.inference.scoring.Scorer` (or what has its ``info``, ``scale`` and ``dataset``), ``batches(scored)``
+    yields the rows of every image not in ``scored``; ``errors`` are the inputs that led nowhere. ``stop`` catches
+    SIGINT and SIGTERM (its ``signal`` is set), ``progress`` counts the images."""
+    output = PartsOutput(args.output)
+    try:
+        scorer = describe()
+    except BaseException:
+        output.abandon()
+        raise
+    try:
+        scored = output.scored()
+        if scored:
+            print(f"qmamba score: resuming {args.output}: {len(scored)} images already scored", file=sys.stderr)
+        written, failed = _collect(batches(scored), scored, output, args.part_rows, stop, progress)
+        failed += errors
+        output.write(_error_rows(errors))
+        if stop.signal is None:
+            output.finish({"model": scorer.info, "score_range": [scorer.scale.low, scorer.scale.high],
+                           "direction": scorer.scale.direction, "scored": len(scored) + written,
+                           "errors": len(failed)})
+    finally:
+        output.unlock()
+    _report(args, scorer, written, failed, stop.signal)
+
+
+def _collect(tables: Iterator[pa.Table], scored: set[str], output: PartsOutput, part_rows: int, stop: Any,
+             progress: Any) -> tuple[int, list[tuple[str, str]]]:
+    """Write the engine's rows as parts until they end or a signal arrives; the scores written and the failures."""
+    import pyarrow as pa
+
+    seen = set(scored)
+    pending: list[pa.Table] = []
+    written, failed, last = 0, [], time.monotonic()
+    try:
+        for table in tables:
+            new = [k not in seen for k in table["path"].to_pylist()]  # a retried batch's rows, never twice
+            table = table.filter(pa.array(new, pa.bool_()))
+            seen.update(table["path"].to_pylist())
+            pending.append(table)
+            progress.update(table.num_rows)
+            if sum(t.num_rows for t in pending) >= part_rows or time.monotonic() - last >= PART_SECONDS:
+                written, failed = _flush(output, pending, written, failed)
+                last = time.monotonic()
+            if stop.signal is not None:
+                break
+        written, failed = _flush(output, pending, written, failed)
+    finally:
+        progress.close()
+        if hasattr(tables, "close"):
+            tables.close()  # the engine's own clean-up (Ray's session) runs now, not when garbage collected
+    return written, failed
+
+
+def _flush(output: PartsOutput, pending: list[pa.Table], written: int, failed: list[tuple[str, str]]
+           ) -> tuple[int, list[tuple[str, str]]]:
+    import pyarrow as pa
+
+    if pending:
+        table = pa.concat_tables(pending)
+        output.write(table)
+        errors = table.filter(table["error"].is_valid())
+        written += table.num_rows - errors.num_rows
+        failed = failed + list(zip(errors["path"].to_pylist(), errors["error"].to_pylist(), strict=True))
+        pending.clear()
+    return written, failed
+
+
+def _error_rows(errors: list[tuple[str, str]]) -> pa.Table:
+    """Inputs that lead nowhere as error rows (names kept readable where they are not UTF-8)."""
+    from qmamba.inference.scoring import results_table
+
+    paths = [os.fsencode(p).decode("utf-8", "backslashreplace") for p, _ in errors]
+    return results_table(paths, [(None, None, e) for _, e in errors])
+
+
+def _report(args: argparse.Namespace, scorer: Any, written: int, failed: list[tuple[str, str]],
+            signal_number: int | None) -> None:
+    for path, error in failed[:SHOWN_ERRORS]:
+        print(f"qmamba score: skipped {path}: {error}", file=sys.stderr)
+    if len(failed) > SHOWN_ERRORS:
+        print(f"qmamba score: ... and {len(failed) - SHOWN_ERRORS} more, each with its reason in the errors-*.parquet "
+              f"parts of {args.output}", file=sys.stderr)
+    if signal_number is not None:
+        print(f"qmamba score: {signal.Signals(signal_number).name}: {written} scores written to {args.output} (the "
+              "run stopped early; rerun the same command to resume)", file=sys.stderr)
+        raise SystemExit(128 + signal_number)
+    scale = scorer.scale
+    print(f"qmamba score: {written} scored, {len(failed)} skipped to {args.output} ({scorer.dataset} scale "
+          f"{scale.low:g}-{scale.high:g}, {scale.direction})", file=sys.stderr)
+    if failed:
+        raise SystemExit(1)

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qmamba.errors import UsageError
-from qmamba.inference.scoring import Preparer, Scorer, load
+from qmamba.inference.scale import ScoreScale
+from qmamba.inference.scoring import Preparer, Scorer, load, results_table
 from qmamba.inference.sources import RemoteFile, Shard, Source, is_uri, shard_images
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["RayScorer", "import_ray", "score_dataset"]
 
 FILES_PER_TASK = 256  # loose files read by one task; a shard is always a task of its own
+DECODE_BATCH = 64  # images per decoding task at least: fewer, larger tasks cost less scheduling
 DECODE_MEMORY = 512 * 2**20  # bytes a decoding task may hold (see RayScorer._pipeline)
 
 
@@ -91,6 +93,14 @@ class RayScorer:
     def info(self) -> dict[str, Any]:
         return self.described.info
 
+    @property
+    def scale(self) -> ScoreScale:
+        return self.described.scale
+
+    @property
+    def dataset(self) -> str:
+        return self.described.dataset
+
     def score(self, ds: ray.data.Dataset, column: str = "path", image_column: str | None = None) -> ray.data.Dataset:
         """Every row of ``ds`` scored (see the module's description)."""
         schema = ds.schema(fetch_if_missing=False)  # known without running anything, or not checked here
@@ -124,7 +134,8 @@ class RayScorer:
         # JPEG is 72 MB as pixels); it also keeps the decoding apart: Ray Data fuses a task map into the operator
         # after it when their resources are equal, which would decode inside the scoring actor, on its core, in turn
         # with the model
-        decoded = ds.map_batches(decode, batch_size=batch, batch_format="numpy", num_cpus=1, memory=DECODE_MEMORY)
+        decoded = ds.map_batches(decode, batch_size=max(batch, DECODE_BATCH), batch_format="numpy", num_cpus=1,
+                                 memory=DECODE_MEMORY)
         return decoded.map_batches(
             _Model, batch_size=batch, batch_format="numpy", num_gpus=self.gpus, num_cpus=self.cpus,
             compute=ray.data.ActorPoolStrategy(size=self.concurrency),
@@ -215,17 +226,12 @@ class _Model:
         self.clip = clip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import pyarrow as pa
-
         normalize = self.scorer.crops.preprocessing.normalize
         keys, errors = list(batch["path"]), [str(error) or None for error in batch["error"]]
         good = [i for i, error in enumerate(errors) if error is None]
-        scores: list[float | None] = [None] * len(keys)
-        flags: list[str | None] = [None] * len(keys)
+        results: list[tuple[float | None, str | None, str | None]] = [(None, None, e) for e in errors]
         if good:
             native = self.scorer.score_crops([normalize(batch["crops"][i]) for i in good])
             for i, score in zip(good, native, strict=True):
-                scores[i], flags[i] = self.scorer.scale.report(score, self.clip)
-        return pa.table({"path": pa.array(keys, pa.string()), "score": pa.array(scores, pa.float64()),
-                         "flag": pa.array(flags, pa.string()), "error": pa.array(errors, pa.string())})
-
+                results[i] = (*self.scorer.scale.report(score, self.clip), None)
+        return results_table(keys, results)

@@ -35,7 +35,7 @@ from qmamba.inference.sources import Source
 from qmamba.inference.trained import load_trained
 from qmamba.models.compiling import compile_errors, compile_model
 
-__all__ = ["ImageInput", "MapJob", "Preparer", "Result", "Scorer", "default_device", "load"]
+__all__ = ["ImageInput", "MapJob", "Preparer", "Result", "Scorer", "default_device", "load", "results_table"]
 
 COMPILE_OPTION = "--compile (compile=True in qmamba.load)"
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -309,3 +309,13 @@ def load(checkpoint: str | os.PathLike[str], **kwargs: Any) -> Scorer:
     if not Path(checkpoint).is_file():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
     return Scorer.from_checkpoint(checkpoint, **kwargs)
+
+
+def results_table(keys: list[str], results: list[tuple[float | None, str | None, str | None]]) -> Any:
+    """``(score, flag, error)`` per key as the Arrow table of every engine's Parquet rows: ``path``, ``score``,
+    ``flag`` ("" in range) and ``error`` (null for a score, the reason otherwise). Needs pyarrow."""
+    import pyarrow as pa
+
+    scores, flags, errors = zip(*results, strict=True) if results else ((), (), ())
+    return pa.table({"path": pa.array(keys, pa.string()), "score": pa.array(scores, pa.float64()),
+                     "flag": pa.array(flags, pa.string()), "error": pa.array(errors, pa.string())})
