@@ -114,10 +114,15 @@ def bucket(monkeypatch: pytest.MonkeyPatch):
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    import urllib.request
+
+    # moto keeps its buckets per process, not per server: start from none
+    urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")).close()
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     client.create_bucket(Bucket="iqa")
-    import fsspec
+    import s3fs
 
-    fsspec.AbstractFileSystem.clear_instance_cache()  # s3fs keeps filesystems per process: none from another test
+    s3fs.S3FileSystem.clear_instance_cache()  # s3fs keeps its file systems, endpoint included: none from another test
     yield client, env
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
