@@ -152,7 +152,8 @@ def ray_engine(ckpt: Path, inputs: list[str], count: int, batch_size: int, devic
                ) -> tuple[float, float, float]:
     """``qmamba score --engine ray``'s pipeline over ``inputs`` on the Ray session of this process (shards named
     whole, as the engine reads them: one task each): img/s from the driver's checks to the last row, seconds to the
-    first row (the workers' start: they import torch and load the model), and img/s after it."""
+    first row (the workers' start: they import torch and load the model), and img/s after it (nan when every row
+    came in the first block)."""
     from qmamba.inference.ray_data import RayScorer
     from qmamba.inference.sources import expand
 
@@ -167,7 +168,8 @@ def ray_engine(ckpt: Path, inputs: list[str], count: int, batch_size: int, devic
         rows += table.num_rows
     end = time.perf_counter()
     assert first is not None and rows == count, (rows, count)
-    return rows / (end - start), first[0] - start, (rows - first[1]) / (end - first[0])
+    then = (rows - first[1]) / (end - first[0]) if rows > first[1] else float("nan")  # nan: all came at once
+    return rows / (end - start), first[0] - start, then
 
 
 def startup(*args: str) -> float:

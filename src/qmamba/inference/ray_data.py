@@ -115,8 +115,8 @@ class RayScorer:
         ray = import_ray()
         shards = [name for name in inputs if isinstance(name, Shard)]
         files = [str(name) for name in inputs if not isinstance(name, Shard)]
-        work = [{"shard": True, "names": [s], "skip": sorted(k for k in scored if k.startswith(f"{s}#"))}
-                for s in shards]
+        skip = _by_shard(scored, shards)
+        work = [{"shard": True, "names": [s], "skip": sorted(skip[s])} for s in shards]
         work += [{"shard": False, "names": files[i : i + FILES_PER_TASK], "skip": []}
                  for i in range(0, len(files), FILES_PER_TASK)]
         if not work:
@@ -141,6 +141,19 @@ class RayScorer:
             compute=ray.data.ActorPoolStrategy(size=self.concurrency),
             fn_constructor_kwargs={"checkpoint": self.checkpoint, "options": self.options, "clip": self.clip,
                                    "device": "cuda" if self.gpus else "cpu", "threads": max(1, int(self.cpus))})
+
+
+def _by_shard(keys: set[str], shards: list[str]) -> dict[str, list[str]]:
+    """The member keys (``<shard>#<member>``) among ``keys`` grouped by shard, in one pass over them (a name may hold
+    a ``#`` of its own, so each ``#`` is tried in turn)."""
+    grouped: dict[str, list[str]] = {s: [] for s in shards}
+    for key in keys:
+        cut = key.find("#")
+        while cut != -1 and key[:cut] not in grouped:
+            cut = key.find("#", cut + 1)
+        if cut != -1:
+            grouped[key[:cut]].append(key)
+    return grouped
 
 
 def _read_work(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
