@@ -217,3 +217,15 @@ def test_two_process_ddp_universal_fit_then_test(tmp_path):
     splits = {name: pd.read_csv(run / "splits" / f"{name}.csv") for name in ("tiny_kadid", "tiny_koniq")}
     for name, table in splits.items():  # sharded without padding: the gathered count is the test split's size
         assert results[name]["images"] == (table["split"] == "test").sum()
+
+
+def test_without_ray_the_ray_engine_is_one_line_naming_the_extra(trained, tmp_path):
+    """Ray is an extra: without it, --engine ray says how to install it."""
+    code = ("import sys; sys.modules['ray'] = None; from qmamba.cli import main; "
+            f"main(['score', '--engine', 'ray', '--ckpt_path', {str(trained[1] / 'checkpoints' / 'best.ckpt')!r}, "
+            f"{str(trained[0] / 'kadid' / 'images')!r}, '-o', {str(tmp_path / 'scores')!r}])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ('qmamba: error: the Ray engine needs Ray Data: pip install '
+                                                      '"qmamba[ray]"')
+    assert not (tmp_path / "scores").exists()

@@ -205,7 +205,10 @@ def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_
     read_only.mkdir()
     read_only.chmod(0o500)
     good = str(shards / "000000.tar")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
     cases = [
+        ([good, "-o", f"{a_file}/scores/"], f"cannot write --output {a_file}/scores/"),
         ([str(shards / "000009.tar"), "-o", str(tmp_path / "a")], f"shard {shards / '000009.tar'} does not exist"),
         ([str(table), "--column", "picture", "-o", str(tmp_path / "b")], "has no column picture"),
         ([good, "-o", str(read_only / "scores")], f"cannot write --output {read_only / 'scores'}"),
@@ -233,3 +236,4 @@ def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert err[-1].startswith("qmamba: error: cannot open shard s3://iqa/shards/000000.tar: ")
     assert "credentials" in err[-1].lower()
+
