@@ -6,8 +6,12 @@
     qmamba score --ckpt_path best.ckpt photos/ -o scores.parquet --devices 4 --maps maps/  # 4 GPUs, heat maps
     qmamba score --ckpt_path best.ckpt 's3://bucket/shards/{000000..000999}.tar' -o scores.parquet  # WebDataset shards
     qmamba score --ckpt_path best.ckpt images.parquet --column url -o scores.jsonl      # a table of paths or URLs
+    qmamba score --ckpt_path best.ckpt photos/ -o s3://bucket/scores/                   # Parquet parts in a bucket
+    qmamba score --engine ray --ckpt_path best.ckpt 'shards/{000000..000999}.tar' -o scores/   # on a Ray cluster
 
-What counts as an input, and how shard members are keyed: :mod:`qmamba.inference.sources`.
+What counts as an input, and how shard members are keyed: :mod:`qmamba.inference.sources`. A folder or bucket output
+(a URI, or a name ending with ``/``) and the Ray engine: :mod:`qmamba.commands.score_parts` and
+:mod:`qmamba.commands.score_ray`; what follows is the local engine writing one file.
 
 Images are decoded and cropped in ``--workers`` processes while the model runs. Rows go to ``<output>.partial`` as
 they come (flushed after every batch; JSON Lines for a Parquet output until it is complete) and the file takes
