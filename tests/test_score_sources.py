@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -138,3 +140,28 @@ def test_a_bucket_or_folder_output_holds_parquet_parts_and_resumes(trained, coll
                 assert row["score"] == pytest.approx(expected[key.rsplit("#", 1)[1]], rel=1e-6), key
         assert run_score(trained, *inputs, "-o", output) == 1  # resumed: only the two failures tried again
         assert read("second").keys() == rows.keys()
+
+
+def test_a_signal_to_a_folder_output_writes_what_arrived_and_a_rerun_finishes(trained, tmp_path):
+    """SIGTERM: the rows that arrived are written as whole parts, the exit is 143, the output is not marked complete;
+    the rerun scores the rest (both engines share this loop: qmamba.commands.score_parts)."""
+    images = tmp_path / "many"
+    images.mkdir()
+    source = next((trained[0] / "kadid" / "images").glob("I01_01_01.png")).read_bytes()
+    for i in range(300):
+        (images / f"{i:03d}.png").write_bytes(source)
+    output = tmp_path / "scores"
+    process = subprocess.Popen([sys.executable, "-m", "qmamba", "score", "--ckpt_path",
+                                str(trained[1] / "checkpoints" / "best.ckpt"), str(images), "-o", f"{output}/",
+                                "--batch-size", "2", "--part-rows", "2", "--device", "cpu"],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(output.glob("part-*.parquet"))) < 2:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    written = int(err.split("SIGTERM: ")[1].split(" scores written")[0])
+    assert 4 <= written == len(parts_of(output)) < 300 and not (output / "_qmamba.json").exists()
+    assert run_score(trained, str(images), "-o", f"{output}/") == 0
+    assert len(parts_of(output)) == 300 and (output / "_qmamba.json").exists()

@@ -46,7 +46,7 @@ __all__ = ["RayScorer", "import_ray", "score_dataset"]
 
 FILES_PER_TASK = 256  # loose files read by one task; a shard is always a task of its own
 DECODE_BATCH = 64  # images per decoding task at least: fewer, larger tasks cost less scheduling
-DECODE_MEMORY = 512 * 2**20  # bytes a decoding task may hold (see RayScorer._pipeline)
+DECODE_MEMORY = 2**30  # a decoding task: its process (0.6 GB with torch) and an image (see RayScorer._pipeline)
 
 
 def import_ray() -> Any:
