@@ -93,6 +93,10 @@ def test_score_dataset_scores_a_users_dataset_of_paths_or_bytes(trained, collect
     assert sorted(r["path"] for r in by_path) == sorted(str(p) for p in files.values())
     np.testing.assert_allclose([r["score"] for r in sorted(by_path, key=lambda r: r["path"])],
                                [expected[n] for n in sorted(files, key=lambda n: str(files[n]))], rtol=1e-6)
+    no_bytes = ray.data.from_items([{"url": str(p), "bytes": None} for p in files.values()])  # null: read the url
+    assert sorted(r["score"] for r in qmamba.ray.score_dataset(no_bytes, checkpoint, column="url",
+                                                               image_column="bytes").take_all()) == pytest.approx(
+        sorted(expected.values()), rel=1e-6)
     folder = next(iter(files.values())).parent
     raw = ray.data.read_binary_files(str(folder), include_paths=True)
     by_bytes = {Path(r["path"]).name: r["score"] for r in qmamba.ray.score_dataset(

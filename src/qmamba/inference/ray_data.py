@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qmamba.errors import UsageError
+from qmamba.inference.images import NamedBytes
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.scoring import Preparer, Scorer, load, results_table
-from qmamba.inference.sources import RemoteFile, Shard, Source, is_uri, shard_images
+from qmamba.inference.sources import RemoteFile, Shard, is_uri, shard_images
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -159,13 +160,13 @@ def _by_shard(keys: set[str], shards: list[str]) -> dict[str, list[str]]:
 def _read_work(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The rows of a reading task: a shard's image members with their bytes (a broken shard ends with a failure
     row keyed by the shard), or loose files and URIs, read by the decoding task."""
-    if item["shard"]:  # "" for none: an all-null column reaches numpy batches as NaN
+    if item["shard"]:  # failure "" for none: an all-null column reaches numpy batches as NaN
         shard = item["names"][0]
         for key, data, failure in shard_images(shard, frozenset(item["skip"])):
-            yield {"path": key, "inline": data is not None, "image": data or b"", "failure": failure or ""}
+            yield {"path": key, "image": data, "failure": failure or ""}
     else:
         for name in item["names"]:
-            yield {"path": name, "inline": False, "image": b"", "failure": ""}
+            yield {"path": name, "image": None, "failure": ""}
 
 
 @dataclass(frozen=True)
@@ -179,9 +180,7 @@ class _Decode:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch[self.column]]
-        images = list(batch[self.image_column]) if self.image_column else [None] * len(keys)
-        if self.failure_column:  # qmamba's own reading tasks: an "inline" row's image is its bytes, even if empty
-            images = [image if inline else None for image, inline in zip(images, batch["inline"], strict=True)]
+        images = batch[self.image_column] if self.image_column else [None] * len(keys)
         failures = batch[self.failure_column] if self.failure_column else [""] * len(keys)
         shape = (self.prepare.crops.count, self.prepare.crops.size, self.prepare.crops.size, 3)
         crops = np.zeros((len(keys), *shape), np.uint8)
@@ -198,30 +197,13 @@ class _Decode:
 
 
 def _image_of(key: str, image: Any) -> Any:
-    """What :class:`Preparer` reads for a row: its encoded bytes named by its key, a decoded array, or the file or
-    URI the key names."""
-    if image is None or (isinstance(image, float) and np.isnan(image)):  # a null: NaN in a numpy batch
+    """What :class:`Preparer` reads for a row: its encoded bytes named by its key (as a tar member is in the local
+    engine), a decoded array, or the file or URI the key names when the image is null (NaN in a numpy batch)."""
+    if image is None or (isinstance(image, (float, np.floating)) and np.isnan(image)):  # an all-null column: float32
         return RemoteFile(key) if is_uri(key) else key
     if isinstance(image, (bytes, bytearray)):
-        return _Bytes(key, bytes(image))
+        return NamedBytes(bytes(image), key)
     return np.asarray(image)
-
-
-class _Bytes(Source):
-    """An image's bytes already in hand, named by its key in messages (as a tar member is in the local engine)."""
-
-    data: bytes
-
-    def __new__(cls, key: str, data: bytes) -> _Bytes:
-        source = super().__new__(cls, key)
-        source.data = data
-        return source
-
-    def _fields(self) -> tuple[Any, ...]:
-        return (self.data,)
-
-    def read(self) -> bytes:
-        return self.data
 
 
 class _Model:

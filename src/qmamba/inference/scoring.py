@@ -14,6 +14,7 @@ crops, mapped to the chosen dataset's scale and direction.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,13 +49,14 @@ def default_device() -> str:
 
 def _as_rgb(image: ImageInput, max_side: int | None = None) -> np.ndarray:
     """(H, W, 3) array on the 0-255 scale from a path, a :class:`~qmamba.inference.sources.Source` (a tar member,
-    a URI), a PIL image, an HWC / HW array or a CHW / HW tensor.
+    a URI), an open binary file (named in messages by its ``name``), a PIL image, an HWC / HW array or a CHW / HW
+    tensor.
 
     Floating-point arrays and tensors are taken to be in [0, 1]; integer ones in [0, 255]. ``max_side`` downscales
     files whose longer side exceeds it (see :func:`qmamba.inference.images.read_rgb`)."""
     if isinstance(image, Source):  # a tar member or a URI: its bytes, named by its key in messages
         return read_rgb(NamedBytes(image.read(), str(image)), max_side)
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, io.IOBase)):  # a file, or an open one (NamedBytes: bytes with a name)
         return read_rgb(image, max_side)
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
