@@ -56,10 +56,11 @@ from qmamba.inference.sources import expand
 
 __all__ = ["main"]
 
-def expand_inputs(inputs: list[str], column: str | None) -> tuple[list[str], list[tuple[str, str]]]:
+def expand_inputs(inputs: list[str], column: str | None, list_shards: bool = True
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
     """Every input's images (:func:`qmamba.inference.sources.expand`), each once: a path given twice is scored once,
     in every mode, and said so."""
-    files, errors = expand(inputs, column)
+    files, errors = expand(inputs, column, list_shards)
     unique = list(dict.fromkeys(files))
     if len(unique) < len(files):
         print(f"qmamba score: {len(files) - len(unique)} repeated input path(s) are scored once", file=sys.stderr)
@@ -176,9 +177,11 @@ def main(argv: list[str]) -> None:
     if not inputs:
         parser.error("no images to score: name files or folders, --list FILE, or - for paths on standard input")
     if args.engine == "ray" or is_folder_output(args.output):  # Parquet parts (qmamba.commands.score_parts)
+        files, errors = expand_inputs(inputs, args.column, list_shards=args.engine == "local")  # Ray reads shards
+        files = arrow_keys(files, errors)
         stop = _Stop()
         try:
-            (run_on_ray if args.engine == "ray" else _score_into_folder)(args, inputs, stop, _Progress(None))
+            (run_on_ray if args.engine == "ray" else _score_into_folder)(args, files, errors, stop, _Progress(None))
         finally:
             stop.restore()
         return
@@ -298,12 +301,11 @@ def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple
         raise SystemExit(1)
 
 
-def _score_into_folder(args: argparse.Namespace, inputs: list[str], stop: _Stop, progress: _Progress) -> None:
+def _score_into_folder(args: argparse.Namespace, files: list[str], errors: list[tuple[str, str]], stop: _Stop,
+                       progress: _Progress) -> None:
     """The local engine writing Parquet parts to a folder or bucket prefix (:mod:`qmamba.commands.score_parts`)."""
     from qmamba.inference.scoring import Scorer, load, results_table
 
-    files, errors = expand_inputs(inputs, args.column)
-    files = arrow_keys(files, errors)
     scorer: Scorer | None = None
 
     def describe() -> Scorer:
@@ -314,16 +316,9 @@ def _score_into_folder(args: argparse.Namespace, inputs: list[str], stop: _Stop,
         return scorer
 
     def batches(scored: set[str]) -> Iterator[Any]:
-        todo = [f for f in files if f not in scored]
-        workers = _default_workers(scorer.device.type == "cuda") if args.workers is None else args.workers
-        for batch in scorer.iter_batches(todo, workers=workers):  # type: ignore[union-attr]
-            results = [(*scorer.scale.report(r.score, args.clip), None) if r.error is None  # type: ignore[union-attr]
-                       else (None, None, r.error) for r in batch]
-            if args.maps is not None:
-                for r in batch:
-                    if r.error is None:
-                        _write_map(scorer, todo[r.index], args.maps)
-            yield results_table([todo[r.index] for r in batch], results)
+        for rows, bad in _scored_batches(scorer, [f for f in files if f not in scored], args):
+            yield results_table([path for path, _, _ in rows] + [path for path, _ in bad],
+                                [(score, flag, None) for _, score, flag in rows] + [(None, None, e) for _, e in bad])
 
     score_into_parts(args, errors, describe, batches, stop, progress)
 
@@ -349,22 +344,29 @@ def _score(scorer: Any, files: list[str], writer: RowWriter, args: argparse.Name
     done = 0
     progress = _Progress(len(files))
     try:
-        workers = _default_workers(scorer.device.type == "cuda") if args.workers is None else args.workers
-        for batch in scorer.iter_batches(files, workers=workers):
-            bad = [(files[r.index], r.error) for r in batch if r.error is not None]
-            good = [r for r in batch if r.error is None]
-            writer.write([(files[r.index], *scorer.scale.report(r.score, args.clip)) for r in good], bad)
-            if args.maps is not None:
-                for r in good:
-                    _write_map(scorer, files[r.index], args.maps)
+        for rows, bad in _scored_batches(scorer, files, args):
+            writer.write(rows, bad)
             failed += bad
-            done += len(batch)
-            progress.update(len(batch))
+            done += len(rows) + len(bad)
+            progress.update(len(rows) + len(bad))
             if stop.signal is not None:
                 break
     finally:
         progress.close()
     return done, failed
+
+
+def _scored_batches(scorer: Any, files: list[str], args: argparse.Namespace
+                    ) -> Iterator[tuple[list[tuple[str, float, str]], list[tuple[str, str]]]]:
+    """Each model batch of ``files`` as its rows ``(path, score, flag)`` (flagged or clipped, ``--clip``) and its
+    failures ``(path, reason)``, in input order; the rows' quality maps are written first (``--maps``)."""
+    workers = _default_workers(scorer.device.type == "cuda") if args.workers is None else args.workers
+    for batch in scorer.iter_batches(files, workers=workers):
+        rows = [(files[r.index], *scorer.scale.report(r.score, args.clip)) for r in batch if r.error is None]
+        if args.maps is not None:
+            for path, _, _ in rows:
+                _write_map(scorer, path, args.maps)
+        yield rows, [(files[r.index], r.error) for r in batch if r.error is not None]
 
 
 def map_path(maps: Path, path: str) -> Path:

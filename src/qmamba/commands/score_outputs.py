@@ -190,20 +190,18 @@ class PartialOutput:
 
 
 def _jsonl_to_parquet(source: Path, target: IO[bytes], header: dict[str, Any]) -> None:
-    """Columns path, score, flag, error (one row per image); the model and scale go into the file's metadata."""
-    import pyarrow as pa
+    """The rows of :func:`qmamba.inference.scoring.results_table` (one per image); the model and scale go into the
+    file's metadata, with the exact bytes of names that are not UTF-8."""
     import pyarrow.parquet as pq
+
+    from qmamba.inference.scoring import results_table
 
     entries = json_lines(read_text(source))
     exact = {str(i): os.fsencode(e["path"]).hex() for i, e in enumerate(entries) if not is_utf8(e["path"])}
-    table = pa.table({
-        "path": pa.array([os.fsencode(e["path"]).decode("utf-8", "backslashreplace") for e in entries], pa.string()),
-        "score": pa.array([e.get("score") for e in entries], pa.float64()),
-        "flag": pa.array([e.get("flag", "") if "score" in e else None for e in entries], pa.string()),
-        "error": pa.array([e.get("error") for e in entries], pa.string()),
-    }).replace_schema_metadata({"qmamba": json.dumps(header), **({"qmamba_path_bytes": json.dumps(exact)}
-                                                                   if exact else {})})
-    pq.write_table(table, target)
+    table = results_table([e["path"] for e in entries], [
+        (e["score"], e.get("flag", ""), None) if "score" in e else (None, None, e.get("error")) for e in entries])
+    pq.write_table(table.replace_schema_metadata({"qmamba": json.dumps(header), **(
+        {"qmamba_path_bytes": json.dumps(exact)} if exact else {})}), target)
 
 
 def is_utf8(name: str) -> bool:

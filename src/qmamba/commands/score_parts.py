@@ -73,8 +73,8 @@ class PartsOutput:
         self.parts = 0
         self.lock: ProcessLock | None = None
         if self.fs.isfile(self.root):
-            raise UsageError(f"--output {url} is a file; the Ray engine writes Parquet parts into a folder or bucket "
-                             "prefix (name one, such as scores/)")
+            raise UsageError(f"--output {url} is a file; a folder or bucket output holds Parquet parts (name a "
+                             "folder or prefix, such as scores/)")
         self.created = not self.fs.exists(self.root)  # removed again if it cannot be written
         if self.local:
             self.lock = ProcessLock(Path(self.root) / ".qmamba.lock", f"--output {url}", "write to another --output")
@@ -118,7 +118,7 @@ class PartsOutput:
                                      "move it out of the folder and rerun") from None
                 keys.update(k for k, s in zip(table["path"].to_pylist(), table["score"].to_pylist(),
                                               strict=True) if s is not None)
-            elif name.startswith("errors-") or name == SUMMARY or (name.startswith(".") and name.endswith(".tmp")):
+            elif name.startswith("errors-") or name == SUMMARY or _is_temporary(name):
                 self.fs.rm(entry)
         return keys
 
@@ -170,6 +170,12 @@ class PartsOutput:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file of :meth:`PartsOutput._publish` that a killed run left (nothing else in the folder is
+    touched)."""
+    return name.endswith(".tmp") and name.startswith((".part-", ".errors-", f".{SUMMARY}"))
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
@@ -225,17 +231,17 @@ def _collect(tables: Iterator[pa.Table], scored: set[str], output: PartsOutput, 
     written, failed, last = 0, [], time.monotonic()
     try:
         for table in tables:
-            new = [k not in seen for k in table["path"].to_pylist()]  # a retried batch's rows, never twice
-            table = table.filter(pa.array(new, pa.bool_()))
-            seen.update(table["path"].to_pylist())
-            pending.append(table)
-            progress.update(table.num_rows)
+            keys = table["path"].to_pylist()
+            new = [k not in seen for k in keys]  # a retried batch's rows, never twice
+            seen.update(keys)
+            pending.append(table.filter(pa.array(new, pa.bool_())))
+            progress.update(sum(new))
             if sum(t.num_rows for t in pending) >= part_rows or time.monotonic() - last >= PART_SECONDS:
-                written, failed = _flush(output, pending, written, failed)
+                written += _flush(output, pending, failed)
                 last = time.monotonic()
             if stop.signal is not None:
                 break
-        written, failed = _flush(output, pending, written, failed)
+        written += _flush(output, pending, failed)
     finally:
         progress.close()
         if hasattr(tables, "close"):
@@ -243,26 +249,25 @@ def _collect(tables: Iterator[pa.Table], scored: set[str], output: PartsOutput, 
     return written, failed
 
 
-def _flush(output: PartsOutput, pending: list[pa.Table], written: int, failed: list[tuple[str, str]]
-           ) -> tuple[int, list[tuple[str, str]]]:
+def _flush(output: PartsOutput, pending: list[pa.Table], failed: list[tuple[str, str]]) -> int:
+    """Write ``pending`` as parts and empty it; the scores written, the failures appended to ``failed``."""
     import pyarrow as pa
 
-    if pending:
-        table = pa.concat_tables(pending)
-        output.write(table)
-        errors = table.filter(table["error"].is_valid())
-        written += table.num_rows - errors.num_rows
-        failed = failed + list(zip(errors["path"].to_pylist(), errors["error"].to_pylist(), strict=True))
-        pending.clear()
-    return written, failed
+    if not pending:
+        return 0
+    table = pa.concat_tables(pending)
+    output.write(table)
+    errors = table.filter(table["error"].is_valid())
+    failed += zip(errors["path"].to_pylist(), errors["error"].to_pylist(), strict=True)
+    pending.clear()
+    return table.num_rows - errors.num_rows
 
 
 def _error_rows(errors: list[tuple[str, str]]) -> pa.Table:
-    """Inputs that lead nowhere as error rows (names kept readable where they are not UTF-8)."""
+    """Inputs that lead nowhere as error rows."""
     from qmamba.inference.scoring import results_table
 
-    paths = [os.fsencode(p).decode("utf-8", "backslashreplace") for p, _ in errors]
-    return results_table(paths, [(None, None, e) for _, e in errors])
+    return results_table([p for p, _ in errors], [(None, None, e) for _, e in errors])
 
 
 def _report(args: argparse.Namespace, scorer: Any, written: int, failed: list[tuple[str, str]],

@@ -4,10 +4,11 @@
     ray job submit --address http://head:8265 -- qmamba score --engine ray --ckpt_path best.ckpt \\
         --gpus-per-worker 1 --concurrency 8 's3://bucket/shards/{000000..099999}.tar' -o s3://bucket/scores/
 
-This process, the driver, expands the inputs (tables read, folders walked, the first header of every shard read: a
-missing shard, a bucket without credentials or an unwritable output is one line before any work), checks the
-checkpoint, reads the keys an earlier run wrote, and starts the pipeline of :mod:`qmamba.inference.ray_data`: one
-reading task per shard (streamed once) or per batch of files, decoding in CPU tasks, the model in an actor pool.
+This process, the driver, has the inputs expanded by ``qmamba score`` (tables read, folders walked, the first header
+of every shard read: a missing shard or a bucket without credentials is one line before any work), checks the
+output and the checkpoint, reads the keys an earlier run wrote, and starts the pipeline of
+:mod:`qmamba.inference.ray_data`: one reading task per shard (streamed once) or per batch of files, decoding in CPU
+tasks, the model in an actor pool.
 It then only collects rows (a key and a score: the images never pass through it) and writes them as parts
 (:func:`qmamba.commands.score_parts.score_into_parts`).
 
@@ -24,8 +25,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from qmamba.commands.score_parts import arrow_keys, score_into_parts
-from qmamba.inference.sources import Shard, expand
+from qmamba.commands.score_parts import score_into_parts
+from qmamba.inference.sources import Shard
 
 __all__ = ["run"]
 
@@ -34,14 +35,13 @@ __all__ = ["run"]
 FORWARDED_ENVIRONMENT = ("AWS_", "GOOGLE_", "AZURE_", "FSSPEC_")
 
 
-def run(args: argparse.Namespace, inputs: list[str], stop: Any, progress: Any) -> None:
-    """Score ``inputs`` on Ray into the parts folder ``args.output``; ``stop`` catches SIGINT and SIGTERM (its
+def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]], stop: Any, progress: Any) -> None:
+    """Score ``items`` (row keys and :class:`~qmamba.inference.sources.Shard` objects, each once) on Ray into the
+    parts folder ``args.output``; ``errors`` are the inputs that led nowhere, ``stop`` catches SIGINT and SIGTERM (its
     ``signal`` is set), ``progress`` counts the images."""
     from qmamba.inference.ray_data import RayScorer, import_ray
 
     ray = import_ray()
-    items, errors = expand(inputs, args.column, list_shards=False)
-    items = arrow_keys(list(dict.fromkeys(items)), errors)
     scorer: RayScorer | None = None
 
     def describe() -> RayScorer:

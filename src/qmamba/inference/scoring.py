@@ -315,9 +315,11 @@ def load(checkpoint: str | os.PathLike[str], **kwargs: Any) -> Scorer:
 
 def results_table(keys: list[str], results: list[tuple[float | None, str | None, str | None]]) -> Any:
     """``(score, flag, error)`` per key as the Arrow table of every engine's Parquet rows: ``path``, ``score``,
-    ``flag`` ("" in range) and ``error`` (null for a score, the reason otherwise). Needs pyarrow."""
+    ``flag`` ("" in range) and ``error`` (null for a score, the reason otherwise). Parquet strings are UTF-8, so the
+    bytes of a POSIX name that are not are written as ``\\xNN``. Needs pyarrow."""
     import pyarrow as pa
 
+    paths = [os.fsencode(key).decode("utf-8", "backslashreplace") for key in keys]
     scores, flags, errors = zip(*results, strict=True) if results else ((), (), ())
-    return pa.table({"path": pa.array(keys, pa.string()), "score": pa.array(scores, pa.float64()),
+    return pa.table({"path": pa.array(paths, pa.string()), "score": pa.array(scores, pa.float64()),
                      "flag": pa.array(flags, pa.string()), "error": pa.array(errors, pa.string())})
