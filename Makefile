@@ -3,16 +3,29 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # The CPU machines install torch from local wheels; on your own machine install the torch you want first.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The tools' exact versions (made by `make lock`, Python 3.11 on Linux x86-64): the versions the suite passed with,
+# and nothing for pip's resolver to search. CONSTRAINTS= installs from pyproject.toml's ranges instead.
+CONSTRAINTS ?= requirements/constraints.txt
+PIP_INSTALL := $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help install demo demo-data test test-fast lint bench-scan bench-cpu benchmark transfer clean
+.PHONY: help install lock lock-lowest demo demo-data test test-fast lint bench-scan bench-cpu benchmark transfer clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-install: ## install qmamba (editable) with its test, demo and export dependencies; torch first if missing
-	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
-	$(PIP) install -q -e ".[test,demo,export]"
+install: ## install qmamba (editable) with its test, demo and export dependencies at the locked versions; torch first if missing
+	@start=$$(date +%s); \
+	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC) || exit 1; \
+	echo "$(PIP_INSTALL) -e \".[test,demo,export]\""; \
+	$(PIP_INSTALL) -e ".[test,demo,export]" || exit 1; \
+	echo "make install: $$(( $$(date +%s) - start )) s"
+
+lock: ## regenerate requirements/constraints.txt in a fresh environment (then make test before committing it)
+	TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) requirements/lock.py
+
+lock-lowest: ## regenerate requirements/lowest.txt, the lowest versions the ranges allow (test: make test CONSTRAINTS=requirements/lowest.txt)
+	TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) requirements/lock.py --lowest
 
 DEMO_RUN := runs/demo
 # The demo's numbers depend on how the work is split across threads: a fixed count makes them repeat exactly on any
@@ -71,7 +84,7 @@ bench-scan: ## selective-scan backends vs the sequential reference (CPU table)
 	$(PYTHON) benchmarks/scan.py
 
 bench-cpu: ## QMamba-T / LQMamba-T (fused and torch scan) vs Swin-T and ConvNeXt-T on the CPU, and the scan op alone
-	$(PIP) install -q -e ".[benchmark]"
+	$(PIP_INSTALL) -e ".[benchmark]"
 	$(PYTHON) benchmarks/cpu_models.py
 
 clean: ## remove caches and build artefacts
