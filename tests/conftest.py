@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,48 @@ from PIL import Image
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+SUITE_EXTRAS = ("test", "demo", "export")  # what `make install` installs beside qmamba's own dependencies
+
+
+def unmet_requirements(extras: tuple[str, ...]) -> list[str]:
+    """qmamba's requirements (its own and those of ``extras``) that the running environment does not meet."""
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for line in metadata.requires("qmamba") or []:
+        requirement = Requirement(line)
+        if requirement.marker and not any(requirement.marker.evaluate({"extra": e}) for e in ("", *extras)):
+            continue
+        try:
+            version = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            unmet.append(f"{requirement.name} is missing")
+            continue
+        if not requirement.specifier.contains(version, prereleases=True):
+            unmet.append(f"{requirement.name} {version} is not {requirement.specifier}")
+    return unmet
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The suite needs the extras that `make install` installs, and its tests import them rather than skip: a
+    missing one is one line here, never a green run that tested less."""
+    try:
+        unmet = unmet_requirements(SUITE_EXTRAS)
+    except metadata.PackageNotFoundError:
+        return  # run from the source tree (PYTHONPATH=src, as on the GPU machine): the header says so
+    if unmet:
+        pytest.exit(f"the tests need qmamba's {', '.join(SUITE_EXTRAS)} extras: {'; '.join(unmet)} "
+                    "(make install installs them)", returncode=4)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    try:
+        metadata.version("qmamba")
+    except metadata.PackageNotFoundError:
+        return ["qmamba is not installed (run from the source tree): its extras are not checked"]
+    return []
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -77,7 +120,8 @@ def collection(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     """4 shards written by webdataset, of 3 images each (jpg, png, webp) with a .json metadata member per key, a
     corrupt jpg member and a text file named .png, and the same images as loose files: (shards folder, {member name:
     loose file})."""
-    webdataset = pytest.importorskip("webdataset", reason="the shard tests write shards with webdataset (test extra)")
+    import webdataset
+
     root, _ = trained
     sources = sorted((root / "kadid" / "images").glob("I0*.png"))
     base = tmp_path_factory.mktemp("collection")
@@ -104,9 +148,9 @@ def collection(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
 def bucket(monkeypatch: pytest.MonkeyPatch):
     """An S3 API on 127.0.0.1 (moto's server) with an empty bucket ``iqa``, and this process's credentials for it:
     (boto3 client, the environment that reaches it)."""
-    moto_server = pytest.importorskip("moto.server", reason="the S3 tests run moto's server (test extra)")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs", reason="s3:// needs s3fs (pip install 'qmamba[cloud]')")
+    import boto3
+    import moto.server as moto_server
+
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -24,26 +23,25 @@ def test_cpu_models_benchmark_prints_its_table():
     assert all(float(row.split("|")[3]) > 0 and float(row.split("|")[5]) > 0 for row in rows)
 
 
+@pytest.mark.slow  # starts a Ray cluster for the Ray engine's rows
 def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
     ckpt = trained[1] / "checkpoints" / "best.ckpt"
-    ray = ["--ray"] if importlib.util.find_spec("ray") else []  # the Ray engine's rows where its extra is installed
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "score.py"), str(ckpt), "--images", "6", "--workers", "0", "1",
-         "--shards", "2", "--workdir", str(tmp_path), *ray], capture_output=True, text=True, timeout=300)
+         "--shards", "2", "--workdir", str(tmp_path), "--ray"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| qmamba_test")]
     local, engines = rows[:4], rows[4:]
     assert [(r[3], int(r[4])) for r in local] == [("loose", 0), ("loose", 1), ("2 shards", 0), ("2 shards", 1)]
     assert all(float(r[5]) > 0 and float(r[6]) > 0 for r in local)
-    if ray:  # the Ray engine's rows: img/s of both engines and their ratio
-        assert [r[1] for r in engines] == ["loose", "2 shards"]
-        assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in engines)
+    # the Ray engine's rows: img/s of both engines and their ratio
+    assert [r[1] for r in engines] == ["loose", "2 shards"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in engines)
     assert "`qmamba score --help`" in result.stdout
 
 
 def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path):
-    pytest.importorskip("fastapi", reason="qmamba serve needs its extra")
     root, run = trained
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "serve.py"), str(run / "checkpoints" / "best.ckpt"), "--images",

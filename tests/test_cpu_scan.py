@@ -17,8 +17,6 @@ from qmamba.ops.scan_order import CROSS_2D, ScanOrder
 
 dispatch = importlib.import_module("qmamba.ops.selective_scan")  # the module (the package exports the function)
 
-pytest.importorskip("numba", reason="the fused CPU scan needs numba")
-
 
 @pytest.mark.parametrize("directions,height,width", ORDERS)
 @pytest.mark.parametrize("n", [1, 3])

@@ -199,7 +199,6 @@ def test_missing_images_fail_before_training(tmp_path):
 
 
 def test_demo_builders_write_loadable_official_formats(tmp_path):
-    pytest.importorskip("skimage")
     from qmamba.data.demo import build_kadid_style, build_koniq_style, dead_leaves, simulated_mos
 
     kadid = build_kadid_style(tmp_path / "kadid", sources=("astronaut",), dead_leaves_count=1)

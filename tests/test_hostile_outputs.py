@@ -44,7 +44,6 @@ def test_a_symlinked_output_or_partial_file_is_refused_and_its_target_untouched(
 
 def test_a_link_planted_where_a_temporary_would_go_is_not_followed(trained, images, tmp_path):
     """Parquet is written through a temporary file: one with a fixed name would follow a planted link."""
-    pytest.importorskip("pyarrow")
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     output = tmp_path / "scores.parquet"
@@ -100,8 +99,6 @@ def test_two_runs_on_one_output_are_refused_and_a_stale_lock_is_taken_over(train
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_rerunning_a_finished_output_does_not_repeat_its_error_rows(trained, images, tmp_path, suffix):
-    if suffix == ".parquet":
-        pytest.importorskip("pyarrow")
     output = tmp_path / f"scores{suffix}"
     for _ in range(3):
         assert run_score(trained, str(images), "-o", str(output)) == 1
@@ -129,8 +126,6 @@ def test_a_symlinked_shard_part_is_refused(trained, images, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["score", "serve"])
 def test_a_dataset_the_model_was_not_trained_on_is_one_line(trained, images, capsys, command):
-    if command == "serve":
-        pytest.importorskip("uvicorn", reason="qmamba serve needs its extra")
     args = [str(images / "I01_01_01.png")] if command == "score" else []
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"), "--device", "cpu",
@@ -165,8 +160,6 @@ def _read_paths(output: Path) -> list[str]:
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
 def test_every_file_name_round_trips_through_every_format_and_resumes(trained, images, tmp_path, capsys, suffix):
-    if suffix == ".parquet":
-        pytest.importorskip("pyarrow")
     folder = tmp_path / "odd"
     folder.mkdir()
     png = (images / sorted(p.name for p in images.glob("I0*.png"))[0]).read_bytes()

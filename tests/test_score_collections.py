@@ -106,7 +106,8 @@ def test_a_sharded_run_killed_before_merging_is_merged_when_resumed(trained, pho
 
 
 def test_parquet_output_holds_every_image_and_resumes(trained, photos, tmp_path, capsys):
-    pq = pytest.importorskip("pyarrow.parquet", reason="Parquet output needs pyarrow")
+    import pyarrow.parquet as pq
+
     ckpt = trained[1] / "checkpoints" / "best.ckpt"
     output = tmp_path / "scores.parquet"
     assert _score(ckpt, photos, output) == 1

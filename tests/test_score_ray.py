@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import ray
+import ray.data
 from score_runs import bucket_parts, file_scores, parts_of, rows_of, run_score
-
-ray = pytest.importorskip("ray", reason="the Ray engine's tests need ray[data] (test extra)")
-pytest.importorskip("ray.data")
-pq = pytest.importorskip("pyarrow.parquet")
-pytest.importorskip("webdataset", reason="the shard tests write shards with webdataset (test extra)")
 
 pytestmark = pytest.mark.slow
 

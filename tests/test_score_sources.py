@@ -18,9 +18,6 @@ from score_runs import bucket_parts, file_scores, parts_of, rows_of, run_score
 
 import qmamba
 
-pytest.importorskip("webdataset", reason="the shard tests write shards with webdataset (test extra)")
-pytest.importorskip("braceexpand")
-
 
 def test_shards_give_each_image_member_one_row_with_the_files_scores(trained, collection, tmp_path):
     shards, files = collection

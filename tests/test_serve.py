@@ -16,13 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 import qmamba
 from qmamba.commands.serve import Limits, create_app
-
-pytest.importorskip("fastapi", reason="qmamba serve needs its extra: pip install 'qmamba[serve]'")
-from fastapi.testclient import TestClient  # noqa: E402
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
 
@@ -289,7 +287,6 @@ def _chromium() -> tuple[str, str] | None:
                     "chromium-driver; .ci/run installs them)")
 @pytest.mark.parametrize("token", [None, "s3cret"], ids=["open", "token in the address"])
 def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images, tmp_path, token):
-    pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium (pip install selenium)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
