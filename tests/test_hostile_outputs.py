@@ -52,6 +52,31 @@ def test_a_link_planted_where_a_temporary_would_go_is_not_followed(trained, imag
     assert victim.read_text() == "precious" and output.is_file() and not output.is_symlink()
 
 
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_folder_output_that_is_a_link_is_refused_and_its_target_untouched(trained, images, tmp_path, capsys,
+                                                                            engine):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linkdir").symlink_to(elsewhere, target_is_directory=True)
+    engine_args = ["--engine", "ray"] if engine == "ray" else ["--device", "cpu"]
+    assert run_score(trained, str(images), *engine_args, "-o", f"{tmp_path / 'linkdir'}/", device=None) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a symbolic link" in err[0] and str(tmp_path / "linkdir") in err[0]
+    assert not any(elsewhere.iterdir())
+
+
+def test_a_link_planted_at_a_parts_name_is_replaced_not_written_through(trained, images, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    output = tmp_path / "scores"
+    output.mkdir()
+    (output / "_qmamba.json").symlink_to(victim)
+    assert run_score(trained, str(images), "-o", f"{output}/") == 1  # the corrupt image
+    assert victim.read_text() == "precious"
+    assert (output / "_qmamba.json").is_file() and not (output / "_qmamba.json").is_symlink()
+    assert '"scored": 2' in (output / "_qmamba.json").read_text()
+
+
 def test_maps_of_inputs_above_the_working_folder_stay_inside_the_maps_folder(trained, images, tmp_path,
                                                                              monkeypatch):
     from qmamba.commands.score import map_path

@@ -37,7 +37,7 @@ __all__ = ["PartialOutput", "RowWriter", "is_utf8", "json_lines", "open_for_writ
 def refuse_link(path: Path, what: str) -> None:
     if path.is_symlink():
         raise UsageError(f"{what} {path} is a symbolic link; qmamba score does not write through links (remove it, "
-                         "or name the file it points to)")
+                         "or name what it points to)")
 
 
 def open_for_writing(path: Path, mode: str = "w") -> IO[str]:

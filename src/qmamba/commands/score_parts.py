@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from qmamba.commands.score_outputs import is_utf8
+from qmamba.commands.score_outputs import is_utf8, refuse_link
 from qmamba.errors import UsageError
+from qmamba.files.atomic import atomic_writer
 from qmamba.files.run_folder import ProcessLock
 from qmamba.inference.sources import is_uri
 
@@ -77,20 +78,22 @@ class PartsOutput:
                              "folder or prefix, such as scores/)")
         self.created = not self.fs.exists(self.root)  # removed again if it cannot be written
         if self.local:
+            refuse_link(Path(self.root), "--output")  # a folder's parts would land wherever the link points
             self.lock = ProcessLock(Path(self.root) / ".qmamba.lock", f"--output {url}", "write to another --output")
             try:
-                self.lock.acquire()  # creates the folder too
+                self.lock.acquire()  # creates the folder too, and shows that it can be written
             except OSError as err:
                 raise UsageError(f"cannot write --output {url}: {err.strerror or err} (choose a writable "
                                  "folder)") from None
-        self._check_writable()
+        else:
+            self._check_writable()
 
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 
     def _check_writable(self) -> None:
-        """Write and delete a small file: a read-only folder, a bucket without write access or without credentials
-        is one line now, not after the first scores."""
+        """Write and delete a small object: a bucket without write access or without credentials is one line now,
+        not after the first scores."""
         probe = self._path(f".qmamba-probe-{self.run}")
         try:
             with self.fs.open(probe, "wb") as f:
@@ -139,22 +142,14 @@ class PartsOutput:
 
     def _publish(self, name: str, write: Callable[[IO[bytes]], object]) -> None:
         """``name`` written whole or not at all: one upload to an object store (an object appears only when its
-        upload completes), a hidden temporary file renamed into place on a file system."""
-        if not self.local:
-            with self.fs.open(self._path(name), "wb") as f:
+        upload completes), on a file system a hidden temporary file (a random name, created exclusively) renamed
+        into place, which replaces a link planted at the name instead of writing through it."""
+        if self.local:
+            with atomic_writer(self._path(name)) as f:
                 write(f)
             return
-        temporary = self._path(f".{name}.tmp")
-        try:
-            with self.fs.open(temporary, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.fs.mv(temporary, self._path(name))
-        except BaseException:
-            if self.fs.exists(temporary):
-                self.fs.rm(temporary)
-            raise
+        with self.fs.open(self._path(name), "wb") as f:
+            write(f)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Mark the output complete: ``_qmamba.json`` with the model, the scale and the counts."""
