@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 from importlib import metadata
 from pathlib import Path
 
@@ -154,8 +155,9 @@ def bucket(monkeypatch: pytest.MonkeyPatch):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    # moto accepts any credentials; a secret of its own lets the tests look for it where it must not be
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": f"qmamba-test-secret-{secrets.token_hex(8)}",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     import urllib.request

@@ -169,7 +169,8 @@ def test_a_scoring_actor_killed_mid_batch_is_restarted_and_every_key_is_scored_o
 
 def test_a_driver_killed_and_rerun_on_a_bucket_scores_every_key_exactly_once(trained, many, cluster, bucket,
                                                                             tmp_path):
-    """Shards read from a bucket, parts written back to it; the driver killed after its first part, then rerun."""
+    """Shards read from a bucket, parts written back to it; the driver killed after its first part, then rerun.
+    The bucket's secret reaches the reading tasks and no file of the Ray session."""
     client, env = bucket
     shards, count = many
     for shard in shards:
@@ -196,6 +197,16 @@ def test_a_driver_killed_and_rerun_on_a_bucket_scores_every_key_exactly_once(tra
     extracted = {p.name: p for p in sorted((tmp_path / "extracted").iterdir())}
     for name, score in file_scores(trained, extracted).items():
         assert by_member[name] == pytest.approx(score, rel=1e-6), name
+    assert _session_files_holding(env["AWS_SECRET_ACCESS_KEY"]) == []
+
+
+def _session_files_holding(text: str) -> list[str]:
+    """The files of the test cluster's Ray session (its logs among them) that hold ``text``."""
+    from ray._private.worker import _global_node
+
+    session = Path(_global_node.get_session_dir_path())
+    needle = text.encode()
+    return [str(p) for p in session.rglob("*") if p.is_file() and not p.is_socket() and needle in p.read_bytes()]
 
 
 def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_path, capsys):

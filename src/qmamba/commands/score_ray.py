@@ -30,8 +30,8 @@ from qmamba.inference.sources import Shard
 
 __all__ = ["run"]
 
-# the driver's object-store settings and credentials, given to the job's workers so that they read the buckets the
-# driver checked (a cluster whose nodes hold their own credentials needs none of them)
+# the driver's object-store settings and credentials, given to the tasks that read images so that they read the
+# buckets the driver checked (a cluster whose nodes hold their own credentials needs none of them)
 FORWARDED_ENVIRONMENT = ("AWS_", "GOOGLE_", "AZURE_", "FSSPEC_")
 
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
     """Score ``items`` (row keys and :class:`~qmamba.inference.sources.Shard` objects, each once) on Ray into the
     parts folder ``args.output``; ``errors`` are the inputs that led nowhere, ``stop`` catches SIGINT and SIGTERM (its
     ``signal`` is set), ``progress`` counts the images."""
-    from qmamba.inference.ray_data import RayScorer, import_ray
+    from qmamba.inference.ray_data import RayScorer, TaskEnvironment, import_ray
 
     ray = import_ray()
     scorer: RayScorer | None = None
@@ -58,11 +58,11 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
             return
         connected = ray.is_initialized()  # called from Python that holds a Ray session: use it
         if not connected:
-            forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENVIRONMENT)}
-            ray.init(address=args.address, logging_level=logging.WARNING, runtime_env={"env_vars": forwarded})
+            ray.init(address=args.address, logging_level=logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False  # qmamba's own line says how far it is
+        forwarded = TaskEnvironment({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENVIRONMENT)})
         try:
-            yield from scorer.score_inputs(todo, scored).iter_batches(  # type: ignore[union-attr]
+            yield from scorer.score_inputs(todo, scored, forwarded).iter_batches(  # type: ignore[union-attr]
                 batch_size=None, batch_format="pyarrow")
         finally:
             if not connected:

@@ -20,6 +20,11 @@ consumer once.
 
 ``qmamba score --engine ray`` (:mod:`qmamba.commands.score_ray`) adds tar shards streamed once per task, resume and
 Parquet parts; this module needs only ray, torch, numpy and pyarrow.
+
+Credentials: the reading and decoding tasks use what their nodes hold, plus a :class:`TaskEnvironment` given to
+:meth:`RayScorer.score_inputs` (the driver's object-store variables). It travels in the tasks' arguments, never in a
+runtime environment: Ray's runtime-environment agent writes a job's ``env_vars`` in clear text into its log, a
+world-readable file under ``/tmp/ray`` that outlives the run.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-__all__ = ["RayScorer", "import_ray", "score_dataset"]
+__all__ = ["RayScorer", "TaskEnvironment", "import_ray", "score_dataset"]
 
 FILES_PER_TASK = 256  # loose files read by one task; a shard is always a task of its own
 DECODE_BATCH = 64  # images per decoding task at least: fewer, larger tasks cost less scheduling
@@ -58,6 +63,24 @@ def import_ray() -> Any:
     except ImportError:
         raise UsageError('the Ray engine needs Ray Data: pip install "qmamba[ray]"') from None
     return ray
+
+
+class TaskEnvironment:
+    """Environment variables (credentials among them) set in the processes of the tasks that read images, before
+    they read; its text names the variables, never their values, so a task's description in a log or an error
+    gives nothing away."""
+
+    def __init__(self, variables: dict[str, str]) -> None:
+        self._variables = dict(variables)
+
+    def apply(self) -> None:
+        os.environ.update(self._variables)
+
+    def __repr__(self) -> str:
+        return f"TaskEnvironment({', '.join(sorted(self._variables))})"
+
+    def __bool__(self) -> bool:
+        return bool(self._variables)
 
 
 def score_dataset(ds: ray.data.Dataset, checkpoint: str | os.PathLike[str], *, column: str = "path",
@@ -110,9 +133,11 @@ class RayScorer:
                 raise UsageError(f"the dataset has no column {name} (its columns: {', '.join(schema.names)})")
         return self._pipeline(ds, _Decode(self._preparer(), column, image_column, failure_column=None))
 
-    def score_inputs(self, inputs: list[str], scored: set[str]) -> ray.data.Dataset:
+    def score_inputs(self, inputs: list[str], scored: set[str],
+                     environment: TaskEnvironment | None = None) -> ray.data.Dataset:
         """The row keys and :class:`~qmamba.inference.sources.Shard` objects of ``expand(..., list_shards=False)``:
-        one reading task per shard (streamed once, members in ``scored`` skipped) and per ``FILES_PER_TASK`` files."""
+        one reading task per shard (streamed once, members in ``scored`` skipped) and per ``FILES_PER_TASK`` files;
+        ``environment`` is set in the reading and decoding tasks' processes."""
         ray = import_ray()
         shards = [name for name in inputs if isinstance(name, Shard)]
         files = [str(name) for name in inputs if not isinstance(name, Shard)]
@@ -122,8 +147,10 @@ class RayScorer:
                  for i in range(0, len(files), FILES_PER_TASK)]
         if not work:
             raise ValueError("nothing to score: every input is in `scored`")
-        reading = ray.data.from_items(work, override_num_blocks=len(work)).flat_map(_read_work)
-        return self._pipeline(reading, _Decode(self._preparer(), "path", "image", failure_column="failure"))
+        reading = ray.data.from_items(work, override_num_blocks=len(work)).flat_map(
+            _read_work, fn_kwargs={"environment": environment})
+        return self._pipeline(reading, _Decode(self._preparer(), "path", "image", failure_column="failure",
+                                               environment=environment))
 
     def _preparer(self) -> Preparer:
         return Preparer(self.described.crops, self.described.max_side)
@@ -157,9 +184,11 @@ def _by_shard(keys: set[str], shards: list[str]) -> dict[str, list[str]]:
     return grouped
 
 
-def _read_work(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _read_work(item: dict[str, Any], environment: TaskEnvironment | None) -> Iterator[dict[str, Any]]:
     """The rows of a reading task: a shard's image members with their bytes (a broken shard ends with a failure
     row keyed by the shard), or loose files and URIs, read by the decoding task."""
+    if environment:
+        environment.apply()
     if item["shard"]:  # failure "" for none: an all-null column reaches numpy batches as NaN
         shard = item["names"][0]
         for key, data, failure in shard_images(shard, frozenset(item["skip"])):
@@ -177,8 +206,11 @@ class _Decode:
     column: str
     image_column: str | None
     failure_column: str | None  # rows that failed before decoding (a broken shard), with the reason
+    environment: TaskEnvironment | None = field(default=None, repr=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.environment:
+            self.environment.apply()
         keys = [str(k) for k in batch[self.column]]
         images = batch[self.image_column] if self.image_column else [None] * len(keys)
         failures = batch[self.failure_column] if self.failure_column else [""] * len(keys)
