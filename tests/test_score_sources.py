@@ -81,6 +81,27 @@ def test_a_missing_or_broken_shard_stops_before_scoring(trained, collection, tmp
         assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.csv.partial").exists()
 
 
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "xz"])
+def test_a_compressed_shard_named_tar_is_one_line_from_either_engine(trained, collection, tmp_path, capsys, compress):
+    """The local engine listed a gzip shard's decompressed members, then read them at those offsets from the
+    compressed file: every image was reported corrupt."""
+    import bz2
+    import gzip
+    import lzma
+
+    shards, _ = collection
+    packed = tmp_path / "packed.tar"
+    packed.write_bytes({"gzip": gzip, "bz2": bz2, "xz": lzma}[compress].compress((shards / "000000.tar").read_bytes()))
+    lines = []
+    for engine, output in (("local", "s.csv"), ("ray", "parts/")):
+        assert run_score(trained, str(packed), "--engine", engine, "-o", str(tmp_path / output), device=None) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"the shard {packed} is" in err[0] and "-compressed" in err[0], err
+        lines.append(err[0])
+    assert lines[0] == lines[1]
+    assert not any(tmp_path.glob("s.csv*")) and not (tmp_path / "parts").exists()
+
+
 def test_shards_and_a_table_of_urls_in_a_bucket_score_as_the_local_files(trained, collection, tmp_path, bucket):
     client, env = bucket
     shards, files = collection

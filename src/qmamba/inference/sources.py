@@ -199,8 +199,9 @@ def _reason(err: BaseException) -> str:
 
 def _shard_members(shard: str) -> list[str]:
     """Image members of a tar shard, in the shard's order, listed in one streaming pass."""
+    _checked_shard(shard)  # a compressed shard's offsets would be those of its decompressed stream
     try:  # a remote shard streams through once; a local one is read by seeking past each member's data
-        with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|*" if is_uri(shard) else "r:*") as archive:
+        with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|" if is_uri(shard) else "r:") as archive:
             return [TarMember(f"{shard}#{member.name}", shard, member.offset_data, member.size)
                     for member in _image_members(archive)]
     except (tarfile.TarError, OSError, EOFError) as err:
@@ -221,11 +222,24 @@ def _image_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
             yield member
 
 
+# what a compressed shard starts with, and the tool that decompresses it
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gzip"), b"BZh": ("bzip2", "bzip2"), b"\xfd7zXZ\x00": ("xz", "xz"),
+              b"\x28\xb5\x2f\xfd": ("zstd", "zstd")}
+
+
 def _checked_shard(shard: str) -> Shard:
-    """``shard`` after reading its first header (one small read): a missing, unreachable or non-tar shard is an
-    :class:`InputError` before any work starts, as when it is listed."""
+    """``shard`` after reading its first header (one small read): a missing, unreachable, compressed or non-tar
+    shard is an :class:`InputError` before any work starts, whichever engine reads it.
+
+    Compressed shards are refused: a member is read where it lies in the shard (by offset, or streamed once by the
+    Ray engine's reading task), which a compressed stream does not allow without decompressing everything before
+    it; WebDataset's tools write uncompressed shards."""
     with _open(shard, "shard") as f:
         head = f.read(tarfile.BLOCKSIZE)
+    for magic, (kind, tool) in COMPRESSED.items():
+        if head.startswith(magic):
+            raise InputError(f"the shard {shard} is {kind}-compressed; qmamba reads uncompressed tar shards: "
+                             f"decompress it first ({tool} -dc < {PurePosixPath(shard).name} > NAME.tar)")
     try:
         tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
     except tarfile.EOFHeaderError:  # a zero block: an archive without members
@@ -239,7 +253,7 @@ def shard_images(shard: str, skip: frozenset[str] = frozenset()) -> Iterator[tup
     """``(key, bytes, None)`` for each image member of a shard not in ``skip`` (keys), streaming it once; a shard
     that breaks off (truncated, unreadable) ends with ``(shard, None, reason)`` after the members before the break."""
     try:
-        with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|*") as archive:
+        with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|") as archive:
             for member in _image_members(archive):
                 key = f"{shard}#{member.name}"
                 if key not in skip:
