@@ -65,16 +65,16 @@ def test_a_folder_output_that_is_a_link_is_refused_and_its_target_untouched(trai
     assert not any(elsewhere.iterdir())
 
 
-def test_a_link_planted_at_a_parts_name_is_replaced_not_written_through(trained, images, tmp_path):
+def test_a_link_planted_in_a_folder_output_is_refused_and_its_target_untouched(trained, images, tmp_path, capsys):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     output = tmp_path / "scores"
     output.mkdir()
     (output / "_qmamba.json").symlink_to(victim)
-    assert run_score(trained, str(images), "-o", f"{output}/") == 1  # the corrupt image
-    assert victim.read_text() == "precious"
-    assert (output / "_qmamba.json").is_file() and not (output / "_qmamba.json").is_symlink()
-    assert '"scored": 2' in (output / "_qmamba.json").read_text()
+    assert run_score(trained, str(images), "-o", f"{output}/") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds _qmamba.json, a symbolic link" in err[0]
+    assert victim.read_text() == "precious" and (output / "_qmamba.json").is_symlink()
 
 
 def test_maps_of_inputs_above_the_working_folder_stay_inside_the_maps_folder(trained, images, tmp_path,

@@ -160,6 +160,45 @@ def test_a_bucket_or_folder_output_holds_parquet_parts_and_resumes(trained, coll
         assert read("second").keys() == rows.keys()
 
 
+def test_a_folder_of_another_runs_parts_is_refused_before_any_work_and_left_as_it_was(trained, collection, tmp_path,
+                                                                                    capsys):
+    """Parts of another scoring (other crops here; another checkpoint or dataset alike), parts without qmamba's
+    record (a 9.9 outside the 1-5 scale, say), files qmamba did not write, or scores of images that are not among
+    the inputs: one line naming what is there, and nothing in the folder is touched."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, files = collection
+    images = [str(p) for p in list(files.values())[:4]]
+    output = tmp_path / "scores"
+    assert run_score(trained, *images, "-o", f"{output}/") == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+
+    def refused(*args: str) -> str:
+        assert run_score(trained, *args, "-o", f"{output}/") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err
+        assert {p.name: p.read_bytes() for p in output.iterdir()} == before, "the folder was touched"
+        return err[0]
+
+    assert "scored with crops 2 (this run: 3);" in refused(*images, "--crops", "3")
+    assert "holds scores of 2 images that are not among this run's inputs" in refused(*images[2:])
+    foreign = pa.table({"path": [images[0]], "score": [9.9], "flag": [""], "error": pa.array([None], pa.string())})
+    pq.write_table(foreign, output / "part-foreign.parquet")
+    before["part-foreign.parquet"] = (output / "part-foreign.parquet").read_bytes()
+    assert "part-foreign.parquet, which has no record of what scored it" in refused(*images)
+    (output / "part-foreign.parquet").unlink()
+    (output / "notes.txt").write_text("mine")
+    del before["part-foreign.parquet"]
+    before["notes.txt"] = b"mine"
+    assert "holds notes.txt, which qmamba score did not write" in refused(*images)
+    (output / "notes.txt").unlink()
+    del before["notes.txt"]
+    assert run_score(trained, *images, "-o", f"{output}/") == 0  # its own parts: a resume, nothing left to score
+    assert "resuming" in capsys.readouterr().err and len(parts_of(output)) == 4
+
+
 def test_a_signal_to_a_folder_output_writes_what_arrived_and_a_rerun_finishes(trained, tmp_path):
     """SIGTERM: the rows that arrived are written as whole parts, the exit is 143, the output is not marked complete;
     the rerun scores the rest (both engines share this loop: qmamba.commands.score_parts)."""

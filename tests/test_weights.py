@@ -423,7 +423,7 @@ def test_a_fit_reads_its_pretrained_file_once_to_hash_it(workdir, monkeypatch):
     source = build_backbone("qmamba_test").state_dict()
     torch.save({"model": source}, tmp_path / "official.pth")
     hashed = []
-    original = weights._sha256
-    monkeypatch.setattr(weights, "_sha256", lambda path: hashed.append(path) or original(path))
+    original = weights.file_sha256
+    monkeypatch.setattr(weights, "file_sha256", lambda path: hashed.append(path) or original(path))
     main(["fit", "--config", str(config), "--model.init_args.pretrained", str(tmp_path / "official.pth")])
     assert hashed == [tmp_path / "official.pth"]

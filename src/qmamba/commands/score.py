@@ -320,7 +320,7 @@ def _score_into_folder(args: argparse.Namespace, files: list[str], errors: list[
             yield results_table([path for path, _, _ in rows] + [path for path, _ in bad],
                                 [(score, flag, None) for _, score, flag in rows] + [(None, None, e) for _, e in bad])
 
-    score_into_parts(args, errors, describe, batches, stop, progress)
+    score_into_parts(args, errors, describe, batches, set(files).__contains__, stop, progress)
 
 
 def _help_node_zero(args: argparse.Namespace, files: list[str], output: Path) -> None:

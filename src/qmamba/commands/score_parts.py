@@ -5,6 +5,11 @@
     scores/errors-20261202T071500-3f2a-000001.parquet the images that could not be scored, with the reason
     scores/_qmamba.json                               the model, the scale and the counts, once the run is complete
 
+Every part records what scored it in its Parquet metadata (``qmamba``: the checkpoint's SHA-256, the dataset whose
+scale the scores are on, the crops, ``max_side`` and ``clip``). A rerun resumes only from parts whose record is its
+own and whose keys are among its inputs; a folder holding anything else (another model's parts, files qmamba did
+not write) is one line naming it before any work, and nothing in it is touched.
+
 Any reader of Parquet datasets reads the folder as one table (``pyarrow.parquet.read_table("scores/")``,
 ``ray.data.read_parquet``, Spark, DuckDB's ``'scores/*.parquet'``): names starting with ``_`` or ``.`` are not data.
 
@@ -37,6 +42,7 @@ from qmamba.commands.score_outputs import is_utf8, refuse_link
 from qmamba.errors import UsageError
 from qmamba.files.atomic import atomic_writer
 from qmamba.files.run_folder import ProcessLock
+from qmamba.files.weights import file_sha256
 from qmamba.inference.sources import is_uri
 
 if TYPE_CHECKING:
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["PART_ROWS", "PartsOutput", "arrow_keys", "is_folder_output", "score_into_parts"]
 
 SUMMARY = "_qmamba.json"
+LOCK = ".qmamba.lock"
+RECORD = b"qmamba"  # the key of a part's Parquet metadata that records what scored its rows
 PART_ROWS = 10_000  # rows per part at most, by default (--part-rows)
 PART_SECONDS = 60.0  # a part is written at least this often while rows arrive
 SHOWN_ERRORS = 20  # failures printed at the end; all are in the error parts
@@ -79,7 +87,7 @@ class PartsOutput:
         self.created = not self.fs.exists(self.root)  # removed again if it cannot be written
         if self.local:
             refuse_link(Path(self.root), "--output")  # a folder's parts would land wherever the link points
-            self.lock = ProcessLock(Path(self.root) / ".qmamba.lock", f"--output {url}", "write to another --output")
+            self.lock = ProcessLock(Path(self.root) / LOCK, f"--output {url}", "write to another --output")
             try:
                 self.lock.acquire()  # creates the folder too, and shows that it can be written
             except OSError as err:
@@ -87,9 +95,27 @@ class PartsOutput:
                                  "folder)") from None
         else:
             self._check_writable()
+        entries = self._entries()
+        links = [name for entry, name in entries if self.local and os.path.islink(entry)]
+        foreign = [name for _, name in entries if not _is_own(name)]
+        if links or foreign:
+            self.abandon()
+            if links:
+                raise UsageError(f"--output {url} holds {links[0]}, a symbolic link; qmamba score neither reads nor "
+                                 "writes through links in its output (remove it)")
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise UsageError(f"--output {url} holds {', '.join(sorted(foreign)[:3])}{more}, which qmamba score did not "
+                             "write; a folder output holds only its parts: name a new or empty folder or prefix")
+        self.record: dict[str, Any] = {}
 
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
+
+    def _entries(self) -> list[tuple[str, str]]:
+        """(path, name) of everything in the folder."""
+        if not self.fs.isdir(self.root):
+            return []
+        return [(entry, entry.rstrip("/").rsplit("/", 1)[-1]) for entry in self.fs.ls(self.root, detail=False)]
 
     def _check_writable(self) -> None:
         """Write and delete a small object: a bucket without write access or without credentials is one line now,
@@ -105,30 +131,66 @@ class PartsOutput:
             raise UsageError(f"cannot write --output {self.url}: {reason.splitlines()[0]} (choose a writable folder "
                              "or bucket, with credentials that may write to it)") from None
 
-    def scored(self) -> set[str]:
-        """The keys with a score in the parts an earlier run left; its error parts, leftover temporary files and
-        summary are removed (failed images are tried again, and the output is incomplete until this run ends)."""
+    def scored(self, record: dict[str, Any], among_inputs: Callable[[str], bool]) -> set[str]:
+        """The keys with a score in the parts an earlier run left, once every part and summary there is shown to
+        be ``record``'s (what this run scores with, which every part it writes records) and every key to be
+        ``among_inputs``; then the earlier run's error parts, leftover temporary files and summary are removed
+        (failed images are tried again, and the output is incomplete until this run ends)."""
         import pyarrow.parquet as pq
 
+        self.record = record
         keys: set[str] = set()
-        for entry in self.fs.ls(self.root, detail=False) if self.fs.isdir(self.root) else []:
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith("part-") and name.endswith(".parquet"):
+        stale = []
+        for entry, name in self._entries():
+            if name.startswith(("part-", "errors-")) and name.endswith(".parquet"):
                 try:
                     table = pq.read_table(entry, columns=["path", "score"], filesystem=self.fs)
                 except Exception as err:  # noqa: BLE001 - pyarrow's errors for a file that is no Parquet
                     raise UsageError(f"--output {self.url}: {name} is not a Parquet part of qmamba score ({err}); "
                                      "move it out of the folder and rerun") from None
-                keys.update(k for k, s in zip(table["path"].to_pylist(), table["score"].to_pylist(),
-                                              strict=True) if s is not None)
-            elif name.startswith("errors-") or name == SUMMARY or _is_temporary(name):
-                self.fs.rm(entry)
+                metadata = table.schema.metadata or {}
+                self._check_record(name, json.loads(metadata[RECORD]) if RECORD in metadata else None)
+                if name.startswith("part-"):
+                    keys.update(k for k, s in zip(table["path"].to_pylist(), table["score"].to_pylist(),
+                                                  strict=True) if s is not None)
+                else:
+                    stale.append(entry)
+            elif name == SUMMARY:
+                try:
+                    summary = json.loads(self.fs.cat_file(entry))
+                except ValueError:
+                    summary = {}
+                self._check_record(name, summary.get("record") if isinstance(summary, dict) else None)
+                stale.append(entry)
+            elif _is_temporary(name):
+                stale.append(entry)
+        strangers = [key for key in keys if not among_inputs(key)]
+        if strangers:
+            raise UsageError(f"--output {self.url} holds scores of {len(strangers)} images that are not among this "
+                             f"run's inputs ({sorted(strangers)[0]}, ...); a run resumes only its own output: give "
+                             "the same inputs, or write to another --output")
+        for entry in stale:
+            self.fs.rm(entry)
         return keys
 
+    def _check_record(self, name: str, found: dict[str, Any] | None) -> None:
+        if found == self.record:
+            return
+        if found is None:
+            what = "which has no record of what scored it (written by another program, or by an older qmamba)"
+        else:
+            shown = {"checkpoint_sha256": lambda digest: f"{str(digest)[:12]}..."}
+            what = "scored with " + ", ".join(
+                f"{key} {shown.get(key, str)(found.get(key))} (this run: {shown.get(key, str)(value)})"
+                for key, value in self.record.items() if found.get(key) != value)
+        raise UsageError(f"--output {self.url} holds {name}, {what}; a run resumes only its own parts: write to "
+                         "another --output")
+
     def write(self, table: pa.Table) -> None:
-        """The rows with a score as one part, those with an error as another."""
+        """The rows with a score as one part, those with an error as another, each with this run's record."""
         import pyarrow.compute as pc
 
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), RECORD: json.dumps(self.record)})
         failed = pc.is_valid(table["error"])
         for prefix, rows in (("part", table.filter(pc.invert(failed))), ("errors", table.filter(failed))):
             if rows.num_rows:
@@ -167,6 +229,12 @@ class PartsOutput:
             self.lock = None
 
 
+def _is_own(name: str) -> bool:
+    """A name that :class:`PartsOutput` writes."""
+    return (name.startswith(("part-", "errors-")) and name.endswith(".parquet")) or name in (SUMMARY, LOCK) \
+        or name.startswith(".qmamba-probe-") or _is_temporary(name)
+
+
 def _is_temporary(name: str) -> bool:
     """A temporary file of :meth:`PartsOutput._publish` that a killed run left (nothing else in the folder is
     touched)."""
@@ -189,11 +257,13 @@ def _filesystem(url: str) -> tuple[Any, str]:
 
 
 def score_into_parts(args: argparse.Namespace, errors: list[tuple[str, str]], describe: Callable[[], Any],
-                     batches: Callable[[set[str]], Iterator[pa.Table]], stop: Any, progress: Any) -> None:
+                     batches: Callable[[set[str]], Iterator[pa.Table]], among_inputs: Callable[[str], bool],
+                     stop: Any, progress: Any) -> None:
     """Score into the parts folder ``args.output``: ``describe()`` checks the model and returns its
     :class:`~qmamba.inference.scoring.Scorer` (or what has its ``info``, ``scale`` and ``dataset``), ``batches(scored)``
-    yields the rows of every image not in ``scored``; ``errors`` are the inputs that led nowhere. ``stop`` catches
-    SIGINT and SIGTERM (its ``signal`` is set), ``progress`` counts the images."""
+    yields the rows of every image not in ``scored``; ``among_inputs(key)`` says whether a key an earlier run
+    scored is one of this run's images; ``errors`` are the inputs that led nowhere. ``stop`` catches SIGINT and
+    SIGTERM (its ``signal`` is set), ``progress`` counts the images."""
     output = PartsOutput(args.output)
     try:
         scorer = describe()
@@ -201,7 +271,8 @@ def score_into_parts(args: argparse.Namespace, errors: list[tuple[str, str]], de
         output.abandon()
         raise
     try:
-        scored = output.scored()
+        record = scoring_record(args, scorer)
+        scored = output.scored(record, among_inputs)
         if scored:
             print(f"qmamba score: resuming {args.output}: {len(scored)} images already scored", file=sys.stderr)
         written, failed = _collect(batches(scored), scored, output, args.part_rows, stop, progress)
@@ -210,10 +281,19 @@ def score_into_parts(args: argparse.Namespace, errors: list[tuple[str, str]], de
         if stop.signal is None:
             output.finish({"model": scorer.info, "score_range": [scorer.scale.low, scorer.scale.high],
                            "direction": scorer.scale.direction, "scored": len(scored) + written,
-                           "errors": len(failed)})
+                           "errors": len(failed), "record": record})
     finally:
         output.unlock()
     _report(args, scorer, written, failed, stop.signal)
+
+
+def scoring_record(args: argparse.Namespace, scorer: Any) -> dict[str, Any]:
+    """What the scores of a run depend on: the weights (the checkpoint's SHA-256, not its path: a copy resumes),
+    the dataset whose scale they are on, the crops, ``max_side`` and ``clip``."""
+    info = scorer.info
+    return {"checkpoint_sha256": file_sha256(args.ckpt_path), "dataset": scorer.dataset,
+            "score_range": [scorer.scale.low, scorer.scale.high], "crops": info["crops"],
+            "crop_size": info["crop_size"], "max_side": info["max_side"], "clip": bool(args.clip)}
 
 
 def _collect(tables: Iterator[pa.Table], scored: set[str], output: PartsOutput, part_rows: int, stop: Any,

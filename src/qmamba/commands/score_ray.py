@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from qmamba.commands.score_parts import score_into_parts
-from qmamba.inference.sources import Shard
+from qmamba.inference.sources import Shard, shard_of
 
 __all__ = ["run"]
 
@@ -68,4 +68,7 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
             if not connected:
                 ray.shutdown()
 
-    score_into_parts(args, errors, describe, batches, stop, progress)
+    names = {str(i) for i in items}
+    shards = {str(i) for i in items if isinstance(i, Shard)}
+    score_into_parts(args, errors, describe, batches, lambda key: key in names or shard_of(key, shards) is not None,
+                     stop, progress)

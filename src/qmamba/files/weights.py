@@ -49,6 +49,7 @@ __all__ = [
     "cache_state",
     "ensure_pretrained",
     "fetch",
+    "file_sha256",
     "official_weights",
     "resolve_pretrained",
     "verify",
@@ -137,7 +138,7 @@ def resolve_pretrained(backbone: str, pretrained: str | os.PathLike[str] | None)
         cached = fetch(official_weights(backbone))
         return cached.path, cached.provenance(IMAGENET)
     path = _existing(pretrained)
-    return path, CachedWeights(path, None, _sha256(path), path.stat().st_size).provenance(str(path))
+    return path, CachedWeights(path, None, file_sha256(path), path.stat().st_size).provenance(str(path))
 
 
 def ensure_pretrained(backbone: str, pretrained: str | os.PathLike[str] | None) -> None:
@@ -214,7 +215,7 @@ def _fetch(weights: OfficialWeights, download: bool, progress: bool | None, acce
 
 def _verified(weights: OfficialWeights, path: Path) -> CachedWeights:
     """The file checked against its record; a file placed by hand (no record yet) is checked and recorded."""
-    digest, size = _sha256(path), path.stat().st_size
+    digest, size = file_sha256(path), path.stat().st_size
     recorded = _read_record(path)
     if recorded is None:
         _check_release_file(weights, path, f"{path} (placed in the cache by hand) is not the release file")
@@ -265,7 +266,8 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
@@ -346,7 +348,7 @@ def _download(weights: OfficialWeights, path: Path, progress: bool, accept_chang
 def _keep(weights: OfficialWeights, path: Path, accept_changed: bool) -> CachedWeights:
     """Check a whole ``<file>.part`` and make it the cached, recorded ``path``; a file that fails is deleted."""
     part = _part_path(path)
-    digest, size = _sha256(part), part.stat().st_size
+    digest, size = file_sha256(part), part.stat().st_size
     try:
         _check_release_file(weights, part, f"{weights.url} sent {size} bytes that are not {weights.model}'s "
                                            f"checkpoint (check {MIRROR_ENV} or the proxy)")

@@ -42,7 +42,7 @@ from qmamba.errors import UsageError
 from qmamba.inference.images import NamedBytes
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.scoring import Preparer, Scorer, load, results_table
-from qmamba.inference.sources import RemoteFile, Shard, is_uri, shard_images
+from qmamba.inference.sources import RemoteFile, Shard, is_uri, shard_images, shard_of
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -172,15 +172,12 @@ class RayScorer:
 
 
 def _by_shard(keys: set[str], shards: list[str]) -> dict[str, list[str]]:
-    """The member keys (``<shard>#<member>``) among ``keys`` grouped by shard, in one pass over them (a name may hold
-    a ``#`` of its own, so each ``#`` is tried in turn)."""
+    """The member keys (``<shard>#<member>``) among ``keys`` grouped by shard, in one pass over them."""
     grouped: dict[str, list[str]] = {s: [] for s in shards}
     for key in keys:
-        cut = key.find("#")
-        while cut != -1 and key[:cut] not in grouped:
-            cut = key.find("#", cut + 1)
-        if cut != -1:
-            grouped[key[:cut]].append(key)
+        shard = shard_of(key, grouped)
+        if shard is not None:
+            grouped[shard].append(key)
     return grouped
 
 

@@ -29,14 +29,14 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from qmamba.errors import QMambaError, UsageError
 
 __all__ = ["IMAGE_SUFFIXES", "InputError", "RemoteFile", "Shard", "Source", "TarMember", "expand", "is_uri",
-           "open_uri", "shard_images"]
+           "open_uri", "shard_images", "shard_of"]
 
 
 def is_uri(path: str) -> bool:
@@ -105,6 +105,17 @@ class RemoteFile(Source):
 class Shard(str):
     """A tar shard named whole, its members not listed: an engine that reads each shard in one task streams it once
     (:func:`shard_images`) instead of listing it here and range-reading every member."""
+
+
+def shard_of(key: str, shards: Container[str]) -> str | None:
+    """The shard among ``shards`` that the member key ``<shard>#<member name>`` belongs to, if any (a shard's name
+    may hold a ``#`` of its own, so each ``#`` is tried in turn)."""
+    cut = key.find("#")
+    while cut != -1:
+        if key[:cut] in shards:
+            return key[:cut]
+        cut = key.find("#", cut + 1)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------ inputs
