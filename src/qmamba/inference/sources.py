@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
+import re
 import tarfile
 from collections.abc import Container, Iterator
 from pathlib import Path, PurePosixPath
@@ -150,14 +152,46 @@ def expand(inputs: list[str], column: str | None = None, list_shards: bool = Tru
     return files, errors
 
 
+MAX_PATTERN_NAMES = 1_000_000  # names one brace pattern may stand for (a typo of two digits makes 100 million)
+_GROUP = re.compile(r"\{([^{}\\]*)\}")  # a brace group without nested groups or escapes
+_RANGE = re.compile(r"(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.(-?\d+))?")
+
+
 def _braces(item: str) -> list[str]:
+    """The names a brace pattern stands for; one of more than :data:`MAX_PATTERN_NAMES` is refused before it is
+    expanded (counted from its groups) or, for patterns too intricate to count, as soon as the lazy expansion passes
+    the bound."""
     if "{" not in item:
         return [item]
     try:
         from braceexpand import braceexpand
     except ImportError:
         raise UsageError(f"the brace pattern {item} needs braceexpand: pip install \"qmamba[cloud]\"") from None
-    return list(braceexpand(item))
+    count = _pattern_count(item)
+    if count is None or count <= MAX_PATTERN_NAMES:
+        names = list(itertools.islice(braceexpand(item), MAX_PATTERN_NAMES + 1))
+        if len(names) <= MAX_PATTERN_NAMES:
+            return names
+    raise InputError(f"the brace pattern {item} stands for more than {MAX_PATTERN_NAMES:,} names (a typo in a "
+                     "range?); split it into several patterns")
+
+
+def _pattern_count(item: str) -> int | None:
+    """How many names a pattern of plain groups (``{a..b}``, ``{a..b..step}``, ``{x,y,z}``) stands for; None for
+    nested groups and escapes, which only braceexpand itself reads right."""
+    if "\\" in item or _GROUP.sub("", item).count("{"):
+        return None
+    count = 1
+    for group in _GROUP.findall(item):
+        span = _RANGE.fullmatch(group)
+        if span:
+            first, last, step = span.groups()
+            low, high = (int(first), int(last)) if first.lstrip("-").isdigit() and last.lstrip("-").isdigit() else (
+                ord(first), ord(last))
+            count *= abs(high - low) // max(1, abs(int(step or 1))) + 1
+        else:
+            count *= len(group.split(",")) if "," in group else 1
+    return count
 
 
 def _local(path: Path, files: list[str], errors: list[tuple[str, str]]) -> None:
