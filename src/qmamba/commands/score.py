@@ -29,6 +29,7 @@ run left are kept and merged when it is resumed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import signal
@@ -52,15 +53,15 @@ from qmamba.commands.score_parts import PART_ROWS, arrow_keys, is_folder_output,
 from qmamba.commands.score_ray import run as run_on_ray
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
-from qmamba.inference.sources import expand
+from qmamba.inference.sources import NetworkLimits, expand
 
 __all__ = ["main"]
 
-def expand_inputs(inputs: list[str], column: str | None, list_shards: bool = True
+def expand_inputs(inputs: list[str], column: str | None, limits: NetworkLimits, list_shards: bool = True
                   ) -> tuple[list[str], list[tuple[str, str]]]:
-    """Every input's images (:func:`qmamba.inference.sources.expand`), each once: a path given twice is scored once,
-    in every mode, and said so."""
-    files, errors = expand(inputs, column, list_shards)
+    """Every input's images (:func:`qmamba.inference.sources.expand`, read within ``limits``), each once: a path
+    given twice is scored once, in every mode, and said so."""
+    files, errors = expand(inputs, column, list_shards, limits)
     unique = list(dict.fromkeys(files))
     if len(unique) < len(files):
         print(f"qmamba score: {len(files) - len(unique)} repeated input path(s) are scored once", file=sys.stderr)
@@ -78,15 +79,35 @@ def _read_list(parser: argparse.ArgumentParser, source: str) -> list[str]:
     return [line.removesuffix("\r") for line in os.fsdecode(data).split("\n") if line.strip()]
 
 
+class _Interrupted(Exception):
+    """A signal arrived while the run waited for images (a URL that does not answer, say)."""
+
+
 class _Stop:
-    """SIGINT / SIGTERM set a flag; the scoring loop stops after the batch it is in."""
+    """SIGINT / SIGTERM set a flag; the scoring loop stops after the batch it is in. One that arrives while the run
+    waits for decoded images (:meth:`waiting`) ends the wait at once with :class:`_Interrupted`: none of those
+    images has a score yet, so nothing is lost that a rerun would not redo."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.in_wait = False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
+        if self.in_wait:
+            self.in_wait = False
+            raise _Interrupted
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        if self.signal is not None:
+            raise _Interrupted
+        self.in_wait = True
+        try:
+            yield
+        finally:
+            self.in_wait = False
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
@@ -127,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this before "
                         "cropping (huge images; JPEGs decode directly at the smaller size). Default: native "
                         "resolution, as the model was tested")
+    parser.add_argument("--timeout", type=float, default=NetworkLimits.timeout, help="seconds a URL may take to "
+                        "answer, to send its next bytes, and to deliver a whole image (default %(default)g); a URL "
+                        "past it is that image's error")
+    parser.add_argument("--max-image-mb", type=float, default=NetworkLimits.max_bytes / 2**20, help="the most one "
+                        "image from a URL or a tar member may hold; reading stops there and the image is an error "
+                        "(default %(default)g)")
     parser.add_argument("--maps", type=Path, metavar="DIR", help="also write a quality map per image into DIR "
                         "(<DIR>/<image path>.png: the image tinted by the scores of windows slid over it)")
     parser.add_argument("--devices", type=int, default=1, help="score with N processes, each on its own GPU (or "
@@ -165,6 +192,11 @@ def main(argv: list[str]) -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    for name in ("timeout", "max_image_mb"):
+        value = getattr(args, name)
+        if not value > 0 or value == float("inf"):
+            parser.error(f"--{name.replace('_', '-')} must be a number > 0, got {value}")
+    args.limits = NetworkLimits(args.timeout, int(args.max_image_mb * 2**20))
     if not 0 <= args.node_rank < args.num_nodes:
         parser.error(f"--node_rank {args.node_rank} is not one of the {args.num_nodes} nodes (0 to "
                      f"{args.num_nodes - 1})")
@@ -177,7 +209,7 @@ def main(argv: list[str]) -> None:
     if not inputs:
         parser.error("no images to score: name files or folders, --list FILE, or - for paths on standard input")
     if args.engine == "ray" or is_folder_output(args.output):  # Parquet parts (qmamba.commands.score_parts)
-        files, errors = expand_inputs(inputs, args.column, list_shards=args.engine == "local")  # Ray reads shards
+        files, errors = expand_inputs(inputs, args.column, args.limits, list_shards=args.engine == "local")
         files = arrow_keys(files, errors)
         stop = _Stop()
         try:
@@ -192,9 +224,9 @@ def main(argv: list[str]) -> None:
     if output is not None and output_kind(output) == "parquet" and importlib.util.find_spec("pyarrow") is None:
         parser.error("Parquet output needs pyarrow (pip install pyarrow), or write .csv / .jsonl")
     if args.node_rank > 0:  # a helper node: score its shards into parts; node 0 owns the output
-        _help_node_zero(args, expand_inputs(inputs, args.column)[0], output)  # type: ignore[arg-type]
+        _help_node_zero(args, expand_inputs(inputs, args.column, args.limits)[0], output)  # type: ignore[arg-type]
         return
-    files, errors = expand_inputs(inputs, args.column)  # shards and tables are listed before anything is written
+    files, errors = expand_inputs(inputs, args.column, args.limits)  # listed before anything is written
     target = PartialOutput(output) if output else None  # locked from here to the end of the run
     try:
         _score_inputs(args, files, errors, output, target, sharded)
@@ -316,9 +348,12 @@ def _score_into_folder(args: argparse.Namespace, files: list[str], errors: list[
         return scorer
 
     def batches(scored: set[str]) -> Iterator[Any]:
-        for rows, bad in _scored_batches(scorer, [f for f in files if f not in scored], args):
-            yield results_table([path for path, _, _ in rows] + [path for path, _ in bad],
-                                [(score, flag, None) for _, score, flag in rows] + [(None, None, e) for _, e in bad])
+        try:
+            for rows, bad in _scored_batches(scorer, [f for f in files if f not in scored], args, stop):
+                results = [(score, flag, None) for _, score, flag in rows] + [(None, None, e) for _, e in bad]
+                yield results_table([path for path, _, _ in rows] + [path for path, _ in bad], results)
+        except _Interrupted:
+            return
 
     score_into_parts(args, errors, describe, batches, set(files).__contains__, stop, progress)
 
@@ -344,24 +379,27 @@ def _score(scorer: Any, files: list[str], writer: RowWriter, args: argparse.Name
     done = 0
     progress = _Progress(len(files))
     try:
-        for rows, bad in _scored_batches(scorer, files, args):
+        for rows, bad in _scored_batches(scorer, files, args, stop):
             writer.write(rows, bad)
             failed += bad
             done += len(rows) + len(bad)
             progress.update(len(rows) + len(bad))
             if stop.signal is not None:
                 break
+    except _Interrupted:
+        pass
     finally:
         progress.close()
     return done, failed
 
 
-def _scored_batches(scorer: Any, files: list[str], args: argparse.Namespace
+def _scored_batches(scorer: Any, files: list[str], args: argparse.Namespace, stop: _Stop
                     ) -> Iterator[tuple[list[tuple[str, float, str]], list[tuple[str, str]]]]:
     """Each model batch of ``files`` as its rows ``(path, score, flag)`` (flagged or clipped, ``--clip``) and its
-    failures ``(path, reason)``, in input order; the rows' quality maps are written first (``--maps``)."""
+    failures ``(path, reason)``, in input order; the rows' quality maps are written first (``--maps``). A signal
+    while images are awaited raises :class:`_Interrupted`."""
     workers = _default_workers(scorer.device.type == "cuda") if args.workers is None else args.workers
-    for batch in scorer.iter_batches(files, workers=workers):
+    for batch in scorer.iter_batches(files, workers=workers, waiting=stop.waiting):
         rows = [(files[r.index], *scorer.scale.report(r.score, args.clip)) for r in batch if r.error is None]
         if args.maps is not None:
             for path, _, _ in rows:

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
         ray.data.DataContext.get_current().enable_progress_bars = False  # qmamba's own line says how far it is
         forwarded = TaskEnvironment({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENVIRONMENT)})
         try:
-            yield from scorer.score_inputs(todo, scored, forwarded).iter_batches(  # type: ignore[union-attr]
+            yield from scorer.score_inputs(todo, scored, forwarded, args.limits).iter_batches(  # type: ignore[union-attr]
                 batch_size=None, batch_format="pyarrow")
         finally:
             if not connected:

@@ -42,7 +42,7 @@ from qmamba.errors import UsageError
 from qmamba.inference.images import NamedBytes
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.scoring import Preparer, Scorer, load, results_table
-from qmamba.inference.sources import RemoteFile, Shard, is_uri, shard_images, shard_of
+from qmamba.inference.sources import NetworkLimits, RemoteFile, Shard, is_uri, shard_images, shard_of
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -133,11 +133,11 @@ class RayScorer:
                 raise UsageError(f"the dataset has no column {name} (its columns: {', '.join(schema.names)})")
         return self._pipeline(ds, _Decode(self._preparer(), column, image_column, failure_column=None))
 
-    def score_inputs(self, inputs: list[str], scored: set[str],
-                     environment: TaskEnvironment | None = None) -> ray.data.Dataset:
+    def score_inputs(self, inputs: list[str], scored: set[str], environment: TaskEnvironment | None = None,
+                     limits: NetworkLimits = NetworkLimits()) -> ray.data.Dataset:
         """The row keys and :class:`~qmamba.inference.sources.Shard` objects of ``expand(..., list_shards=False)``:
         one reading task per shard (streamed once, members in ``scored`` skipped) and per ``FILES_PER_TASK`` files;
-        ``environment`` is set in the reading and decoding tasks' processes."""
+        ``environment`` is set in the reading and decoding tasks' processes, which read within ``limits``."""
         ray = import_ray()
         shards = [name for name in inputs if isinstance(name, Shard)]
         files = [str(name) for name in inputs if not isinstance(name, Shard)]
@@ -148,9 +148,9 @@ class RayScorer:
         if not work:
             raise ValueError("nothing to score: every input is in `scored`")
         reading = ray.data.from_items(work, override_num_blocks=len(work)).flat_map(
-            _read_work, fn_kwargs={"environment": environment})
+            _read_work, fn_kwargs={"environment": environment, "limits": limits})
         return self._pipeline(reading, _Decode(self._preparer(), "path", "image", failure_column="failure",
-                                               environment=environment))
+                                               environment=environment, limits=limits))
 
     def _preparer(self) -> Preparer:
         return Preparer(self.described.crops, self.described.max_side)
@@ -181,14 +181,15 @@ def _by_shard(keys: set[str], shards: list[str]) -> dict[str, list[str]]:
     return grouped
 
 
-def _read_work(item: dict[str, Any], environment: TaskEnvironment | None) -> Iterator[dict[str, Any]]:
+def _read_work(item: dict[str, Any], environment: TaskEnvironment | None, limits: NetworkLimits
+               ) -> Iterator[dict[str, Any]]:
     """The rows of a reading task: a shard's image members with their bytes (a broken shard ends with a failure
     row keyed by the shard), or loose files and URIs, read by the decoding task."""
     if environment:
         environment.apply()
     if item["shard"]:  # failure "" for none: an all-null column reaches numpy batches as NaN
         shard = item["names"][0]
-        for key, data, failure in shard_images(shard, frozenset(item["skip"])):
+        for key, data, failure in shard_images(shard, frozenset(item["skip"]), limits):
             yield {"path": key, "image": data, "failure": failure or ""}
     else:
         for name in item["names"]:
@@ -204,6 +205,7 @@ class _Decode:
     image_column: str | None
     failure_column: str | None  # rows that failed before decoding (a broken shard), with the reason
     environment: TaskEnvironment | None = field(default=None, repr=False)
+    limits: NetworkLimits = NetworkLimits()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.environment:
@@ -218,18 +220,18 @@ class _Decode:
             if failure:
                 errors.append(str(failure))
                 continue
-            cut, error = self.prepare.cut(_image_of(key, image))
+            cut, error = self.prepare.cut(_image_of(key, image, self.limits))
             if cut is not None:
                 crops[i] = cut
             errors.append(error or "")
         return {"path": np.array(keys, dtype=object), "crops": crops, "error": np.array(errors, dtype=object)}
 
 
-def _image_of(key: str, image: Any) -> Any:
+def _image_of(key: str, image: Any, limits: NetworkLimits) -> Any:
     """What :class:`Preparer` reads for a row: its encoded bytes named by its key (as a tar member is in the local
     engine), a decoded array, or the file or URI the key names when the image is null (NaN in a numpy batch)."""
     if image is None or (isinstance(image, (float, np.floating)) and np.isnan(image)):  # an all-null column: float32
-        return RemoteFile(key) if is_uri(key) else key
+        return RemoteFile(key, limits) if is_uri(key) else key
     if isinstance(image, (bytes, bytearray)):
         return NamedBytes(bytes(image), key)
     return np.asarray(image)

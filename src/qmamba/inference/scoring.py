@@ -17,7 +17,7 @@ import contextlib
 import io
 import os
 import signal
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -114,11 +114,13 @@ class _Decoded(torch.utils.data.Dataset):
 
 
 def _init_worker(worker: int) -> None:
-    """Decoding is single-threaded, so the model in the main process gets the cores; Ctrl-C and SIGTERM are the
-    main process's to handle (it finishes its batch), so a worker must not die of them first."""
+    """Decoding is single-threaded, so the model in the main process gets the cores. Ctrl-C reaches the whole
+    process group and is the main process's to handle (it finishes its batch), so a worker ignores it; SIGTERM is
+    how the main process ends its workers, even one waiting on a URL that never answers, so a worker exits at once
+    and quietly (an exit status of 0 is no worker failure to the main process)."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def _as_list(items: list[_Prepared]) -> list[_Prepared]:
@@ -190,22 +192,27 @@ class Scorer:
         means = torch.stack([chunk.mean() for chunk in units.split(counts)])
         return self.scale.to_native(means).tolist()
 
-    def iter_batches(self, images: Iterable[ImageInput], workers: int = 0) -> Iterator[list[Result]]:
+    def iter_batches(self, images: Iterable[ImageInput], workers: int = 0,
+                     waiting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                     ) -> Iterator[list[Result]]:
         """Results in input order, one list per model batch (or per image that cannot be scored): a caller can stop
         between lists without losing a computed score. Never stops early because of a bad image.
 
         ``workers`` > 0 decodes and crops in that many DataLoader processes while the model runs (images of any
         size batch together: every image gives the same number of same-size crops). A model on the CPU then runs on
-        the cores the workers leave (torch's thread count, restored afterwards): sharing them slows both."""
+        the cores the workers leave (torch's thread count, restored afterwards): sharing them slows both.
+        ``waiting()`` is entered around each wait for decoded images (and only then: never around the model), so
+        a caller can end a wait on a slow source at once (``qmamba score`` on a signal)."""
         threads = torch.get_num_threads()
         if workers and self.device.type == "cpu":
             torch.set_num_threads(max(1, threads - workers))
         try:
-            yield from self._iter_batches(images, workers)
+            yield from self._iter_batches(images, workers, waiting)
         finally:
             torch.set_num_threads(threads)
 
-    def _iter_batches(self, images: Iterable[ImageInput], workers: int) -> Iterator[list[Result]]:
+    def _iter_batches(self, images: Iterable[ImageInput], workers: int,
+                      waiting: Callable[[], contextlib.AbstractContextManager[Any]]) -> Iterator[list[Result]]:
         prepare = Preparer(self.crops, self.max_side)
         if workers:
             sequence = images if isinstance(images, Sequence) else list(images)
@@ -215,7 +222,12 @@ class Scorer:
                 pin_memory=self.device.type == "cuda")
         else:
             prepared = _chunks((prepare(i, image) for i, image in enumerate(images)), self.batch_size)
-        for batch in prepared:
+        batches = iter(prepared)
+        while True:
+            with waiting():
+                batch = next(batches, None)
+            if batch is None:
+                return
             for item in batch:
                 if item.error is not None:
                     yield [Result(item.index, None, item.error)]

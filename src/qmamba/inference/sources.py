@@ -18,12 +18,18 @@ when used). Sources are small and picklable: DataLoader workers fetch and decode
 missing or unreadable, or a column it lacks, is an :class:`InputError` (one line) before anything is scored; an image
 that cannot be read is that image's error when it is scored.
 
+Reads are bounded (:class:`NetworkLimits`): a URI must answer and keep sending within ``timeout`` seconds (http(s)
+and s3 connections are given it; other protocols keep their library's own), a whole image must arrive within it,
+and an image or tar member may hold at most ``max_bytes``: reading stops there, so a URL that answers 10 GB costs
+``max_bytes`` of memory and that image's error row, never the machine.
+
     keys, missing = expand(["shards/{000000..000003}.tar", "images.parquet"])
     scores = qmamba.load("best.ckpt").score(keys)
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import itertools
@@ -31,14 +37,48 @@ import json
 import os
 import re
 import tarfile
+import time
 from collections.abc import Container, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
+from urllib.error import HTTPError, URLError
+from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.request import Request, urlopen
 
 from qmamba.errors import QMambaError, UsageError
 
-__all__ = ["IMAGE_SUFFIXES", "InputError", "RemoteFile", "Shard", "Source", "TarMember", "expand", "is_uri",
-           "open_uri", "shard_images", "shard_of"]
+__all__ = ["IMAGE_SUFFIXES", "InputError", "NetworkLimits", "RemoteFile", "RemoteReadError", "Shard", "Source",
+           "TarMember", "expand", "is_uri", "open_uri", "read_remote", "shard_images", "shard_of"]
+
+READ_CHUNK = 1 << 20  # bytes asked for per read of a remote image: the deadline and the size bound are checked between
+
+
+@dataclass(frozen=True)
+class NetworkLimits:
+    """How long and how much one read may take: ``timeout`` seconds to connect, between the bytes of an answer, and
+    for a whole image to arrive (``--timeout``); ``max_bytes`` in one image or tar member (``--max-image-mb``: the
+    default is above the largest 8-bit RGBA image Pillow's pixel limit lets decode, 358 MB)."""
+
+    timeout: float = 60.0
+    max_bytes: int = 512 * 2**20
+
+    def storage_options(self, path: str) -> dict[str, Any]:
+        """fsspec options that give ``path``'s connection the timeout."""
+        scheme = path.partition("://")[0].lower()
+        if scheme in ("http", "https"):
+            import aiohttp
+
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
+            return {"client_kwargs": {"timeout": timeout}}
+        if scheme in ("s3", "s3a"):
+            return {"config_kwargs": {"connect_timeout": self.timeout, "read_timeout": self.timeout}}
+        return {}
+
+    def too_large(self, name: str, size: int | None = None) -> str:
+        held = f" ({size / 2**20:.1f} MB)" if size is not None else ""
+        return (f"{name} holds more than {self.max_bytes / 2**20:g} MB{held}, the bound of one image "
+                "(--max-image-mb)")
 
 
 def is_uri(path: str) -> bool:
@@ -47,16 +87,75 @@ def is_uri(path: str) -> bool:
     return bool(sep) and scheme.isidentifier()
 
 
-def open_uri(path: str, mode: str = "rb") -> Any:
-    """``path`` opened through fsspec (a missing extra is one line naming the install command)."""
+def open_uri(path: str, mode: str = "rb", limits: NetworkLimits | None = None) -> Any:
+    """``path`` opened through fsspec, with ``limits``' timeout on its connection (a missing extra is one line
+    naming the install command)."""
     try:
         import fsspec
     except ImportError:
         raise UsageError(f"reading {path} needs fsspec: pip install \"qmamba[cloud]\" (fsspec, s3fs, gcsfs)") from None
     try:
-        return fsspec.open(path, mode).open()
+        return fsspec.open(path, mode, **(limits or NetworkLimits()).storage_options(path)).open()
     except ImportError as err:  # fsspec's message names the package of the URI's protocol
         raise UsageError(f"reading {path}: {err}") from None
+
+
+class RemoteReadError(OSError):
+    """A remote image that could not be read within its limits; the message says why in one line."""
+
+
+def read_remote(path: str, limits: NetworkLimits) -> bytes:
+    """A remote image's bytes, within ``limits``; a :class:`RemoteReadError` says what went wrong (no answer, too
+    slow, too large, the HTTP status).
+
+    http(s) is read with the standard library: one GET, its status kept (fsspec asks for the size first and reports
+    every failure of that request, a timeout included, as not found)."""
+    try:
+        return _read_bounded(path, limits)
+    except (UsageError, RemoteReadError):
+        raise
+    except HTTPError as err:
+        raise RemoteReadError(f"cannot read {path}: HTTP {err.code} {err.reason}") from None
+    except Exception as err:  # noqa: BLE001 - each fsspec backend raises its own (botocore, gcsfs, ...)
+        cause = err.reason if isinstance(err, URLError) else err.__cause__ if isinstance(err, FileNotFoundError) \
+            else err
+        if isinstance(cause, TimeoutError) or "timeout" in type(cause).__name__.lower():
+            raise RemoteReadError(f"no answer from {path} within {limits.timeout:g} s (--timeout)") from None
+        if isinstance(err, FileNotFoundError):
+            raise RemoteReadError(f"{path} was not found") from None
+        raise RemoteReadError(f"cannot read {path}: {_reason(cause if isinstance(cause, BaseException) else err)}"
+                              ) from None
+
+
+def _read_bounded(path: str, limits: NetworkLimits) -> bytes:
+    deadline = time.monotonic() + limits.timeout
+    chunks, held = [], 0
+    with _open_stream(path, limits) as f:
+        read = getattr(f, "read1", f.read)  # read1: what has arrived, so that a trickle meets the deadline
+        while chunk := read(READ_CHUNK):
+            held += len(chunk)
+            if held > limits.max_bytes:
+                raise RemoteReadError(limits.too_large(path))
+            if time.monotonic() > deadline:
+                raise RemoteReadError(f"{path} was still arriving after {limits.timeout:g} s ({held / 2**20:.1f} MB "
+                                      "so far; --timeout)")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _open_stream(path: str, limits: NetworkLimits) -> Any:
+    """``path`` opened for one read from its start: a GET whose every socket operation has the timeout for http(s)
+    (credentials in the URL sent as basic authentication), fsspec for other protocols."""
+    parts = urlsplit(path)
+    if parts.scheme.lower() not in ("http", "https"):
+        return open_uri(path, limits=limits)
+    headers = {"User-Agent": "qmamba"}
+    if parts.username is not None:
+        token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = f"Basic {base64.b64encode(token).decode()}"
+        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+        path = urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+    return urlopen(Request(path, headers=headers), timeout=limits.timeout)  # noqa: S310 - http(s) only, checked above
 
 
 class Source(str):
@@ -78,17 +177,21 @@ class TarMember(Source):
     shard: str
     offset: int
     size: int
+    limits: NetworkLimits
 
-    def __new__(cls, key: str, shard: str, offset: int, size: int) -> TarMember:
+    def __new__(cls, key: str, shard: str, offset: int, size: int, limits: NetworkLimits = NetworkLimits()
+                ) -> TarMember:
         member = super().__new__(cls, key)
-        member.shard, member.offset, member.size = shard, offset, size
+        member.shard, member.offset, member.size, member.limits = shard, offset, size, limits
         return member
 
     def _fields(self) -> tuple[Any, ...]:
-        return self.shard, self.offset, self.size
+        return self.shard, self.offset, self.size, self.limits
 
     def read(self) -> bytes:
-        with (open_uri(self.shard) if is_uri(self.shard) else open(self.shard, "rb")) as f:
+        if self.size > self.limits.max_bytes:  # its header says so: nothing is read
+            raise OSError(self.limits.too_large(str(self), self.size))
+        with (open_uri(self.shard, limits=self.limits) if is_uri(self.shard) else open(self.shard, "rb")) as f:
             f.seek(self.offset)
             data = f.read(self.size)
         if len(data) != self.size:
@@ -97,11 +200,20 @@ class TarMember(Source):
 
 
 class RemoteFile(Source):
-    """An image file behind an fsspec URI."""
+    """An image file behind an fsspec URI, read within ``limits``."""
+
+    limits: NetworkLimits
+
+    def __new__(cls, key: str, limits: NetworkLimits = NetworkLimits()) -> RemoteFile:
+        remote = super().__new__(cls, key)
+        remote.limits = limits
+        return remote
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.limits,)
 
     def read(self) -> bytes:
-        with open_uri(str(self)) as f:
-            return f.read()
+        return read_remote(str(self), self.limits)
 
 
 class Shard(str):
@@ -131,22 +243,22 @@ class InputError(QMambaError):
     """A shard or table that cannot be read, or a column it lacks: the run cannot score what was asked."""
 
 
-def expand(inputs: list[str], column: str | None = None, list_shards: bool = True
-           ) -> tuple[list[str], list[tuple[str, str]]]:
-    """The images of every input as row keys (paths and :class:`Source` objects), in order; inputs that lead nowhere
-    are returned as ``(path, reason)``. With ``list_shards`` false a shard is one :class:`Shard`, checked to be a
-    readable tar file but not listed."""
+def expand(inputs: list[str], column: str | None = None, list_shards: bool = True,
+           limits: NetworkLimits = NetworkLimits()) -> tuple[list[str], list[tuple[str, str]]]:
+    """The images of every input as row keys (paths and :class:`Source` objects, which read within ``limits``), in
+    order; inputs that lead nowhere are returned as ``(path, reason)``. With ``list_shards`` false a shard is one
+    :class:`Shard`, checked to be a readable tar file but not listed."""
     files: list[str] = []
     errors: list[tuple[str, str]] = []
     for item in inputs:
         for name in _braces(item):
             suffix = PurePosixPath(name.split("?", 1)[0]).suffix.lower()
             if suffix in SHARD_SUFFIXES:
-                files += _shard_members(name) if list_shards else [_checked_shard(name)]
+                files += _shard_members(name, limits) if list_shards else [_checked_shard(name, limits)]
             elif suffix in TABLE_SUFFIXES:
-                files += _table_images(name, suffix, column)
+                files += _table_images(name, suffix, column, limits)
             elif is_uri(name):
-                files.append(RemoteFile(name))
+                files.append(RemoteFile(name, limits))
             else:
                 _local(Path(name), files, errors)
     return files, errors
@@ -225,10 +337,10 @@ def _walk(folder: Path, files: list[str], errors: list[tuple[str, str]], seen: s
             errors.append((str(path), err.strerror or str(err)))
 
 
-def _open(name: str, what: str) -> IO[bytes]:
+def _open(name: str, what: str, limits: NetworkLimits) -> IO[bytes]:
     """A shard or table, local or remote; one line when it cannot be opened (missing, no credentials, ...)."""
     try:
-        return open_uri(name) if is_uri(name) else open(name, "rb")
+        return open_uri(name, limits=limits) if is_uri(name) else open(name, "rb")
     except UsageError:
         raise
     except FileNotFoundError:
@@ -242,12 +354,13 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _shard_members(shard: str) -> list[str]:
+def _shard_members(shard: str, limits: NetworkLimits) -> list[str]:
     """Image members of a tar shard, in the shard's order, listed in one streaming pass."""
-    _checked_shard(shard)  # a compressed shard's offsets would be those of its decompressed stream
+    _checked_shard(shard, limits)  # a compressed shard's offsets would be those of its decompressed stream
     try:  # a remote shard streams through once; a local one is read by seeking past each member's data
-        with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|" if is_uri(shard) else "r:") as archive:
-            return [TarMember(f"{shard}#{member.name}", shard, member.offset_data, member.size)
+        with _open(shard, "shard", limits) as f, \
+                tarfile.open(fileobj=f, mode="r|" if is_uri(shard) else "r:") as archive:
+            return [TarMember(f"{shard}#{member.name}", shard, member.offset_data, member.size, limits)
                     for member in _image_members(archive)]
     except (tarfile.TarError, OSError, EOFError) as err:
         raise InputError(_unreadable_shard(shard, err)) from None
@@ -272,14 +385,14 @@ COMPRESSED = {b"\x1f\x8b": ("gzip", "gzip"), b"BZh": ("bzip2", "bzip2"), b"\xfd7
               b"\x28\xb5\x2f\xfd": ("zstd", "zstd")}
 
 
-def _checked_shard(shard: str) -> Shard:
+def _checked_shard(shard: str, limits: NetworkLimits) -> Shard:
     """``shard`` after reading its first header (one small read): a missing, unreachable, compressed or non-tar
     shard is an :class:`InputError` before any work starts, whichever engine reads it.
 
     Compressed shards are refused: a member is read where it lies in the shard (by offset, or streamed once by the
     Ray engine's reading task), which a compressed stream does not allow without decompressing everything before
     it; WebDataset's tools write uncompressed shards."""
-    with _open(shard, "shard") as f:
+    with _open(shard, "shard", limits) as f:
         head = f.read(tarfile.BLOCKSIZE)
     for magic, (kind, tool) in COMPRESSED.items():
         if head.startswith(magic):
@@ -294,23 +407,29 @@ def _checked_shard(shard: str) -> Shard:
     return Shard(shard)
 
 
-def shard_images(shard: str, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """``(key, bytes, None)`` for each image member of a shard not in ``skip`` (keys), streaming it once; a shard
-    that breaks off (truncated, unreadable) ends with ``(shard, None, reason)`` after the members before the break."""
+def shard_images(shard: str, skip: frozenset[str] = frozenset(), limits: NetworkLimits = NetworkLimits()
+                 ) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """``(key, bytes, None)`` for each image member of a shard not in ``skip`` (keys), streaming it once; a member
+    above ``limits.max_bytes`` is ``(key, None, reason)``, unread; a shard that breaks off (truncated, unreadable)
+    ends with ``(shard, None, reason)`` after the members before the break."""
     try:
-        with _open(shard, "shard") as f, tarfile.open(fileobj=f, mode="r|") as archive:
+        with _open(shard, "shard", limits) as f, tarfile.open(fileobj=f, mode="r|") as archive:
             for member in _image_members(archive):
                 key = f"{shard}#{member.name}"
-                if key not in skip:
-                    data = archive.extractfile(member).read()  # type: ignore[union-attr]  (a file member)
-                    yield key, data, None
+                if key in skip:
+                    continue
+                if member.size > limits.max_bytes:
+                    yield key, None, limits.too_large(key, member.size)
+                    continue
+                data = archive.extractfile(member).read()  # type: ignore[union-attr]  (a file member)
+                yield key, data, None
     except (tarfile.TarError, OSError, EOFError, InputError) as err:
         yield shard, None, str(err) if isinstance(err, InputError) else _unreadable_shard(shard, err)
 
 
-def _table_images(table: str, suffix: str, column: str | None) -> list[str]:
+def _table_images(table: str, suffix: str, column: str | None, limits: NetworkLimits) -> list[str]:
     """The images a table names, one per row with a value in its path column."""
-    with _open(table, "table") as f:
+    with _open(table, "table", limits) as f:
         data = f.read()
     try:
         columns = _read_table(data, suffix)
@@ -321,7 +440,7 @@ def _table_images(table: str, suffix: str, column: str | None) -> list[str]:
         raise InputError(f"the table {table} has no column {column or ' or '.join(COLUMNS)} (its columns: "
                          f"{', '.join(columns) or 'none'}); name the one with the images with --column")
     values = [str(v) for v in columns[wanted[0]] if v not in (None, "")]
-    return [RemoteFile(v) if is_uri(v) else v for v in values]
+    return [RemoteFile(v, limits) if is_uri(v) else v for v in values]
 
 
 def _read_table(data: bytes, suffix: str) -> dict[str, list[object]]:
