@@ -122,10 +122,11 @@ def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(tr
     assert rows[private]["score"] == pytest.approx(expected, rel=1e-6)  # the URL's credentials were sent
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum,workers", [(signal.SIGTERM, 1), (signal.SIGINT, 0)],
+                         ids=["SIGTERM-a-worker-waits", "SIGINT-the-main-process-waits"])
 def test_a_signal_stops_a_run_that_waits_on_a_url(trained, server, tmp_path, workers, signum):
-    """The run waited on a silent URL until the server closed (230 s), whatever the signal."""
+    """The run waited on a silent URL until the server closed (230 s), whatever the signal. Both signals take the
+    same path; the wait is in the main process (--workers 0) or in a DataLoader worker."""
     output = tmp_path / "scores.csv"
     process = subprocess.Popen(
         [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
