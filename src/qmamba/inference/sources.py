@@ -87,7 +87,7 @@ def is_uri(path: str) -> bool:
     return bool(sep) and scheme.isidentifier()
 
 
-def open_uri(path: str, mode: str = "rb", limits: NetworkLimits | None = None) -> Any:
+def open_uri(path: str, mode: str = "rb", *, limits: NetworkLimits) -> Any:
     """``path`` opened through fsspec, with ``limits``' timeout on its connection (a missing extra is one line
     naming the install command)."""
     try:
@@ -95,7 +95,7 @@ def open_uri(path: str, mode: str = "rb", limits: NetworkLimits | None = None) -
     except ImportError:
         raise UsageError(f"reading {path} needs fsspec: pip install \"qmamba[cloud]\" (fsspec, s3fs, gcsfs)") from None
     try:
-        return fsspec.open(path, mode, **(limits or NetworkLimits()).storage_options(path)).open()
+        return fsspec.open(path, mode, **limits.storage_options(path)).open()
     except ImportError as err:  # fsspec's message names the package of the URI's protocol
         raise UsageError(f"reading {path}: {err}") from None
 
@@ -117,14 +117,19 @@ def read_remote(path: str, limits: NetworkLimits) -> bytes:
     except HTTPError as err:
         raise RemoteReadError(f"cannot read {path}: HTTP {err.code} {err.reason}") from None
     except Exception as err:  # noqa: BLE001 - each fsspec backend raises its own (botocore, gcsfs, ...)
-        cause = err.reason if isinstance(err, URLError) else err.__cause__ if isinstance(err, FileNotFoundError) \
-            else err
+        cause = _underlying(err)
         if isinstance(cause, TimeoutError) or "timeout" in type(cause).__name__.lower():
             raise RemoteReadError(f"no answer from {path} within {limits.timeout:g} s (--timeout)") from None
         if isinstance(err, FileNotFoundError):
             raise RemoteReadError(f"{path} was not found") from None
-        raise RemoteReadError(f"cannot read {path}: {_reason(cause if isinstance(cause, BaseException) else err)}"
-                              ) from None
+        raise RemoteReadError(f"cannot read {path}: {_reason(cause)}") from None
+
+
+def _underlying(err: BaseException) -> BaseException:
+    """The error a wrapper stands for: urllib's URLError holds it as its ``reason``, fsspec's FileNotFoundError as
+    its cause; any other error stands for itself."""
+    inner = err.reason if isinstance(err, URLError) else err.__cause__ if isinstance(err, FileNotFoundError) else None
+    return inner if isinstance(inner, BaseException) else err
 
 
 def _read_bounded(path: str, limits: NetworkLimits) -> bytes:
