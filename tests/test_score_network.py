@@ -12,10 +12,9 @@ import tarfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-from score_runs import file_scores, rows_of, run_score
+from score_runs import file_scores, parts_of, rows_of, run_score
 
 from qmamba.inference.sources import NetworkLimits, shard_images
 
@@ -122,22 +121,27 @@ def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(tr
     assert rows[private]["score"] == pytest.approx(expected, rel=1e-6)  # the URL's credentials were sent
 
 
-@pytest.mark.parametrize("signum,workers", [(signal.SIGTERM, 1), (signal.SIGINT, 0)],
+@pytest.mark.parametrize("signum,workers,output", [(signal.SIGTERM, 1, "scores.csv"), (signal.SIGINT, 0, "parts/")],
                          ids=["SIGTERM-a-worker-waits", "SIGINT-the-main-process-waits"])
-def test_a_signal_stops_a_run_that_waits_on_a_url(trained, server, tmp_path, workers, signum):
+def test_a_signal_stops_a_run_that_waits_on_a_url(trained, server, tmp_path, workers, signum, output):
     """The run waited on a silent URL until the server closed (230 s), whatever the signal. Both signals take the
-    same path; the wait is in the main process (--workers 0) or in a DataLoader worker."""
-    output = tmp_path / "scores.csv"
+    same path; the wait is in the main process (--workers 0) or in a DataLoader worker. The interrupted image is
+    unscored, not failed: a folder output once recorded it in an errors part (the per-image error handler caught
+    the interruption), so a rerun skipped it."""
     process = subprocess.Popen(
         [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
-         server.url("silent"), server.url("good.png"), "-o", str(output), "--device", "cpu", "--timeout", "600",
-         "--workers", str(workers)], stderr=subprocess.PIPE, text=True)
+         server.url("silent"), server.url("good.png"), "-o", f"{tmp_path}/{output}", "--device", "cpu",
+         "--timeout", "600", "--workers", str(workers)], stderr=subprocess.PIPE, text=True)
     assert server.silent_called.wait(120), "the run never asked for the URL"
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)  # bounded by the signal, not by --timeout
     assert process.returncode == 128 + signum, err
     assert "stopped early" in err.strip().splitlines()[-1] and "Traceback" not in err
-    assert not output.exists() and Path(f"{output}.partial").is_file()
+    if output.endswith("/"):
+        assert server.url("silent") not in parts_of(tmp_path / output)
+        assert not (tmp_path / output / "_qmamba.json").exists()
+    else:
+        assert not (tmp_path / output).exists() and (tmp_path / f"{output}.partial").is_file()
 
 
 def test_tar_members_above_the_bound_are_errors_and_never_read(trained, tmp_path):

@@ -79,8 +79,9 @@ def _read_list(parser: argparse.ArgumentParser, source: str) -> list[str]:
     return [line.removesuffix("\r") for line in os.fsdecode(data).split("\n") if line.strip()]
 
 
-class _Interrupted(Exception):
-    """A signal arrived while the run waited for images (a URL that does not answer, say)."""
+class _Interrupted(BaseException):
+    """A signal arrived while the run waited for images (a URL that does not answer, say). A BaseException, like
+    KeyboardInterrupt: the handlers that turn one image's failure into its error row must not catch it."""
 
 
 class _Stop:
