@@ -13,9 +13,11 @@ from scan_cases import kernel_args
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
+import qmamba
 from qmamba.cli import main
 from qmamba.models import build_model
 from qmamba.models.compiling import CompileError, check_compiler
+from qmamba.models.ss2d import SS2D
 from qmamba.ops.cpu_scan import selective_scan_cpu
 from qmamba.ops.scan_order import ScanOrder
 
@@ -70,6 +72,59 @@ def test_compiled_qmamba_tiny_stages_are_one_graph_with_the_fused_kernel_and_equ
 @pytest.mark.slow
 def test_compiled_lqmamba_tiny_stages_with_padded_windows_equal_eager():
     _compiled_against_eager("lqmamba_tiny", 64)  # 16x16 at stage 0: 14-token windows are padded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"fullgraph": True}, {"dynamic": True, "fullgraph": True}, {}],
+                         ids=["fullgraph", "dynamic", "default"])
+def test_torch_compile_runs_ss2d_at_any_sequence_of_input_sizes(options):
+    """A user's own torch.compile, forward and backward, on three map sizes in turn (the second makes the default
+    symbolic). The scan orders were once constants of the graph, which failed at the second size; one window
+    direction is padded at every size here, the other h. One SS2D layer: a whole model's compilations at symbolic
+    sizes took 3 minutes each on 2 cores, for the same code."""
+    torch.manual_seed(0)
+    layer = SS2D(8, directions=("h", "w3c_flip"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, **options)
+    for height, width in ((6, 7), (9, 5), (8, 10)):
+        x = torch.randn(2, height, width, 8)
+        outputs, grads = [], []
+        for run in (compiled, layer):
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            y = run(x.requires_grad_())
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            outputs.append(y.detach())
+            grads.append([x.grad, *(p.grad for p in layer.parameters())])
+        assert _norm_err(*outputs) < 3e-5, (height, width)
+        assert all(_norm_err(a, b) < 3e-5 for a, b in zip(*grads, strict=True)), (height, width)
+    assert not counters["graph_break"]
+
+
+def test_a_compiled_scorer_takes_every_batch_size_with_one_graph(trained):
+    """serve --compile once answered HTTP 500 from the ninth new batch size on (torch's recompile limit): the batch
+    dimension is dynamic now, and serve's batches are the scorer's."""
+    checkpoint = trained[1] / "checkpoints" / "best.ckpt"
+    eager, compiled = (qmamba.load(checkpoint, device="cpu", compile=c) for c in (False, True))
+    size = eager.crops.size
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+    for count in range(2, 12):  # ten batch sizes
+        crops = [torch.randn(1, 3, size, size) for _ in range(count)]  # normalised crops, one per image
+        assert compiled.score_crops(crops) == pytest.approx(eager.score_crops(crops), abs=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_recompile_limit_is_one_line_naming_the_cause(trained):
+    scorer = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu", compile=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        scorer.score_crops([torch.zeros(2, 3, 32, 32)])
+        with pytest.raises(CompileError, match=r"compiled this model for 1 input shapes, its limit.*new shape.*"
+                                               r"recompile_limit.*without --compile"):
+            scorer.score_crops([torch.zeros(2, 3, 48, 48)])
 
 
 def test_a_missing_cpp_compiler_is_one_line_naming_the_option(monkeypatch):

@@ -18,7 +18,7 @@ import torch
 
 from qmamba.errors import QMambaError
 
-__all__ = ["CompileError", "check_compiler", "compile_errors", "compile_model"]
+__all__ = ["CompileError", "batch_input", "check_compiler", "compile_errors", "compile_model"]
 
 
 class CompileError(QMambaError):
@@ -50,22 +50,36 @@ def check_compiler(device: torch.device, option: str) -> None:
 def compile_model(model: torch.nn.Module, device: torch.device, option: str) -> torch.nn.Module:
     """Compile ``model`` in place as one graph, after checking that a compiler exists for ``device``.
 
-    Shapes are static (the scan orders are constants of the graph, built for one map size): each new input shape
-    compiles once more (a run's last, smaller batch, say). Past torch's recompile limit (8 shapes) compiling fails
-    with the one-line error instead of silently running the model eagerly."""
+    The scan orders are built inside the graph from the map size, so any input size compiles. Callers whose batch
+    size varies (a scorer's requests, a run's last batch) mark the batch dimension dynamic (:func:`batch_input`):
+    one graph then serves every batch size. Each other new input shape compiles once more; past torch's recompile
+    limit (8 shapes) the call fails with the one-line error instead of silently running the model eagerly."""
     check_compiler(device, option)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    model.compile(fullgraph=True, dynamic=False)
+    model.compile(fullgraph=True)
     return model
+
+
+def batch_input(images: torch.Tensor) -> torch.Tensor:
+    """``images`` with its batch dimension marked dynamic for a compiled model: a new batch size reuses the graph
+    (a batch of one still compiles its own: torch specializes sizes 0 and 1)."""
+    torch._dynamo.maybe_mark_dynamic(images, 0)
+    return images
 
 
 @contextlib.contextmanager
 def compile_errors(option: str) -> Iterator[None]:
     """Turn a failing compilation (which happens at the first call of a compiled model) into one line."""
-    from torch._dynamo.exc import TorchDynamoException
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
     try:
         yield
+    except FailOnRecompileLimitHit as err:
+        limit = torch._dynamo.config.recompile_limit
+        raise CompileError(f"torch.compile has compiled this model for {limit} input shapes, its limit, and a new "
+                           "shape needs another compilation: give the model inputs of fewer shapes (one crop size; "
+                           "the batch size varies freely), raise torch._dynamo.config.recompile_limit, or run "
+                           f"without {option}") from err
     except TorchDynamoException as err:
         cause = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise CompileError(f"torch.compile failed on this model ({type(err).__name__}: {cause[:300]}); run without "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,6 +21,12 @@ from qmamba.ops.selective_scan import ScanBackend, ordered_selective_scan, valid
 from .layers import no_weight_decay
 
 __all__ = ["SS2D", "BiAttn", "mamba_dt_bias"]
+
+# torch.compile trains these layers at symbolic sizes (dynamic=True, or the default's second input size) only when
+# the partitioner recomputes views instead of saving them: inductor cannot order the symbolic strides of a saved view
+# such as the depthwise conv's channel-last input (pytorch/pytorch#185510, open in torch 2.14). A view costs nothing
+# to recompute, and torch's own note on the option calls it generally a good idea; it is process-wide.
+torch._functorch.config.recompute_views = True
 
 
 def mamba_dt_bias(shape: tuple[int, ...], dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
@@ -122,7 +129,7 @@ class SS2D(nn.Module):
             cs,
             self.Ds.float(),
             self.dt_projs_bias.float().flatten(),
-            scan_order(self.directions, height, width),
+            scan_order(self.directions, height, width, x.device),
             merge=self.fusion is None,
             backend=self.scan_backend,
             delta_proj=self.dt_projs_weight,

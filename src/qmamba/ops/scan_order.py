@@ -17,6 +17,7 @@ directly.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -39,27 +40,27 @@ def validate_direction(name: str) -> str:
     return name
 
 
-def direction_positions(name: str, height: int, width: int) -> Tensor:
-    """Sequence of row-major token indices visited by direction ``name``; ``-1`` marks a padding token."""
+def direction_positions(name: str, height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """Sequence of row-major token indices visited by direction ``name``; ``-1`` marks a padding token.
+
+    Tensor ops only, no loops over values: with symbolic ``height`` and ``width`` (torch.compile's dynamic shapes)
+    the same code traces into the graph."""
     match = _DIRECTION.match(validate_direction(name))
     assert match is not None
     base, window, column_first, flip = match.groups()
-    grid = torch.arange(height * width).view(height, width)
+    grid = torch.arange(height * width, device=device).view(height, width)
     if base == "h":
         seq = grid.flatten()
     elif base == "v":
         seq = grid.t().flatten()
     else:
         k = int(window)
-        hp, wp = -(-height // k) * k, -(-width // k) * k
-        padded = torch.full((hp, wp), -1, dtype=torch.long)
-        padded[:height, :width] = grid
+        padded = torch.nn.functional.pad(grid, (0, (-width) % k, 0, (-height) % k), value=-1)
         if column_first:
             padded = padded.t()
-        # (rows of windows, K, cols of windows, K) -> windows in order, tokens in order inside each window
         # (rows of windows, K, cols of windows, K) -> windows in order, tokens in order inside each window;
         # on the transposed grid this makes both orders column-major
-        seq = padded.view(padded.shape[0] // k, k, padded.shape[1] // k, k).permute(0, 2, 1, 3).flatten()
+        seq = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).permute(0, 2, 1, 3).flatten()
     return seq.flip(0) if flip else seq
 
 
@@ -89,39 +90,45 @@ def _reorder(x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
 
 
 class ScanOrder:
-    """All directions of one SS2D layer for one map size: ``scan`` (B, D, H*W) -> (B, K, D, L), ``unscan`` back."""
+    """All directions of one SS2D layer for one map size: ``scan`` (B, D, H*W) -> (B, K, D, L), ``unscan`` back.
 
-    @torch.inference_mode(False)  # cached across calls: tensors made under inference mode could never train
-    def __init__(self, directions: tuple[str, ...], height: int, width: int) -> None:
+    Built with tensor ops from the map size alone, so that under torch.compile it is part of the graph: with
+    symbolic sizes one graph serves every input size (:func:`scan_order`)."""
+
+    def __init__(self, directions: tuple[str, ...], height: int, width: int,
+                 device: torch.device | None = None) -> None:
+        device = torch.device("cpu") if device is None else device
         self.directions = directions
         self.num_tokens = tokens = height * width
-        seqs = [direction_positions(d, height, width) for d in directions]
-        self.length = length = max(len(s) for s in seqs)
+        seqs = [direction_positions(d, height, width, device) for d in directions]
+        lengths = {s.shape[0] for s in seqs}  # one per window size K (H * W for h and v, which are never longer)
+        self.length = length = functools.reduce(torch.sym_max, lengths) if len(lengths) > 1 else lengths.pop()
         k = len(seqs)
-        gather = torch.full((k, length), tokens, dtype=torch.long)  # index T = zero token
-        inverse = torch.empty(k, tokens, dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            valid = seq >= 0
-            gather[i, : len(seq)][valid] = seq[valid]
-            inverse[i, seq[valid]] = torch.nonzero(valid).squeeze(1)
-        self.padded = bool((gather == tokens).any())
-        self.table = torch.where(gather == tokens, -1, gather).to(torch.int32)
+        # sizes stay symbolic under torch.compile: T enters as a tensor operand, never as a constant (a pad or fill
+        # value would specialize the graph to one size)
+        positions = torch.stack([torch.nn.functional.pad(s, (0, length - s.shape[0]), value=-1) for s in seqs])
+        self.table = positions.to(torch.int32)  # (K, L) token positions, -1 for padding: the fused CPU scan's form
+        gather = torch.where(positions >= 0, positions, positions.new_ones(()) * tokens)  # padding reads token T
+        steps_of = torch.arange(length, device=device).expand(k, length)
+        inverse = torch.zeros(k, tokens + 1, dtype=torch.long, device=device).scatter_(1, gather, steps_of)[:, :tokens]
+        self.padded = length != tokens  # every direction visits each token once, so only padding makes one longer
         # each index with the inverse its backward gathers through; position k * L (or T) of a padded gradient is 0
-        rows = tokens + self.padded  # a map's positions, with the zero token when some direction needs padding
-        offsets = torch.arange(k)[:, None]
-        steps = torch.cat([offsets * length + inverse, torch.full((k, 1), k * length)], 1)[:, :rows]  # (K, rows)
-        self._cpu = {
+        rows = tokens + 1 if self.padded else tokens  # a map's positions, and the zero token when there is padding
+        offsets = torch.arange(k, device=device)[:, None]
+        past_end = torch.full((k, 1), k, device=device) * length
+        steps = torch.cat([offsets * length + inverse, past_end], 1)[:, :rows]
+        self._indices_on = {device: {
             "scan": (gather.flatten(), steps),
             "scan_each": ((gather + offsets * rows).flatten(), steps.reshape(1, -1)),
-            "unscan": (inverse, torch.where(gather < tokens, gather, tokens)[:, None, :]),
-        }
-        self._device_cache: dict[torch.device, dict[str, tuple[Tensor, Tensor]]] = {}
+            "unscan": (inverse, gather[:, None, :]),
+        }}
 
-    @torch.inference_mode(False)
     def _indices(self, name: str, device: torch.device) -> tuple[Tensor, Tensor]:
-        if device not in self._device_cache:
-            self._device_cache[device] = {n: (i.to(device), v.to(device)) for n, (i, v) in self._cpu.items()}
-        return self._device_cache[device][name]
+        if device not in self._indices_on:
+            with torch.inference_mode(False):  # cached across calls: made under inference mode, they could not train
+                built = next(iter(self._indices_on.values()))
+                self._indices_on[device] = {n: (i.to(device), v.to(device)) for n, (i, v) in built.items()}
+        return self._indices_on[device][name]
 
     def scan(self, x: Tensor) -> Tensor:
         """(B, D, H*W) row-major -> (B, K, D, L) sequences, zero-padded to the longest direction."""
@@ -149,14 +156,21 @@ _ORDERS: dict[tuple[tuple[str, ...], int, int], ScanOrder] = {}
 _MAX_ORDERS = 256
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: the tables are constants of its graph
-def scan_order(directions: tuple[str, ...], height: int, width: int) -> ScanOrder:
-    """Cached :class:`ScanOrder` (index tensors are built once per directions and map size)."""
+def scan_order(directions: tuple[str, ...], height: int, width: int,
+               device: torch.device | None = None) -> ScanOrder:
+    """The :class:`ScanOrder` of ``directions`` on an ``height`` x ``width`` map, its indices on ``device``.
+
+    Eager calls share one cached order per directions and map size. Under torch.compile the order is built inside
+    the graph instead: from symbolic sizes (dynamic shapes) its indices are computed for each input size, and from
+    static ones inductor folds them into constants."""
+    if torch.compiler.is_compiling():
+        return ScanOrder(directions, height, width, device)
     key = (directions, height, width)
     if key not in _ORDERS:
         if len(_ORDERS) >= _MAX_ORDERS:
             del _ORDERS[next(iter(_ORDERS))]
-        _ORDERS[key] = ScanOrder(directions, height, width)
+        with torch.inference_mode(False):  # cached across calls: made under inference mode, they could not train
+            _ORDERS[key] = ScanOrder(directions, height, width)
     return _ORDERS[key]
 
 

@@ -94,6 +94,7 @@ def _load_cuda_kernel() -> Callable[..., Tensor] | None:
     return selective_scan_fn
 
 
+@torch.compiler.assume_constant_result  # a constant of the graph: tracing the load would guard on it
 def cuda_selective_scan_available() -> bool:
     """True when mamba-ssm's CUDA selective scan can be imported."""
     return _load_cuda_kernel() is not None
@@ -111,6 +112,7 @@ def _load_cpu_kernel() -> Callable[..., Tensor] | None:
     return selective_scan_cpu
 
 
+@torch.compiler.assume_constant_result  # a constant of the graph: tracing the load would guard on it
 def cpu_selective_scan_available() -> bool:
     """True when the fused CPU selective scan (numba) can be imported."""
     return _load_cpu_kernel() is not None
@@ -127,6 +129,7 @@ def _load_triton_kernel() -> Callable[..., Tensor] | None:
     return selective_scan_triton
 
 
+@torch.compiler.assume_constant_result  # a constant of the graph: tracing the load would guard on it
 def triton_selective_scan_available() -> bool:
     """True when the fused Triton selective scan can be imported."""
     return _load_triton_kernel() is not None
