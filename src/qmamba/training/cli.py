@@ -118,16 +118,25 @@ class QMambaCLI(LightningCLI):
         model = config.model.init_args
         if self.subcommand == "fit" and model.get("pretrained") and not config.ckpt_path:
             ensure_pretrained(model.backbone, model.pretrained)  # download or fail now, not after loading the data
-        if self.subcommand == "fit" and rank_zero_only.rank == 0:  # DDP's other ranks join the folder rank 0 holds
-            _HELD_LOCKS.append(prepare_fit_folder(run_dir(config), resuming=bool(config.ckpt_path),
-                                                  overwrite=config.overwrite))
-            config.overwrite = False  # the saved config.yaml must not replace the run again when reused
         precision = str(config.trainer.precision)
         on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
         if "mixed" in precision and on_cpu:
             # CPU bf16 autocast gave no reliable speed-up for QMamba on the 2-core CI machine; fp32 is exact
             log.warning("precision %s is meant for GPUs; no GPU here, so running in 32-true on the CPU", precision)
             config.trainer.precision = "32-true"
+
+    def instantiate_classes(self) -> None:
+        """Instantiate, then claim the run folder: what Lightning refuses (``--trainer.devices 0``) and what torch
+        refuses (``lr -1``) is refused before the folder exists, so a corrected rerun is not blocked by it."""
+        super().instantiate_classes()
+        if self.subcommand != "fit":
+            return
+        self.model.build_optimizer()  # discarded: the fit builds its own
+        config = self.config[self.subcommand]
+        if rank_zero_only.rank == 0:  # DDP's other ranks join the folder rank 0 holds
+            _HELD_LOCKS.append(prepare_fit_folder(run_dir(config), resuming=bool(config.ckpt_path),
+                                                  overwrite=config.overwrite))
+            config.overwrite = False  # the saved config.yaml must not replace the run again when reused
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         save_config = self.save_config_callback

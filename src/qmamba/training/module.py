@@ -142,6 +142,18 @@ class QMambaIQA(L.LightningModule):
         self._log_scan_backend()
 
     def configure_optimizers(self) -> Any:
+        optimizer, scheduler = self.build_optimizer()
+        decay, no_decay = ([p.numel() for p in group["params"]] for group in optimizer.param_groups[:2])
+        log.info("optimising %d of %d parameters (%d without weight decay)", sum(decay) + sum(no_decay),
+                 sum(p.numel() for p in self.parameters()), sum(no_decay))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def build_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        """The optimizer over the trainable parameters (weight decay off for norms, biases and marked parameters)
+        and its scheduler, if any. Options torch refuses (a negative lr or weight decay, betas outside [0, 1)) are
+        one :class:`UsageError`; ``qmamba fit`` calls this before it creates the run folder."""
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
@@ -149,16 +161,11 @@ class QMambaIQA(L.LightningModule):
                 (no_decay if skip else decay).append(param)
         try:
             optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        except ValueError as err:  # torch's own checks: a negative lr or weight decay, betas outside [0, 1)
+            scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        except ValueError as err:  # torch's own checks
             raise UsageError(f"model.init_args.optimizer: {err}; fix it in the config or with "
                              "--model.init_args.optimizer.init_args.<name>") from None
-        trainable = sum(p.numel() for p in decay + no_decay)
-        log.info("optimising %d of %d parameters (%d without weight decay)", trainable,
-                 sum(p.numel() for p in self.parameters()), sum(p.numel() for p in no_decay))
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
-                                                          "interval": "epoch"}}
+        return optimizer, scheduler
 
     # ----------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
