@@ -104,6 +104,17 @@ def test_a_link_inside_the_maps_folder_that_leads_out_is_refused(trained, images
     assert "leads out of it" in capsys.readouterr().err and list(outside.iterdir()) == []
 
 
+def test_a_maps_folder_named_through_a_link_and_dot_dot_is_the_one_the_os_finds(trained, images, tmp_path,
+                                                                                 monkeypatch):
+    """``--maps link/../maps`` with ``link`` -> ``far/deep``: the OS's ``link/..`` is ``far``. The folders were made
+    there while the maps were written at the path with ``..`` removed as text: FileNotFoundError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "far" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "far" / "deep")
+    assert run_score(trained, str(images / "I01_01_01.png"), "-o", "s.csv", "--maps", "link/../maps") == 0
+    assert list((tmp_path / "far" / "maps").rglob("I01_01_01.png.png")) and not (tmp_path / "maps").exists()
+
+
 def test_two_runs_on_one_output_are_refused_and_a_stale_lock_is_taken_over(trained, images, tmp_path, capsys):
     output = tmp_path / "scores.csv"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -198,6 +198,8 @@ def main(argv: list[str]) -> None:
         if not value > 0 or value == float("inf"):
             parser.error(f"--{name.replace('_', '-')} must be a number > 0, got {value}")
     args.limits = NetworkLimits(args.timeout, int(args.max_image_mb * 2**20))
+    if args.maps is not None:  # the OS's path, once: `link/..` is the link target's parent, not `.`
+        args.maps = args.maps.resolve()
     if not 0 <= args.node_rank < args.num_nodes:
         parser.error(f"--node_rank {args.node_rank} is not one of the {args.num_nodes} nodes (0 to "
                      f"{args.num_nodes - 1})")
