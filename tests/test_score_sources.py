@@ -175,6 +175,43 @@ def test_a_bucket_or_folder_output_holds_parquet_parts_and_resumes(trained, coll
         assert read("second").keys() == rows.keys()
 
 
+@pytest.mark.parametrize("allowed", ["reading", "the probe only"])
+def test_a_bucket_prefix_that_cannot_be_written_is_one_line(trained, collection, bucket, monkeypatch, capsys,
+                                                            allowed):
+    """moto's server enforcing IAM, with credentials that may read (one line before the model loads) or write only
+    qmamba's probe object (a policy per prefix: the first part is refused, one line, not a traceback)."""
+    import boto3
+    import moto.settings
+
+    client, env = bucket
+    image = next(iter(collection[1].values()))
+    client.upload_file(str(image), "iqa", "img/a.png")
+    iam = boto3.client("iam", endpoint_url=env["AWS_ENDPOINT_URL"])
+    iam.create_user(UserName="reader")
+    statements = [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]
+    if allowed == "the probe only":
+        statements.append({"Effect": "Allow", "Action": ["s3:PutObject", "s3:DeleteObject"],
+                           "Resource": "arn:aws:s3:::iqa/out/.qmamba-probe-*"})
+    iam.put_user_policy(UserName="reader", PolicyName="policy",
+                        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": statements}))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # from now on, the policy holds
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    if allowed == "reading":
+        monkeypatch.setattr("qmamba.inference.scoring.load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert run_score(trained, "s3://iqa/img/a.png", "-o", "s3://iqa/out/") == (2 if allowed == "reading" else 1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and "Access Denied" in err[-1], err
+    if allowed == "reading":
+        assert err[-1].startswith("qmamba: error: cannot write --output s3://iqa/out/: PermissionError: Access Denied")
+    else:
+        assert err[-1].startswith("qmamba: error: cannot write s3://iqa/out/part-") or "iqa/out/part-" in err[-1]
+
+
 def test_a_folder_of_another_runs_parts_is_refused_before_any_work_and_left_as_it_was(trained, collection, tmp_path,
                                                                                     capsys):
     """Parts of another scoring (other crops here; another checkpoint or dataset alike), parts without qmamba's

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from qmamba.commands.score_outputs import is_utf8, refuse_link
-from qmamba.errors import UsageError
+from qmamba.errors import QMambaError, UsageError
 from qmamba.files.atomic import atomic_writer
 from qmamba.files.run_folder import ProcessLock
 from qmamba.files.weights import file_sha256
@@ -127,9 +127,8 @@ class PartsOutput:
             self.fs.rm(probe)
         except Exception as err:  # noqa: BLE001 - each fsspec backend raises its own (PermissionError, botocore, ...)
             self.abandon()
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
-            raise UsageError(f"cannot write --output {self.url}: {reason.splitlines()[0]} (choose a writable folder "
-                             "or bucket, with credentials that may write to it)") from None
+            raise UsageError(f"cannot write --output {self.url}: {_reason(err)} (choose a writable folder or bucket, "
+                             "with credentials that may write to it)") from None
 
     def scored(self, record: dict[str, Any], among_inputs: Callable[[str], bool]) -> set[str]:
         """The keys with a score in the parts an earlier run left, once every part and summary there is shown to
@@ -210,8 +209,12 @@ class PartsOutput:
             with atomic_writer(self._path(name)) as f:
                 write(f)
             return
-        with self.fs.open(self._path(name), "wb") as f:
-            write(f)
+        try:
+            with self.fs.open(self._path(name), "wb") as f:
+                write(f)
+        except Exception as err:  # noqa: BLE001 - a store that refuses one key (a policy per prefix) or went away
+            raise QMambaError(f"cannot write {self._path(name)} to --output {self.url}: {_reason(err)}; the parts "
+                              "written before it are kept: rerun the same command once it can be written") from None
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Mark the output complete: ``_qmamba.json`` with the model, the scale and the counts."""
@@ -227,6 +230,12 @@ class PartsOutput:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def _reason(err: Exception) -> str:
+    """An object store's refusal in one line (fsspec backends raise OSError subclasses or their own types)."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+    return reason.splitlines()[0]
 
 
 def _is_own(name: str) -> bool:
