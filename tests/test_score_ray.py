@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -207,6 +208,37 @@ def _session_files_holding(text: str) -> list[str]:
     session = Path(_global_node.get_session_dir_path())
     needle = text.encode()
     return [str(p) for p in session.rglob("*") if p.is_file() and not p.is_socket() and needle in p.read_bytes()]
+
+
+def test_a_cluster_that_is_not_there_is_one_line_within_the_timeout_and_nothing_is_created(trained, collection,
+                                                                                             tmp_path):
+    """Ray's own connect waited on an address without a cluster until killed at 150 s, and left the output folder."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        output = tmp_path / "scores"
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "qmamba", "score", "--engine", "ray", "--address", address,
+                                 "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
+                                 str(collection[0] / "000000.tar"), "-o", f"{output}/", "--timeout", "5"],
+                                capture_output=True, text=True, timeout=120)
+        err = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(err) == 1, result.stderr
+        assert err[0].startswith(f"qmamba: error: --address {address}: cannot reach the Ray cluster")
+        assert time.monotonic() - started < 60 and not output.exists()
+
+
+def test_workers_the_cluster_cannot_place_are_one_line_before_any_work(trained, collection, cluster, tmp_path,
+                                                                       capsys):
+    """--gpus-per-worker 1 on a cluster without GPUs waited forever (Ray: "the job may hang forever")."""
+    for option, value, message in (("--gpus-per-worker", "1", "has 0 GPUs in all"),
+                                   ("--cpus-per-worker", "64", "has 2 CPUs in all")):
+        output = tmp_path / "scores"
+        assert ray_score(trained, str(collection[0] / "000000.tar"), "-o", f"{output}/", option, value) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"qmamba: error: {option} {value}: the Ray cluster") and message in err[-1], err
+        assert not output.exists()
 
 
 def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_path, capsys):

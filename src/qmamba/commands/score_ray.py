@@ -22,13 +22,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 from qmamba.commands.score_parts import score_into_parts
+from qmamba.errors import UsageError
 from qmamba.inference.sources import Shard, shard_of
 
-__all__ = ["run"]
+__all__ = ["check_reachable", "check_resources", "run"]
 
 # the driver's object-store settings and credentials, given to the tasks that read images so that they read the
 # buckets the driver checked (a cluster whose nodes hold their own credentials needs none of them)
@@ -56,19 +58,51 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
         todo = [i for i in items if isinstance(i, Shard) or i not in scored]
         if not todo:
             return
-        connected = ray.is_initialized()  # called from Python that holds a Ray session: use it
-        if not connected:
-            ray.init(address=args.address, logging_level=logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False  # qmamba's own line says how far it is
         forwarded = TaskEnvironment({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENVIRONMENT)})
-        try:
-            yield from scorer.score_inputs(todo, scored, forwarded, args.limits).iter_batches(  # type: ignore[union-attr]
-                batch_size=None, batch_format="pyarrow")
-        finally:
-            if not connected:
-                ray.shutdown()
+        yield from scorer.score_inputs(todo, scored, forwarded, args.limits).iter_batches(  # type: ignore[union-attr]
+            batch_size=None, batch_format="pyarrow")
 
     names = {str(i) for i in items}
     shards = {str(i) for i in items if isinstance(i, Shard)}
-    score_into_parts(args, errors, describe, batches, lambda key: key in names or shard_of(key, shards) is not None,
-                     stop, progress)
+    connected = ray.is_initialized()  # called from Python that holds a Ray session: use it
+    if not connected:  # the cluster is reached, or refused, before the output is created or the model loaded
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        check_reachable(address, args.limits.timeout)
+        ray.init(address=address, logging_level=logging.WARNING)
+    try:
+        check_resources(ray.cluster_resources(), args, address=args.address or "started for this run")
+        score_into_parts(args, errors, describe, batches,
+                         lambda key: key in names or shard_of(key, shards) is not None, stop, progress)
+    finally:
+        if not connected:
+            ray.shutdown()
+
+
+def check_reachable(address: str | None, timeout: float) -> None:
+    """Open and close a TCP connection to the head node of ``address`` (``host:port`` or ``ray://host:port``)
+    within ``timeout`` seconds: Ray's own connect waits for a cluster that is not there for minutes. ``auto`` and no
+    address (a cluster of this machine) need no check."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address}: name the head node as host:port (its GCS, 6379 by default) or "
+                         "ray://host:port (Ray Client, 10001), or auto for a cluster of this machine")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise UsageError(f"--address {address}: cannot reach the Ray cluster ({reason} within {timeout:g} s, "
+                         "--timeout); is its head node running (ray start --head) and is the port open?") from None
+
+
+def check_resources(resources: dict[str, float], args: argparse.Namespace, address: str) -> None:
+    """Refuse actors the cluster can never place (Ray would wait for them forever, warning after a minute)."""
+    for option, kind, wanted in (("--gpus-per-worker", "GPU", args.gpus_per_worker),
+                                 ("--cpus-per-worker", "CPU", args.cpus_per_worker)):
+        have = resources.get(kind, 0.0)
+        if wanted > have:
+            fix = "0 scores on CPUs" if kind == "GPU" else f"at most {have:g}"
+            raise UsageError(f"{option} {wanted:g}: the Ray cluster ({address}) has {have:g} {kind}s in all, so no "
+                             f"scoring actor could ever start; use a cluster with {kind}s or {option} {fix}")
