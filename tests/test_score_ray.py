@@ -201,6 +201,21 @@ def test_a_driver_killed_and_rerun_on_a_bucket_scores_every_key_exactly_once(tra
     assert _session_files_holding(env["AWS_SECRET_ACCESS_KEY"]) == []
 
 
+def test_sigterm_to_a_driver_writes_what_arrived_and_exits_143(trained, many, cluster, tmp_path):
+    """ray.init's own SIGTERM handler exited at once: Ray's C++ abort, exit 134. Now as SIGINT: the rows that
+    arrived are written as parts, one line says so, and a rerun finishes."""
+    shards, count = many
+    output = tmp_path / "scores"
+    driver = _driver(trained, cluster, shards, f"{output}/")
+    _wait_for(lambda: list(output.glob("part-*.parquet")), driver)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 143, err
+    assert "SIGTERM" in err.strip().splitlines()[-1] and "stopped early" in err.strip().splitlines()[-1]
+    written = len(parts_of(output))
+    assert 0 < written < count and not (output / "_qmamba.json").exists()
+
+
 def _session_files_holding(text: str) -> list[str]:
     """The files of the test cluster's Ray session (its logs among them) that hold ``text``."""
     from ray._private.worker import _global_node

@@ -92,7 +92,14 @@ class _Stop:
     def __init__(self) -> None:
         self.signal: int | None = None
         self.in_wait = False
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.install()
+
+    def install(self) -> None:
+        """Route SIGINT and SIGTERM here (again: ray.init replaces the SIGTERM handler with an immediate exit, which
+        ended a Ray run in an abort, exit 134, instead of writing what had arrived)."""
+        for signum in self.previous:
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
         address = args.address or os.environ.get("RAY_ADDRESS")
         check_reachable(address, args.limits.timeout)
         ray.init(address=address, logging_level=logging.WARNING)
+        stop.install()  # ray.init took SIGTERM
     try:
         check_resources(ray.cluster_resources(), args, address=args.address or "started for this run")
         score_into_parts(args, errors, describe, batches,
