@@ -70,6 +70,35 @@ def test_a_table_of_paths_is_scored_by_its_column(trained, collection, tmp_path,
                        "with the images with --column")
 
 
+def test_tables_with_a_byte_order_mark_or_no_rows_and_paths_spelled_twice(trained, collection, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A spreadsheet's CSV starts with a UTF-8 BOM (it was "no column path (its columns: \\ufeffpath)"); an empty
+    table is one line whatever its format (an empty CSV and an empty Parquet table once disagreed); ./a, a and /abs/a
+    are one image (each was scored)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, files = collection
+    monkeypatch.chdir(tmp_path)
+    image = next(iter(files.values()))
+    (tmp_path / "a.png").write_bytes(image.read_bytes())
+    table = tmp_path / "excel.csv"
+    table.write_bytes("\ufeffpath,score\n".encode() + f"{image},3\n".encode())
+    assert run_score(trained, str(table), "-o", "bom.jsonl") == 0 and list(rows_of(tmp_path / "bom.jsonl")) == [
+        str(image)]
+    empties = {"empty.csv": b"", "header.csv": b"path\n", "empty.jsonl": b""}
+    for name, content in empties.items():
+        (tmp_path / name).write_bytes(content)
+    pq.write_table(pa.table({"path": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    capsys.readouterr()
+    for name in [*empties, "empty.parquet"]:
+        assert run_score(trained, name, "-o", f"{name}.jsonl") == 1, name
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"qmamba: error: the table {name} has no rows"
+    assert run_score(trained, "a.png", "./a.png", str(tmp_path / "a.png"), "-o", "once.jsonl") == 0
+    assert list(rows_of(tmp_path / "once.jsonl")) == ["a.png"]
+    assert "2 repeated input path(s) are scored once" in capsys.readouterr().err
+
+
 def test_a_missing_or_broken_shard_stops_before_scoring(trained, collection, tmp_path, capsys):
     shards, _ = collection
     (tmp_path / "broken.tar").write_bytes(b"not a tar file" * 100)

@@ -53,7 +53,7 @@ from qmamba.commands.score_parts import PART_ROWS, arrow_keys, is_folder_output,
 from qmamba.commands.score_ray import run as run_on_ray
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
-from qmamba.inference.sources import NetworkLimits, expand
+from qmamba.inference.sources import NetworkLimits, expand, is_uri
 
 __all__ = ["main"]
 
@@ -62,7 +62,10 @@ def expand_inputs(inputs: list[str], column: str | None, limits: NetworkLimits, 
     """Every input's images (:func:`qmamba.inference.sources.expand`, read within ``limits``), each once: a path
     given twice is scored once, in every mode, and said so."""
     files, errors = expand(inputs, column, list_shards, limits)
-    unique = list(dict.fromkeys(files))
+    spellings: dict[str, Any] = {}  # a local path folded the OS's way (./a, a, /abs/a): the first spelling is kept
+    for item in files:
+        spellings.setdefault(str(item) if is_uri(str(item)) else os.path.abspath(str(item)), item)
+    unique = list(spellings.values())
     if len(unique) < len(files):
         print(f"qmamba score: {len(files) - len(unique)} repeated input path(s) are scored once", file=sys.stderr)
     return unique, errors

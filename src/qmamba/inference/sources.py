@@ -440,6 +440,8 @@ def _table_images(table: str, suffix: str, column: str | None, limits: NetworkLi
         columns = _read_table(data, suffix)
     except Exception as err:  # noqa: BLE001 - pyarrow, csv and json each raise their own
         raise InputError(f"cannot read the table {table}: {_reason(err)}") from None
+    if not any(columns.values()):  # an empty file, a header alone, a table of no rows: the same in every format
+        raise InputError(f"the table {table} has no rows")
     wanted = [column] if column else [c for c in COLUMNS if c in columns]
     if not wanted or wanted[0] not in columns:
         raise InputError(f"the table {table} has no column {column or ' or '.join(COLUMNS)} (its columns: "
@@ -453,10 +455,10 @@ def _read_table(data: bytes, suffix: str) -> dict[str, list[object]]:
         import pyarrow.parquet as pq
 
         return pq.read_table(io.BytesIO(data)).to_pydict()
-    if suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline="")))
-        names = list(rows[0]) if rows else []
-        return {name: [row[name] for row in rows] for name in names}
+    if suffix == ".csv":  # a spreadsheet's UTF-8 byte order mark is no part of the first column's name
+        reader = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), newline=""))
+        names, rows = next(reader, []), list(reader)
+        return {name: [row[i] if i < len(row) else None for row in rows] for i, name in enumerate(names)}
     entries = [json.loads(line) for line in data.decode("utf-8", "surrogateescape").split("\n") if line.strip()]
     names = list(dict.fromkeys(k for e in entries for k in e))
     return {name: [e.get(name) for e in entries] for name in names}
