@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import qmamba
-from qmamba.commands.serve import Limits, create_app
+from qmamba.commands.serve import Limits, allowed_hosts, create_app
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
 
@@ -99,9 +99,10 @@ def test_a_request_costs_at_most_its_limits(scorer, images):
         assert pixels.status_code == 413
         assert pixels.json()["detail"] == ("the images hold 16200 pixels in all, above this server's limit of 15000 "
                                            "per request (--max-request-pixels); send them in several requests")
-        busy = client.post("/score", files=_files(*[(p.name, p.read_bytes()) for p in images[:3]]))
-        assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
-        assert "0 images are waiting, and this server takes at most 2 (--max-pending)" in busy.json()["detail"]
+        many = client.post("/score", files=_files(*[(p.name, p.read_bytes()) for p in images[:3]]))
+        assert many.status_code == 413  # it was 503 "try again shortly", which could never succeed
+        assert many.json()["detail"] == ("a request of 3 images is above this server's limit of 2 waiting images "
+                                         "(--max-pending); send at most 2 per request")
         mapped = client.post("/score?map=1", files=_files((images[0].name, images[0].read_bytes())))
         result = mapped.json()["results"][0]  # 48x40 at 32-px crops, stride 16: 2 x 2 windows = 4 > 3
         assert mapped.status_code == 200 and "score" in result and "map" not in result
@@ -181,6 +182,23 @@ def _response(conn: socket.socket) -> str:
             break
         data += block
     return data.decode(errors="replace")
+
+
+def test_a_loopback_server_answers_only_to_loopback_host_names(scorer):
+    """Without a token a server on 127.0.0.1 answered to any Host: a page of another site whose name resolves to
+    127.0.0.1 (DNS rebinding) could use it from the visitor's browser."""
+    assert allowed_hosts(None, "127.0.0.1") == {"127.0.0.1", "localhost", "::1"} and allowed_hosts(None, "0.0.0.0") \
+        is None
+    assert allowed_hosts("Example.org:8000,[::1]", "127.0.0.1") == {"example.org", "::1"}
+    assert allowed_hosts("*", "127.0.0.1") is None
+    app = create_app(scorer, hosts=allowed_hosts(None, "127.0.0.1"))
+    for url, status in (("http://localhost:8000", 200), ("http://127.0.0.1", 200), ("http://[::1]:8000", 200),
+                        ("http://rebound.example:8000", 400)):
+        with TestClient(app, base_url=url) as client:
+            answer = client.get("/health")
+            assert answer.status_code == status, url
+    assert answer.json()["detail"] == ("this server does not answer to the host 'rebound.example'; it answers to "
+                                       "127.0.0.1, ::1, localhost (--allowed-hosts)")
 
 
 def test_a_chunked_upload_is_stopped_at_the_limit_and_a_stalled_one_times_out(scorer):

@@ -109,13 +109,17 @@ class _Guard:
     """ASGI middleware in front of the API: the bearer token, and the request body counted and timed while it
     streams, so that neither a chunked upload without Content-Length nor a stalled one is read to the end first."""
 
-    def __init__(self, app: Any, limits: Limits, token: str | None) -> None:
-        self.app, self.limits, self.token = app, limits, token
+    def __init__(self, app: Any, limits: Limits, token: str | None, allowed_hosts: frozenset[str] | None) -> None:
+        self.app, self.limits, self.token, self.allowed_hosts = app, limits, token, allowed_hosts
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = _host_name(headers.get("host", ""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:  # DNS rebinding: a page of another
+            return await _reply(send, 400, f"this server does not answer to the host {host!r}; it answers to "  # site
+                                           f"{', '.join(sorted(self.allowed_hosts))} (--allowed-hosts)")
         if self.token is not None and scope["path"] != "/" and not hmac.compare_digest(
                 headers.get("authorization", "").encode(), f"Bearer {self.token}".encode()):
             return await _reply(send, 401, "this server needs its access token: send the header Authorization: "
@@ -150,6 +154,27 @@ def _too_large(size: int, limit: int, so_far: bool = False) -> str:
             "(--max-upload-mb)")
 
 
+def _host_name(host: str) -> str:
+    """A Host header without its port: ``[::1]:8000`` -> ``::1``, ``LocalHost:80`` -> ``localhost``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def allowed_hosts(option: str | None, bound: str) -> frozenset[str] | None:
+    """The Host names the server answers to (None: any). ``--allowed-hosts`` names them (``*``: any); by default a
+    server on a loopback address answers to the loopback names only, so that a page of another site whose name
+    resolves to 127.0.0.1 (DNS rebinding) cannot use it; a server on another address answers to any name."""
+    if option is not None:
+        names = frozenset(_host_name(n) for n in option.split(",") if n.strip())
+        return None if "*" in names else names
+    return LOOPBACK if bound in LOOPBACK else None
+
+
 async def _reply(send: Any, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     import json
 
@@ -161,9 +186,11 @@ async def _reply(send: Any, status: int, detail: str, headers: dict[str, str] | 
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(scorer: Any, limits: Limits | None = None, token: str | None = None, docs: bool = False) -> Any:
+def create_app(scorer: Any, limits: Limits | None = None, token: str | None = None, docs: bool = False,
+               hosts: frozenset[str] | None = None) -> Any:
     """The FastAPI application serving ``scorer`` (a :class:`qmamba.inference.scoring.Scorer`); ``token`` requires
-    ``Authorization: Bearer <token>`` on everything but the page; ``docs`` serves FastAPI's ``/docs``."""
+    ``Authorization: Bearer <token>`` on everything but the page; ``docs`` serves FastAPI's ``/docs``; ``hosts``
+    are the Host names it answers to (None: any; :func:`allowed_hosts`)."""
     import numpy as np
     from fastapi import FastAPI, File, HTTPException, UploadFile
     from fastapi.responses import HTMLResponse
@@ -179,7 +206,7 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
     scale = scorer.scale
     app = FastAPI(title="qmamba", description="No-reference image quality scores from a QMamba checkpoint.",
                   **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
-    app.add_middleware(_Guard, limits=limits, token=token)
+    app.add_middleware(_Guard, limits=limits, token=token, allowed_hosts=hosts)
     page = resources.files("qmamba.commands").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
@@ -230,6 +257,10 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
     async def score(files: list[UploadFile] = File(...), map: int = 0) -> dict[str, Any]:  # noqa: A002
         if not files:
             raise HTTPException(422, "no images: send them as multipart field 'files'")
+        if len(files) > limits.max_pending:  # could never be admitted: not "try again" but "send fewer"
+            raise HTTPException(413, f"a request of {len(files)} images is above this server's limit of "
+                                     f"{limits.max_pending} waiting images (--max-pending); send at most "
+                                     f"{limits.max_pending} per request")
         if pending[0] + len(files) > limits.max_pending:
             raise HTTPException(503, f"{pending[0]} images are waiting, and this server takes at most "
                                      f"{limits.max_pending} (--max-pending): try again shortly",
@@ -279,6 +310,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"require Authorization: Bearer TOKEN on the API (default: ${TOKEN_ENV}; the page asks "
                              "for it, or open it as http://HOST:PORT/#token=TOKEN)")
+    parser.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated Host names the server answers to, "
+                        "* for any (default: the loopback names when --host is a loopback address, else any)")
     parser.add_argument("--docs", action="store_true", help="serve FastAPI's /docs (loads Swagger UI from a CDN)")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (requests of a "
                         "new batch size wait for its compilation once)")
@@ -314,9 +347,10 @@ def main(argv: list[str]) -> None:
                     args.max_pending, args.body_timeout, args.batch_size, args.window_ms / 1000)
     print(f"qmamba serve: {scorer.info['backbone']} on {scorer.device}, {scorer.dataset} scale; open "
           f"http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    if args.token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.token is None and args.host not in LOOPBACK:
         print(f"qmamba serve: listening on {args.host} without --token: anyone who reaches this port can use the "
               "model", flush=True)
-    uvicorn.run(create_app(scorer, limits, args.token, args.docs), host=args.host, port=args.port, log_level="warning",
+    uvicorn.run(create_app(scorer, limits, args.token, args.docs, allowed_hosts(args.allowed_hosts, args.host)),
+                host=args.host, port=args.port, log_level="warning",
                 workers=1, timeout_graceful_shutdown=5, loop="asyncio", env_file=None,
                 server_header=False, date_header=False, access_log=bool(os.environ.get("QMAMBA_ACCESS_LOG")))
