@@ -5,11 +5,13 @@ killed and rerun, a bucket behind a real S3 API, and the bad inputs refused befo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -214,6 +216,37 @@ def test_sigterm_to_a_driver_writes_what_arrived_and_exits_143(trained, many, cl
     assert "SIGTERM" in err.strip().splitlines()[-1] and "stopped early" in err.strip().splitlines()[-1]
     written = len(parts_of(output))
     assert 0 < written < count and not (output / "_qmamba.json").exists()
+
+
+def test_a_cluster_started_for_a_run_leaves_no_session_files_and_no_processes(trained, collection, tmp_path,
+                                                                            request):
+    """Every run on a cluster of this machine left /tmp/ray/session_* (about 400 KB of logs): its session is now a
+    folder of the run's own, removed with the cluster's processes when the run ends."""
+    temp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
+    sessions = set(Path("/tmp/ray").glob("session_*"))
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(temp)}
+    output = tmp_path / "scores"
+    result = subprocess.run([sys.executable, "-m", "qmamba", "score", "--engine", "ray", "--ckpt_path",
+                             str(trained[1] / "checkpoints" / "best.ckpt"), str(collection[0] / "000001.tar"),
+                             "-o", f"{output}/"], capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode in (0, 1) and parts_of(output), result.stderr  # shard 1 may hold a corrupt member
+    assert list(temp.iterdir()) == [] and set(Path("/tmp/ray").glob("session_*")) <= sessions
+
+    def left() -> list[str]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if str(temp).encode() in (entry / "cmdline").read_bytes():
+                    found.append(entry.name)
+            except OSError:
+                continue
+        return found
+
+    deadline = time.monotonic() + 30  # ray.shutdown ends them; an agent may take a moment to exit
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left() == []
 
 
 def _session_files_holding(text: str) -> list[str]:

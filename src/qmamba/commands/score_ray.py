@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,18 +68,23 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
     names = {str(i) for i in items}
     shards = {str(i) for i in items if isinstance(i, Shard)}
     connected = ray.is_initialized()  # called from Python that holds a Ray session: use it
-    if not connected:  # the cluster is reached, or refused, before the output is created or the model loaded
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        check_reachable(address, args.limits.timeout)
-        ray.init(address=address, logging_level=logging.WARNING)
-        stop.install()  # ray.init took SIGTERM
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    # a cluster of this machine started for this run keeps its session (logs, sockets) in a folder of its own, where
+    # Ray would put /tmp/ray (RAY_TMPDIR, TMPDIR, /tmp), removed when the run ends; Ray leaves its sessions otherwise
+    session = None if connected or address else tempfile.mkdtemp(prefix="qmamba-ray-", dir=os.environ.get("RAY_TMPDIR"))
     try:
-        check_resources(ray.cluster_resources(), args, address=args.address or "started for this run")
+        if not connected:  # the cluster is reached, or refused, before the output is created or the model loaded
+            check_reachable(address, args.limits.timeout)
+            ray.init(address=address, logging_level=logging.WARNING, **({"_temp_dir": session} if session else {}))
+            stop.install()  # ray.init took SIGTERM
+        check_resources(ray.cluster_resources(), args, address=address or "started for this run")
         score_into_parts(args, errors, describe, batches,
                          lambda key: key in names or shard_of(key, shards) is not None, stop, progress)
     finally:
         if not connected:
             ray.shutdown()
+        if session:
+            shutil.rmtree(session, ignore_errors=True)
 
 
 def check_reachable(address: str | None, timeout: float) -> None:
