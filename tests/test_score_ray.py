@@ -216,6 +216,7 @@ def test_sigterm_to_a_driver_writes_what_arrived_and_exits_143(trained, many, cl
     assert "SIGTERM" in err.strip().splitlines()[-1] and "stopped early" in err.strip().splitlines()[-1]
     written = len(parts_of(output))
     assert 0 < written < count and not (output / "_qmamba.json").exists()
+    assert max(pq.read_metadata(p).num_rows for p in output.glob("part-*.parquet")) <= 8  # --part-rows 8 (was 40)
 
 
 def test_a_cluster_started_for_a_run_leaves_no_session_files_and_no_processes(trained, collection, tmp_path,
@@ -306,6 +307,7 @@ def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_
         ([str(table), "--column", "picture", "-o", str(tmp_path / "b")], "has no column picture"),
         ([good, "-o", str(read_only / "scores")], f"cannot write --output {read_only / 'scores'}"),
         ([good, "-o", str(tmp_path / "scores.csv")], "--engine ray writes Parquet parts into a folder or bucket"),
+        ([good, "-o", str(tmp_path / "r.parquet")], "--engine ray writes Parquet parts into a folder or bucket"),
         ([good, "-o", "s3://no-such-bucket/scores/"], "cannot write --output s3://no-such-bucket/scores/"),
         ([good, "-o", str(tmp_path / "c"), "--workers", "2"], "--workers applies to the local engine only"),
     ]

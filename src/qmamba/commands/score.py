@@ -262,7 +262,9 @@ def _check_engine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     folder = args.engine == "ray" or is_folder_output(args.output)
     if args.part_rows != PART_ROWS and not folder:
         parser.error("--part-rows applies to a folder or bucket output (a URI, or a name ending with /)")
-    if folder and args.output and args.output.lower().rstrip("/").endswith((".csv", ".jsonl", ".json")):
+    named_like_a_file = args.output and (args.output.lower().rstrip("/").endswith((".csv", ".jsonl", ".json")) or (
+        args.output.lower().endswith(".parquet")))  # scores.parquet/, with its slash, names a folder
+    if folder and named_like_a_file:
         parser.error(f"--output {args.output}: {'--engine ray' if args.engine == 'ray' else 'a bucket output'} "
                      "writes Parquet parts into a folder or bucket prefix, not one file: name one such as scores/ "
                      "(the local engine writes .csv, .jsonl and .json to a local file)")

@@ -320,12 +320,13 @@ def _collect(tables: Iterator[pa.Table], scored: set[str], output: PartsOutput, 
             seen.update(keys)
             pending.append(table.filter(pa.array(new, pa.bool_())))
             progress.update(sum(new))
-            if sum(t.num_rows for t in pending) >= part_rows or time.monotonic() - last >= PART_SECONDS:
-                written += _flush(output, pending, failed)
+            timed = time.monotonic() - last >= PART_SECONDS
+            if timed or sum(t.num_rows for t in pending) >= part_rows:
+                written += _flush(output, pending, failed, part_rows, whole=timed)
                 last = time.monotonic()
             if stop.signal is not None:
                 break
-        written += _flush(output, pending, failed)
+        written += _flush(output, pending, failed, part_rows, whole=True)
     finally:
         progress.close()
         if hasattr(tables, "close"):
@@ -333,18 +334,27 @@ def _collect(tables: Iterator[pa.Table], scored: set[str], output: PartsOutput, 
     return written, failed
 
 
-def _flush(output: PartsOutput, pending: list[pa.Table], failed: list[tuple[str, str]]) -> int:
-    """Write ``pending`` as parts and empty it; the scores written, the failures appended to ``failed``."""
+def _flush(output: PartsOutput, pending: list[pa.Table], failed: list[tuple[str, str]], part_rows: int,
+           whole: bool) -> int:
+    """Write ``pending`` as parts of at most ``part_rows`` rows: all of it when ``whole``, else the full parts only,
+    the rest left pending. The scores written; the failures are appended to ``failed``."""
     import pyarrow as pa
 
     if not pending:
         return 0
     table = pa.concat_tables(pending)
-    output.write(table)
-    errors = table.filter(table["error"].is_valid())
-    failed += zip(errors["path"].to_pylist(), errors["error"].to_pylist(), strict=True)
     pending.clear()
-    return table.num_rows - errors.num_rows
+    end = table.num_rows if whole else table.num_rows - table.num_rows % part_rows
+    written = 0
+    for start in range(0, end, part_rows):
+        part = table.slice(start, min(part_rows, end - start))
+        output.write(part)
+        errors = part.filter(part["error"].is_valid())
+        failed += zip(errors["path"].to_pylist(), errors["error"].to_pylist(), strict=True)
+        written += part.num_rows - errors.num_rows
+    if end < table.num_rows:
+        pending.append(table.slice(end))
+    return written
 
 
 def _error_rows(errors: list[tuple[str, str]]) -> pa.Table:
