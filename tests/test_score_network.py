@@ -97,11 +97,12 @@ def server(trained) -> Iterator[_Server]:  # noqa: ANN001
     server.server_close()
 
 
-def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(trained, server, tmp_path):
+def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(trained, server, tmp_path, capsys):
     routes = ["silent", "trickle", "huge", "missing", "busy", "good.png", "private.png"]
     private = server.url("private.png").replace("http://", "http://reader:p%40ss@")
+    refused = server.url("private.png").replace("http://", "http://reader:wrong-secret@")
     table = tmp_path / "urls.csv"
-    table.write_text("url\n" + "".join(f"{server.url(r)}\n" for r in routes) + f"{private}\n")
+    table.write_text("url\n" + "".join(f"{server.url(r)}\n" for r in routes) + f"{private}\n{refused}\n")
     output = tmp_path / "scores.jsonl"
     assert run_score(trained, str(table), "-o", str(output), "--workers", "0", "--timeout", "1.5",
                      "--max-image-mb", "1") == 1
@@ -119,6 +120,10 @@ def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(tr
     expected = file_scores(trained, {"good": local})["good"]
     assert rows[server.url("good.png")]["score"] == pytest.approx(expected, rel=1e-6)
     assert rows[private]["score"] == pytest.approx(expected, rel=1e-6)  # the URL's credentials were sent
+    masked = refused.replace("wrong-secret", "***")  # messages never show a URL's password (the row key keeps it)
+    assert rows[refused]["error"] == f"cannot read {masked}: HTTP 401 Unauthorized"
+    err = capsys.readouterr().err
+    assert f"skipped {masked}: " in err and "wrong-secret" not in err
 
 
 @pytest.mark.parametrize("signum,workers,output", [(signal.SIGTERM, 1, "scores.csv"), (signal.SIGINT, 0, "parts/")],

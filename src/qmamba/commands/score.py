@@ -53,7 +53,7 @@ from qmamba.commands.score_parts import PART_ROWS, arrow_keys, is_folder_output,
 from qmamba.commands.score_ray import run as run_on_ray
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
-from qmamba.inference.sources import NetworkLimits, expand, is_uri
+from qmamba.inference.sources import NetworkLimits, expand, is_uri, without_password
 
 __all__ = ["main"]
 
@@ -335,7 +335,7 @@ def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple
             if complete:
                 target.finish(header)
     for path, error in errors:
-        print(f"qmamba score: skipped {path}: {error}", file=sys.stderr)
+        print(f"qmamba score: skipped {without_password(path)}: {error}", file=sys.stderr)
     where = f" to {output if complete else partial}" if output else ""
     if stop.signal is not None:
         name = signal.Signals(stop.signal).name

@@ -43,7 +43,7 @@ from qmamba.errors import QMambaError, UsageError
 from qmamba.files.atomic import atomic_writer
 from qmamba.files.run_folder import ProcessLock
 from qmamba.files.weights import file_sha256
-from qmamba.inference.sources import is_uri
+from qmamba.inference.sources import is_uri, without_password
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -367,7 +367,7 @@ def _error_rows(errors: list[tuple[str, str]]) -> pa.Table:
 def _report(args: argparse.Namespace, scorer: Any, written: int, failed: list[tuple[str, str]],
             signal_number: int | None) -> None:
     for path, error in failed[:SHOWN_ERRORS]:
-        print(f"qmamba score: skipped {path}: {error}", file=sys.stderr)
+        print(f"qmamba score: skipped {without_password(path)}: {error}", file=sys.stderr)
     if len(failed) > SHOWN_ERRORS:
         print(f"qmamba score: ... and {len(failed) - SHOWN_ERRORS} more, each with its reason in the errors-*.parquet "
               f"parts of {args.output}", file=sys.stderr)

@@ -104,12 +104,27 @@ class RemoteReadError(OSError):
     """A remote image that could not be read within its limits; the message says why in one line."""
 
 
+_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@")
+
+
+def without_password(text: str) -> str:
+    """``text`` with the password of every URL in it masked (``https://user:***@host/``), for messages."""
+    return _PASSWORD.sub(r"\1:***@", text)
+
+
 def read_remote(path: str, limits: NetworkLimits) -> bytes:
     """A remote image's bytes, within ``limits``; a :class:`RemoteReadError` says what went wrong (no answer, too
-    slow, too large, the HTTP status).
+    slow, too large, the HTTP status), a URL's password masked.
 
     http(s) is read with the standard library: one GET, its status kept (fsspec asks for the size first and reports
     every failure of that request, a timeout included, as not found)."""
+    try:
+        return _read_remote(path, limits)
+    except RemoteReadError as err:
+        raise RemoteReadError(without_password(str(err))) from None
+
+
+def _read_remote(path: str, limits: NetworkLimits) -> bytes:
     try:
         return _read_bounded(path, limits)
     except (UsageError, RemoteReadError):
