@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from score_runs import run_score
 
@@ -287,6 +288,19 @@ def test_sigterm_to_the_parent_of_a_sharded_run_stops_its_shards_and_a_rerun_fin
     assert rerun.returncode == 0, rerun.stderr
     paths = _read_paths(output)
     assert len(paths) == len(set(paths)) == 1500  # every image exactly once
+
+
+def test_a_full_disk_under_the_maps_names_the_map(trained, images, tmp_path, capsys, small_disk):
+    """The maps filled the disk and the message named the scores' file."""
+    from PIL import Image
+
+    noise = tmp_path / "noise.png"  # its map (drawn over the image) is far above the disk's 32 KiB
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(noise)
+    output = tmp_path / "scores.csv"
+    assert run_score(trained, str(noise), "-o", str(output), "--maps", str(small_disk / "maps")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"qmamba: error: no space left on the device while writing {small_disk / 'maps'}/")
+    assert ".png.png" in err[-1] and "Traceback" not in "\n".join(err)
 
 
 def test_a_full_disk_while_scoring_is_one_line_and_keeps_the_scores_written(trained, images, tmp_path, capsys,

@@ -444,8 +444,11 @@ def _write_map(scorer: Any, path: str, maps: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     image = _as_rgb(path, scorer.max_side)
     picture = render(image, scorer.quality_map(image), scorer.scale)
-    with atomic_writer(target) as stream:
-        picture.save(stream, format="PNG")
+    try:
+        with atomic_writer(target) as stream:
+            picture.save(stream, format="PNG")
+    except OSError as err:  # a full disk names the map, not the scores' file
+        raise OSError(err.errno, err.strerror, str(target)) from err
 
 
 class _Progress:
