@@ -100,6 +100,22 @@ def test_tables_with_a_byte_order_mark_or_no_rows_and_paths_spelled_twice(traine
     assert "2 repeated input path(s) are scored once" in capsys.readouterr().err
 
 
+def test_a_name_a_shard_repeats_is_scored_once_from_its_first_member_and_said(trained, collection, tmp_path, capsys):
+    import tarfile
+
+    first, second = list(collection[1].values())[:2]
+    shard = tmp_path / "000000.tar"
+    with tarfile.open(shard, "w") as archive:
+        archive.add(first, arcname="a.png")
+        archive.add(second, arcname="a.png")  # once dropped without a word
+    output = tmp_path / "scores.jsonl"
+    assert run_score(trained, str(shard), "-o", str(output)) == 0
+    assert "1 repeated input path(s) are scored once (the first of each" in capsys.readouterr().err
+    rows = rows_of(output)
+    assert list(rows) == [f"{shard}#a.png"]
+    assert rows[f"{shard}#a.png"]["score"] == pytest.approx(file_scores(trained, {"a": first})["a"], rel=1e-6)
+
+
 def test_a_missing_or_broken_shard_stops_before_scoring(trained, collection, tmp_path, capsys):
     shards, _ = collection
     (tmp_path / "broken.tar").write_bytes(b"not a tar file" * 100)

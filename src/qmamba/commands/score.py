@@ -67,7 +67,8 @@ def expand_inputs(inputs: list[str], column: str | None, limits: NetworkLimits, 
         spellings.setdefault(str(item) if is_uri(str(item)) else os.path.abspath(str(item)), item)
     unique = list(spellings.values())
     if len(unique) < len(files):
-        print(f"qmamba score: {len(files) - len(unique)} repeated input path(s) are scored once", file=sys.stderr)
+        print(f"qmamba score: {len(files) - len(unique)} repeated input path(s) are scored once (the first of each: "
+              "a path given twice, or a name a tar shard repeats)", file=sys.stderr)
     return unique, errors
 
 

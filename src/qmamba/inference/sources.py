@@ -381,7 +381,7 @@ def _shard_members(shard: str, limits: NetworkLimits) -> list[str]:
         with _open(shard, "shard", limits) as f, \
                 tarfile.open(fileobj=f, mode="r|" if is_uri(shard) else "r:") as archive:
             return [TarMember(f"{shard}#{member.name}", shard, member.offset_data, member.size, limits)
-                    for member in _image_members(archive)]
+                    for member in _image_members(archive, unique=False)]
     except (tarfile.TarError, OSError, EOFError) as err:
         raise InputError(_unreadable_shard(shard, err)) from None
 
@@ -390,12 +390,14 @@ def _unreadable_shard(shard: str, err: BaseException) -> str:
     return f"cannot read the shard {shard}: {_reason(err)} (not a tar file, or truncated)"
 
 
-def _image_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """The image members of a shard, each name once (a tar file may repeat one: the first counts, as in
-    :func:`expand`'s de-duplication); other members are the samples' metadata."""
+def _image_members(archive: tarfile.TarFile, unique: bool = True) -> Iterator[tarfile.TarInfo]:
+    """The image members of a shard; other members are the samples' metadata. A tar file may repeat a name: with
+    ``unique`` the first counts, as in ``qmamba score``'s de-duplication of its inputs, which sees (and says) the
+    repeats when a listing keeps them."""
     seen: set[str] = set()
     for member in archive:
-        if member.isfile() and PurePosixPath(member.name).suffix.lower() in IMAGE_SUFFIXES and member.name not in seen:
+        if member.isfile() and PurePosixPath(member.name).suffix.lower() in IMAGE_SUFFIXES and not (
+                unique and member.name in seen):
             seen.add(member.name)
             yield member
 
