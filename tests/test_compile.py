@@ -144,7 +144,7 @@ def test_score_compile_gives_the_eager_scores(trained, tmp_path, capsys):
     outputs = {}
     for flags in ([], ["--compile"]):
         out = tmp_path / f"scores{len(flags)}.jsonl"
-        # 36 images in batches of 12: one batch shape, so one compilation (a last, smaller batch compiles again)
+        # 36 images in batches of 12 (the batch dimension is dynamic: any batch size would reuse the graph)
         main(["score", "--ckpt_path", ckpt, images, "-o", str(out), "--device", "cpu", "--batch-size", "12", *flags])
         outputs[bool(flags)] = {row["path"]: row["score"] for row in map(json.loads, out.read_text().splitlines())}
     assert outputs[True].keys() == outputs[False].keys()
