@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import qmamba
-from qmamba.commands.serve import Limits, allowed_hosts, create_app
+from qmamba.commands.serve import Limits, allowed_hosts, create_app, header_timeout_protocol
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve.png"
 
@@ -142,7 +142,7 @@ class _LiveServer:
     """The app under uvicorn on 127.0.0.1 in a thread: what a raw socket client sees (TestClient reads whole
     bodies before the app does, so streaming limits need a real server)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **options) -> None:  # noqa: ANN003 - uvicorn.Config's
         import threading
 
         import uvicorn
@@ -150,7 +150,8 @@ class _LiveServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **options))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -199,6 +200,32 @@ def test_a_loopback_server_answers_only_to_loopback_host_names(scorer):
             assert answer.status_code == status, url
     assert answer.json()["detail"] == ("this server does not answer to the host 'rebound.example'; it answers to "
                                        "127.0.0.1, ::1, localhost (--allowed-hosts)")
+
+
+def test_headers_that_trickle_are_cut_off_and_a_keep_alive_connection_still_serves(scorer):
+    """uvicorn bounds no header read: a client sending a byte of its headers now and then held a connection open."""
+    live = _LiveServer(create_app(scorer), http=header_timeout_protocol(1.0))
+    try:
+        with live.connect() as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            started = time.monotonic()
+            closed = False
+            while not closed and time.monotonic() - started < 8:
+                try:
+                    conn.sendall(b"X")  # one byte of a header every 0.2 s: never a whole request
+                except OSError:
+                    closed = True
+                    break
+                if select.select([conn], [], [], 0.2)[0]:
+                    closed = conn.recv(1024) == b""
+            assert closed and time.monotonic() - started < 3
+        with live.connect() as conn:  # a request whose headers arrive in time, twice on one connection
+            for _ in range(2):
+                conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert _response(conn).startswith("HTTP/1.1 200")
+                time.sleep(0.6)
+    finally:
+        live.stop()
 
 
 def test_a_chunked_upload_is_stopped_at_the_limit_and_a_stalled_one_times_out(scorer):

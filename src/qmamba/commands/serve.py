@@ -154,6 +154,49 @@ def _too_large(size: int, limit: int, so_far: bool = False) -> str:
             "(--max-upload-mb)")
 
 
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a bound on the time a request's line and headers take to arrive, from the
+    connection or the previous response on: uvicorn has none, so a client that trickles its headers (slowloris)
+    held a connection for ever. The body has its own bound (``--body-timeout``)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self._header_timer: Any = None
+            super().connection_made(transport)
+            self._await_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not self._awaited:  # a new request's headers were parsed
+                self._cancel()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel()
+            super().connection_lost(exc)
+
+        def _await_headers(self) -> None:
+            self._cancel()
+            self._awaited = self.cycle
+            self._header_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _cancel(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if self.cycle is self._awaited and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
 def _host_name(host: str) -> str:
     """A Host header without its port: ``[::1]:8000`` -> ``::1``, ``LocalHost:80`` -> ``localhost``."""
     host = host.strip().lower()
@@ -307,6 +350,9 @@ def main(argv: list[str]) -> None:
                         help="most images waiting at once, all requests together; beyond: 503 (default 256)")
     parser.add_argument("--body-timeout", type=float, default=Limits.body_timeout_s,
                         help="seconds a request body may stall before 408 (default 30)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a request's line and headers may take to arrive before the connection is "
+                             "closed (default 10)")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"require Authorization: Bearer TOKEN on the API (default: ${TOKEN_ENV}; the page asks "
                              "for it, or open it as http://HOST:PORT/#token=TOKEN)")
@@ -326,8 +372,9 @@ def main(argv: list[str]) -> None:
         parser.error(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     if not args.window_ms >= 0:
         parser.error(f"--window-ms must be >= 0, got {args.window_ms}")
-    if not args.body_timeout > 0:
-        parser.error(f"--body-timeout must be > 0, got {args.body_timeout}")
+    for name in ("body_timeout", "header_timeout"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.token is not None and not args.token.strip():
         parser.error(f"--token must be a secret, got an empty one (from --token or ${TOKEN_ENV}); leave both unset "
                      "to serve without one")
@@ -351,6 +398,6 @@ def main(argv: list[str]) -> None:
         print(f"qmamba serve: listening on {args.host} without --token: anyone who reaches this port can use the "
               "model", flush=True)
     uvicorn.run(create_app(scorer, limits, args.token, args.docs, allowed_hosts(args.allowed_hosts, args.host)),
-                host=args.host, port=args.port, log_level="warning",
+                host=args.host, http=header_timeout_protocol(args.header_timeout), port=args.port, log_level="warning",
                 workers=1, timeout_graceful_shutdown=5, loop="asyncio", env_file=None,
                 server_header=False, date_header=False, access_log=bool(os.environ.get("QMAMBA_ACCESS_LOG")))
