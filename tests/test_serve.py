@@ -270,6 +270,31 @@ def test_twenty_concurrent_requests_are_batched_and_all_answered(scorer, images)
         assert result["score"] == pytest.approx(expected[result["file"]], rel=1e-5)
 
 
+def test_a_request_that_fits_the_limit_gets_503_while_others_wait(scorer, images, monkeypatch):
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    score_crops = scorer.score_crops
+
+    def held(crops):  # noqa: ANN001, ANN202
+        entered.set()
+        release.wait(60)
+        return score_crops(crops)
+
+    monkeypatch.setattr(scorer, "score_crops", held)
+    images_of = [(p.name, p.read_bytes()) for p in images[:2]]
+    with TestClient(create_app(scorer, Limits(max_pending=2, window_s=0.0))) as client, \
+            ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/score", files=_files(*images_of))
+        assert entered.wait(60), "the first request never reached the model"
+        busy = client.post("/score", files=_files(images_of[0]))
+        release.set()
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
+        assert busy.json()["detail"] == ("2 images are waiting, and this server takes at most 2 (--max-pending): try "
+                                         "again shortly")
+        assert first.result(60).status_code == 200
+
+
 def test_a_client_that_leaves_mid_batch_does_not_stop_the_batcher():
     """A request cancelled while its image waits (the client disconnected) must not break later requests."""
     import asyncio
