@@ -34,7 +34,7 @@ from qmamba.inference.quality_maps import QualityMap, window_starts
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.sources import Source
 from qmamba.inference.trained import load_trained
-from qmamba.models.compiling import batch_input, compile_errors, compile_model
+from qmamba.models.compiling import compile_model, run_compiled
 
 __all__ = ["ImageInput", "MapJob", "Preparer", "Result", "Scorer", "default_device", "load", "results_table"]
 
@@ -182,10 +182,8 @@ class Scorer:
     def _units(self, crops: torch.Tensor) -> torch.Tensor:
         """The model's unit-scale scores of normalised crops, on the CPU."""
         crops = crops.to(self.device)
-        if not self.info.get("compiled"):
-            return self.model(crops).float().cpu()
-        with compile_errors(COMPILE_OPTION):
-            return self.model(batch_input(crops)).float().cpu()
+        units = run_compiled(self.model, crops, COMPILE_OPTION) if self.info.get("compiled") else self.model(crops)
+        return units.float().cpu()
 
     @torch.inference_mode()
     def score_crops(self, crops: list[torch.Tensor]) -> list[float]:

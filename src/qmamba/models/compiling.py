@@ -18,7 +18,7 @@ import torch
 
 from qmamba.errors import QMambaError
 
-__all__ = ["CompileError", "batch_input", "check_compiler", "compile_errors", "compile_model"]
+__all__ = ["CompileError", "check_compiler", "compile_model", "run_compiled"]
 
 
 class CompileError(QMambaError):
@@ -51,24 +51,27 @@ def compile_model(model: torch.nn.Module, device: torch.device, option: str) -> 
     """Compile ``model`` in place as one graph, after checking that a compiler exists for ``device``.
 
     The scan orders are built inside the graph from the map size, so any input size compiles. Callers whose batch
-    size varies (a scorer's requests, a run's last batch) mark the batch dimension dynamic (:func:`batch_input`):
-    one graph then serves every batch size. Each other new input shape compiles once more; past torch's recompile
-    limit (8 shapes) the call fails with the one-line error instead of silently running the model eagerly."""
+    size varies (a scorer's requests, a run's last batch) call it through :func:`run_compiled`, which marks the
+    batch dimension dynamic: one graph then serves every batch size. Each other new input shape compiles once more;
+    past torch's recompile limit (8 shapes) the call fails with the one-line error instead of silently running the
+    model eagerly."""
     check_compiler(device, option)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     model.compile(fullgraph=True)
     return model
 
 
-def batch_input(images: torch.Tensor) -> torch.Tensor:
-    """``images`` with its batch dimension marked dynamic for a compiled model: a new batch size reuses the graph
-    (a batch of one still compiles its own: torch specializes sizes 0 and 1)."""
+def run_compiled(model: torch.nn.Module, images: torch.Tensor, option: str) -> torch.Tensor:
+    """``model(images)`` for a model :func:`compile_model` compiled: the batch dimension is marked dynamic, so a new
+    batch size reuses the graph (a batch of one still compiles its own: torch specializes sizes 0 and 1), and a
+    failing compilation is one line naming ``option``."""
     torch._dynamo.maybe_mark_dynamic(images, 0)
-    return images
+    with _compile_errors(option):
+        return model(images)
 
 
 @contextlib.contextmanager
-def compile_errors(option: str) -> Iterator[None]:
+def _compile_errors(option: str) -> Iterator[None]:
     """Turn a failing compilation (which happens at the first call of a compiled model) into one line."""
     from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 

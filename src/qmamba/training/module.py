@@ -22,7 +22,7 @@ from qmamba.files.checkpoint import CheckpointError
 from qmamba.files.weights import resolve_pretrained
 from qmamba.inference.trained import DataSpec, build_architecture
 from qmamba.models import load_official_checkpoint
-from qmamba.models.compiling import batch_input, compile_errors, compile_model
+from qmamba.models.compiling import compile_model, run_compiled
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
 from qmamba.training.losses import IQALoss
 from qmamba.training.metrics import iqa_metrics
@@ -88,8 +88,7 @@ class QMambaIQA(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         """Unit-scale quality scores (B,) of a (B, 3, H, W) batch."""
         if self.hparams.compile:
-            with compile_errors(COMPILE_OPTION):
-                return self.model(batch_input(images))
+            return run_compiled(self.model, images, COMPILE_OPTION)
         return self.model(images)
 
     # -------------------------------------------------------------------------------------------------- setup
