@@ -52,32 +52,40 @@ lint: ## ruff over the sources, tests and benchmarks
 DATASET ?= livec
 SPLITS ?= 10
 
-benchmark: ## the paper protocol on one dataset: make benchmark DATASET=livec SPLITS=10 (recipe + configs/task/<DATASET>.yaml)
-	$(PYTHON) -m qmamba benchmark $(call config_for,$(DATASET)) --splits $(SPLITS) --out runs/benchmark/$(DATASET)
+benchmark: ## the paper protocol on one dataset: make benchmark DATASET=livec SPLITS=10 (or DATASET=my_ratings.yaml)
+	$(PYTHON) -m qmamba benchmark $(call config_of,$(DATASET)) --splits $(SPLITS) \
+		--out runs/benchmark/$(call canonical,$(DATASET))
 
 # make transfer SRC=koniq DST=livec [METHODS=none,styleprompt | all]: train the source model if its checkpoint is
 # missing, then adapt it to DST with each method and test. Names: a configs/task/<name>.yaml over configs/recipe.yaml
 # (koniq and kadid are short for koniq10k and kadid10k) or a configs/demo/<name>.yaml over configs/demo.yaml
-# (demo_kadid, demo_koniq: runs on a CPU).
+# (demo_kadid, demo_koniq: runs on a CPU). A .yaml file (your own ratings, data/README.md) is layered over RECIPE and
+# named by its file name: make transfer SRC=demo_kadid DST=my_ratings.yaml RECIPE=configs/demo.yaml.
 SRC ?= demo_kadid
 DST ?= demo_koniq
 METHODS ?= none,styleprompt
 TRANSFER_RUNS := runs/transfer
-canonical = $(if $(filter koniq,$(1)),koniq10k,$(if $(filter kadid,$(1)),kadid10k,$(1)))
+RECIPE ?= configs/recipe.yaml
+is_file = $(filter %.yaml %.yml,$(1))
+canonical = $(if $(call is_file,$(1)),$(basename $(notdir $(1))),$(if $(filter koniq,$(1)),koniq10k,$(if \
+	$(filter kadid,$(1)),kadid10k,$(1))))
 # the --config layers of a dataset name: its data file over the recipe it belongs to
 config_for = $(if $(wildcard configs/task/$(1).yaml),--config configs/recipe.yaml --config configs/task/$(1).yaml,$(if \
 	$(wildcard configs/demo/$(1).yaml),--config configs/demo.yaml --config configs/demo/$(1).yaml,$(error no config \
 	for '$(1)': expected configs/task/$(1).yaml or configs/demo/$(1).yaml)))
+# the --config layers of a dataset name or of a config file of one's own
+config_of = $(if $(call is_file,$(1)),$(if $(wildcard $(1)),--config $(RECIPE) --config $(1),$(error no config file \
+	$(1))),$(call config_for,$(call canonical,$(1))))
 SRC_NAME := $(call canonical,$(SRC))
 DST_NAME := $(call canonical,$(DST))
 SOURCE_CKPT := $(TRANSFER_RUNS)/source_$(SRC_NAME)/checkpoints/best.ckpt
 
 $(TRANSFER_RUNS)/source_%/checkpoints/best.ckpt:
-	$(PYTHON) -m qmamba fit $(call config_for,$*) --trainer.logger.init_args.save_dir $(TRANSFER_RUNS) \
+	$(PYTHON) -m qmamba fit $(call config_of,$(SRC)) --trainer.logger.init_args.save_dir $(TRANSFER_RUNS) \
 		--trainer.logger.init_args.name source_$*
 
 transfer: install $(if $(findstring demo_,$(SRC_NAME) $(DST_NAME)),demo-data) $(SOURCE_CKPT) ## adapt a trained model to another dataset: make transfer SRC=koniq DST=livec [METHODS=all]
-	$(PYTHON) -m qmamba transfer --source $(SOURCE_CKPT) $(call config_for,$(DST_NAME)) --methods $(METHODS) \
+	$(PYTHON) -m qmamba transfer --source $(SOURCE_CKPT) $(call config_of,$(DST)) --methods $(METHODS) \
 		--src-name $(SRC_NAME) --dst-name $(DST_NAME) --out $(TRANSFER_RUNS)/$(SRC_NAME)_to_$(DST_NAME)
 
 bench-scan: ## selective-scan backends vs the sequential reference (CPU table)

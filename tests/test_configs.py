@@ -74,3 +74,19 @@ def test_schedule_length_follows_trainer_max_epochs(capsys):
     factors = [scheduler.lr_lambdas[0](epoch) for epoch in range(9)]
     assert factors[7] == pytest.approx(0.01) and factors[6] > 0.01  # min_factor reached exactly at epoch 7
     assert factors[8] == factors[7]
+
+
+def test_a_layered_dataset_list_replaces_the_base_list_whole(capsys, tmp_path):
+    """jsonargparse merged a layer's list of dataclasses item by item into the base's: an entry without a root or a
+    label inherited the base entry's (a table of one's own over the demo config read the demo's folder)."""
+    layer = tmp_path / "mine.yaml"
+    layer.write_text("data:\n  init_args:\n    datasets:\n      - {name: koniq10k, root: data/mine}\n")
+    base = ("--config", str(DEMO), "--config", str(CONFIG_DIR / "demo" / "demo_kadid.yaml"))
+    config = _printed(capsys, *base, "--config", str(layer))
+    assert config["data"]["init_args"]["datasets"] == [{"name": "koniq10k", "root": "data/mine"}]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    datasets:\n      - {name: koniq10k, folder: data/mine}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *base, "--config", str(bad)])
+    assert exit_info.value.code == 2
+    assert "datasets[0]: unknown keys ['folder']; its keys are name, root, label" in capsys.readouterr().err

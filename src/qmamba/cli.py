@@ -36,6 +36,8 @@ COMMANDS: dict[str, Command] = {
     "weights": Command("qmamba.commands.weights", "list, download and verify the ImageNet-pretrained backbones"),
     "benchmark": Command("qmamba.protocols.benchmark", "the N-split protocol on one config: median and mean SRCC/PLCC"),
     "transfer": Command("qmamba.protocols.transfer", "adapt a trained model to another dataset with several methods"),
+    "data": Command("qmamba.training.data_check", "check a config's datasets without training: qmamba data check "
+                                                  "--config CONFIG"),
     "demo-data": Command("qmamba.data.demo", "build the two embedded demo datasets"),
 }
 

@@ -8,18 +8,20 @@ shorter side once, into a cache folder, in the same pass: the originals are deco
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from PIL import Image
 
 from qmamba.files.atomic import write_bytes_atomic
-from qmamba.inference.images import ImageReadError, bomb_message, read_rgb
+from qmamba.inference.images import ImageReadError, bomb_message
+from qmamba.inference.sources import Source, read_image
 
 from .errors import DatasetError
 
@@ -40,11 +42,12 @@ class ImageCheck:
 
 def _resized_copy(source: str, target: Path, short_side: int) -> tuple[int, int]:
     """Write ``source`` with its shorter side scaled to ``short_side`` (bicubic, after EXIF orientation) as a PNG
-    (lossless: the cache must not add compression artefacts) and return its size; reuse an up-to-date copy."""
-    if target.is_file() and target.stat().st_mtime >= os.stat(source).st_mtime:
+    (lossless: the cache must not add compression artefacts) and return its size; reuse an up-to-date copy (any copy
+    of a remote image: it has no modification time to compare)."""
+    if target.is_file() and (isinstance(source, Source) or target.stat().st_mtime >= os.stat(source).st_mtime):
         with Image.open(target) as image:
             return image.size
-    image = Image.fromarray(read_rgb(source))
+    image = Image.fromarray(read_image(source))
     scale = short_side / min(image.size)
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
@@ -54,14 +57,24 @@ def _resized_copy(source: str, target: Path, short_side: int) -> tuple[int, int]
     return image.size
 
 
+def _cache_name(name: str) -> PurePosixPath:
+    """The resized copy's name inside the cache folder: the image's name relative to its root as it is, and a name
+    that could leave the folder (absolute, ``..``, a URI) as a digest of it plus its file name."""
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or "://" in name:
+        path = PurePosixPath(f"{hashlib.sha256(name.encode()).hexdigest()[:16]}_{path.name}")
+    return path.with_suffix(".png")
+
+
 def _check_one(path: str, mode: CheckMode, short_side: int | None, cached: Path | None) -> ImageCheck:
-    if not os.path.isfile(path):
+    remote = isinstance(path, Source)  # a URI or a tar-shard member: read whole to be checked at all
+    if not remote and not os.path.isfile(path):
         return ImageCheck(path, problem="missing")
     try:
         if short_side is not None and cached is not None:
             return ImageCheck(str(cached), _resized_copy(path, cached, short_side))
-        if mode == "full":
-            height, width = read_rgb(path).shape[:2]
+        if mode == "full" or remote:
+            height, width = read_image(path).shape[:2]
             return ImageCheck(path, (width, height))
         with Image.open(path) as image:  # header only; EXIF rotation does not change the shorter side
             return ImageCheck(path, image.size)
@@ -94,9 +107,10 @@ def check_images(
     """
     if short_side is not None and cache_dir is None:
         raise ValueError("short_side needs a cache_dir for the resized copies")
-    cached = [Path(cache_dir) / Path(n).with_suffix(".png") if short_side else None for n in names]
+    cached = [Path(cache_dir) / _cache_name(n) if short_side else None for n in names]
     if mode == "off" and short_side is None:
-        return [ImageCheck(p) if os.path.isfile(p) else ImageCheck(p, problem="missing") for p in paths]
+        return [ImageCheck(p) if isinstance(p, Source) or os.path.isfile(p) else ImageCheck(p, problem="missing")
+                for p in paths]
     workers = workers or min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         results = list(pool.map(lambda a: _check_one(a[0], mode, short_side, a[1]), zip(paths, cached, strict=True)))
@@ -116,17 +130,53 @@ _FIXES = {
 }
 
 
+class ProblemReport:
+    """Every problem found in one dataset, grouped by kind (five examples each, with the fix), raised together as one
+    :class:`DatasetError`: a user fixes a label table once, not once per rerun."""
+
+    def __init__(self, dataset: str, total: int) -> None:
+        self.dataset, self.total = dataset, total
+        self._kinds: dict[str, tuple[str, list[str]]] = {}
+        self._rows: set[object] = set()  # the images (rows) with a problem
+        self._whole = 0  # problems of no one row: an empty split, a group on both sides of it
+
+    def add(self, kind: str, example: str, fix: str, row: object = None) -> None:
+        self._kinds.setdefault(kind, (fix, []))[1].append(example)
+        if row is None:
+            self._whole += 1
+        else:
+            self._rows.add(row)
+
+    def add_images(self, checks: Sequence[ImageCheck], allow: Sequence[str] = (),
+                   rows: Sequence[int] | None = None) -> None:
+        """The problems of :func:`check_images` not in ``allow``; ``rows`` numbers the images as a label table does
+        (shown with each)."""
+        for index, check in enumerate(checks):
+            if check.problem and check.problem not in allow:
+                where = f"row {rows[index]}: " if rows is not None else ""
+                self.add(check.problem, where + check.path + (f" ({check.detail})" if check.detail else ""),
+                         _FIXES[check.problem], row=rows[index] if rows is not None else index)
+
+    def __bool__(self) -> bool:
+        return bool(self._kinds)
+
+    def __str__(self) -> str:
+        headline = [f"{len(self._rows)} of {self.total} images cannot be used"] if self._rows else []
+        if self._whole:
+            headline.append(f"{self._whole} problem{'s' * (self._whole > 1)} with the dataset as a whole")
+        lines = [f"{self.dataset}: {'; '.join(headline)}:"]
+        for kind, (fix, examples) in self._kinds.items():
+            more = f" and {len(examples) - 5} more" if len(examples) > 5 else ""
+            lines.append(f"  {len(examples)} {kind}: {'; '.join(examples[:5])}{more}" + (f" -> {fix}" if fix else ""))
+        return "\n".join(lines)
+
+    def raise_if_any(self) -> None:
+        if self:
+            raise DatasetError(str(self))
+
+
 def report_problems(dataset: str, checks: Sequence[ImageCheck], allow: Sequence[str] = ()) -> None:
     """Raise one :class:`DatasetError` naming every kind of problem (up to 5 files each) not in ``allow``."""
-    by_kind: dict[str, list[ImageCheck]] = {}
-    for check in checks:
-        if check.problem and check.problem not in allow:
-            by_kind.setdefault(check.problem, []).append(check)
-    if not by_kind:
-        return
-    lines = [f"{dataset}: {sum(map(len, by_kind.values()))} of {len(checks)} images cannot be used:"]
-    for kind, bad in by_kind.items():
-        shown = "; ".join(f"{c.path}" + (f" ({c.detail})" if c.detail else "") for c in bad[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        lines.append(f"  {len(bad)} {kind}: {shown}{more} -> {_FIXES[kind]}")
-    raise DatasetError("\n".join(lines))
+    report = ProblemReport(dataset, len(checks))
+    report.add_images(checks, allow)
+    report.raise_if_any()

@@ -8,6 +8,7 @@ reported on the native scale.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,12 @@ from qmamba.inference.preprocessing import EvalCrops, Preprocessing
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.trained import DataSpec
 
-from .catalog import DatasetError, dataset_info, load_dataset
-from .checks import CheckMode, check_images, report_problems
+from .catalog import DatasetError, DatasetInfo, dataset_info, load_dataset
+from .checks import CheckMode, ProblemReport, check_images
 from .dataset import IQADataset, SeededConcat
 from .sampler import MultiDatasetBatchSampler, SeededBatches, ShardSampler, Strategy, dataset_shares
-from .splits import make_splits, save_splits
+from .splits import make_splits, save_splits, split_problems
+from .tables import TableSpec, load_table, table_folder
 from .transforms import TrainCrop
 
 __all__ = ["DatasetConfig", "IQADataModule"]
@@ -41,16 +43,21 @@ class DatasetConfig:
     """One dataset of a run.
 
     Args:
-        name: registered dataset (``koniq10k``, ``kadid10k``, ...; see ``qmamba.data.DATASETS``).
-        root: folder of the unpacked official release (default: the dataset's ``data/`` folder).
+        name: registered dataset (``koniq10k``, ``kadid10k``, ...; see ``qmamba.data.DATASETS``), or any name for a
+            ``table`` of your own.
+        root: folder of the unpacked official release (default: the dataset's ``data/`` folder); for a table, the
+            folder (or URI) its relative image paths start from (default: the table's folder), and no path may
+            leave it.
         label: name used in metric keys and outputs (default: ``name``), e.g. ``demo_kadid``.
         protocol: ``auto`` (the dataset's community protocol), ``content``, ``random`` or ``official``.
         options: loader options, e.g. ``{resolution: 512x384}`` for KonIQ.
         score_range: the (low, high) scale of relabelled data; by default the dataset's own (labels outside it
-            are an error).
+            are an error). A table must declare it.
         short_side: resize images to this shorter side before training (once, into ``cache_dir``); ``auto`` is
             the dataset's default (512 for SPAQ, native resolution for the others), None keeps the originals.
         cache_dir: folder of the resized copies (default ``<root>/qmamba_short<N>``).
+        table: a label table of your own instead of a registered dataset (:class:`~qmamba.data.tables.TableSpec`:
+            the file, its columns, ``lower_better``, pyiqa's split files).
     """
 
     name: str
@@ -61,17 +68,72 @@ class DatasetConfig:
     score_range: tuple[float, float] | None = None
     short_side: int | Literal["auto"] | None = "auto"
     cache_dir: str | None = None
+    table: TableSpec | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.table, dict):
+            self.table = _from_mapping(TableSpec, self.table, f"{self.key}: table")
+        if self.table is not None and self.options:
+            raise UsageError(f"{self.key}: options are a registered dataset's loader options; a table takes none "
+                             "(name its columns under table:)")
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"{self.key}: protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.score_range is not None:
+            span = list(self.score_range) if isinstance(self.score_range, (list, tuple)) else []
+            if len(span) != 2 or not all(isinstance(v, (int, float)) for v in span) or span[0] >= span[1]:
+                raise UsageError(f"{self.key}: score_range must be [low, high] with low < high, got "
+                                 f"{self.score_range!r}")
+            self.score_range = (float(span[0]), float(span[1]))
+
+    @classmethod
+    def from_mapping(cls, entry: DatasetConfig | dict[str, Any], index: int) -> DatasetConfig:
+        """A config's ``datasets`` entry (a mapping, as YAML gives it) as a :class:`DatasetConfig`."""
+        return entry if isinstance(entry, DatasetConfig) else _from_mapping(cls, entry, f"datasets[{index}]")
 
     @property
     def key(self) -> str:
         return self.label or self.name
+
+    def info(self, score_range: tuple[float, float]) -> DatasetInfo:
+        """The registered dataset's :class:`DatasetInfo`, or a table's on the scale in force (``score_range``)."""
+        if self.table is None:
+            return dataset_info(self.name)
+        folder = self.root or table_folder(self.table.file)
+        return DatasetInfo(self.key, score_range, bool(self.table.lower_better),
+                           "content" if self.table.group else "random", folder, official_split=self.table.has_split)
+
+    def labels(self) -> tuple[pd.DataFrame, ProblemReport]:
+        """The label table and the report of its unusable rows (a registered dataset's loader raises instead)."""
+        if self.table is not None:
+            return load_table(self.table, self.key, self.root, self.score_range)
+        labels = load_dataset(self.name, self.root, self.score_range, **self.options)
+        return labels, ProblemReport(self.key, len(labels))
+
+
+PROTOCOLS = ("auto", "content", "random", "official")
+
+
+def _from_mapping(cls: type, entry: object, where: str) -> Any:
+    """``cls(**entry)``, with an unknown or missing key as one line naming the valid ones."""
+    if not isinstance(entry, dict):
+        raise UsageError(f"data.init_args.{where} must be a mapping of {cls.__name__} keys, got {entry!r}")
+    keys = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in entry if k not in keys]
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in entry]
+    if unknown or missing:
+        problem = f"unknown keys {unknown}" if unknown else f"missing keys {missing}"
+        raise UsageError(f"data.init_args.{where}: {problem}; its keys are {', '.join(keys)}")
+    return cls(**entry)
 
 
 class IQADataModule(L.LightningDataModule):
     """Images and unit-scale scores for training; per-dataset multi-crop loaders for validation and test.
 
     Args:
-        datasets: the datasets of the run (one for task-specific IQA, several for universal IQA).
+        datasets: the datasets of the run (one for task-specific IQA, several for universal IQA), each a
+            :class:`DatasetConfig` or a mapping of its keys (``name``, ``root``, ``label``, ``table``, ...).
         batch_size: training crops per batch; evaluation batches hold ``batch_size // eval_crops`` images.
         crop_size: square crop side at native resolution (224 in the paper).
         eval_crops: deterministic crops per image at validation / test time, predictions averaged.
@@ -97,7 +159,9 @@ class IQADataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        datasets: list[DatasetConfig],
+        # mappings for the CLI: jsonargparse would merge a layered config's list of dataclasses item by item into the
+        # base config's (an entry without a root would inherit the base entry's), where a list of mappings replaces it
+        datasets: list[dict[str, Any]] | list[DatasetConfig],
         batch_size: int = 32,
         crop_size: int = 224,
         eval_crops: int = 5,
@@ -130,7 +194,7 @@ class IQADataModule(L.LightningDataModule):
         if test_fraction + val_fraction >= 1:
             raise UsageError(f"data.init_args.test_fraction + val_fraction must be below 1 (something must be left "
                              f"to train on), got {test_fraction} + {val_fraction}")
-        self.configs = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in datasets]
+        self.configs = [DatasetConfig.from_mapping(d, i) for i, d in enumerate(datasets)]
         keys = [c.key for c in self.configs]
         if len(set(keys)) != len(keys):
             raise ValueError(f"dataset labels must be unique, got {keys}; set 'label' to tell them apart")
@@ -142,64 +206,93 @@ class IQADataModule(L.LightningDataModule):
         self.epoch_samples = epoch_samples
         dataset_shares([1] * len(self.configs), sampling, temperature)  # a bad strategy fails at construction
         self.names = keys
-        self.scales = [dataset_info(c.name).scale for c in self.configs]
+        for config in self.configs:
+            if config.table is None:
+                dataset_info(config.name)  # an unknown dataset fails at construction
+        self.scales: list[ScoreScale] = []  # each dataset's scale in force, once its labels are read (prepare)
         self.preprocessing = Preprocessing(crop_size, eval_crops)  # the backbone's (ImageNet) normalisation
         self._splits: list[dict[str, Dataset]] | None = None
-        self._seed = 0  # set in setup from the global seed; every DDP rank gets the same one
+        self._tables: list[tuple[pd.DataFrame, dict[str, np.ndarray]]] = []  # what each split holds, to be saved
+        self._splits_saved = False
+        self._seed = 0  # set in prepare from the global seed; every DDP rank gets the same one
 
     @property
     def spec(self) -> DataSpec:
         """What a model trained on this data must remember: dataset names, score scales, preprocessing."""
+        self.prepare()
         return DataSpec(list(self.names), list(self.scales), self.preprocessing)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def setup(self, stage: str | None = None) -> None:
+    def prepare(self) -> None:
+        """Read every dataset's labels, check its images and split it. Every problem of every dataset is reported
+        together, in one :class:`DatasetError`, before anything trains (the CLI calls this before it makes a run
+        folder; ``qmamba data check`` calls it alone)."""
         if self._splits is not None:
             return
-        self._seed = seed = int(torch.initial_seed() % 2**31)  # follows seed_everything; albumentations needs it
-        self._splits = []
+        self._seed = int(torch.initial_seed() % 2**31)  # follows seed_everything; albumentations needs it
+        splits, problems = [], []
         for index, config in enumerate(self.configs):
-            info = dataset_info(config.name)
-            labels = load_dataset(config.name, config.root, config.score_range, **config.options)
-            # the scale in force: the dataset's, a loader option's (KonIQ's 1-5 MOS) or the config's score_range
-            self.scales[index] = scale = ScoreScale(*labels.attrs["score_range"], info.lower_better)
-            table = self._usable_images(config, labels)
-            protocol = info.protocol if config.protocol == "auto" else config.protocol
-            if config.protocol == "auto" and info.official_split:  # never a silent fallback from the official split
-                protocol = "official"
             try:
-                splits = make_splits(table, protocol, self.split_seed, self.test_fraction, self.val_fraction)
+                splits.append(self._prepare_one(index, config))
             except DatasetError as err:
+                problems.append(str(err))
+        if problems:
+            self.scales, self._tables = [], []
+            raise DatasetError("\n".join(problems))
+        self._splits = splits
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+        if not self._splits_saved:
+            self._save_splits()
+
+    def _prepare_one(self, index: int, config: DatasetConfig) -> dict[str, Dataset]:
+        labels, report = config.labels()
+        # the scale in force: the dataset's, a loader option's (KonIQ's 1-5 MOS), the config's or a table's
+        info = config.info(labels.attrs["score_range"])
+        scale = ScoreScale(*labels.attrs["score_range"], info.lower_better)
+        table = self._usable_images(config, info, labels, report)
+        protocol = info.protocol if config.protocol == "auto" else config.protocol
+        if config.protocol == "auto" and info.official_split:  # never a silent fallback from the official split
+            protocol = "official"
+        splits: dict[str, np.ndarray] = {}
+        try:  # the usable rows are split even when others are not, so one report holds the split's problems too
+            if len(table) or not report:
+                splits = make_splits(table, protocol, self.split_seed, self.test_fraction, self.val_fraction)
+                split_problems(table, splits, protocol, report)
+        except DatasetError as err:
+            if not report:
                 raise DatasetError(f"{config.key}: {err}") from None
-            if len(splits["val"]) == 0:
-                log.warning("%s: no validation split; validating on the test split (best-on-test selection)",
-                            config.key)
-                splits["val"] = splits["test"]
-            self._save_splits(config.key, table, splits)
-            targets = scale.to_unit(table["score"].to_numpy(np.float64))
-            paths = table["path"].tolist()
-            cache: dict[str, np.ndarray] | None = {} if self.cache_images else None
+            report.add("cannot split", str(err), "")  # its message says how to fix it
+        report.raise_if_any()
+        if len(splits["val"]) == 0:
+            log.warning("%s: no validation split; validating on the test split (best-on-test selection)", config.key)
+            splits["val"] = splits["test"]
+        self.scales.append(scale)
+        self._tables.append((table, splits))
+        targets = scale.to_unit(table["score"].to_numpy(np.float64))
+        paths = table["path"].tolist()
+        cache: dict[str, np.ndarray] | None = {} if self.cache_images else None
 
-            def subset(rows: np.ndarray, transform: Any, index: int = index, cache: Any = cache) -> IQADataset:
-                return IQADataset([paths[i] for i in rows], targets[rows], transform, index, cache)
+        def subset(rows: np.ndarray, transform: Any) -> IQADataset:
+            return IQADataset([paths[i] for i in rows], targets[rows], transform, index, cache)
 
-            train_crop = TrainCrop(self.preprocessing, seed=seed + index)
-            evaluation = EvalCrops(self.preprocessing)
-            self._splits.append({
-                "train": subset(splits["train"], train_crop),
-                "val": subset(splits["val"], evaluation),
-                "test": subset(splits["test"], evaluation),
-            })
-            log.info("%s (%s split): %s", config.key, protocol,
-                     ", ".join(f"{s} {len(v)}" for s, v in self._splits[-1].items()))
+        evaluation = EvalCrops(self.preprocessing)
+        datasets = {"train": subset(splits["train"], TrainCrop(self.preprocessing, seed=self._seed + index)),
+                    "val": subset(splits["val"], evaluation), "test": subset(splits["test"], evaluation)}
+        log.info("%s (%s split): %s", config.key, protocol, ", ".join(f"{s} {len(v)}" for s, v in datasets.items()))
+        return datasets
 
-    def _usable_images(self, config: DatasetConfig, table: pd.DataFrame) -> pd.DataFrame:
-        """Check every image (resizing into the cache where configured) and keep the usable ones."""
-        info = dataset_info(config.name)
+    def _usable_images(self, config: DatasetConfig, info: DatasetInfo, table: pd.DataFrame,
+                       report: ProblemReport) -> pd.DataFrame:
+        """Check every image (resizing into the cache where configured) into ``report``; the usable ones."""
         short_side = info.short_side if config.short_side == "auto" else config.short_side
         cache_dir = None
         if short_side:
             root = Path(config.root or info.default_root)
+            if not config.cache_dir and "://" in str(config.root or info.default_root):
+                raise DatasetError(f"{config.key}: resized copies of remote images need a local folder: set the "
+                                   "dataset's cache_dir")
             cache_dir = Path(config.cache_dir) if config.cache_dir else root / f"qmamba_short{short_side}"
             try:
                 cache_dir.mkdir(parents=True, exist_ok=True)
@@ -209,20 +302,36 @@ class IQADataModule(L.LightningDataModule):
             log.info("%s: images resized to a %d shorter side in %s (made once)", config.key, short_side, cache_dir)
         checks = check_images(table["path"].tolist(), table["name"].tolist(), mode=self.check_images,
                               min_size=self.crop_size, short_side=short_side, cache_dir=cache_dir)
-        report_problems(config.key, checks, allow=("too small",) if self.small_images == "drop" else ())
-        keep = np.array([c.problem is None for c in checks])
-        if not keep.all():
+        allow = ("too small",) if self.small_images == "drop" else ()
+        report.add_images(checks, allow, rows=table["row"].tolist() if "row" in table else None)
+        keep = np.array([c.problem is None for c in checks], bool)
+        if not keep.all() and allow:
             log.warning("%s: left out %d images smaller than the %d crop (small_images: drop)", config.key,
-                        int((~keep).sum()), self.crop_size)
-        return table.assign(path=[c.path for c in checks])[keep].reset_index(drop=True)
+                        sum(c.problem == "too small" for c in checks), self.crop_size)
+        paths = pd.Series([c.path for c in checks], index=table.index, dtype=object)  # sources stay sources
+        return table.assign(path=paths)[keep].reset_index(drop=True)
 
-    def _save_splits(self, key: str, table: Any, splits: dict[str, np.ndarray]) -> None:
+    def _save_splits(self) -> None:
+        """Write each dataset's split into the run folder, once a trainer is attached."""
         trainer = self.trainer
         if trainer is None:
             return
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, or rank 0 waits forever
         if trainer.is_global_zero and log_dir:
-            save_splits(table, splits, Path(log_dir) / "splits" / f"{key}.csv")
+            for key, (table, splits) in zip(self.names, self._tables, strict=True):
+                save_splits(table, splits, Path(log_dir) / "splits" / f"{key}.csv")
+        self._splits_saved = True
+
+    def summary(self) -> list[str]:
+        """One line per dataset: its images, scale and split (after :meth:`prepare`)."""
+        self.prepare()
+        lines = []
+        for key, scale, (table, splits) in zip(self.names, self.scales, self._tables, strict=True):
+            direction = "lower" if scale.lower_better else "higher"
+            sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
+            lines.append(f"{key}: {len(table)} images, scores {scale.low:g}-{scale.high:g} ({direction} is better); "
+                         f"{sizes}")
+        return lines
 
     def split(self, name: str) -> list[IQADataset]:
         """The ``train`` / ``val`` / ``test`` dataset of every configured dataset (after ``setup``)."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from qmamba.inference.images import read_rgb
+from qmamba.inference.sources import read_image
 
 __all__ = ["IQADataset", "SeededConcat"]
 
@@ -37,9 +37,9 @@ class IQADataset(Dataset):
 
     def _image(self, path: str) -> np.ndarray:
         if self.cache is None:
-            return read_rgb(path)
+            return read_image(path)
         if path not in self.cache:
-            self.cache[path] = read_rgb(path)
+            self.cache[path] = read_image(path)
         return self.cache[path]
 
     def __len__(self) -> int:

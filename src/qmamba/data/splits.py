@@ -2,7 +2,10 @@
 
 * ``content``: split by reference image (synthetic datasets) so that no scene is in two splits;
 * ``random``: split by image (authentic datasets);
-* ``official``: the split column provided by the dataset (KonIQ-10k, FLIVE).
+* ``official``: the split column provided by the dataset (KonIQ-10k, FLIVE) or by a table of your own.
+
+A given split is checked before it is used (:func:`split_problems`): it must hold training and test images, and no
+group (content) may sit on two sides of it.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import pandas as pd
 
 from qmamba.files.atomic import write_text_atomic
 
+from .checks import ProblemReport
 from .errors import DatasetError
 
-__all__ = ["Protocol", "make_splits", "save_splits"]
+__all__ = ["Protocol", "make_splits", "save_splits", "split_problems"]
 
 Protocol = Literal["content", "random", "official"]
 SPLITS = ("train", "val", "test")
@@ -35,7 +39,8 @@ def make_splits(
         raise ValueError(f"bad split fractions: test {test_fraction}, val {val_fraction}")
     if protocol == "content":
         if table["content"].isna().any():
-            raise DatasetError("a content-disjoint split needs a reference id ('content') for every image")
+            raise DatasetError("a content-disjoint split needs a reference id ('content', a table's group column) "
+                               "for every image; name the table's group column, or set protocol: random")
         units = table["content"].astype(str).to_numpy()
     elif protocol == "random":
         units = np.arange(len(table)).astype(str)
@@ -55,6 +60,9 @@ def make_splits(
 
 def _check_official(table: pd.DataFrame) -> None:
     """Every image needs a train / val / test label: a partial split file must never turn into another protocol."""
+    if "split" not in table:
+        raise DatasetError("protocol: official needs the dataset's own split, and it has none (a table names its split "
+                           "column with table: {split: COLUMN}); set protocol: random or content for a seeded split")
     split = table["split"] if "split" in table else pd.Series([None] * len(table), index=table.index)
     bad = table[~split.isin(SPLITS)]
     if len(bad):
@@ -65,6 +73,25 @@ def _check_official(table: pd.DataFrame) -> None:
             f"the official split does not label {len(bad)} of {len(table)} images with train / val / test ({shown}"
             f"{', ...' if len(bad) > 3 else ''}); fix the split file (KonIQ-10k: koniq10k_distributions_sets.csv, "
             "sets training / validation / test) or set protocol: random (or content) for a seeded split instead")
+
+
+def split_problems(table: pd.DataFrame, splits: dict[str, np.ndarray], protocol: Protocol,
+                   report: ProblemReport) -> None:
+    """A given split's problems into ``report``: a split without training or test images, and a group (content)
+    in two splits, which would test on content the model trained on."""
+    if protocol != "official":
+        return  # a seeded split is made whole and content-disjoint
+    for name in ("train", "test"):
+        if len(splits[name]) == 0:
+            report.add("empty splits", f"no {name} images", f"label some rows {name} in the split column")
+    content = table["content"]
+    if len(content) and content.notna().all():
+        sides = {name: set(content.iloc[rows]) for name, rows in splits.items()}
+        for first, second in (("train", "test"), ("train", "val"), ("val", "test")):
+            for group in sorted(sides[first] & sides[second], key=str):
+                report.add("groups in two splits", f"{group} in {first} and {second}",
+                           "put every image of a group in one split (or set protocol: content for a seeded "
+                           "content-disjoint split)")
 
 
 def save_splits(table: pd.DataFrame, splits: dict[str, np.ndarray], path: str | os.PathLike[str]) -> None:

@@ -28,11 +28,11 @@ from PIL import Image
 
 from qmamba.errors import UsageError
 from qmamba.files.checkpoint import CheckpointError
-from qmamba.inference.images import NamedBytes, read_rgb
+from qmamba.inference.images import read_rgb
 from qmamba.inference.preprocessing import EvalCrops
 from qmamba.inference.quality_maps import QualityMap, window_starts
 from qmamba.inference.scale import ScoreScale
-from qmamba.inference.sources import Source
+from qmamba.inference.sources import read_image
 from qmamba.inference.trained import load_trained
 from qmamba.models.compiling import compile_model, run_compiled
 
@@ -54,9 +54,9 @@ def _as_rgb(image: ImageInput, max_side: int | None = None) -> np.ndarray:
 
     Floating-point arrays and tensors are taken to be in [0, 1]; integer ones in [0, 255]. ``max_side`` downscales
     files whose longer side exceeds it (see :func:`qmamba.inference.images.read_rgb`)."""
-    if isinstance(image, Source):  # a tar member or a URI: its bytes, named by its key in messages
-        return read_rgb(NamedBytes(image.read(), str(image)), max_side)
-    if isinstance(image, (str, os.PathLike, io.IOBase)):  # a file, or an open one (NamedBytes: bytes with a name)
+    if isinstance(image, (str, os.PathLike)):  # a file, a tar member or a URI
+        return read_image(image, max_side)
+    if isinstance(image, io.IOBase):  # an open file (NamedBytes: bytes with a name)
         return read_rgb(image, max_side)
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))

@@ -46,10 +46,14 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import Request, urlopen
 
+import numpy as np
+
 from qmamba.errors import QMambaError, UsageError
 
+from .images import NamedBytes, read_rgb
+
 __all__ = ["IMAGE_SUFFIXES", "InputError", "NetworkLimits", "RemoteFile", "RemoteReadError", "Shard", "Source",
-           "TarMember", "expand", "is_uri", "open_uri", "read_remote", "shard_images", "shard_of"]
+           "TarMember", "expand", "is_uri", "open_uri", "read_image", "read_remote", "shard_images", "shard_of"]
 
 READ_CHUNK = 1 << 20  # bytes asked for per read of a remote image: the deadline and the size bound are checked between
 
@@ -189,6 +193,14 @@ class Source(str):
 
     def _fields(self) -> tuple[Any, ...]:
         return ()
+
+
+def read_image(image: str | os.PathLike[str], max_side: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a local image file or of a :class:`Source`'s bytes, named by its key in messages (see
+    :func:`~qmamba.inference.images.read_rgb`)."""
+    if isinstance(image, Source):
+        return read_rgb(NamedBytes(image.read(), str(image)), max_side)
+    return read_rgb(image, max_side)
 
 
 class TarMember(Source):

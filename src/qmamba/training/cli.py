@@ -132,6 +132,8 @@ class QMambaCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         self.model.build_optimizer()  # discarded: the fit builds its own
+        if isinstance(self.datamodule, IQADataModule):
+            self.datamodule.prepare()  # every label, image and split problem, before the run folder exists
         config = self.config[self.subcommand]
         if rank_zero_only.rank == 0:  # DDP's other ranks join the folder rank 0 holds
             _HELD_LOCKS.append(prepare_fit_folder(run_dir(config), resuming=bool(config.ckpt_path),
@@ -205,8 +207,8 @@ def _user_error(err: BaseException | None, args: ArgsType) -> QMambaError | None
     return None
 
 
-def _run_cli(args: ArgsType) -> None:
-    QMambaCLI(
+def _run_cli(args: ArgsType, cli: type[QMambaCLI] = QMambaCLI, run: bool = True) -> QMambaCLI:
+    return cli(
         QMambaIQA,
         IQADataModule,
         parser_class=QMambaArgumentParser,
@@ -223,6 +225,7 @@ def _run_cli(args: ArgsType) -> None:
         },
         parser_kwargs={"version": f"qmamba {qmamba.__version__}"},
         args=args,
+        run=run,
     )
 
 
