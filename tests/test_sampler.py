@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qmamba.data.sampler import MultiDatasetBatchSampler, SeededBatches, ShardSampler, dataset_shares
+from qmamba.errors import UsageError
 
 SIZES = [779, 10_073, 1_162]  # LIVE, KonIQ, LIVEC
 
@@ -91,6 +92,18 @@ def test_epoch_samples_and_bad_arguments():
         MultiDatasetBatchSampler([3, 4], 8)
     with pytest.raises(ValueError, match="rank 2 is outside"):
         MultiDatasetBatchSampler(SIZES, 8, rank=2, world_size=2)
+
+
+def test_a_dataset_whose_share_rounds_to_no_batch_is_one_line_not_a_dataset_never_trained_on():
+    """6 images beside 5,000, shared proportionally in batches of 32, get 0.2 of a batch per epoch, rounded to none in
+    every epoch (the draw had failed inside the training loop with numpy's 'need at least one array')."""
+    with pytest.raises(UsageError, match=r"small \(6 training images\) would get no batch of 32 in an epoch of 156 "
+                                         "batches \\(proportional sampling\\)"):
+        MultiDatasetBatchSampler([5_000, 6], 32, names=["big", "small"])
+    for fix in ({"strategy": "balanced"}, {"mixed": True}):
+        sampler = MultiDatasetBatchSampler([5_000, 6], 32, **fix)
+        assert any(i >= 5_000 for batch in sampler for i in batch)
+    assert all(len(b) == 32 for b in MultiDatasetBatchSampler([5_000, 100], 32))
 
 
 def test_shard_sampler_covers_every_item_once():

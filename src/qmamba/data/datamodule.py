@@ -357,7 +357,7 @@ class IQADataModule(L.LightningDataModule):
         return MultiDatasetBatchSampler(
             sizes, self.batch_size, self.sampling, self.temperature,
             epoch_samples=self.epoch_samples or sum(sizes) * self.train_repeats, mixed=self.mixed_batches,
-            seed=self._seed, rank=rank, world_size=world,
+            seed=self._seed, rank=rank, world_size=world, names=self.names,
         )
 
     def train_dataloader(self) -> DataLoader:

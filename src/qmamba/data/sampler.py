@@ -77,6 +77,7 @@ class MultiDatasetBatchSampler(Sampler[list[int]]):
         mixed: batches mix datasets instead of holding one dataset each.
         seed: the epoch's draw depends on (seed, epoch) only.
         rank, world_size: this process's place in a DDP world (defaults: a single process).
+        names: the datasets' names, for messages.
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class MultiDatasetBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        names: Sequence[str] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -107,6 +109,18 @@ class MultiDatasetBatchSampler(Sampler[list[int]]):
                              f"{samples // world_size} or raise data.init_args.epoch_samples")
         self.offsets = np.cumsum([0, *self.sizes[:-1]])
         self.epoch = 0
+        # the epoch's share of each dataset, the same in every epoch: a dataset without one would never be trained on
+        n_batches = self.batches_per_rank * world_size
+        unit = 1 if mixed else batch_size
+        self.counts = _apportion(n_batches * batch_size // unit, self.shares) * unit
+        names = names or [f"dataset {i + 1} of {len(self.sizes)}" for i in range(len(self.sizes))]
+        starved = [f"{name} ({size} training images)" for name, size, count
+                   in zip(names, self.sizes, self.counts, strict=True) if count == 0]
+        if starved:
+            raise UsageError(f"{', '.join(starved)} would get no "
+                             f"{'sample' if mixed else f'batch of {batch_size}'} in an epoch of {n_batches} batches "
+                             f"({strategy} sampling), so it would never be trained on: use data.init_args.sampling: "
+                             "balanced, a smaller batch_size, a larger epoch_samples or mixed_batches: true")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -118,11 +132,9 @@ class MultiDatasetBatchSampler(Sampler[list[int]]):
         """All ranks' batches of this epoch, (batches, batch_size) global indices, in the order they are dealt."""
         rng = np.random.default_rng([self.seed, self.epoch])
         n_batches = self.batches_per_rank * self.world_size
-        # mixed: apportion samples, then shuffle them across batches; else apportion whole batches per dataset
-        unit = 1 if self.mixed else self.batch_size
-        counts = _apportion(n_batches * self.batch_size // unit, self.shares) * unit
-        draws = [offset + _draw(size, count, rng) for offset, size, count in zip(self.offsets, self.sizes, counts,
-                                                                                  strict=True)]
+        # mixed: apportioned samples, then shuffled across batches; else whole batches apportioned per dataset
+        draws = [offset + _draw(size, count, rng) for offset, size, count in zip(self.offsets, self.sizes,
+                                                                                  self.counts, strict=True)]
         if self.mixed:
             flat = np.concatenate(draws)
             return flat[rng.permutation(len(flat))].reshape(n_batches, self.batch_size)
