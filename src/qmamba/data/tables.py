@@ -181,12 +181,18 @@ def _read(file: str, dataset: str, limits: NetworkLimits) -> pd.DataFrame:
         raise DatasetError(f"{dataset}: cannot read the table {file}: {type(err).__name__}: {err}") from None
     try:
         if suffix == ".parquet":
+            try:
+                import pyarrow  # noqa: F401 - pandas reads Parquet through it
+            except ImportError:
+                raise UsageError(f"reading the table {file} needs pyarrow: pip install \"qmamba[parquet]\"") from None
             frame = pd.read_parquet(io.BytesIO(data))
         elif suffix in (".jsonl", ".json"):
             frame = pd.read_json(io.BytesIO(data), lines=True, dtype=False)
         else:  # every cell as text: a path "NA" stays a path, and scores are parsed (and checked) below
             frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[""],
                                 encoding="utf-8-sig")
+    except UsageError:
+        raise
     except Exception as err:  # noqa: BLE001 - pyarrow, pandas' csv and json parsers each raise their own
         raise DatasetError(f"{dataset}: cannot read the table {file}: {type(err).__name__}: {err}") from None
     if frame.empty:
