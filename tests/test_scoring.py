@@ -20,6 +20,7 @@ from PIL import Image
 
 import qmamba
 from qmamba.cli import main
+from qmamba.errors import QMambaError
 from qmamba.files.checkpoint import CheckpointError
 from qmamba.inference.preprocessing import IMAGENET_MEAN
 
@@ -82,7 +83,7 @@ def test_python_api_accepts_paths_pil_arrays_and_tensors(trained):
     np.testing.assert_allclose(batch, [expected] * 5, rtol=1e-5)
     with pytest.raises(ValueError, match="image 1"):
         scorer.score([path, np.zeros((8, 8, 3), np.uint8)])  # smaller than the crop: named, not padded
-    with pytest.raises(qmamba.inference.scoring.CheckpointError, match="does not exist"):
+    with pytest.raises(QMambaError, match="does not exist"):
         qmamba.load(root / "missing.ckpt")
 
 
@@ -108,7 +109,8 @@ def test_onnx_export_from_a_fresh_process_matches_pytorch(trained, tmp_path):
 def test_scoring_and_export_import_no_training_stack():
     """Using a trained model needs torch, numpy, PIL and qmamba's models: not Lightning, albumentations or pandas."""
     code = ("import sys, qmamba.inference, qmamba.inference.scoring, qmamba.inference.export, qmamba.commands.score, "
-            "qmamba.commands.serve, qmamba.commands.export, qmamba.inference.quality_maps; "
+            "qmamba.commands.serve, qmamba.commands.export, qmamba.inference.quality_maps, "
+            "qmamba.commands.publish, qmamba.inference.model_sources, qmamba.files.model_folder; "
             "qmamba.commands.serve.create_app; "
             "bad = [m for m in ('lightning', 'albumentations', 'pandas') if m in sys.modules]; print(bad); "
             "sys.exit(bool(bad))")

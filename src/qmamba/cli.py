@@ -32,6 +32,8 @@ COMMANDS: dict[str, Command] = {
     "predict": Command("qmamba.training.cli", "score a config's test images with a checkpoint (Lightning loop)"),
     "score": Command("qmamba.commands.score", "score image files and folders with a checkpoint (no Lightning)"),
     "export": Command("qmamba.commands.export", "export a checkpoint to ONNX"),
+    "publish": Command("qmamba.commands.publish", "a checkpoint or run folder as a model folder (safetensors, config, "
+                                                  "model card) to share"),
     "serve": Command("qmamba.commands.serve", "a scoring service and web page for a checkpoint (no Lightning)"),
     "weights": Command("qmamba.commands.weights", "list, download and verify the ImageNet-pretrained backbones"),
     "benchmark": Command("qmamba.protocols.benchmark", "the N-split protocol on one config: median and mean SRCC/PLCC"),

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmamba.commands.score_outputs import (
     PartialOutput,
@@ -53,7 +53,11 @@ from qmamba.commands.score_parts import PART_ROWS, arrow_keys, is_folder_output,
 from qmamba.commands.score_ray import run as run_on_ray
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
+from qmamba.inference.model_sources import add_model_arguments
 from qmamba.inference.sources import NetworkLimits, expand, is_uri, without_password
+
+if TYPE_CHECKING:
+    from qmamba.inference.scoring import Scorer
 
 __all__ = ["main"]
 
@@ -144,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                         "url)")
     parser.add_argument("--list", dest="lists", action="append", default=[],
                         help="a text file of image paths, one per line (repeatable)")
-    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a qmamba checkpoint (runs/<name>/...)")
+    add_model_arguments(parser)
     parser.add_argument("--output", "-o", help="scores.csv (path,score,flag), scores.jsonl, scores.json or "
                         "scores.parquet (needs pyarrow); a folder or bucket prefix (scores/, s3://bucket/scores/) for "
                         "Parquet parts; default: CSV on stdout. Rerunning with the same output resumes it (not .json)")
@@ -180,8 +184,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (faster after "
                         "the first batches of each size, which compile; needs a C++ compiler on a CPU)")
     parser.add_argument("--clip", action="store_true", help="clip scores to the dataset's scale (default: flag them)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
     ray = parser.add_argument_group("the Ray engine (pip install \"qmamba[ray]\")")
     ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this machine's processes "
                      "(default); ray: a Ray cluster, writing Parquet parts to the --output folder or bucket")
@@ -290,15 +292,19 @@ def _check_engine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--concurrency must be >= 1, --gpus-per-worker >= 0, --cpus-per-worker > 0")
 
 
+def _load(args: argparse.Namespace, device: str | None, compile: bool) -> Scorer:  # noqa: A002
+    """The scorer that the options describe (torch and the model are imported here, after the cheap checks)."""
+    from qmamba.inference.scoring import load
+
+    return load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset, batch_size=args.batch_size,
+                trusted=args.trust_checkpoint, sha256=args.sha256, max_side=args.max_side, compile=compile)
+
+
 def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple[str, str]], output: Path | None,
                   target: PartialOutput | None, sharded: bool) -> None:
     """The run itself: the model, what an earlier run left, the scoring, and the report."""
-    from qmamba.inference.scoring import load  # torch and the model: after the cheap checks
-
     try:  # with several processes this one only reads the model's description: it stays on the CPU
-        scorer = load(args.ckpt_path, device="cpu" if sharded else args.device, crops=args.crops,
-                      dataset=args.dataset, batch_size=args.batch_size, trusted=args.trust_checkpoint,
-                      max_side=args.max_side, compile=args.compile and not sharded)
+        scorer = _load(args, "cpu" if sharded else args.device, compile=args.compile and not sharded)
     except BaseException:
         if target is not None:
             target.rollback()
@@ -352,15 +358,13 @@ def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple
 def _score_into_folder(args: argparse.Namespace, files: list[str], errors: list[tuple[str, str]], stop: _Stop,
                        progress: _Progress) -> None:
     """The local engine writing Parquet parts to a folder or bucket prefix (:mod:`qmamba.commands.score_parts`)."""
-    from qmamba.inference.scoring import Scorer, load, results_table
+    from qmamba.inference.scoring import results_table
 
     scorer: Scorer | None = None
 
     def describe() -> Scorer:
         nonlocal scorer
-        scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
-                      batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side,
-                      compile=args.compile)
+        scorer = _load(args, args.device, args.compile)
         return scorer
 
     def batches(scored: set[str]) -> Iterator[Any]:
@@ -547,8 +551,6 @@ def _score_shard(local: int, args: argparse.Namespace, files: list[str], partial
     import torch
     import torch.distributed as dist
 
-    from qmamba.inference.scoring import load
-
     rank, world = args.node_rank * args.devices + local, args.num_nodes * args.devices
     if args.num_nodes > 1:  # across machines: a barrier at the end tells node 0 that every part is complete
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
@@ -557,9 +559,7 @@ def _score_shard(local: int, args: argparse.Namespace, files: list[str], partial
             device = f"cuda:{local}"
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.devices))
-        scorer = load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset,
-                      batch_size=args.batch_size, trusted=args.trust_checkpoint, max_side=args.max_side,
-                      compile=args.compile)
+        scorer = _load(args, device, args.compile)
         part = partial.with_name(f"{partial.name}.rank{rank}")
         if part.is_file():
             whole_lines(part, trim=True)  # appending after a cut-short line would fuse two rows

@@ -34,6 +34,7 @@ from importlib import resources
 from typing import Any
 
 from qmamba.errors import UsageError
+from qmamba.inference.model_sources import add_model_arguments
 
 __all__ = ["Limits", "create_app", "main"]
 
@@ -330,7 +331,7 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="qmamba serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a qmamba checkpoint (runs/<name>/...)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -361,8 +362,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--docs", action="store_true", help="serve FastAPI's /docs (loads Swagger UI from a CDN)")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (requests of a "
                         "new batch size wait for its compilation once)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow a checkpoint with pickled Python objects (they can run code: trusted files only)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "crops", "max_pixels", "max_request_pixels", "max_map_windows", "max_pending"):
         value = getattr(args, name)
@@ -389,7 +388,7 @@ def main(argv: list[str]) -> None:
     from qmamba.inference.scoring import load
 
     scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
-                  batch_size=args.batch_size, trusted=args.trust_checkpoint, compile=args.compile)
+                  batch_size=args.batch_size, trusted=args.trust_checkpoint, sha256=args.sha256, compile=args.compile)
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_request_pixels, args.max_map_windows,
                     args.max_pending, args.body_timeout, args.batch_size, args.window_ms / 1000)
     print(f"qmamba serve: {scorer.info['backbone']} on {scorer.device}, {scorer.dataset} scale; open "

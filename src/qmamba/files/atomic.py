@@ -8,13 +8,14 @@ so a link planted next to the target redirects nothing.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_writer", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_folder", "atomic_writer", "write_bytes_atomic", "write_text_atomic"]
 
 
 def _read_umask() -> int:
@@ -52,3 +53,24 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, errors: str = "strict") -> None:
     write_bytes_atomic(path, text.encode("utf-8", errors))
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new folder whose files appear at ``path`` all at once when the block ends without an error (a temporary
+    sibling, renamed); ``path`` must not exist or be an empty folder (never a link), and is left as it was when the
+    block fails."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
+        raise FileExistsError(f"{path} exists and is not an empty folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp creates 0700
+        yield staging
+        if path.exists():
+            path.rmdir()
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -49,8 +49,10 @@ __all__ = [
     "cache_state",
     "ensure_pretrained",
     "fetch",
+    "file_lock",
     "file_sha256",
     "official_weights",
+    "qmamba_home",
     "resolve_pretrained",
     "verify",
     "weights_dir",
@@ -115,10 +117,15 @@ class CachedWeights:
         return {"name": name, "file": self.path.name, "url": self.url, "sha256": self.sha256, "size": self.size}
 
 
+def qmamba_home() -> Path:
+    """``$QMAMBA_HOME``, by default ``~/.cache/qmamba``: the weights and models caches."""
+    home = os.environ.get(HOME_ENV)
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "qmamba"
+
+
 def weights_dir() -> Path:
     """``$QMAMBA_HOME/weights``, by default ``~/.cache/qmamba/weights``."""
-    home = os.environ.get(HOME_ENV)
-    return (Path(home).expanduser() if home else Path.home() / ".cache" / "qmamba") / "weights"
+    return qmamba_home() / "weights"
 
 
 def official_weights(backbone: str) -> OfficialWeights:
@@ -198,14 +205,14 @@ def verify(weights: OfficialWeights) -> CachedWeights | None:
     path = weights_dir() / weights.file
     if not path.is_file():
         return None
-    with _lock(path):
+    with file_lock(path):
         return _verified(weights, path)
 
 
 def _fetch(weights: OfficialWeights, download: bool, progress: bool | None, accept_changed: bool) -> CachedWeights:
     path = weights_dir() / weights.file
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(path):
+    with file_lock(path):
         if path.is_file():
             return _verified(weights, path)
         if not download:
@@ -256,7 +263,7 @@ def _part_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``<file>.lock``: released by the kernel if the process dies."""
     with open(path.with_name(path.name + ".lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -40,6 +40,7 @@ import numpy as np
 
 from qmamba.errors import UsageError
 from qmamba.inference.images import NamedBytes
+from qmamba.inference.model_sources import resolve_model
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.scoring import Preparer, Scorer, load, results_table
 from qmamba.inference.sources import NetworkLimits, RemoteFile, Shard, is_uri, shard_images, shard_of
@@ -99,17 +100,18 @@ class RayScorer:
     def __init__(self, checkpoint: str | os.PathLike[str], *, crops: int | None = None, dataset: str | None = None,
                  batch_size: int = 8, max_side: int | None = None, clip: bool = False, trusted: bool = False,
                  compile: bool = False, concurrency: int = 1, gpus_per_worker: float = 0.0,  # noqa: A002
-                 cpus_per_worker: float = 1.0) -> None:
+                 cpus_per_worker: float = 1.0, sha256: str | None = None) -> None:
         if concurrency < 1:
             raise UsageError(f"concurrency must be >= 1 scoring actor, got {concurrency}")
         if gpus_per_worker < 0 or cpus_per_worker <= 0:
             raise UsageError(f"gpus_per_worker must be >= 0 and cpus_per_worker > 0, got {gpus_per_worker} and "
                              f"{cpus_per_worker}")
         self.options = {"crops": crops, "dataset": dataset, "batch_size": batch_size, "max_side": max_side,
-                        "trusted": trusted, "compile": compile}
-        self.described: Scorer = load(checkpoint, device="cpu", **{**self.options, "compile": False})
+                        "trusted": trusted, "compile": compile, "sha256": sha256}
+        local = resolve_model(checkpoint).path  # fetched once, here; the actors get its files' bytes
+        self.described: Scorer = load(local, device="cpu", **{**self.options, "compile": False})
         self.described.info["checkpoint"] = str(checkpoint)
-        self.checkpoint = Path(checkpoint).read_bytes()
+        self.files = {p.name: p.read_bytes() for p in (sorted(local.glob("*")) if local.is_dir() else [local])}
         self.clip, self.concurrency = clip, concurrency
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker
 
@@ -167,7 +169,7 @@ class RayScorer:
         return decoded.map_batches(
             _Model, batch_size=batch, batch_format="numpy", num_gpus=self.gpus, num_cpus=self.cpus,
             compute=ray.data.ActorPoolStrategy(size=self.concurrency),
-            fn_constructor_kwargs={"checkpoint": self.checkpoint, "options": self.options, "clip": self.clip,
+            fn_constructor_kwargs={"files": self.files, "options": self.options, "clip": self.clip,
                                    "device": "cuda" if self.gpus else "cpu", "threads": max(1, int(self.cpus))})
 
 
@@ -240,15 +242,16 @@ def _image_of(key: str, image: Any, limits: NetworkLimits) -> Any:
 class _Model:
     """A scoring actor: the model on its device, batches of crops to scores."""
 
-    def __init__(self, checkpoint: bytes, options: dict[str, Any], clip: bool, device: str, threads: int) -> None:
+    def __init__(self, files: dict[str, bytes], options: dict[str, Any], clip: bool, device: str, threads: int
+                 ) -> None:
         import torch
 
         if device == "cpu":
             torch.set_num_threads(threads)
-        with tempfile.TemporaryDirectory() as folder:  # the driver's bytes; load() reads a file
-            path = Path(folder) / "model.ckpt"
-            path.write_bytes(checkpoint)
-            self.scorer = load(path, device=device, **options)
+        with tempfile.TemporaryDirectory() as folder:  # the driver's bytes: a checkpoint file or a model folder's files
+            for name, data in files.items():
+                (Path(folder) / name).write_bytes(data)
+            self.scorer = load(folder if len(files) > 1 else Path(folder) / next(iter(files)), device=device, **options)
         self.clip = clip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -19,7 +19,6 @@ import os
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 import numpy as np
@@ -27,8 +26,8 @@ import torch
 from PIL import Image
 
 from qmamba.errors import UsageError
-from qmamba.files.checkpoint import CheckpointError
 from qmamba.inference.images import read_rgb
+from qmamba.inference.model_sources import resolve_model
 from qmamba.inference.preprocessing import EvalCrops
 from qmamba.inference.quality_maps import QualityMap, window_starts
 from qmamba.inference.scale import ScoreScale
@@ -153,9 +152,12 @@ class Scorer:
         cls, path: str | os.PathLike[str], device: str | torch.device | None = None, crops: int | None = None,
         dataset: str | None = None, batch_size: int = 8, trusted: bool = False, max_side: int | None = None,
         compile: bool = False,  # noqa: A002  (the option's name everywhere: --compile, compile: true)
+        sha256: str | None = None,
     ) -> Scorer:
-        """Build the model a qmamba checkpoint describes. ``dataset`` picks whose scale scores are reported on
-        (default: the first training dataset); ``crops`` overrides the evaluation crop count; ``max_side``
+        """Build the model a qmamba checkpoint or model describes: a ``.ckpt`` file, a model folder (``qmamba
+        publish``), ``hf://org/name[@revision]`` or a model folder's URL (:mod:`qmamba.inference.model_sources`);
+        ``sha256`` pins the checkpoint's (or the folder's weights') digest. ``dataset`` picks whose scale scores are
+        reported on (default: the first training dataset); ``crops`` overrides the evaluation crop count; ``max_side``
         downscales image files whose longer side exceeds it before cropping (default: native resolution);
         ``compile`` runs the model through ``torch.compile`` (:mod:`qmamba.models.compiling`; the first batches of each
         size pay for the compilation)."""
@@ -163,7 +165,8 @@ class Scorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_side is not None and max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {max_side}")
-        trained = load_trained(path, trusted=trusted)
+        resolved = resolve_model(path)
+        trained = load_trained(resolved.path, trusted=trusted, sha256=sha256)
         spec = trained.spec
         dataset = dataset or spec.datasets[0]
         scale = spec.scale_of(dataset)
@@ -171,7 +174,8 @@ class Scorer:
         device = torch.device(device or default_device())
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {device}: no CUDA GPU is visible here; use the CPU (device cpu)")
-        info = {"checkpoint": str(path), "backbone": trained.architecture["backbone"], "datasets": spec.datasets,
+        info = {"checkpoint": str(path), "source": resolved.source, "backbone": trained.architecture["backbone"],
+                "datasets": spec.datasets,
                 "dataset": dataset, "crop_size": evaluation.size, "crops": evaluation.count,
                 "score_range": scale.as_dict(), "max_side": max_side, "compiled": compile}
         model = trained.model.to(device)
@@ -320,9 +324,7 @@ def _chunks(items: Iterable[_Prepared], size: int) -> Iterator[list[_Prepared]]:
 
 
 def load(checkpoint: str | os.PathLike[str], **kwargs: Any) -> Scorer:
-    """A :class:`Scorer` for a qmamba checkpoint (see :meth:`Scorer.from_checkpoint` for the options)."""
-    if not Path(checkpoint).is_file():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+    """A :class:`Scorer` for a qmamba checkpoint or model (see :meth:`Scorer.from_checkpoint` for the options)."""
     return Scorer.from_checkpoint(checkpoint, **kwargs)
 
 

@@ -41,16 +41,15 @@ import time
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import Request, urlopen
 
-import numpy as np
-
 from qmamba.errors import QMambaError, UsageError
 
-from .images import NamedBytes, read_rgb
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["IMAGE_SUFFIXES", "InputError", "NetworkLimits", "RemoteFile", "RemoteReadError", "Shard", "Source",
            "TarMember", "expand", "is_uri", "open_uri", "read_image", "read_remote", "shard_images", "shard_of"]
@@ -198,6 +197,8 @@ class Source(str):
 def read_image(image: str | os.PathLike[str], max_side: int | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB of a local image file or of a :class:`Source`'s bytes, named by its key in messages (see
     :func:`~qmamba.inference.images.read_rgb`)."""
+    from .images import NamedBytes, read_rgb  # numpy and PIL: not for listing inputs
+
     if isinstance(image, Source):
         return read_rgb(NamedBytes(image.read(), str(image)), max_side)
     return read_rgb(image, max_side)

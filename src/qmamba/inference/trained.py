@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from qmamba.errors import UsageError
 from qmamba.files.checkpoint import CheckpointError, model_state, read_checkpoint
+from qmamba.files.model_folder import CONFIG_NAME, ModelFolderError, check_pinned, is_model_folder, read_model_folder
 from qmamba.inference.preprocessing import Preprocessing
 from qmamba.inference.scale import ScoreScale
 from qmamba.models import QMamba, build_model
@@ -72,6 +74,8 @@ class TrainedModel:
     model: QMamba
     spec: DataSpec
     architecture: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)  # how it was trained (qmamba version, scan backends)
+    prompts: dict[str, Any] | None = None  # the transfer prompts attached (method, where), as recorded
 
 
 def _architecture(checkpoint: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -90,27 +94,53 @@ def read_architecture(path: str | os.PathLike[str], trusted: bool = False) -> di
     return _architecture(read_checkpoint(path, trusted=trusted), path)
 
 
-def load_trained(path: str | os.PathLike[str], trusted: bool = False) -> TrainedModel:
-    """Rebuild the model a qmamba checkpoint describes (with its transfer prompts) and load its weights."""
-    checkpoint = read_checkpoint(path, trusted=trusted)
-    architecture = _architecture(checkpoint, path)
-    meta = checkpoint.get("qmamba")
-    if not meta:
-        raise CheckpointError(f"{path} has no qmamba metadata (datasets, scales, preprocessing); it was not written "
-                              "by a qmamba fit")
-    model = build_architecture(**architecture)
-    if meta.get("prompts"):
-        attach_prompts(model, **meta["prompts"])
-    state = model_state(checkpoint)
+def load_trained(path: str | os.PathLike[str], trusted: bool = False, sha256: str | None = None) -> TrainedModel:
+    """Rebuild the model that a qmamba checkpoint or model folder (:mod:`qmamba.files.model_folder`) describes, with
+    its transfer prompts, and load its weights. ``sha256`` pins the checkpoint file's (or the folder's weights')
+    digest, checked before anything is parsed."""
+    if is_model_folder(path):
+        config, state = read_model_folder(path, sha256)
+        architecture, meta, where = config["architecture"], config, f"{Path(path) / CONFIG_NAME}"
+        if not isinstance(architecture, dict) or not set(architecture) <= set(ARCHITECTURE_ARGS) \
+                or "backbone" not in architecture:
+            raise ModelFolderError(f"{where}: its architecture must name a backbone and only "
+                                   f"{', '.join(ARCHITECTURE_ARGS)}, got {architecture!r}")
+    else:
+        if sha256 is not None and Path(path).is_file():
+            check_pinned(path, sha256)
+        checkpoint = read_checkpoint(path, trusted=trusted)
+        architecture, meta, where = _architecture(checkpoint, path), checkpoint.get("qmamba"), str(path)
+        if not meta:
+            raise CheckpointError(f"{path} has no qmamba metadata (datasets, scales, preprocessing); it was not "
+                                  "written by a qmamba fit")
+        state = model_state(checkpoint)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: the weights do not fit the model its hyper-parameters describe ({err})") \
-            from err
+        spec = DataSpec.from_meta(meta)
+        model = build_architecture(**architecture)
+        if meta.get("prompts"):
+            attach_prompts(model, **meta["prompts"])
+    except (KeyError, TypeError, ValueError, UsageError) as err:
+        raise CheckpointError(f"{where}: it describes no model qmamba can build ({err})") from None
+    mismatch = _mismatch(model.state_dict(), state)
+    if mismatch:
+        described = "its config describes" if is_model_folder(path) else "its hyper-parameters describe"
+        raise CheckpointError(f"{path}: the weights do not fit the model {described}: {mismatch}")
+    model.load_state_dict(state)
     broken = [name for name, value in state.items()
               if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
     if broken:  # it would score NaN for every image
         raise CheckpointError(f"{path} holds NaN or infinite weights in {len(broken)} tensors ({', '.join(broken[:4])}"
                               f"{', ...' if len(broken) > 4 else ''}): the run that wrote it diverged or the file was "
                               "altered; use an earlier checkpoint of the run")
-    return TrainedModel(model.eval(), DataSpec.from_meta(meta), architecture)
+    return TrainedModel(model.eval(), spec, architecture, dict(meta.get("training") or {}), meta.get("prompts"))
+
+
+def _mismatch(expected: dict[str, torch.Tensor], state: dict[str, Any]) -> str:
+    """What keeps ``state`` from loading into a model with ``expected`` entries, in one line ('' when it fits)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} for {tuple(v.shape)}" for k, v in expected.items()
+                if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)]
+    kinds = (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in kinds if keys]
+    return "; ".join(parts)

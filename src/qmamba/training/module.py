@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import CatMetric
 
+import qmamba
 from qmamba.data import IQADataModule
 from qmamba.errors import QMambaError, UsageError
 from qmamba.files.atomic import write_text_atomic
@@ -107,10 +108,14 @@ class QMambaIQA(L.LightningModule):
     def _datamodule(self) -> L.LightningDataModule | None:
         return self.trainer.datamodule if self._trainer is not None else None
 
+    def _scan_backends(self) -> dict[str, str]:
+        """``{requested: the backend it runs as on this device}`` for every selective scan of the model."""
+        requested = sorted({m.scan_backend for m in self.model.modules() if hasattr(m, "scan_backend")})
+        return {r: resolve_backend(r, self.device) for r in requested}
+
     def _log_scan_backend(self) -> None:
         """Say once per run which selective scan runs, so that a slow fallback is never silent."""
-        for requested in sorted({m.scan_backend for m in self.model.modules() if hasattr(m, "scan_backend")}):
-            resolved = resolve_backend(requested, self.device)
+        for requested, resolved in self._scan_backends().items():
             log.info("selective scan on %s: %s%s", self.device, BACKEND_DESCRIPTIONS[resolved],
                      "" if requested == resolved else f", from scan_backend: {requested}")
 
@@ -271,6 +276,8 @@ class QMambaIQA(L.LightningModule):
         """Everything `qmamba score` needs besides the weights: datasets, score scales, preprocessing."""
         meta = checkpoint.setdefault("qmamba", {})  # PromptTuning may have added its part
         meta.update(self.spec.to_meta())
+        meta["training"] = {"qmamba_version": qmamba.__version__, "device": self.device.type,
+                            "scan_backends": sorted(set(self._scan_backends().values()))}
         if self.pretrained_source is not None:
             meta["pretrained"] = self.pretrained_source
 
