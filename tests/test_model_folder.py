@@ -236,3 +236,14 @@ def test_a_sha256_pin_is_checked_before_loading(published, capsys):
     with pytest.raises(SystemExit):
         main(["score", "--model", str(checkpoint), "--sha256", digest, "--device", "cpu", str(images[0])])
     assert f"not the pinned {digest}: it is another file" in capsys.readouterr().err
+
+
+def test_hf_models_without_huggingface_hub_or_with_a_malformed_name_are_one_line(monkeypatch):
+    from qmamba.errors import UsageError
+    from qmamba.inference.model_sources import resolve_model
+
+    with pytest.raises(UsageError, match=r"hf://iqa-lab is not hf://ORG/NAME"):
+        resolve_model("hf://iqa-lab")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if the hub extra were not installed
+    with pytest.raises(UsageError, match=r'qmamba-tiny needs huggingface_hub: pip install "qmamba\[hub\]"'):
+        resolve_model("hf://iqa-lab/qmamba-tiny")

@@ -78,14 +78,14 @@ def resolve_model(reference: str | os.PathLike[str], limits: NetworkLimits = Net
 
 
 def _from_hub(reference: str) -> ResolvedModel:
+    repo, _, revision = reference[len(HUB_PREFIX):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise UsageError(f"{reference} is not hf://ORG/NAME or hf://ORG/NAME@REVISION")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError:
         raise UsageError(f"{reference} needs huggingface_hub: pip install \"qmamba[hub]\"") from None
-    repo, _, revision = reference[len(HUB_PREFIX):].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise UsageError(f"{reference}: a Hub model is hf://ORG/NAME or hf://ORG/NAME@REVISION")
     try:
         folder = Path(snapshot_download(repo_id=repo, revision=revision or None, allow_patterns=list(MODEL_FILES)))
     except LocalEntryNotFoundError:
