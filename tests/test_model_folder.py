@@ -1,5 +1,5 @@
 """Trained models that travel: qmamba publish writes a model folder (safetensors, config, card) that scores as its
-checkpoint, loads from a path, the Hugging Face cache, a bucket or an HTTP server, and refuses altered files on one
+checkpoint, loads from a path, the Hugging Face cache, a bucket or an HTTPS server, and refuses altered files on one
 line."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import http.server
 import io
 import json
 import os
+import ssl
 import struct
 import subprocess
 import sys
@@ -157,14 +158,15 @@ def test_a_model_folder_by_url_is_fetched_once_checked_and_cached(published, tmp
         qmamba.load("s3://iqa/models/tiny/", device="cpu")
     assert not cached.exists()
 
-    # an HTTP server that sends the weights cut short: refused, not cached
+    # an HTTPS server (its certificate trusted through SSL_CERT_FILE) that sends the weights cut short: refused
     served = tmp_path / "served" / "tiny"
     served.mkdir(parents=True)
     (served / "config.json").write_bytes((folder / "config.json").read_bytes())
     (served / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-1000])
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=served.parent))
+    server.socket = _tls(tmp_path, monkeypatch).wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/tiny"
+    url = f"https://127.0.0.1:{server.server_address[1]}/tiny"
     try:
         with pytest.raises(QMambaError, match="truncated or replaced, so it was not cached"):
             qmamba.load(url, device="cpu")
@@ -172,6 +174,36 @@ def test_a_model_folder_by_url_is_fetched_once_checked_and_cached(published, tmp
         assert qmamba.load(url, device="cpu").score(images[0]) == pytest.approx(expected, rel=1e-6)
     finally:
         server.shutdown()
+
+
+def _tls(folder: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A server context with a self-signed certificate for 127.0.0.1, which this process's clients trust."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    monkeypatch.setenv("SSL_CERT_FILE", str(folder / "cert.pem"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    return context
 
 
 def _copy(folder: Path, target: Path) -> Path:
