@@ -54,6 +54,7 @@ from qmamba.commands.score_ray import run as run_on_ray
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
 from qmamba.inference.model_sources import add_model_arguments
+from qmamba.inference.precision import add_precision_argument
 from qmamba.inference.sources import NetworkLimits, expand, is_uri, without_password
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", dest="lists", action="append", default=[],
                         help="a text file of image paths, one per line (repeatable)")
     add_model_arguments(parser)
+    add_precision_argument(parser)
     parser.add_argument("--output", "-o", help="scores.csv (path,score,flag), scores.jsonl, scores.json or "
                         "scores.parquet (needs pyarrow); a folder or bucket prefix (scores/, s3://bucket/scores/) for "
                         "Parquet parts; default: CSV on stdout. Rerunning with the same output resumes it (not .json)")
@@ -297,7 +299,8 @@ def _load(args: argparse.Namespace, device: str | None, compile: bool) -> Scorer
     from qmamba.inference.scoring import load
 
     return load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset, batch_size=args.batch_size,
-                trusted=args.trust_checkpoint, sha256=args.sha256, max_side=args.max_side, compile=compile)
+                trusted=args.trust_checkpoint, sha256=args.sha256, max_side=args.max_side, compile=compile,
+                precision=args.precision)
 
 
 def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple[str, str]], output: Path | None,

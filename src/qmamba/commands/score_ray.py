@@ -52,7 +52,8 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
         nonlocal scorer
         scorer = RayScorer(args.ckpt_path, crops=args.crops, dataset=args.dataset, batch_size=args.batch_size,
                            max_side=args.max_side, clip=args.clip, trusted=args.trust_checkpoint,
-                           sha256=args.sha256, compile=args.compile, concurrency=args.concurrency,
+                           sha256=args.sha256, precision=args.precision, compile=args.compile,
+                           concurrency=args.concurrency,
                            gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
         return scorer
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from qmamba.errors import UsageError
 from qmamba.inference.model_sources import add_model_arguments
+from qmamba.inference.precision import add_precision_argument
 
 __all__ = ["Limits", "create_app", "main"]
 
@@ -261,7 +262,8 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": scorer.info["backbone"], "datasets": scorer.info["datasets"],
                 "dataset": scorer.dataset, "device": str(scorer.device), "score_range": [scale.low, scale.high],
-                "direction": scale.direction, "crops": scorer.crops.count, "crop_size": scorer.crops.size}
+                "direction": scale.direction, "crops": scorer.crops.count, "crop_size": scorer.crops.size,
+                "precision": scorer.precision}
 
     async def quality_map(rgb: Any, entry: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -332,6 +334,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="qmamba serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
+    add_precision_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -388,7 +391,8 @@ def main(argv: list[str]) -> None:
     from qmamba.inference.scoring import load
 
     scorer = load(args.ckpt_path, device=args.device, crops=args.crops, dataset=args.dataset,
-                  batch_size=args.batch_size, trusted=args.trust_checkpoint, sha256=args.sha256, compile=args.compile)
+                  batch_size=args.batch_size, trusted=args.trust_checkpoint, sha256=args.sha256, compile=args.compile,
+                  precision=args.precision)
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_request_pixels, args.max_map_windows,
                     args.max_pending, args.body_timeout, args.batch_size, args.window_ms / 1000)
     print(f"qmamba serve: {scorer.info['backbone']} on {scorer.device}, {scorer.dataset} scale; open "

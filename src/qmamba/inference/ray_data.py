@@ -41,6 +41,7 @@ import numpy as np
 from qmamba.errors import UsageError
 from qmamba.inference.images import NamedBytes
 from qmamba.inference.model_sources import resolve_model
+from qmamba.inference.precision import Precision
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.scoring import Preparer, Scorer, load, results_table
 from qmamba.inference.sources import NetworkLimits, RemoteFile, Shard, is_uri, shard_images, shard_of
@@ -100,17 +101,20 @@ class RayScorer:
     def __init__(self, checkpoint: str | os.PathLike[str], *, crops: int | None = None, dataset: str | None = None,
                  batch_size: int = 8, max_side: int | None = None, clip: bool = False, trusted: bool = False,
                  compile: bool = False, concurrency: int = 1, gpus_per_worker: float = 0.0,  # noqa: A002
-                 cpus_per_worker: float = 1.0, sha256: str | None = None) -> None:
+                 cpus_per_worker: float = 1.0, sha256: str | None = None, precision: Precision = "fp32") -> None:
         if concurrency < 1:
             raise UsageError(f"concurrency must be >= 1 scoring actor, got {concurrency}")
         if gpus_per_worker < 0 or cpus_per_worker <= 0:
             raise UsageError(f"gpus_per_worker must be >= 0 and cpus_per_worker > 0, got {gpus_per_worker} and "
                              f"{cpus_per_worker}")
         self.options = {"crops": crops, "dataset": dataset, "batch_size": batch_size, "max_side": max_side,
-                        "trusted": trusted, "compile": compile, "sha256": sha256}
+                        "trusted": trusted, "compile": compile, "sha256": sha256, "precision": precision}
         local = resolve_model(checkpoint).path  # fetched once, here; the actors get its files' bytes
-        self.described: Scorer = load(local, device="cpu", **{**self.options, "compile": False})
-        self.described.info["checkpoint"] = str(checkpoint)
+        # CPU actors: bf16 is checked here, on a CPU like theirs; GPU actors check their own device when they start
+        described_precision = precision if gpus_per_worker == 0 else "fp32"
+        self.described: Scorer = load(local, device="cpu", **{**self.options, "compile": False,
+                                                               "precision": described_precision})
+        self.described.info.update(checkpoint=str(checkpoint), precision=precision)
         self.files = {p.name: p.read_bytes() for p in (sorted(local.glob("*")) if local.is_dir() else [local])}
         self.clip, self.concurrency = clip, concurrency
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker

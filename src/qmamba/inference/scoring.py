@@ -28,6 +28,7 @@ from PIL import Image
 from qmamba.errors import UsageError
 from qmamba.inference.images import read_rgb
 from qmamba.inference.model_sources import resolve_model
+from qmamba.inference.precision import Precision, precision_context, resolve_precision
 from qmamba.inference.preprocessing import EvalCrops
 from qmamba.inference.quality_maps import QualityMap, window_starts
 from qmamba.inference.scale import ScoreScale
@@ -146,17 +147,19 @@ class Scorer:
     device: torch.device
     batch_size: int = 8
     max_side: int | None = None  # downscale files above this longer side (huge images; changes what is scored)
+    precision: str = "fp32"  # fp32 or bf16 (qmamba.inference.precision)
 
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike[str], device: str | torch.device | None = None, crops: int | None = None,
         dataset: str | None = None, batch_size: int = 8, trusted: bool = False, max_side: int | None = None,
         compile: bool = False,  # noqa: A002  (the option's name everywhere: --compile, compile: true)
-        sha256: str | None = None,
+        sha256: str | None = None, precision: Precision = "fp32",
     ) -> Scorer:
         """Build the model a qmamba checkpoint or model describes: a ``.ckpt`` file, a model folder (``qmamba
         publish``), ``hf://org/name[@revision]`` or a model folder's URL (:mod:`qmamba.inference.model_sources`);
-        ``sha256`` pins the checkpoint's (or the folder's weights') digest. ``dataset`` picks whose scale scores are
+        ``sha256`` pins the checkpoint's (or the folder's weights') digest; ``precision`` is ``fp32``, ``bf16`` or
+        ``auto`` (:mod:`qmamba.inference.precision`). ``dataset`` picks whose scale scores are
         reported on (default: the first training dataset); ``crops`` overrides the evaluation crop count; ``max_side``
         downscales image files whose longer side exceeds it before cropping (default: native resolution);
         ``compile`` runs the model through ``torch.compile`` (:mod:`qmamba.models.compiling`; the first batches of each
@@ -165,28 +168,29 @@ class Scorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_side is not None and max_side < 1:
             raise ValueError(f"max_side must be >= 1, got {max_side}")
+        device = torch.device(device or default_device())
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {device}: no CUDA GPU is visible here; use the CPU (device cpu)")
+        precision = resolve_precision(precision, device)  # before the model loads: a refusal costs nothing
         resolved = resolve_model(path)
         trained = load_trained(resolved.path, trusted=trusted, sha256=sha256)
         spec = trained.spec
         dataset = dataset or spec.datasets[0]
         scale = spec.scale_of(dataset)
         evaluation = EvalCrops(spec.preprocessing, crops)
-        device = torch.device(device or default_device())
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"device {device}: no CUDA GPU is visible here; use the CPU (device cpu)")
         info = {"checkpoint": str(path), "source": resolved.source, "backbone": trained.architecture["backbone"],
-                "datasets": spec.datasets,
-                "dataset": dataset, "crop_size": evaluation.size, "crops": evaluation.count,
-                "score_range": scale.as_dict(), "max_side": max_side, "compiled": compile}
+                "datasets": spec.datasets, "dataset": dataset, "crop_size": evaluation.size, "crops": evaluation.count,
+                "score_range": scale.as_dict(), "max_side": max_side, "compiled": compile, "precision": precision}
         model = trained.model.to(device)
         if compile:
             compile_model(model, device, COMPILE_OPTION)
-        return cls(model, evaluation, scale, dataset, info, device, batch_size, max_side)
+        return cls(model, evaluation, scale, dataset, info, device, batch_size, max_side, precision)
 
     def _units(self, crops: torch.Tensor) -> torch.Tensor:
         """The model's unit-scale scores of normalised crops, on the CPU."""
         crops = crops.to(self.device)
-        units = run_compiled(self.model, crops, COMPILE_OPTION) if self.info.get("compiled") else self.model(crops)
+        with precision_context(self.precision, self.device):
+            units = run_compiled(self.model, crops, COMPILE_OPTION) if self.info.get("compiled") else self.model(crops)
         return units.float().cpu()
 
     @torch.inference_mode()
