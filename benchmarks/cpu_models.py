@@ -4,14 +4,17 @@
     python benchmarks/cpu_models.py               # the full table (about 5 minutes on 2 cores)
     python benchmarks/cpu_models.py --rounds 3 --models qmamba_tiny:cpu swin_tiny --no-scan
     python benchmarks/cpu_models.py --models qmamba_tiny:cpu+compiled swin_tiny+compiled --no-scan
+    python benchmarks/cpu_models.py --models qmamba_tiny:cpu@bf16 swin_tiny@bf16 --no-scan   # bf16 autocast
 
 Inference: batch 8 at 224x224 under ``torch.inference_mode``. Training step: batch 2, forward, backward and an
 AdamW step, every model with a one-output regression head (timm's ``num_classes=1``). Rounds are interleaved (each
 round measures every model once, in the same order), so that slow drifts of the machine hit every model alike; the
 table shows the median over rounds, and each model's ratio to swin_tiny from the same run. A ``+compiled`` model
 runs through ``torch.compile`` (static shapes; QMamba as one graph with the fused scan inside) and is compared with
-``swin_tiny+compiled``; its compile time is the first inference plus the first training step. Run it on an
-otherwise idle machine: a second torch process on the same cores slows both by an order of magnitude.
+``swin_tiny+compiled``; its compile time is the first inference plus the first training step. A ``@bf16`` model runs
+under bf16 autocast (inference as ``qmamba score --precision bf16``, the training step as ``bf16-mixed``) and is
+compared with ``swin_tiny@bf16`` in the same mode. Run it on an otherwise idle machine: a second torch process on the
+same cores slows both by an order of magnitude.
 
 The scan table times the selective scan at QMamba-T's stage-0 and stage-1 shapes (batch 2, fp32, grouped B/C): the
 1-D ``selective_scan`` on (batch, K*D, L) sequences and ``ordered_selective_scan``, the cross-scan form SS2D calls.
@@ -20,6 +23,7 @@ The scan table times the selective scan at QMamba-T's stage-0 and stage-1 shapes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -32,14 +36,16 @@ from qmamba.ops import ordered_selective_scan
 from qmamba.ops.scan_order import CROSS_2D, scan_order
 
 DEFAULT_MODELS = ["qmamba_tiny:cpu", "qmamba_tiny:torch", "lqmamba_tiny:cpu", "lqmamba_tiny:torch", "swin_tiny",
-                  "convnext_tiny", "qmamba_tiny:cpu+compiled", "lqmamba_tiny:cpu+compiled", "swin_tiny+compiled"]
-COMPILED = "+compiled"
+                  "convnext_tiny", "qmamba_tiny:cpu+compiled", "lqmamba_tiny:cpu+compiled", "swin_tiny+compiled",
+                  "qmamba_tiny:cpu@bf16", "lqmamba_tiny:cpu@bf16", "swin_tiny@bf16", "qmamba_tiny:cpu@bf16+compiled",
+                  "swin_tiny@bf16+compiled"]
+COMPILED, BF16 = "+compiled", "@bf16"
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "convnext_tiny": "convnext_tiny"}
 
 
 def build(spec: str) -> torch.nn.Module:
-    """``name`` (a timm baseline) or ``qmamba_preset:backend``, either with ``+compiled``."""
-    base = spec.removesuffix(COMPILED)
+    """``name`` (a timm baseline) or ``qmamba_preset:backend``, either with ``@bf16`` and ``+compiled``."""
+    base = spec.removesuffix(COMPILED).removesuffix(BF16)
     if base in TIMM_NAMES:
         import timm
 
@@ -52,24 +58,30 @@ def build(spec: str) -> torch.nn.Module:
     return model
 
 
-def inference_step(model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
+def precision(spec: str) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast for an ``@bf16`` model, nothing for fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if BF16 in spec else contextlib.nullcontext()
+
+
+def inference_step(spec: str, model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
     images = torch.randn(batch, 3, size, size)
 
     def step() -> None:
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), precision(spec):
             model(images)
 
     return step
 
 
-def training_step(model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
+def training_step(spec: str, model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
     images, targets = torch.randn(batch, 3, size, size), torch.rand(batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def step() -> None:
         model.train()
-        loss = torch.nn.functional.mse_loss(model(images).reshape(batch), targets)
+        with precision(spec):
+            loss = torch.nn.functional.mse_loss(model(images).reshape(batch).float(), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -85,8 +97,8 @@ def seconds(step: Callable[[], None]) -> float:
 
 def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, train_batch: int) -> None:
     models = {spec: build(spec) for spec in specs}
-    steps = {(spec, "inference"): inference_step(m, infer_batch, size) for spec, m in models.items()}
-    steps |= {(spec, "training"): training_step(m, train_batch, size) for spec, m in models.items()}
+    steps = {(spec, "inference"): inference_step(spec, m, infer_batch, size) for spec, m in models.items()}
+    steps |= {(spec, "training"): training_step(spec, m, train_batch, size) for spec, m in models.items()}
     first = {key: seconds(step) for key, step in steps.items()}  # warm-up: compilation, allocator, optimizer state
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for _ in range(rounds):
@@ -94,15 +106,16 @@ def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, trai
             times[key].append(seconds(step))
     rate = {key: (infer_batch if key[1] == "inference" else train_batch) / statistics.median(t)
             for key, t in times.items()}
-    print(f"\nmodels: {size}x{size} fp32, inference batch {infer_batch}, training step batch {train_batch}, "
-          f"median of {rounds} interleaved rounds")
+    print(f"\nmodels: {size}x{size} fp32 (@bf16: bf16 autocast), inference batch {infer_batch}, training step batch "
+          f"{train_batch}, median of {rounds} interleaved rounds")
     header = (f"| {'model':<26} | {'params':>7} | {'inference img/s':>15} | {'x swin':>6} | {'train img/s':>11} "
               f"| {'x swin':>6} | {'compile s':>9} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for spec, model in models.items():
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        swin = "swin_tiny" + (COMPILED if spec.endswith(COMPILED) else "")  # eager to eager, compiled to compiled
+        # eager to eager, compiled to compiled, bf16 to bf16
+        swin = "swin_tiny" + (BF16 if BF16 in spec else "") + (COMPILED if spec.endswith(COMPILED) else "")
         cells = []
         for mode in ("inference", "training"):
             base = rate.get((swin, mode))

@@ -14,12 +14,13 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_cpu_models_benchmark_prints_its_table():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "cpu_models.py"), "--models", "qmamba_test:cpu", "qmamba_test:torch",
-         "--size", "32", "--rounds", "1", "--infer-batch", "2", "--no-scan"],
+         "qmamba_test:cpu@bf16", "--size", "32", "--rounds", "1", "--infer-batch", "2", "--no-scan"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
-    assert [row.split("|")[1].strip() for row in rows] == ["qmamba_test:cpu", "qmamba_test:torch"]
+    names = ["qmamba_test:cpu", "qmamba_test:torch", "qmamba_test:cpu@bf16"]
+    assert [row.split("|")[1].strip() for row in rows] == names
     assert all(float(row.split("|")[3]) > 0 and float(row.split("|")[5]) > 0 for row in rows)
 
 

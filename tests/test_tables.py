@@ -253,7 +253,8 @@ def test_universal_training_over_a_registered_set_and_a_table_then_make_transfer
     (tmp_path / "source.yaml").write_text("data:\n  init_args:\n    datasets:\n"
                                           f"      - {{name: kadid10k, root: {tmp_path / 'kadid'}}}\n")
     (tmp_path / "my_ratings.yaml").write_text(f"data:\n  init_args:\n    datasets:\n      - {table}\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    # a make of its own, also under `make test` (whose MAKEFLAGS and MAKELEVEL would change what make prints)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(["make", "-f", str(REPO / "Makefile"), "-o", "install", "transfer", "SRC=source.yaml",
                              "DST=my_ratings.yaml", "RECIPE=recipe.yaml", f"PYTHON={sys.executable}"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -261,9 +262,10 @@ def test_universal_training_over_a_registered_set_and_a_table_then_make_transfer
     transfer = pd.read_csv(tmp_path / "runs" / "transfer" / "source_to_my_ratings" / "results.csv")
     assert transfer["method"].tolist() == ["none", "styleprompt"] and (transfer["target"] == "my_ratings").all()
     assert (tmp_path / "runs" / "transfer" / "source_source" / "checkpoints" / "best.ckpt").is_file()
-    benchmark = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "benchmark", "DATASET=my_ratings.yaml",
-                                "RECIPE=recipe.yaml", "SPLITS=3", f"PYTHON={sys.executable}"],
-                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    benchmark = subprocess.run(["make", "--no-print-directory", "-n", "-f", str(REPO / "Makefile"), "benchmark",
+                                "DATASET=my_ratings.yaml", "RECIPE=recipe.yaml", "SPLITS=3",
+                                f"PYTHON={sys.executable}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=60)
     command = benchmark.stdout.replace("\\\n", " ").split()  # make -n shows the recipe's continued line as written
     assert command == [sys.executable, "-m", "qmamba", "benchmark", "--config", "recipe.yaml", "--config",
                        "my_ratings.yaml", "--splits", "3", "--out", "runs/benchmark/my_ratings"]
