@@ -6,10 +6,11 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import types
 
 import pytest
 import torch
-from scan_cases import ORDERS, check_ordered_scan, low_rank, ordered_inputs, rel_err
+from scan_cases import ORDERS, check_ordered_scan, kernel_args, low_rank, ordered_inputs, ordered_reference, rel_err
 
 from qmamba.models import build_model, set_scan_backend
 from qmamba.ops import ordered_selective_scan, selective_scan
@@ -50,6 +51,43 @@ def test_cpu_kernels_gradcheck_in_float64():
     D, bias = torch.randn(4).double(), torch.randn(4).double()
     inputs = [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
     assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, delta_softplus=True, backend="cpu"), inputs)
+
+
+@pytest.mark.parametrize("directions,height,width", [ORDERS[0], ORDERS[2]])
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_cpu_scan_reads_bf16_operands_as_they_are(directions, height, width, merge):
+    """bf16 u, delta, B, C (autocast's matrix products) with fp32 parameters: the kernel widens them in registers and
+    scans in fp32, so it matches the torch scan of the same values in fp32; every gradient too (bf16 inputs' in
+    bf16, so within bf16's rounding)."""
+    order = ScanOrder(directions, height, width)
+    args, proj = low_rank(ordered_inputs(2, 4, order.num_tokens, 32, 1), 3)
+    low = [x.detach().to(torch.bfloat16).requires_grad_() if i in (0, 1, 3, 4) else x for i, x in enumerate(args)]
+    results = {}
+    for backend in ("cpu", "torch"):
+        y = ordered_selective_scan(*low, order, merge=merge, backend=backend, delta_proj=proj,
+                                   out_dtype=torch.float32)
+        grads = torch.autograd.grad(y, [*low, proj], torch.ones_like(y))
+        results[backend] = y, grads
+    (y, grads), (y_ref, grads_ref) = results["cpu"], results["torch"]
+    assert y.dtype == torch.float32 and rel_err(y, y_ref) < 1e-5
+    for name, g, g_ref, x in zip("u delta A B C D bias proj".split(), grads, grads_ref, [*low, proj], strict=True):
+        assert g.dtype == x.dtype, name
+        assert rel_err(g.float(), g_ref.float()) < (1e-2 if x.dtype == torch.bfloat16 else 1e-4), name
+
+
+def test_an_order_that_misses_a_token_is_summed_into_a_zeroed_output():
+    """The kernel assigns each output token on its first visit (no zero-filled output) only when every sequence
+    visits each token exactly once; with another table (here sequence 0 steps on padding instead of token 2) the
+    output is zeroed and summed into, and token 2 gets nothing from sequence 0, as in the reference."""
+    order = ScanOrder(CROSS_2D, 2, 2)
+    table = order.table.clone()
+    table[0] = torch.tensor([0, 1, -1, 3], dtype=table.dtype)
+    odd = types.SimpleNamespace(directions=order.directions, length=order.length, table=table, num_tokens=4)
+    with torch.no_grad():
+        for merge in (True, False):
+            args = ordered_inputs(1, 4, 4, 16, 1)
+            y = dispatch._load_cpu_kernel().op(*kernel_args(odd, 1, 16, 1, merge, None))  # the op: no order checks
+            assert rel_err(y.squeeze(1), ordered_reference(*args, odd, merge, True)) < 1e-5
 
 
 def test_ordered_scan_checks_its_shapes():

@@ -18,6 +18,10 @@ Layout (channels innermost, so that every time step is one SIMD loop over a bloc
     table      (K, L) int32       token visited by step l of sequence k; -1 is a padding step (a zero token)
     y          (batch, Ko, T, C)  Ko = 1: the K sequences summed at each token (VMamba's merge); Ko = K: one each
 
+Dtypes: u, delta, B and C are float32, float64 or bf16, read as they are (bf16, which numpy lacks, as its int16
+bits, widened in registers); A, D, bias and proj, the state, every sum and y are float32 (float64 for gradcheck).
+So a bf16 forward under autocast costs no cast copies, and its scan is still computed in float32.
+
 A padding step sees a zero token whose projections are zero, as when the torch backend pads the map: delta =
 softplus(bias), so the state decays, and nothing is added or written.
 
@@ -79,7 +83,7 @@ _EXP_P = tuple(_f(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3
 _EXP_MIN, _EXP_MAX = _f(-87.33654), _f(88.72283)  # exp underflows to 0 below / overflows to inf above
 _ATANH = tuple(_f(1.0 / c) for c in (13, 11, 9, 7, 5, 3))
 _ZERO, _HALF, _ONE, _TWO = _f(0), _f(0.5), _f(1), _f(2)
-_BIAS, _MANTISSA = np.int32(127), np.int32(23)
+_BIAS, _MANTISSA, _HALF_WORD = np.int32(127), np.int32(23), np.int32(16)
 
 
 @intrinsic
@@ -91,6 +95,17 @@ def _int_bits_as_float(typingctx, bits):  # noqa: ANN001, ANN202
         return builder.bitcast(args[0], ir.FloatType())
 
     return signature, codegen
+
+
+def _load(values, i):  # noqa: ANN001, ANN202
+    """values[i] as a float; bf16, which numpy lacks and the kernels see as its int16 bits, widened to float32."""
+
+
+@overload(_load, inline="always")
+def _load_impl(values, i):  # noqa: ANN001, ANN202
+    if values.dtype != types.int16:
+        return lambda values, i: values[i]
+    return lambda values, i: _int_bits_as_float(np.int32(values[i]) << _HALF_WORD)  # bf16 is float32's top half
 
 
 def _exp(x):  # noqa: ANN001, ANN202
@@ -167,15 +182,15 @@ def _step_delta(z, delta, proj, b, k, p, c0, width, dims):  # noqa: ANN001, ANN2
     if rank == 0:
         row = np.uint64(((b * K + k) * T + p) * channels + c0)
         for c in range(width):
-            z[c] = delta[row + c]
+            z[c] = _load(delta, row + c)
         return
     low = ((b * K + k) * T + p) * rank
-    w = delta[low]
+    w = _load(delta, low)
     row = np.uint64(k * rank * channels + c0)
     for c in range(width):
         z[c] = w * proj[row + c]
     for r in range(1, rank):
-        w = delta[low + r]
+        w = _load(delta, low + r)
         row = np.uint64((k * rank + r) * channels + c0)
         for c in range(width):
             z[c] += w * proj[row + c]
@@ -195,7 +210,7 @@ def _step_delta_grad(g_z, delta, proj, grad_delta, grad_proj, b, blk, k, p, c0, 
     low = ((b * K + k) * T + p) * rank
     out = (((blk * batch + b) * K + k) * T + p) * rank
     for r in range(rank):
-        w = delta[low + r]
+        w = _load(delta, low + r)
         row = np.uint64((k * rank + r) * channels + c0)
         grad_row = np.uint64(((b * K + k) * rank + r) * channels + c0)
         total = g_z[0] * proj[row]
@@ -207,14 +222,18 @@ def _step_delta_grad(g_z, delta, proj, grad_delta, grad_proj, b, blk, k, p, c0, 
 
 
 @njit(fastmath=_CONTRACT, **_JIT)
-def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, first_task, last_task):  # noqa: ANN001, ANN201
+def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, assign, first_task,  # noqa: ANN001, ANN201
+                    last_task):
+    """y = the scans of every (batch row, channel block) task in [first_task, last_task). ``assign``: every output
+    token's first visit (by sequence 0 when merging, else by its own sequence) assigns it, so that y needs no zeroing;
+    only when each of those sequences visits each token exactly once."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     blocks = (channels + block - 1) // block
-    state = np.empty(N * block, dtype=u.dtype)
-    z = np.empty(block, dtype=u.dtype)
-    dt = np.empty(block, dtype=u.dtype)
-    dtu = np.empty(block, dtype=u.dtype)
-    out = np.empty(block, dtype=u.dtype)
+    state = np.empty(N * block, dtype=A.dtype)
+    z = np.empty(block, dtype=A.dtype)
+    dt = np.empty(block, dtype=A.dtype)
+    dtu = np.empty(block, dtype=A.dtype)
+    out = np.empty(block, dtype=A.dtype)
     for task in range(first_task, last_task):
         b, c0 = task // blocks, (task % blocks) * block
         width = np.uint64(min(block, channels - c0))
@@ -236,21 +255,25 @@ def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, 
                 for c in range(width):
                     d = z[c] + bias[kc + c]
                     d = _softplus(d) if softplus else d
-                    uc = u[u_row + c]
+                    uc = _load(u, u_row + c)
                     dt[c] = d
                     dtu[c] = d * uc
                     out[c] = D[kc + c] * uc
                 bc = ((b * K + k) * T + p) * N
                 for n in range(N):
-                    b_n, c_n = B[bc + n], C[bc + n]
+                    b_n, c_n = _load(B, bc + n), _load(C, bc + n)
                     a_row, s_row = np.uint64((k * N + n) * channels + c0), np.uint64(n * block)
                     for c in range(width):
                         h = _exp(dt[c] * A[a_row + c]) * state[s_row + c] + dtu[c] * b_n
                         state[s_row + c] = h
                         out[c] += h * c_n
                 y_row = np.uint64(((b * Ko + ko) * T + p) * channels + c0)
-                for c in range(width):
-                    y[y_row + c] += out[c]
+                if assign and (Ko > 1 or k == 0):  # the token's first visit
+                    for c in range(width):
+                        y[y_row + c] = out[c]
+                else:
+                    for c in range(width):
+                        y[y_row + c] += out[c]
 
 
 @njit(fastmath=_CONTRACT, **_JIT)
@@ -266,22 +289,22 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
     """
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     blocks = (channels + block - 1) // block
-    zero, one = np.zeros(1, dtype=u.dtype)[0], np.ones(1, dtype=u.dtype)[0]
-    dts = np.empty(L * block, dtype=u.dtype)
-    slopes = np.empty(L * block, dtype=u.dtype)
-    states = np.empty((L + 1) * N * block, dtype=u.dtype)  # states[l + 1] = h[l], states[0] = 0
-    g = np.empty(N * block, dtype=u.dtype)  # adjoint state
-    a_next = np.empty(N * block, dtype=u.dtype)  # decay of the step after the current one
-    z = np.empty(block, dtype=u.dtype)
-    gy = np.empty(block, dtype=u.dtype)
-    uc = np.empty(block, dtype=u.dtype)
-    g_dt = np.empty(block, dtype=u.dtype)
-    g_uc = np.empty(block, dtype=u.dtype)
-    g_A = np.empty(N * block, dtype=u.dtype)
-    g_D = np.empty(block, dtype=u.dtype)
-    g_bias = np.empty(block, dtype=u.dtype)
-    terms_B = np.empty(block, dtype=u.dtype)
-    terms_C = np.empty(block, dtype=u.dtype)
+    zero, one = np.zeros(1, dtype=A.dtype)[0], np.ones(1, dtype=A.dtype)[0]
+    dts = np.empty(L * block, dtype=A.dtype)
+    slopes = np.empty(L * block, dtype=A.dtype)
+    states = np.empty((L + 1) * N * block, dtype=A.dtype)  # states[l + 1] = h[l], states[0] = 0
+    g = np.empty(N * block, dtype=A.dtype)  # adjoint state
+    a_next = np.empty(N * block, dtype=A.dtype)  # decay of the step after the current one
+    z = np.empty(block, dtype=A.dtype)
+    gy = np.empty(block, dtype=A.dtype)
+    uc = np.empty(block, dtype=A.dtype)
+    g_dt = np.empty(block, dtype=A.dtype)
+    g_uc = np.empty(block, dtype=A.dtype)
+    g_A = np.empty(N * block, dtype=A.dtype)
+    g_D = np.empty(block, dtype=A.dtype)
+    g_bias = np.empty(block, dtype=A.dtype)
+    terms_B = np.empty(block, dtype=A.dtype)
+    terms_C = np.empty(block, dtype=A.dtype)
     nb = np.uint64(N * block)
     for task in range(first_task, last_task):
         b, blk = task // blocks, task % blocks
@@ -303,7 +326,7 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
                     _step_delta(z, delta, proj, b, k, p, c0, width, dims)
                     u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
                     for c in range(width):
-                        uc[c] = u[u_row + c]
+                        uc[c] = _load(u, u_row + c)
                 for c in range(width):
                     zc = z[c] + bias[kc + c]
                     if softplus:
@@ -312,7 +335,7 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
                         dts[sl + c], slopes[sl + c] = zc, one
                 b_row = ((b * K + k) * T + p) * N
                 for n in range(N):
-                    b_n = B[b_row + n] if p >= 0 else zero
+                    b_n = _load(B, b_row + n) if p >= 0 else zero
                     a_row, s_row = np.uint64((k * N + n) * channels + c0), np.uint64(n * block)
                     for c in range(width):
                         d = dts[sl + c]
@@ -333,8 +356,8 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
                     u_row = np.uint64(((b * Ku + ku) * T + p) * channels + c0)
                     y_row = np.uint64(((b * Ko + ko) * T + p) * channels + c0)
                     for c in range(width):
-                        gy[c] = grad_y[y_row + c]
-                        uc[c] = u[u_row + c]
+                        gy[c] = _load(grad_y, y_row + c)
+                        uc[c] = _load(u, u_row + c)
                 else:
                     for c in range(width):
                         gy[c] = zero
@@ -343,8 +366,8 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
                     g_dt[c] = zero
                     g_uc[c] = zero
                 for n in range(N):
-                    b_n = B[b_row + n] if valid else zero
-                    c_n = C[b_row + n] if valid else zero
+                    b_n = _load(B, b_row + n) if valid else zero
+                    c_n = _load(C, b_row + n) if valid else zero
                     a_row, s_row = np.uint64((k * N + n) * channels + c0), np.uint64(n * block)
                     for c in range(width):
                         d, a_n = dts[sl + c], A[a_row + c]
@@ -421,7 +444,9 @@ def _run(kernel, tasks: int, *args: object) -> None:  # noqa: ANN001
 
 # ----------------------------------------------------------------------------------------------- torch binding
 def _flat(x: Tensor) -> np.ndarray:
-    return x.detach().contiguous().view(-1).numpy()
+    """x as a flat numpy view; bf16, which numpy lacks, as its int16 bits (the kernels widen them on loading)."""
+    x = x.detach().contiguous().view(-1)
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 
 
 class _Problem:
@@ -436,12 +461,19 @@ class _Problem:
         self.dims = (batch, ku, k, self.out_shape[1], tokens, length, channels, n, rank, self.block)
 
 
+def _visits_each_token_once(table: Tensor, tokens: int) -> bool:
+    """Whether every row of the table steps on each of the tokens exactly once (padding steps aside)."""
+    return all(np.array_equal(np.bincount(row[row >= 0], minlength=tokens), np.ones(tokens, np.int64))
+               for row in table.numpy())
+
+
 def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
              table: Tensor, merge: bool, softplus: bool) -> Tensor:
     problem = _Problem(u, delta, proj, A, table, merge)
-    y = torch.zeros(problem.out_shape, dtype=u.dtype)
+    assign = _visits_each_token_once(table[:1] if merge else table, u.shape[2])
+    y = (torch.empty if assign else torch.zeros)(problem.out_shape, dtype=A.dtype)
     _run(_forward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, y)), problem.dims,
-         softplus)
+         softplus, assign)
     return y
 
 
@@ -449,11 +481,11 @@ def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: 
                table: Tensor, grad_y: Tensor, merge: bool, softplus: bool) -> tuple[Tensor, ...]:
     problem = _Problem(u, delta, proj, A, table, merge)
     batch, low_rank = u.shape[0], proj.numel() > 0
-    grad_delta = u.new_zeros(problem.blocks, *delta.shape) if low_rank else u.new_zeros(delta.shape)
-    grad_proj = u.new_zeros(batch, *proj.shape) if low_rank else u.new_zeros(0)
-    grads = (u.new_zeros(u.shape), grad_delta, grad_proj, u.new_zeros(batch, *A.shape),
-             u.new_zeros(problem.blocks, *B.shape), u.new_zeros(problem.blocks, *C.shape),
-             u.new_zeros(batch, *D.shape), u.new_zeros(batch, *bias.shape))
+    zeros = A.new_zeros  # the gradients are accumulated in the compute dtype, bf16 operands' included
+    grad_delta = zeros(problem.blocks, *delta.shape) if low_rank else zeros(delta.shape)
+    grad_proj = zeros(batch, *proj.shape) if low_rank else zeros(0)
+    grads = (zeros(u.shape), grad_delta, grad_proj, zeros(batch, *A.shape), zeros(problem.blocks, *B.shape),
+             zeros(problem.blocks, *C.shape), zeros(batch, *D.shape), zeros(batch, *bias.shape))
     _run(_backward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, grad_y, *grads)),
          problem.dims, softplus)
     grad_u, _, _, *rest = grads
@@ -461,6 +493,6 @@ def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: 
 
 
 selective_scan_cpu = fused_scan("cpu_scan", _forward, _gradients)
-selective_scan_cpu.__doc__ = """The fused scan in the module's layout (see the module docstring), float32 or float64
-throughout; ``delta_proj`` (K, R, C) makes ``delta`` the rank-R input of the step-size projection. See
-:func:`qmamba.ops.fused_scan.fused_scan`."""
+selective_scan_cpu.__doc__ = """The fused scan in the module's layout (see the module docstring): u, delta, B, C in
+float32, bf16 or float64, the rest and y in float32 (float64 for float64 inputs); ``delta_proj`` (K, R, C) makes
+``delta`` the rank-R input of the step-size projection. See :func:`qmamba.ops.fused_scan.fused_scan`."""

@@ -386,16 +386,23 @@ def _selective_scan_cuda(
 _FUSED = ("cpu", "triton")  # backends that take the fused kernels' layout (qmamba.ops.cpu_scan's docstring)
 
 
-def _fused(backend: str, u: Tensor) -> tuple[Callable[..., Tensor], torch.dtype, torch.dtype]:
-    """A fused kernel and the dtypes it takes: (kernel, dtype of u / delta / B / C, dtype of A / D / bias / proj)."""
-    if backend == "cpu":  # float64 for float64 inputs (gradcheck), else float32 throughout
-        kernel, dtype = _load_cpu_kernel(), torch.float64 if u.dtype == torch.float64 else torch.float32
-        params = dtype
-    else:  # Triton loads fp32 / bf16 / fp16 and keeps the states in fp32
+def _fused(backend: str, u: Tensor) -> tuple[Callable[..., Tensor], Callable[[Tensor], Tensor], torch.dtype]:
+    """A fused kernel, what its operands u / delta / B / C become before it takes them, and the dtype of its
+    parameters A / D / bias / proj."""
+    if backend == "cpu":  # float64 for float64 inputs (gradcheck); else each operand in float32 or bf16 as it is
+        kernel, params = _load_cpu_kernel(), torch.float64 if u.dtype == torch.float64 else torch.float32
+        readable = (torch.float32, torch.bfloat16) if params == torch.float32 else (params,)
+
+        def operand(x: Tensor) -> Tensor:
+            return x if x.dtype in readable else x.to(params)
+    else:  # Triton loads fp32 / bf16 / fp16, all in u's dtype, and keeps the states in fp32
         kernel, params = _load_triton_kernel(), torch.float32
         dtype = u.dtype if u.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+        def operand(x: Tensor) -> Tensor:
+            return x.to(dtype)
     assert kernel is not None  # resolve_backend checked it
-    return kernel, dtype, params
+    return kernel, operand, params
 
 
 def _skip_or_bias(x: Tensor | None, shape: tuple[int, int], like: Tensor) -> Tensor:
@@ -424,7 +431,7 @@ def _selective_scan_fused(
     delta_softplus: bool,
 ) -> Tensor:
     """A fused kernel on (batch, dim, L) sequences: channel group g of B/C is the kernel's sequence g."""
-    kernel, dtype, params = _fused(backend, u)
+    kernel, operand, params = _fused(backend, u)
     batch, dim, length = u.shape
     if B.dim() == 2 or C.dim() == 2:
         B, C = (_per_channel(x, batch, dim, length) for x in (B, C))
@@ -435,12 +442,12 @@ def _selective_scan_fused(
 
     def channels_last(x: Tensor) -> Tensor:
         """(batch, dim, L) -> (batch, G, L, dim / G), copied here so that backward reuses the copy."""
-        return x.to(dtype).view(batch, groups, width, length).transpose(2, 3).contiguous()
+        return operand(x).view(batch, groups, width, length).transpose(2, 3).contiguous()
 
     def by_step(x: Tensor) -> Tensor:
         """(batch, N, L) or (batch, G, N, L) -> (batch, G, L, N)."""
         x = x if x.dim() == 4 else x.unsqueeze(1)
-        return x.to(dtype).expand(batch, groups, *x.shape[2:]).transpose(2, 3)
+        return operand(x).expand(batch, groups, *x.shape[2:]).transpose(2, 3)
 
     A_k = A.to(params).view(groups, width, -1).transpose(1, 2)
     y = kernel(
@@ -521,8 +528,8 @@ def ordered_selective_scan(
         backend: as for :func:`selective_scan`.
         delta_proj: optional (K, D, R), VMamba's ``dt_projs_weight``: the step sizes are ``delta @ delta_proj[k].T``,
             which the ``cpu`` and ``triton`` backends compute per step instead of materialising (batch, K, T, D).
-        out_dtype: y's dtype, u's by default. The fused kernels compute in fp32 whatever their operands' dtype (the
-            Triton kernels read bf16 / fp16 operands as they are); the other backends scan u, delta, B, C and
+        out_dtype: y's dtype, u's by default. The fused kernels compute in fp32 whatever their operands' dtype (both
+            read bf16 operands as they are, the Triton kernels fp16 too); the other backends scan u, delta, B, C and
             delta_proj cast to ``out_dtype``. So ``out_dtype=torch.float32`` is an fp32 scan of bf16 operands on
             every backend, without casting copies on the fused ones.
 
@@ -543,10 +550,10 @@ def ordered_selective_scan(
                          f"{tuple(B.shape)}, {tuple(C.shape)}")
     resolved = resolve_backend(backend, u.device)
     if resolved in _FUSED:
-        kernel, dtype, params = _fused(resolved, u)
+        kernel, operand, params = _fused(resolved, u)
         A_k = A.to(params).view(k, dim, -1).transpose(1, 2)
         y = kernel(
-            u.to(dtype).unsqueeze(1), delta.to(dtype), A_k, B.to(dtype), C.to(dtype), _skip_or_bias(D, (k, dim), A_k),
+            operand(u).unsqueeze(1), operand(delta), A_k, operand(B), operand(C), _skip_or_bias(D, (k, dim), A_k),
             _skip_or_bias(delta_bias, (k, dim), A_k), order.table, merge, delta_softplus,
             None if delta_proj is None else delta_proj.to(params).transpose(1, 2),
         )
