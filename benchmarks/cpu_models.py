@@ -12,7 +12,8 @@ round measures every model once, in the same order), so that slow drifts of the 
 table shows the median over rounds, and each model's ratio to swin_tiny from the same run. A ``+compiled`` model
 runs through ``torch.compile`` (static shapes; QMamba as one graph with the fused scan inside) and is compared with
 ``swin_tiny+compiled``; its compile time is the first inference plus the first training step. A ``@bf16`` model runs
-under bf16 autocast (inference as ``qmamba score --precision bf16``, the training step as ``bf16-mixed``) and is
+under bf16 autocast (inference as ``qmamba score --precision bf16``, with its matrix products' weights stored in bf16,
+Swin-T's too; the training step as ``bf16-mixed``) and is
 compared with ``swin_tiny@bf16`` in the same mode. Run it on an otherwise idle machine: a second torch process on the
 same cores slows both by an order of magnitude.
 
@@ -32,6 +33,7 @@ import torch
 from scan import make_inputs, measure, scan_backends
 
 from qmamba.models import build_model
+from qmamba.models.low_precision import cast_matmul_weights
 from qmamba.ops import ordered_selective_scan
 from qmamba.ops.scan_order import CROSS_2D, scan_order
 
@@ -43,8 +45,9 @@ COMPILED, BF16 = "+compiled", "@bf16"
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "convnext_tiny": "convnext_tiny"}
 
 
-def build(spec: str) -> torch.nn.Module:
-    """``name`` (a timm baseline) or ``qmamba_preset:backend``, either with ``@bf16`` and ``+compiled``."""
+def build(spec: str, inference: bool) -> torch.nn.Module:
+    """``name`` (a timm baseline) or ``qmamba_preset:backend``, either with ``@bf16`` and ``+compiled``; an ``@bf16``
+    model for inference with its matrix products' weights in bf16, as ``qmamba score --precision bf16`` loads it."""
     base = spec.removesuffix(COMPILED).removesuffix(BF16)
     if base in TIMM_NAMES:
         import timm
@@ -53,6 +56,8 @@ def build(spec: str) -> torch.nn.Module:
     else:
         name, _, backend = base.partition(":")
         model = build_model(name, scan_backend=backend or "auto")
+    if inference and BF16 in spec:
+        cast_matmul_weights(model, torch.bfloat16)
     if spec.endswith(COMPILED):  # qmamba's whole model is one graph; timm's models are not checked for that
         return torch.compile(model, dynamic=False, fullgraph=base not in TIMM_NAMES)
     return model
@@ -96,8 +101,9 @@ def seconds(step: Callable[[], None]) -> float:
 
 
 def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, train_batch: int) -> None:
-    models = {spec: build(spec) for spec in specs}
-    steps = {(spec, "inference"): inference_step(spec, m, infer_batch, size) for spec, m in models.items()}
+    models = {spec: build(spec, inference=False) for spec in specs}
+    steps = {(spec, "inference"): inference_step(spec, build(spec, inference=True) if BF16 in spec else model,
+                                                 infer_batch, size) for spec, model in models.items()}
     steps |= {(spec, "training"): training_step(spec, m, train_batch, size) for spec, m in models.items()}
     first = {key: seconds(step) for key, step in steps.items()}  # warm-up: compilation, allocator, optimizer state
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}

@@ -33,6 +33,6 @@ wanted compiled && stage compiled "${COMPILED_S:-150}" python3 benchmarks/gpu_ch
     --batches ${COMPILED_BATCHES:-64} --backends ${COMPILED_BACKENDS:-triton}
 wanted fit && stage fit "${FIT_S:-60}" python3 benchmarks/gpu_check.py fit --fit-steps 50
 wanted score && stage score "${SCORE_S:-60}" python3 benchmarks/score.py --tiny --device cuda --images 200 \
-    --tiny-images 200 --workers 0 8 --batch-size 32 --workdir "$(mktemp -d)"
+    --tiny-images 200 --workers 0 8 --batch-size 32 --precision fp32 bf16 --workdir "$(mktemp -d)"
 wanted profile && stage profile "${PROFILE_S:-120}" python3 benchmarks/profile_step.py --device cuda
 true

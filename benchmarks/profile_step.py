@@ -3,6 +3,7 @@ inference and in a training step at 224x224, summed by name, from ``torch.profil
 and fills (``aten::copy_``, ``aten::fill_``), which a channel-last model should keep small.
 
     python benchmarks/profile_step.py                        # CPU: fp32, batch 2 (training) and 8 (inference)
+    python benchmarks/profile_step.py --precision bf16       # CPU: under bf16 autocast (score --precision bf16)
     python benchmarks/profile_step.py --device cuda          # CUDA: bf16 autocast, batch 64 (benchmarks/gpu_check.sh)
     python benchmarks/profile_step.py --rows 25 --models qmamba_tiny --train-only
 
@@ -23,10 +24,11 @@ LAYOUT_OPS = ("aten::copy_", "aten::fill_")
 STEPS = 5
 
 
-def profile_step(model: torch.nn.Module, device: str, batch: int, size: int, train: bool, rows: int) -> None:
+def profile_step(model: torch.nn.Module, device: str, batch: int, size: int, train: bool, rows: int,
+                 bf16: bool) -> None:
     images = torch.randn(batch, 3, size, size, device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     cuda = device == "cuda"
     model.train(train)
 
@@ -53,7 +55,8 @@ def profile_step(model: torch.nn.Module, device: str, batch: int, size: int, tra
     total = sum(ms(e) for e in events)
     layout = {name: sum(ms(e) for e in events if e.key == name) for name in LAYOUT_OPS}
     calls = {name: sum(e.count for e in events if e.key == name) // STEPS for name in LAYOUT_OPS}
-    print(f"\n{type(model).__name__} {'training step' if train else 'inference'}: {total:.1f} ms of "
+    print(f"\n{type(model).__name__} {'training step' if train else 'inference'}{' (bf16)' if bf16 else ''}: "
+          f"{total:.1f} ms of "
           f"{'CUDA' if cuda else 'CPU operator'} time per batch of {batch}; "
           + ", ".join(f"{name} {layout[name] / total:.1%} ({calls[name]} calls)" for name in LAYOUT_OPS))
     print(f"{'operation':<90} {'ms/step':>8} {'share':>6} {'calls':>6}")
@@ -70,8 +73,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=18)
     parser.add_argument("--models", nargs="+", default=["qmamba_tiny", "swin_tiny"])
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast or none (default: bf16 on CUDA)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
+    bf16 = (args.precision or ("bf16" if cuda else "fp32")) == "bf16"
     batch = args.batch or (64 if cuda else 2)
     inference_batch = args.inference_batch or (batch if cuda else 8)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -88,7 +93,7 @@ def main() -> None:
         model = model.to(args.device)
         print(f"\n===== {name}")
         for train in (True,) if args.train_only else (False, True):
-            profile_step(model, args.device, batch if train else inference_batch, args.size, train, args.rows)
+            profile_step(model, args.device, batch if train else inference_batch, args.size, train, args.rows, bf16)
         del model
         if cuda:
             torch.cuda.empty_cache()

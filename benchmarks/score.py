@@ -5,6 +5,7 @@
     python benchmarks/score.py CKPT --images 2000 --tiny-images 64 --workers 0 2
     python benchmarks/score.py CKPT --shards 8      # + the same JPEGs in 8 tar shards (WebDataset's format)
     python benchmarks/score.py CKPT --shards 8 --ray   # + the Ray engine on both (pip install "qmamba[ray]")
+    python benchmarks/score.py CKPT --precision fp32 bf16   # each row in both precisions (score --precision)
 
 For each checkpoint and each ``--workers`` value, in one process: the data floor (decode and crop every file the
 way the checkpoint's evaluation does, through the same DataLoader, no model) and the scoring loop of ``qmamba
@@ -148,7 +149,7 @@ def scoring(scorer: qmamba.inference.scoring.Scorer, paths: list[str], workers: 
     return time.perf_counter() - start
 
 
-def ray_engine(ckpt: Path, inputs: list[str], count: int, batch_size: int, device: str
+def ray_engine(ckpt: Path, inputs: list[str], count: int, batch_size: int, device: str, precision: str
                ) -> tuple[float, float, float]:
     """``qmamba score --engine ray``'s pipeline over ``inputs`` on the Ray session of this process (shards named
     whole, as the engine reads them: one task each): img/s from the driver's checks to the last row, seconds to the
@@ -160,7 +161,8 @@ def ray_engine(ckpt: Path, inputs: list[str], count: int, batch_size: int, devic
     start = time.perf_counter()
     items, missing = expand(inputs, list_shards=False)
     assert not missing, missing
-    scorer = RayScorer(ckpt, batch_size=batch_size, gpus_per_worker=1.0 if device.startswith("cuda") else 0.0)
+    scorer = RayScorer(ckpt, batch_size=batch_size, gpus_per_worker=1.0 if device.startswith("cuda") else 0.0,
+                       precision=precision)
     rows, first = 0, None
     for table in scorer.score_inputs(items, set()).iter_batches(batch_size=None, batch_format="pyarrow"):
         assert table["error"].null_count == table.num_rows, table["error"]
@@ -188,6 +190,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass, as qmamba score's default")
     parser.add_argument("--workdir", type=Path, default=Path("runs/benchmark_score"))
     parser.add_argument("--device", default="cpu", help="where the model runs (cuda on a GPU machine)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "auto"],
+                        help="qmamba score --precision values, each measured")
     parser.add_argument("--shards", type=int, default=0, help="also score the JPEGs from this many tar shards")
     parser.add_argument("--ray", action="store_true", help="also the Ray engine (a Ray cluster of this machine) on "
                         "each source, against the local engine with one decoding worker")
@@ -208,12 +212,12 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, model on {args.device} ({where}), {os.cpu_count()} cores, JPEGs of 1024x768, "
           f"batch {args.batch_size}")
-    print(f"| {'model':<12} | {'crops':>9} | {'images':>6} | {'source':>10} | {'workers':>7} | "
+    print(f"| {'model':<12} | {'precision':>9} | {'crops':>9} | {'images':>6} | {'source':>10} | {'workers':>7} | "
           f"{'data floor img/s':>16} | {'score img/s':>11} | {'x floor':>7} |")
-    print(f"|{'-' * 14}|{'-' * 11}|{'-' * 8}|{'-' * 12}|{'-' * 9}|{'-' * 18}|{'-' * 13}|{'-' * 9}|")
+    print(f"|{'-' * 14}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 12}|{'-' * 9}|{'-' * 18}|{'-' * 13}|{'-' * 9}|")
     engines = []  # (model, source, local img/s with one worker, Ray img/s)
-    for ckpt, count in runs:
-        scorer = qmamba.load(ckpt, device=args.device, batch_size=args.batch_size)
+    for (ckpt, count), precision in ((run, p) for run in runs for p in args.precision):
+        scorer = qmamba.load(ckpt, device=args.device, batch_size=args.batch_size, precision=precision)
         sources = {"loose": (paths[:count], paths[:count])}
         if args.shards:
             shard_folder = args.workdir / f"shards_{count}"
@@ -225,21 +229,22 @@ def main() -> None:
             for workers in args.workers:
                 floor, scored = data_floor(scorer, files, workers), scoring(scorer, files, workers)
                 crops = f"{scorer.crops.count}x{scorer.crops.size}"
-                print(f"| {scorer.info['backbone']:<12} | {crops:>9} | {count:>6} | {source:>10} | {workers:>7} | "
+                print(f"| {scorer.info['backbone']:<12} | {scorer.info['precision']:>9} | {crops:>9} | {count:>6} | "
+                      f"{source:>10} | {workers:>7} | "
                       f"{count / floor:>16.1f} | {count / scored:>11.1f} | {scored / floor:>7.2f} |", flush=True)
             if args.ray:
                 local = count / scoring(scorer, files, 1)
-                engines.append((scorer.info["backbone"], source, local, *ray_engine(ckpt, inputs, count,
-                                                                                      args.batch_size, args.device)))
+                engines.append((f"{scorer.info['backbone']} {scorer.info['precision']}", source, local, *ray_engine(
+                    ckpt, inputs, count, args.batch_size, args.device, precision)))
     if args.ray:
         print(f"\nRay engine on a cluster of this machine (started once, in {ray_start:.1f} s) against the local "
               "engine with 1 decoding worker: img/s of the whole run (from the driver's checks to the last row), "
               "seconds to the first row (workers starting), img/s after it, and the ratios to the local engine:")
-        print(f"| {'model':<12} | {'source':>10} | {'local img/s':>11} | {'Ray img/s':>9} | {'first row s':>11} | "
+        print(f"| {'model':<17} | {'source':>10} | {'local img/s':>11} | {'Ray img/s':>9} | {'first row s':>11} | "
               f"{'then img/s':>10} | {'Ray / local':>11} | {'then / local':>12} |")
-        print(f"|{'-' * 14}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 13}|{'-' * 12}|{'-' * 13}|{'-' * 14}|")
+        print(f"|{'-' * 19}|{'-' * 12}|{'-' * 13}|{'-' * 11}|{'-' * 13}|{'-' * 12}|{'-' * 13}|{'-' * 14}|")
         for model, source, local, whole, first, then in engines:
-            print(f"| {model:<12} | {source:>10} | {local:>11.1f} | {whole:>9.1f} | {first:>11.1f} | {then:>10.1f} | "
+            print(f"| {model:<17} | {source:>10} | {local:>11.1f} | {whole:>9.1f} | {first:>11.1f} | {then:>10.1f} | "
                   f"{whole / local:>11.2f} | {then / local:>12.2f} |")
     print(f"\nstart-up: `qmamba --help` {startup('--help'):.2f} s, `qmamba score --help` "
           f"{startup('score', '--help'):.2f} s, `qmamba --version` {startup('--version'):.2f} s")

@@ -34,10 +34,11 @@ def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| qmamba_test")]
     local, engines = rows[:4], rows[4:]
-    assert [(r[3], int(r[4])) for r in local] == [("loose", 0), ("loose", 1), ("2 shards", 0), ("2 shards", 1)]
-    assert all(float(r[5]) > 0 and float(r[6]) > 0 for r in local)
+    assert [(r[1], r[4], int(r[5])) for r in local] == [("fp32", "loose", 0), ("fp32", "loose", 1),
+                                                        ("fp32", "2 shards", 0), ("fp32", "2 shards", 1)]
+    assert all(float(r[6]) > 0 and float(r[7]) > 0 for r in local)
     # the Ray engine's rows: img/s of both engines and their ratio
-    assert [r[1] for r in engines] == ["loose", "2 shards"]
+    assert [(r[0], r[1]) for r in engines] == [("qmamba_test fp32", "loose"), ("qmamba_test fp32", "2 shards")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in engines)
     assert "`qmamba score --help`" in result.stdout
 

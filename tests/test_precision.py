@@ -81,3 +81,21 @@ def test_bf16_where_the_device_would_emulate_it_is_one_line_and_auto_is_fp32(tra
     assert qmamba.load(run / "checkpoints" / "best.ckpt", device="cpu", precision="auto").precision == "fp32"
     with pytest.raises(qmamba.errors.UsageError, match="precision must be one of fp32, bf16, auto"):
         qmamba.load(run / "checkpoints" / "best.ckpt", device="cpu", precision="fp16")
+
+
+@pytest.mark.parametrize("name", ["qmamba_test", "lqmamba_test", "vim_test"])
+def test_matmul_weights_stored_in_bf16_give_autocasts_scores_bit_for_bit(name):
+    """How a bf16 scorer loads its model: the weights autocast would cast at every batch are cast once, which
+    changes nothing in what is computed; norms and the scans' parameters stay fp32."""
+    from qmamba.models.low_precision import cast_matmul_weights
+
+    torch.manual_seed(0)
+    model, images = build_model(name).eval(), torch.randn(2, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(images).float()
+        cast_matmul_weights(model)
+        assert torch.equal(model(images).float(), expected)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert {dtypes[n] for n in dtypes if n.endswith((".norm.weight", "A_logs", "Ds", "A_log", "dt_projs_weight"))
+            } <= {torch.float32}
+    assert torch.bfloat16 in dtypes.values()
