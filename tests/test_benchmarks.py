@@ -66,7 +66,7 @@ def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend():
 
 def test_profile_step_prints_the_layout_share_and_the_largest_operations():
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "profile_step.py"), "--models", "qmamba_test", "--size", "32", "--rows", "5",
+        [sys.executable, str(BENCHMARKS / "profile_step.py"), "--models", "qmamba_test", "--size", "32", "--rows", "40",
          "--train-only"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = next(line for line in result.stdout.splitlines() if "training step" in line)

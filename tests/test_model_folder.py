@@ -83,7 +83,7 @@ def test_the_model_card_carries_the_runs_metrics_scale_and_terms(published):
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics["srcc"] == round(results["srcc"], 4) and metrics["plcc"] == round(results["plcc"], 4)
     assert f"| tiny_kadid | {int(results['images'])} | {results['srcc']:.4f} | {results['plcc']:.4f} |" in body
-    assert "| tiny_kadid | 1 to 5 | higher is better |" in body
+    assert "| tiny_kadid | 1 to 5, higher is better |" in body
     assert "the `kadid10k` release, licensed by its authors" in body and 'qmamba.load("qmamba-tiny")' in body
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"]["backbone"] == "qmamba_test" and config["preprocessing"]["crop_size"] == 32

@@ -28,7 +28,8 @@ from qmamba.inference.trained import TrainedModel, load_trained
 __all__ = ["main", "model_card", "publish"]
 
 CHECKPOINT_IN_RUN = Path("checkpoints") / "best.ckpt"
-METRICS = (("srcc", "SRCC"), ("plcc", "PLCC"), ("krcc", "KRCC"), ("rmse", "RMSE"))
+METRICS = (("srcc", "SRCC"), ("plcc", "PLCC"), ("krcc", "KRCC"), ("rmse", "RMSE"),
+           ("pair_accuracy", "pair accuracy"), ("log_likelihood", "log-likelihood"))
 
 
 def publish(source: str | Path, output: str | Path, license: str = "other",  # noqa: A002 - the card's field
@@ -101,17 +102,17 @@ def model_card(name: str, trained: TrainedModel, results: dict[str, dict[str, fl
              f"on {', '.join(spec.datasets)}. Crops of {spec.preprocessing.crop_size} px, "
              f"{spec.preprocessing.eval_crops} per image, averaged.", "",
              "## What the score means", "",
-             "| dataset | scale | direction |", "| --- | --- | --- |"]
-    lines += [f"| {d} | {s.low:g} to {s.high:g} | {s.direction} |" for d, s in zip(spec.datasets, spec.scales,
-                                                                                  strict=True)]
+             "| dataset | scale |", "| --- | --- |"]
+    lines += [f"| {d} | {s.describe()} |" for d, s in zip(spec.datasets, spec.scales, strict=True)]
     lines += ["", f"Scores are on the first dataset's scale ({spec.datasets[0]}) unless another is asked for "
               "(`dataset=` in Python, `--dataset` on the command line). A score outside the scale is possible for "
               "images unlike the training data; `qmamba score` flags it.", "", "## Test results", ""]
     if results:
-        lines += ["| dataset | images | " + " | ".join(label for _, label in METRICS) + " |",
-                  "| --- | --- |" + " --- |" * len(METRICS)]
+        shown = [(key, label) for key, label in METRICS if any(key in m for m in results.values())]
+        lines += ["| dataset | images | " + " | ".join(label for _, label in shown) + " |",
+                  "| --- | --- |" + " --- |" * len(shown)]
         lines += [f"| {d} | {int(m.get('images', 0))} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-"
-                                                                        for k, _ in METRICS) + " |"
+                                                                        for k, _ in shown) + " |"
                   for d, m in results.items()]
         lines += ["", "On each dataset's held-out test split of the run (`qmamba test`)."]
     else:

@@ -298,9 +298,12 @@ def _load(args: argparse.Namespace, device: str | None, compile: bool) -> Scorer
     """The scorer that the options describe (torch and the model are imported here, after the cheap checks)."""
     from qmamba.inference.scoring import load
 
-    return load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset, batch_size=args.batch_size,
-                trusted=args.trust_checkpoint, sha256=args.sha256, max_side=args.max_side, compile=compile,
-                precision=args.precision)
+    scorer = load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset, batch_size=args.batch_size,
+                  trusted=args.trust_checkpoint, sha256=args.sha256, max_side=args.max_side, compile=compile,
+                  precision=args.precision)
+    if args.clip:
+        scorer.scale.check_clip(scorer.dataset)
+    return scorer
 
 
 def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple[str, str]], output: Path | None,

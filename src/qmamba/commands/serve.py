@@ -262,8 +262,8 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": scorer.info["backbone"], "datasets": scorer.info["datasets"],
                 "dataset": scorer.dataset, "device": str(scorer.device), "score_range": [scale.low, scale.high],
-                "direction": scale.direction, "crops": scorer.crops.count, "crop_size": scorer.crops.size,
-                "precision": scorer.precision}
+                "direction": scale.direction, "scale": scale.describe(), "crops": scorer.crops.count,
+                "crop_size": scorer.crops.size, "precision": scorer.precision}
 
     async def quality_map(rgb: Any, entry: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()

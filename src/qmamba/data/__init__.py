@@ -13,6 +13,7 @@ _EXPORTS = {
     "DatasetInfo": "catalog",
     "dataset_info": "catalog",
     "load_dataset": "catalog",
+    "ComparisonSpec": "comparisons",
     "DatasetConfig": "datamodule",
     "IQADataModule": "datamodule",
     "IQADataset": "dataset",

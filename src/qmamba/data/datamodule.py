@@ -3,7 +3,8 @@
 With several datasets (universal IQA) training batches come from :class:`MultiDatasetBatchSampler` (shares by
 strategy, single-dataset batches, DDP sharding); scores are trained on each dataset's [0, 1] higher-is-better
 scale (:class:`~qmamba.inference.scale.ScoreScale`: min-max over the dataset's known range, DMOS flipped) and
-reported on the native scale.
+reported on the native scale. A dataset of comparisons (:mod:`qmamba.data.comparisons`) trains on pairs of images
+and is evaluated on the held-out pairs between its validation (test) images, which are scored one by one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from qmamba.inference.trained import DataSpec
 
 from .catalog import DatasetError, DatasetInfo, dataset_info, load_dataset
 from .checks import CheckMode, ProblemReport, check_images
-from .dataset import IQADataset, SeededConcat
+from .comparisons import ComparisonSpec, components, load_comparisons
+from .dataset import IQADataset, PairDataset, SeededConcat
 from .sampler import MultiDatasetBatchSampler, SeededBatches, ShardSampler, Strategy, dataset_shares
 from .splits import make_splits, save_splits, split_problems
 from .tables import TableSpec, load_table, table_folder
@@ -58,6 +60,8 @@ class DatasetConfig:
         cache_dir: folder of the resized copies (default ``<root>/qmamba_short<N>``).
         table: a label table of your own instead of a registered dataset (:class:`~qmamba.data.tables.TableSpec`:
             the file, its columns, ``lower_better``, pyiqa's split files).
+        comparisons: a table of comparisons instead (:class:`~qmamba.data.comparisons.ComparisonSpec`: the file, the
+            two images' columns, ``p`` or ``winner``, counts); it takes no ``score_range``.
     """
 
     name: str
@@ -69,13 +73,22 @@ class DatasetConfig:
     short_side: int | Literal["auto"] | None = "auto"
     cache_dir: str | None = None
     table: TableSpec | None = None
+    comparisons: ComparisonSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.table, dict):
             self.table = _from_mapping(TableSpec, self.table, f"{self.key}: table")
-        if self.table is not None and self.options:
+        if isinstance(self.comparisons, dict):
+            self.comparisons = _from_mapping(ComparisonSpec, self.comparisons, f"{self.key}: comparisons")
+        if self.table is not None and self.comparisons is not None:
+            raise UsageError(f"{self.key}: a dataset is a table of scores or a table of comparisons, not both; make "
+                             "them two datasets")
+        if (self.table is not None or self.comparisons is not None) and self.options:
             raise UsageError(f"{self.key}: options are a registered dataset's loader options; a table takes none "
-                             "(name its columns under table:)")
+                             "(name its columns under table: or comparisons:)")
+        if self.comparisons is not None and self.score_range is not None:
+            raise UsageError(f"{self.key}: comparisons have no score scale (the model learns one from them); remove "
+                             "score_range")
         if self.protocol not in PROTOCOLS:
             raise UsageError(f"{self.key}: protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if self.score_range is not None:
@@ -96,6 +109,10 @@ class DatasetConfig:
 
     def info(self, score_range: tuple[float, float]) -> DatasetInfo:
         """The registered dataset's :class:`DatasetInfo`, or a table's on the scale in force (``score_range``)."""
+        if self.comparisons is not None:
+            spec = self.comparisons
+            return DatasetInfo(self.key, score_range, False, "content" if spec.first_group else "random",
+                               self.root or table_folder(spec.file), official_split=bool(spec.split))
         if self.table is None:
             return dataset_info(self.name)
         folder = self.root or table_folder(self.table.file)
@@ -111,6 +128,8 @@ class DatasetConfig:
 
 
 PROTOCOLS = ("auto", "content", "random", "official")
+PAIR_COLUMNS = ("first", "second", "judged", "weight")
+UNFITTED = "the model's raw output: no validation epoch has fitted the comparisons' scale yet"
 
 
 def _from_mapping(cls: type, entry: object, where: str) -> Any:
@@ -207,12 +226,17 @@ class IQADataModule(L.LightningDataModule):
         dataset_shares([1] * len(self.configs), sampling, temperature)  # a bad strategy fails at construction
         self.names = keys
         for config in self.configs:
-            if config.table is None:
+            if config.table is None and config.comparisons is None:
                 dataset_info(config.name)  # an unknown dataset fails at construction
+        kinds = {config.comparisons is not None for config in self.configs}
+        if mixed_batches and len(kinds) > 1:
+            raise UsageError("data.init_args.mixed_batches: a batch holds either images with scores or pairs of "
+                             "images, so a run with both kinds of dataset needs mixed_batches: false")
         self.scales: list[ScoreScale] = []  # each dataset's scale in force, once its labels are read (prepare)
         self.preprocessing = Preprocessing(crop_size, eval_crops)  # the backbone's (ImageNet) normalisation
         self._splits: list[dict[str, Dataset]] | None = None
         self._tables: list[tuple[pd.DataFrame, dict[str, np.ndarray]]] = []  # what each split holds, to be saved
+        self._pairs: list[dict[str, pd.DataFrame] | None] = []  # a comparisons dataset's pairs in its val / test
         self._splits_saved = False
         self._seed = 0  # set in prepare from the global seed; every DDP rank gets the same one
 
@@ -237,7 +261,7 @@ class IQADataModule(L.LightningDataModule):
             except DatasetError as err:
                 problems.append(str(err))
         if problems:
-            self.scales, self._tables = [], []
+            self.scales, self._tables, self._pairs = [], [], []
             raise DatasetError("\n".join(problems))
         self._splits = splits
 
@@ -247,11 +271,35 @@ class IQADataModule(L.LightningDataModule):
             self._save_splits()
 
     def _prepare_one(self, index: int, config: DatasetConfig) -> dict[str, Dataset]:
+        if config.comparisons is not None:
+            return self._prepare_comparisons(index, config)
         labels, report = config.labels()
         # the scale in force: the dataset's, a loader option's (KonIQ's 1-5 MOS), the config's or a table's
         info = config.info(labels.attrs["score_range"])
         scale = ScoreScale(*labels.attrs["score_range"], info.lower_better)
         table = self._usable_images(config, info, labels, report)
+        protocol, splits = self._split(config, info, table, report)
+        self.scales.append(scale)
+        self._tables.append((table, splits))
+        self._pairs.append(None)
+        targets = scale.to_unit(table["score"].to_numpy(np.float64))
+        stds = table["std"].to_numpy(np.float64) / (scale.high - scale.low) if "std" in table else None
+        paths = table["path"].tolist()
+        cache: dict[str, np.ndarray] | None = {} if self.cache_images else None
+
+        def subset(rows: np.ndarray, transform: Any) -> IQADataset:
+            return IQADataset([paths[i] for i in rows], targets[rows], transform, index, cache,
+                              None if stds is None else stds[rows])
+
+        evaluation = EvalCrops(self.preprocessing)
+        datasets = {"train": subset(splits["train"], TrainCrop(self.preprocessing, seed=self._seed + index)),
+                    "val": subset(splits["val"], evaluation), "test": subset(splits["test"], evaluation)}
+        log.info("%s (%s split): %s", config.key, protocol, ", ".join(f"{s} {len(v)}" for s, v in datasets.items()))
+        return datasets
+
+    def _split(self, config: DatasetConfig, info: DatasetInfo, table: pd.DataFrame,
+               report: ProblemReport) -> tuple[str, dict[str, np.ndarray]]:
+        """The protocol in force and each split's rows of ``table``; every problem so far raised in one report."""
         protocol = info.protocol if config.protocol == "auto" else config.protocol
         if config.protocol == "auto" and info.official_split:  # never a silent fallback from the official split
             protocol = "official"
@@ -268,20 +316,68 @@ class IQADataModule(L.LightningDataModule):
         if len(splits["val"]) == 0:
             log.warning("%s: no validation split; validating on the test split (best-on-test selection)", config.key)
             splits["val"] = splits["test"]
-        self.scales.append(scale)
-        self._tables.append((table, splits))
-        targets = scale.to_unit(table["score"].to_numpy(np.float64))
-        paths = table["path"].tolist()
+        return protocol, splits
+
+    def _prepare_comparisons(self, index: int, config: DatasetConfig) -> dict[str, Dataset]:
+        """A comparisons dataset: its images checked and split (by image), the pairs inside each split; training on
+        the training pairs, evaluation on the images of a split and the pairs between them."""
+        assert config.comparisons is not None
+        comparisons, report = load_comparisons(config.comparisons, config.key, config.root)
+        info = config.info((0.0, 1.0))
+        images = self._usable_images(config, info, comparisons.images, report)
+        names = comparisons.images["name"].to_numpy()
+        position = pd.Series(np.arange(len(images)), index=images["name"])  # the images left after the checks
+        pairs = comparisons.pairs.assign(first=position.reindex(names[comparisons.pairs["first"]]).to_numpy(),
+                                         second=position.reindex(names[comparisons.pairs["second"]]).to_numpy())
+        pairs = pairs.dropna(subset=["first", "second"]).astype({"first": int, "second": int})
+        protocol, splits = self._split(config, info, images, report)
+        side = np.full(len(images), "", dtype=object)
+        for name in ("val", "test", "train"):  # without a validation split val is the test split: test it is
+            side[splits[name]] = name
+        within = {name: pairs[(side[pairs["first"]] == name) & (side[pairs["second"]] == name)]
+                  for name in ("train", "val", "test")}
+        if splits["val"] is splits["test"]:
+            within["val"] = within["test"]
+        crossing = len(pairs) - sum(len(within[n]) for n in ("train", "test")) - \
+            (0 if within["val"] is within["test"] else len(within["val"]))
+        if crossing:
+            log.info("%s: %d of %d pairs compare images of two splits and are left out (no image is on two sides "
+                     "of the split)", config.key, crossing, len(pairs))
+        if within["train"].empty:
+            raise DatasetError(f"{config.key}: no comparison has both images in the training split; give the "
+                               "training images comparisons among themselves (or a split column)")
+        train_images = splits["train"]
+        pieces = len(np.unique(components(len(images), within["train"]["first"].to_numpy(),
+                                          within["train"]["second"].to_numpy())[train_images]))
+        if pieces > 1:
+            log.warning("%s: the training comparisons link the %d training images in %d separate components",
+                        config.key, len(train_images), pieces)
+        self.scales.append(ScoreScale.fitted_scale(0.0, 1.0, UNFITTED))
+        self._tables.append((images, splits))
+        paths = images["path"].tolist()
         cache: dict[str, np.ndarray] | None = {} if self.cache_images else None
-
-        def subset(rows: np.ndarray, transform: Any) -> IQADataset:
-            return IQADataset([paths[i] for i in rows], targets[rows], transform, index, cache)
-
-        evaluation = EvalCrops(self.preprocessing)
-        datasets = {"train": subset(splits["train"], TrainCrop(self.preprocessing, seed=self._seed + index)),
-                    "val": subset(splits["val"], evaluation), "test": subset(splits["test"], evaluation)}
-        log.info("%s (%s split): %s", config.key, protocol, ", ".join(f"{s} {len(v)}" for s, v in datasets.items()))
+        crops = IQADataset(paths, None, TrainCrop(self.preprocessing, seed=self._seed + index), index, cache)
+        train = within["train"]
+        datasets: dict[str, Dataset] = {"train": PairDataset(crops, *(train[c].to_numpy() for c in PAIR_COLUMNS))}
+        held_out: dict[str, pd.DataFrame] = {}
+        for name in ("val", "test"):
+            rows = splits[name]
+            local = pd.Series(np.arange(len(rows)), index=rows)
+            held_out[name] = within[name].assign(first=local[within[name]["first"]].to_numpy(),
+                                                 second=local[within[name]["second"]].to_numpy())
+            datasets[name] = IQADataset([paths[i] for i in rows], None, EvalCrops(self.preprocessing), index, cache)
+        self._pairs.append(held_out)
+        log.info("%s (%s split by image): train %d images, %d pairs; val %d, %d; test %d, %d", config.key, protocol,
+                 len(train_images), len(train), len(splits["val"]), len(held_out["val"]), len(splits["test"]),
+                 len(held_out["test"]))
         return datasets
+
+    def held_out_pairs(self, split: str, index: int) -> pd.DataFrame | None:
+        """The comparisons between the ``val`` / ``test`` images of dataset ``index`` (``first`` and ``second`` index
+        that split's images; ``judged``, ``weight``), or None for a dataset of scores."""
+        self.prepare()
+        pairs = self._pairs[index]
+        return None if pairs is None else pairs[split]
 
     def _usable_images(self, config: DatasetConfig, info: DatasetInfo, table: pd.DataFrame,
                        report: ProblemReport) -> pd.DataFrame:
@@ -326,9 +422,13 @@ class IQADataModule(L.LightningDataModule):
         """One line per dataset: its images, scale and split (after :meth:`prepare`)."""
         self.prepare()
         lines = []
-        for key, scale, (table, splits) in zip(self.names, self.scales, self._tables, strict=True):
+        for key, scale, (table, splits), pairs in zip(self.names, self.scales, self._tables, self._pairs, strict=True):
             direction = "lower" if scale.lower_better else "higher"
             sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
+            if pairs is not None:
+                lines.append(f"{key}: {len(table)} images in comparisons; images {sizes}; held-out pairs "
+                             f"{', '.join(f'{name} {len(p)}' for name, p in pairs.items())}")
+                continue
             lines.append(f"{key}: {len(table)} images, scores {scale.low:g}-{scale.high:g} ({direction} is better); "
                          f"{sizes}")
         return lines

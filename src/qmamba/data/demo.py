@@ -15,8 +15,13 @@ distorted and the pristine image, ``MOS = 1 + 4 * (0.4 * (1 - severity) + 0.6 * 
 For the KonIQ-style set 100 simulated votes on the 1-5 scale are drawn around that MOS (normal, sd 0.6, rounded and
 clipped); ``MOS`` is their mean, ``SD`` their deviation and ``MOS_zscore = 25 * (MOS - 1)`` puts it on 0-100.
 Held-out content: the KonIQ-style split file assigns whole photographs (all their crops) and scenes to train /
-validation / test, and the KADID-style set is split by reference like the real dataset. Distortions were chosen so that
-their strength is visible without the reference (contrast or colour changes would need the pristine image).
+validation / test, and the KADID-style set is split by reference like the real dataset. Distortions were chosen so
+that their strength is visible without the reference (contrast or colour changes would need the pristine image).
+
+Each set also comes as comparisons (``comparisons.csv``, :func:`simulated_comparisons`): pairs of images of one split
+and the probability that a rater prefers the first, from the two MOS through Thurstone's model with the votes' noise
+(sd 0.6 on the 1-5 scale, that of the KonIQ-style votes), as a 2AFC experiment on the same images would give it. The
+KADID-style set's split is the one ``configs/demo.yaml`` makes (by reference, seed 0, 25 % test, 15 % validation).
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from PIL import Image, ImageFilter
 
 from qmamba.files.atomic import write_text_atomic
 
-__all__ = ["DISTORTIONS", "IN_THE_WILD", "build_demo_datasets", "ms_ssim", "simulated_mos"]
+from .splits import make_splits
+
+__all__ = ["DISTORTIONS", "IN_THE_WILD", "build_demo_datasets", "ms_ssim", "simulated_comparisons", "simulated_mos"]
 
 # The natural photographs bundled with scikit-image (no download) plus matplotlib's sample photo; gray ones become
 # gray RGB. Like KADID-10k's curated references they should be pristine natural scenes: skimage's clock (soft,
@@ -47,6 +54,8 @@ DEAD_LEAVES = 70  # procedural references added to the 11 photographs: 81 refere
 REFERENCE_SIZE = (256, 192)  # (width, height): KADID's 4:3 aspect (512x384) at half size
 KONIQ_SIZE = (256, 192)
 KONIQ_DEAD_LEAVES = 60  # scenes added to the photographs' crops: 93 contents, 71 held-out groups
+RATER_SD = 0.6  # one simulated vote's noise on the 1-5 scale
+DEMO_SPLIT = {"seed": 0, "test_fraction": 0.25, "val_fraction": 0.15}  # configs/demo.yaml's split
 
 
 def _gray_rgb(image: np.ndarray) -> np.ndarray:
@@ -317,14 +326,63 @@ def build_koniq_style(
     return table
 
 
+def simulated_comparisons(names: pd.Series, mos: pd.Series, split: pd.Series, pairs_per_image: int = 8,
+                          rater_sd: float = RATER_SD, seed: int = 0) -> pd.DataFrame:
+    """Comparisons of a scored set: pairs drawn within each split (every image in about ``pairs_per_image`` of them,
+    never with itself) and ``p = Phi((MOS_first - MOS_second) / (sqrt(2) * rater_sd))`` (MOS on the 1-5 scale)."""
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in ("train", "val", "test"):
+        members = np.flatnonzero((split == name).to_numpy())
+        if len(members) < 2:
+            continue
+        count = len(members) * pairs_per_image // 2
+        first = rng.choice(members, count)
+        second = rng.choice(members, count)
+        same = first == second
+        second[same] = members[(np.searchsorted(members, second[same]) + 1) % len(members)]
+        p = norm.cdf((mos.to_numpy()[first] - mos.to_numpy()[second]) / (np.sqrt(2.0) * rater_sd))
+        rows.append(pd.DataFrame({"first": names.to_numpy()[first], "second": names.to_numpy()[second],
+                                  "p": p.round(4), "split": name}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _kadid_comparisons(root: Path, table: pd.DataFrame) -> None:
+    """``comparisons.csv`` of the KADID-style set, split as ``configs/demo.yaml`` splits it."""
+    content = pd.DataFrame({"content": table["ref_img"]})
+    splits = make_splits(content, "content", DEMO_SPLIT["seed"], DEMO_SPLIT["test_fraction"],
+                         DEMO_SPLIT["val_fraction"])
+    split = pd.Series("", index=table.index)
+    for name, rows in splits.items():
+        split.iloc[rows] = name
+    pairs = simulated_comparisons("images/" + table["dist_img"], table["dmos"], split)
+    write_text_atomic(root / "comparisons.csv", pairs.to_csv(index=False))
+
+
+def _koniq_comparisons(root: Path, table: pd.DataFrame) -> None:
+    """``comparisons.csv`` of the KonIQ-style set, in its official split."""
+    split = table["set"].map({"training": "train", "validation": "val", "test": "test"})
+    pairs = simulated_comparisons("1024x768/" + table["image_name"], table["MOS"], split, seed=1)
+    write_text_atomic(root / "comparisons.csv", pairs.to_csv(index=False))
+
+
 def build_demo_datasets(out: str | Path = "data/demo", force: bool = False) -> dict[str, Path]:
-    """Build both demo datasets under ``out`` (skipped when their label files already exist)."""
+    """Build both demo datasets and their comparisons under ``out`` (each skipped when its file already exists)."""
     out = Path(out)
     targets = {"demo_kadid": out / "kadid10k", "demo_koniq": out / "koniq10k"}
-    if force or not (targets["demo_kadid"] / "dmos.csv").is_file():
-        build_kadid_style(targets["demo_kadid"])
-    if force or not (targets["demo_koniq"] / "koniq10k_distributions_sets.csv").is_file():
-        build_koniq_style(targets["demo_koniq"])
+    kadid, koniq = targets["demo_kadid"], targets["demo_koniq"]
+    if force or not (kadid / "dmos.csv").is_file():
+        build_kadid_style(kadid)
+    if force or not (kadid / "comparisons.csv").is_file():
+        _kadid_comparisons(kadid, pd.read_csv(kadid / "dmos.csv"))
+    if force or not (koniq / "koniq10k_distributions_sets.csv").is_file():
+        build_koniq_style(koniq)
+    if force or not (koniq / "comparisons.csv").is_file():
+        scores = pd.read_csv(koniq / "koniq10k_scores_and_distributions.csv")
+        sets = pd.read_csv(koniq / "koniq10k_distributions_sets.csv")
+        _koniq_comparisons(koniq, scores.assign(set=sets["set"]))
     return targets
 
 

@@ -36,7 +36,7 @@ from qmamba.inference.sources import InputError, NetworkLimits, RemoteFile, expa
 from .checks import ProblemReport
 from .errors import DatasetError
 
-__all__ = ["TableSpec", "load_table", "table_folder"]
+__all__ = ["TableSpec", "load_table", "read_table_file", "resolve_paths", "table_folder"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -98,7 +98,7 @@ def load_table(spec: TableSpec, dataset: str, root: str | None, score_range: tup
 
     A table that cannot be used at all (missing, unreadable, a named column it lacks, no rows, an undeclared scale or
     direction, a bad split file) is a :class:`DatasetError` at once."""
-    frame = _read(spec.file, dataset, limits)
+    frame = read_table_file(spec.file, dataset, limits)
     names = list(frame.columns)
     positional = spec.format == "pyiqa"
     path_column = spec.path or (names[0] if positional else "path")
@@ -158,15 +158,15 @@ def load_table(spec: TableSpec, dataset: str, root: str | None, score_range: tup
         refuse((~split.isin(SPLITS)).to_numpy(), f"split values other than {' / '.join(SPLITS)}",
                "use train, val or test in the split column", frame[spec.split])  # type: ignore[index]
     # object, not str: pandas would turn the URIs' and tar members' sources into plain strings
-    table["path"] = pd.Series(_resolve(table["name"], spec.file, root, dataset, limits, report, keep, table["row"]),
-                              dtype=object)
+    paths = resolve_paths(table["name"], spec.file, root, dataset, limits, report, keep, table["row"])
+    table["path"] = pd.Series(paths, dtype=object)
     _repeated_images(table, keep, report)
     usable = table[keep].reset_index(drop=True)
     usable.attrs["score_range"] = (low, high)
     return usable, report
 
 
-def _read(file: str, dataset: str, limits: NetworkLimits) -> pd.DataFrame:
+def read_table_file(file: str, dataset: str, limits: NetworkLimits) -> pd.DataFrame:
     suffix = PurePosixPath(file.split("?", 1)[0]).suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DatasetError(f"{dataset}: the table {file} is not a .csv, .parquet or .jsonl file")
@@ -241,7 +241,7 @@ def _pyiqa_split_file(spec: TableSpec, rows: int, dataset: str) -> pd.Series:
     return labels
 
 
-def _resolve(names: pd.Series, file: str, root: str | None, dataset: str, limits: NetworkLimits,
+def resolve_paths(names: pd.Series, file: str, root: str | None, dataset: str, limits: NetworkLimits,
              report: ProblemReport, keep: np.ndarray, rows: pd.Series) -> list[str]:
     """Each row's image: a local path, a :class:`~qmamba.inference.sources.RemoteFile` or a tar-shard member; a path
     outside an explicitly given root, and a member its shard lacks, are reported."""

@@ -60,7 +60,9 @@ def window_starts(length: int, size: int, stride: int) -> np.ndarray:
 def render(image: np.ndarray, qmap: QualityMap, scale: ScoreScale, max_side: int = 1024) -> Image.Image:
     """The (H, W, 3) uint8 image in grey, tinted by the map: red where quality is worst on the dataset's scale,
     green where it is best; at most ``max_side`` pixels on its longer side."""
-    unit = np.clip(scale.to_unit(qmap.dense()), 0.0, 1.0) * 2.0  # 0..2 across the two colour segments
+    scores = qmap.dense()  # a fitted scale has no bounds: its colours span two standard deviations either side
+    unit = (scores + 2.0) / 4.0 if scale.fitted else scale.to_unit(scores)
+    unit = np.clip(unit, 0.0, 1.0) * 2.0  # 0..2 across the two colour segments
     low = np.minimum(unit.astype(int), 1)
     t = (unit - low)[..., None]
     tint = _ANCHORS[low] * (1 - t) + _ANCHORS[low + 1] * t

@@ -115,6 +115,8 @@ class RayScorer:
         self.described: Scorer = load(local, device="cpu", **{**self.options, "compile": False,
                                                                "precision": described_precision})
         self.described.info.update(checkpoint=str(checkpoint), precision=precision)
+        if clip:
+            self.described.scale.check_clip(self.described.dataset)
         self.files = {p.name: p.read_bytes() for p in (sorted(local.glob("*")) if local.is_dir() else [local])}
         self.clip, self.concurrency = clip, concurrency
         self.gpus, self.cpus = gpus_per_worker, cpus_per_worker

@@ -33,7 +33,7 @@ PAPER_RESULTS: dict[str, tuple[float, float]] = {
     "spaq": (0.927, 0.933),
     "flive": (0.574, 0.672),
 }
-METRICS = ("srcc", "plcc", "krcc", "rmse", "plcc_logistic")
+METRICS = ("srcc", "plcc", "krcc", "rmse", "plcc_logistic", "pair_accuracy", "log_likelihood")
 
 
 def _split_run(out: Path, split: int, configs: Sequence[str], extra: Sequence[str]) -> dict:
@@ -66,12 +66,12 @@ def format_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = [header, "-" * len(header)]
     for dataset, metrics in summary.items():
         paper = PAPER_RESULTS.get(dataset)
-        for i, metric in enumerate(("srcc", "plcc")):
-            s = metrics.get(metric)
+        for i, (metric, label) in enumerate((("srcc", "SRCC"), ("plcc", "PLCC"), ("pair_accuracy", "PAIRS"))):
+            s = metrics.get(metric)  # a comparisons dataset has its pairwise accuracy, no SRCC / PLCC
             if s is None:
                 continue
-            reference = f"{paper[i]:.3f}" if paper else "-"
-            lines.append(f"{dataset:<14} {metric.upper():<6} {s['splits']:>6d} {s['median']:>7.4f} {s['mean']:>7.4f} "
+            reference = f"{paper[i]:.3f}" if paper and i < len(paper) else "-"
+            lines.append(f"{dataset:<14} {label:<6} {s['splits']:>6d} {s['median']:>7.4f} {s['mean']:>7.4f} "
                          f"{s['std']:>6.4f} {s['min']:>7.4f} {s['max']:>7.4f} {reference:>12}")
     return "\n".join(lines)
 

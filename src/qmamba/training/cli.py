@@ -134,11 +134,21 @@ class QMambaCLI(LightningCLI):
         self.model.build_optimizer()  # discarded: the fit builds its own
         if isinstance(self.datamodule, IQADataModule):
             self.datamodule.prepare()  # every label, image and split problem, before the run folder exists
+            self._monitor_comparisons(self.datamodule)
         config = self.config[self.subcommand]
         if rank_zero_only.rank == 0:  # DDP's other ranks join the folder rank 0 holds
             _HELD_LOCKS.append(prepare_fit_folder(run_dir(config), resuming=bool(config.ckpt_path),
                                                   overwrite=config.overwrite))
             config.overwrite = False  # the saved config.yaml must not replace the run again when reused
+
+    def _monitor_comparisons(self, datamodule: IQADataModule) -> None:
+        """A run on comparisons alone has no SRCC: its best checkpoint follows the held-out pairwise accuracy."""
+        if all(c.comparisons is not None for c in datamodule.configs):
+            for callback in self.trainer.checkpoint_callbacks:
+                if isinstance(callback, RunCheckpoint) and callback.monitor == "val/srcc":
+                    callback.monitor = "val/pair_accuracy"
+                    log.info("checkpoint.monitor: val/pair_accuracy (the run's datasets are comparisons, which have "
+                             "no SRCC; --checkpoint.monitor sets another)")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         save_config = self.save_config_callback

@@ -1,4 +1,5 @@
-"""IQA metrics on native-scale scores, in float32: SRCC, PLCC, KRCC, RMSE and logistic-fitted PLCC."""
+"""IQA metrics: SRCC, PLCC, KRCC, RMSE and logistic-fitted PLCC of native-scale scores (float32); pairwise accuracy
+and log-likelihood of held-out comparisons."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
 
-__all__ = ["iqa_metrics", "logistic_plcc"]
+__all__ = ["iqa_metrics", "logistic_plcc", "pair_metrics"]
 
 
 def logistic_plcc(preds: np.ndarray, target: np.ndarray) -> float:
@@ -45,3 +46,22 @@ def iqa_metrics(preds: torch.Tensor, target: torch.Tensor, logistic: bool = Fals
     if logistic:
         out["plcc_logistic"] = logistic_plcc(preds.double().numpy(), target.double().numpy())
     return out
+
+
+def pair_metrics(scores: np.ndarray, first: np.ndarray, second: np.ndarray, judged: np.ndarray, weight: np.ndarray,
+                 predicted: np.ndarray) -> dict[str, float]:
+    """How well image scores explain held-out comparisons, counted per judgement (a pair judged ``weight`` times,
+    the first better in a share ``judged`` of them).
+
+    ``pair_accuracy``: the share of judgements whose better image the scores rank higher (a tie in the scores is
+    half right); ``log_likelihood``: the mean log-probability of the judgements under the model's ``predicted``
+    probabilities (nats per judgement; 0 is perfect, log 0.5 = -0.693 a coin)."""
+    total = float(weight.sum())
+    if total == 0:
+        return {"pair_accuracy": float("nan"), "log_likelihood": float("nan"), "pairs": 0.0}
+    difference = scores[first] - scores[second]
+    agree = np.where(difference > 0, judged, np.where(difference < 0, 1.0 - judged, 0.5))
+    predicted = np.clip(predicted.astype(np.float64), 1e-12, 1.0 - 1e-12)
+    likelihood = judged * np.log(predicted) + (1.0 - judged) * np.log1p(-predicted)
+    return {"pair_accuracy": float((agree * weight).sum() / total),
+            "log_likelihood": float((likelihood * weight).sum() / total), "pairs": float(len(first))}

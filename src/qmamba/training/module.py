@@ -1,9 +1,11 @@
-"""The IQA LightningModule: QMamba regression with per-dataset metrics, multi-crop evaluation and scatter plots."""
+"""The IQA LightningModule: QMamba regression (or learning from comparisons) with per-dataset metrics, multi-crop
+evaluation and scatter plots."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,12 +23,13 @@ from qmamba.errors import QMambaError, UsageError
 from qmamba.files.atomic import write_text_atomic
 from qmamba.files.checkpoint import CheckpointError
 from qmamba.files.weights import resolve_pretrained
+from qmamba.inference.scale import ScoreScale
 from qmamba.inference.trained import DataSpec, build_architecture
 from qmamba.models import load_official_checkpoint
 from qmamba.models.compiling import compile_model, run_compiled
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
-from qmamba.training.losses import IQALoss
-from qmamba.training.metrics import iqa_metrics
+from qmamba.training.losses import LOGISTIC_SPREAD, IQALoss, Link, preference_probability
+from qmamba.training.metrics import iqa_metrics, pair_metrics
 from qmamba.training.plots import scatter_figure
 
 __all__ = ["QMambaIQA"]
@@ -36,7 +39,8 @@ COMPILE_OPTION = "--model.compile true"
 
 
 class QMambaIQA(L.LightningModule):
-    """No-reference IQA with a QMamba regressor trained on unit-scale scores (higher = better).
+    """No-reference IQA with a QMamba regressor trained on unit-scale scores (higher = better), on comparisons, or
+    on both (:mod:`qmamba.training.losses`).
 
     Args:
         backbone: registered backbone (``qmamba_tiny``, ``lqmamba_small``, ``qmamba_test``, ...).
@@ -47,10 +51,16 @@ class QMambaIQA(L.LightningModule):
         head_features: backbone features pooled by the head (``pooled``; ``stage2`` etc. for multi-scale).
         head_hidden: hidden width of an optional MLP head.
         head_dropout: dropout before the regressor.
-        loss: regression loss on unit-scale scores.
+        loss: loss on unit-scale scores: a regression loss, or ``fidelity`` over the in-batch pairs of each
+            dataset alone (scale-free: SRCC and the logistic-fitted PLCC stay meaningful, RMSE does not).
         smoothl1_beta: transition point of the smooth-L1 loss (scores lie in [0, 1]).
         plcc_weight: weight of an added (1 - PLCC) / 2 batch loss.
         rank_weight: weight of an added pairwise margin-ranking loss.
+        fidelity_weight: weight of an added fidelity loss over the in-batch pairs of each dataset (LIQE's scheme).
+        pair_link: ``thurstone`` (normal noise, probit) or ``bradley_terry`` (logistic) preference model, for
+            comparisons datasets and the in-batch pairs.
+        pair_sigma: each image's noise (standard deviation) in the preference model, in model-output units (the
+            unit scale of scores); the ratings' own standard deviations replace it where a table gives them.
         optimizer: optimizer factory, called with parameter groups (no weight decay on norms, biases, A_logs, Ds).
         scheduler: optional epoch-wise LR scheduler factory.
         scatter_points: at most this many points per predicted-vs-MOS scatter figure.
@@ -67,10 +77,13 @@ class QMambaIQA(L.LightningModule):
         head_features: tuple[str, ...] = ("pooled",),
         head_hidden: int | None = None,
         head_dropout: float = 0.0,
-        loss: Literal["smoothl1", "l1", "mse"] = "smoothl1",
+        loss: Literal["smoothl1", "l1", "mse", "fidelity"] = "smoothl1",
         smoothl1_beta: float = 0.1,
         plcc_weight: float = 0.0,
         rank_weight: float = 0.0,
+        fidelity_weight: float = 0.0,
+        pair_link: Link = "thurstone",
+        pair_sigma: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         scatter_points: int = 2000,
@@ -79,7 +92,11 @@ class QMambaIQA(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = build_architecture(backbone, backbone_args, head_features, head_hidden, head_dropout)
-        self.criterion = IQALoss(loss, smoothl1_beta, plcc_weight, rank_weight)
+        try:
+            self.criterion = IQALoss(loss, smoothl1_beta, plcc_weight, rank_weight, fidelity_weight=fidelity_weight,
+                                     pair_link=pair_link, pair_sigma=pair_sigma)
+        except ValueError as err:
+            raise UsageError(f"model.init_args: {err}") from None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.spec = DataSpec()  # the datasets' names, scales and preprocessing: from the DataModule or a checkpoint
         self.pretrained_source: dict[str, Any] | None = None  # the weights the run started from: name, URL, SHA-256
@@ -96,12 +113,12 @@ class QMambaIQA(L.LightningModule):
     def setup(self, stage: str) -> None:
         self._base_seed = torch.initial_seed()  # seed_everything's: the same in a run and in its resumption
         if isinstance(self._datamodule(), IQADataModule):
-            self.spec = self._datamodule().spec
+            self._keep_fitted_scales(self.spec, self._datamodule().spec)  # a test after the fit, in one process
         for split in ("val", "test"):
             for i in range(len(self.spec.datasets)):
                 # NaN predictions are kept (and refused in _epoch_metrics), never dropped from the metrics
-                self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({"preds": CatMetric(nan_strategy="disable"),
-                                                                 "target": CatMetric(nan_strategy="disable")})
+                self.eval_stores[f"{split}_{i}"] = nn.ModuleDict({
+                    key: CatMetric(nan_strategy="disable") for key in ("preds", "target", "index")})
         if self.hparams.compile:
             compile_model(self.model, self.trainer.strategy.root_device, COMPILE_OPTION)
 
@@ -173,8 +190,14 @@ class QMambaIQA(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        preds = self.model(batch["image"]).float()
-        loss = self.criterion(preds, batch["target"].float())
+        if "judged" in batch:  # comparisons: (B, 2, 3, h, w), both images of each pair in one forward
+            scores = self.model(batch["image"].flatten(0, 1)).float().view(-1, 2)
+            preds = scores[:, 0]
+            loss = self.criterion.comparisons(scores[:, 0], scores[:, 1], batch["judged"].float(),
+                                              batch["weight"].float())
+        else:
+            preds = self.model(batch["image"]).float()
+            loss = self.criterion(preds, batch["target"].float(), batch["dataset"], batch["std"].float())
         if not torch.isfinite(loss):  # one scalar read per step; a NaN would otherwise end in an unrelated error
             lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
             raise QMambaError(f"the training loss became {loss.item()} at epoch {self.current_epoch}, step "
@@ -196,6 +219,7 @@ class QMambaIQA(L.LightningModule):
         store = self.eval_stores[f"{split}_{dataloader_idx}"]
         store["preds"].update(self._image_scores(batch["image"]))
         store["target"].update(batch["target"].float())
+        store["index"].update(batch["index"].float())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._store("val", batch, dataloader_idx)
@@ -212,18 +236,24 @@ class QMambaIQA(L.LightningModule):
     def _epoch_metrics(self, split: str) -> dict[str, dict[str, float]]:
         """Compute (on every rank: it synchronises) and reset the metrics of each dataset, on its native scale."""
         results: dict[str, dict[str, float]] = {}
-        for i, (name, scale) in enumerate(zip(self.spec.datasets, self.spec.scales, strict=True)):
+        for i, name in enumerate(self.spec.datasets):
             store = self.eval_stores[f"{split}_{i}"]
             if store["preds"].update_count == 0:
                 continue
-            preds, target = scale.to_native(store["preds"].compute()), scale.to_native(store["target"].compute())
-            store["preds"].reset()
-            store["target"].reset()
-            if not torch.isfinite(preds).all():
-                raise QMambaError(f"the model predicted NaN or inf for {int((~torch.isfinite(preds)).sum())} of "
-                                  f"{preds.numel()} {split} images of {name} at epoch {self.current_epoch}: its "
+            outputs, target, index = (store[key].compute() for key in ("preds", "target", "index"))
+            for metric in store.values():
+                metric.reset()
+            if not torch.isfinite(outputs).all():
+                raise QMambaError(f"the model predicted NaN or inf for {int((~torch.isfinite(outputs)).sum())} of "
+                                  f"{outputs.numel()} {split} images of {name} at epoch {self.current_epoch}: its "
                                   "weights are not finite (a diverged run?); use an earlier checkpoint or train "
                                   "again with a lower learning rate")
+            pairs = self._held_out_pairs(split, i)
+            if pairs is not None:
+                results[name] = self._comparison_metrics(split, i, outputs, index.long(), pairs)
+                continue
+            scale = self.spec.scales[i]
+            preds, target = scale.to_native(outputs), scale.to_native(target)
             results[name] = iqa_metrics(preds, target, logistic=split == "test")
             results[name]["images"] = float(preds.numel())
             if split == "val" and not self.trainer.sanity_checking:
@@ -233,11 +263,50 @@ class QMambaIQA(L.LightningModule):
                 if key != "images":
                     # identical on every rank (the stores gathered all shards); the mean-reduce keeps DDP quiet
                     self.log(f"{split}/{name}/{key}", value, add_dataloader_idx=False, sync_dist=True)
-        if results:
-            for key in ("srcc", "plcc"):
-                mean = sum(m[key] for m in results.values()) / len(results)
+        for keys in (("srcc", "plcc"), ("pair_accuracy",)):  # means over the datasets that have them
+            having = [m for m in results.values() if keys[0] in m]
+            for key in keys if having else ():
+                mean = sum(m[key] for m in having) / len(having)
                 self.log(f"{split}/{key}", mean, prog_bar=split == "val", add_dataloader_idx=False, sync_dist=True)
         return results
+
+    def _held_out_pairs(self, split: str, index: int) -> Any:
+        datamodule = self._datamodule()
+        return datamodule.held_out_pairs(split, index) if isinstance(datamodule, IQADataModule) else None
+
+    def _comparison_metrics(self, split: str, index: int, outputs: Tensor, positions: Tensor,
+                            pairs: Any) -> dict[str, float]:
+        """Pairwise accuracy and log-likelihood of a comparisons dataset's held-out pairs, from the scores of the
+        split's images (gathered from every rank, put back in order). In a fit's validation the dataset's scale is
+        fitted to these images' scores: centred on their mean, their standard deviation as the unit."""
+        count = max(int(positions.max()) + 1, int(pairs[["first", "second"]].to_numpy().max(initial=-1)) + 1)
+        scores = torch.full((count,), float("nan"), dtype=torch.float64)
+        scores[positions.cpu()] = outputs.double().cpu()
+        scores_np = scores.numpy()
+        scored = np.isfinite(scores_np)  # all of them, but in the sanity check's few batches
+        pairs = pairs[scored[pairs["first"]] & scored[pairs["second"]]]
+        first, second = pairs["first"].to_numpy(), pairs["second"].to_numpy()
+        scores_np = np.where(scored, scores_np, 0.0)
+        spread = math.sqrt(2.0) * self.criterion.sigma
+        predicted = preference_probability(torch.from_numpy(scores_np[first] - scores_np[second]), spread,
+                                           self.criterion.link).numpy()
+        results = pair_metrics(scores_np, first, second, pairs["judged"].to_numpy(), pairs["weight"].to_numpy(),
+                               predicted)
+        results["images"] = float(scored.sum())
+        if split == "val" and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking \
+                and scores_np[scored].std() > 0:
+            self.spec.scales[index] = self._fitted_scale(self.spec.datasets[index], float(scores_np[scored].mean()),
+                                                         float(scores_np[scored].std()))
+        return results
+
+    def _fitted_scale(self, name: str, centre: float, spread: float) -> ScoreScale:
+        """The scale of a model trained from the comparisons of ``name``, in words a reader of a score can use."""
+        step = spread / (math.sqrt(2.0) * self.criterion.sigma)
+        law = (f"Phi({step:.4g} * (s_A - s_B))" if self.criterion.link == "thurstone" else
+               f"1 / (1 + exp(-{step * LOGISTIC_SPREAD:.4g} * (s_A - s_B)))")
+        return ScoreScale.fitted_scale(centre, spread, (
+            f"a {self.criterion.link.replace('_', '-').title()} scale fitted to the comparisons of {name}: 0 is the "
+            f"mean of its validation images, 1 their standard deviation; P(A looks better than B) = {law}"))
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val")
@@ -261,11 +330,21 @@ class QMambaIQA(L.LightningModule):
         """Print the final table and write ``test_results.json`` next to the run."""
         if not results:
             return
-        header = f"{'dataset':<16} {'images':>7} {'SRCC':>7} {'PLCC':>7} {'KRCC':>7} {'RMSE':>9} {'PLCC(4PL)':>10}"
-        lines = [header, "-" * len(header)]
-        for name, m in results.items():
-            lines.append(f"{name:<16} {int(m['images']):>7d} {m['srcc']:>7.4f} {m['plcc']:>7.4f} {m['krcc']:>7.4f} "
-                         f"{m['rmse']:>9.4f} {m.get('plcc_logistic', float('nan')):>10.4f}")
+        lines = []
+        scored = {name: m for name, m in results.items() if "srcc" in m}
+        if scored:
+            header = f"{'dataset':<16} {'images':>7} {'SRCC':>7} {'PLCC':>7} {'KRCC':>7} {'RMSE':>9} {'PLCC(4PL)':>10}"
+            lines += [header, "-" * len(header)]
+            for name, m in scored.items():
+                lines.append(f"{name:<16} {int(m['images']):>7d} {m['srcc']:>7.4f} {m['plcc']:>7.4f} "
+                             f"{m['krcc']:>7.4f} {m['rmse']:>9.4f} {m.get('plcc_logistic', float('nan')):>10.4f}")
+        compared = {name: m for name, m in results.items() if "pair_accuracy" in m}
+        if compared:
+            header = f"{'dataset':<16} {'images':>7} {'pairs':>7} {'pair accuracy':>14} {'log-likelihood':>15}"
+            lines += ([""] if lines else []) + [header, "-" * len(header)]
+            for name, m in compared.items():
+                lines.append(f"{name:<16} {int(m['images']):>7d} {int(m['pairs']):>7d} {m['pair_accuracy']:>14.4f} "
+                             f"{m['log_likelihood']:>15.4f}")
         print("\n" + "\n".join(lines) + "\n", flush=True)
         if log_dir:
             payload = {"checkpoint": self.trainer.ckpt_path, "pretrained": self.pretrained_source, "results": results}
@@ -286,8 +365,17 @@ class QMambaIQA(L.LightningModule):
         meta = checkpoint.get("qmamba")
         if meta and not isinstance(self._datamodule(), IQADataModule):  # a run's own data wins (testing elsewhere)
             self.spec = DataSpec.from_meta(meta)
+        elif meta:  # but a scale fitted to comparisons belongs to the weights: a resumed or tested run keeps it
+            self._keep_fitted_scales(DataSpec.from_meta(meta), self.spec)
         if meta and meta.get("pretrained"):
             self.pretrained_source = meta["pretrained"]
+
+    def _keep_fitted_scales(self, fitted: DataSpec, spec: DataSpec) -> None:
+        """Use ``spec``, with the scales that ``fitted`` has fitted to the comparisons of a dataset of both."""
+        for i, name in enumerate(spec.datasets):
+            if spec.scales[i].fitted and name in fitted.datasets and fitted.scale_of(name).fitted:
+                spec.scales[i] = fitted.scale_of(name)
+        self.spec = spec
 
     def _check_fits(self, checkpoint: dict[str, Any]) -> None:
         """One line, before Lightning's strict loading lists every key: a checkpoint of another architecture (or
