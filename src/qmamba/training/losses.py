@@ -120,8 +120,16 @@ class IQALoss(nn.Module):
                 loss = loss + self.fidelity_weight * fidelity(predicted, judged)
         return loss
 
+    @property
+    def pair_spread(self) -> float:
+        """The standard deviation of a score difference's noise: ``sigma`` per image, two images."""
+        return math.sqrt(2.0) * self.sigma
+
+    def preference(self, difference: Tensor) -> Tensor:
+        """``P(first better)`` for score differences ``f_first - f_second`` under the model's link and noise."""
+        return preference_probability(difference, self.pair_spread, self.link)
+
     def comparisons(self, first: Tensor, second: Tensor, judged: Tensor, weight: Tensor) -> Tensor:
         """The fidelity loss of a batch of comparisons: the two images' scores, the judged probability that the
-        first is better, and the judgements behind each (the model's noise: ``sigma`` per image)."""
-        spread = math.sqrt(2.0) * self.sigma
-        return fidelity(preference_probability(first - second, spread, self.link), judged, weight)
+        first is better, and the judgements behind each."""
+        return fidelity(self.preference(first - second), judged, weight)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +27,7 @@ from qmamba.inference.trained import DataSpec, build_architecture
 from qmamba.models import load_official_checkpoint
 from qmamba.models.compiling import compile_model, run_compiled
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
-from qmamba.training.losses import LOGISTIC_SPREAD, IQALoss, Link, preference_probability
+from qmamba.training.losses import LOGISTIC_SPREAD, IQALoss, Link
 from qmamba.training.metrics import iqa_metrics, pair_metrics
 from qmamba.training.plots import scatter_figure
 
@@ -287,9 +286,7 @@ class QMambaIQA(L.LightningModule):
         pairs = pairs[scored[pairs["first"]] & scored[pairs["second"]]]
         first, second = pairs["first"].to_numpy(), pairs["second"].to_numpy()
         scores_np = np.where(scored, scores_np, 0.0)
-        spread = math.sqrt(2.0) * self.criterion.sigma
-        predicted = preference_probability(torch.from_numpy(scores_np[first] - scores_np[second]), spread,
-                                           self.criterion.link).numpy()
+        predicted = self.criterion.preference(torch.from_numpy(scores_np[first] - scores_np[second])).numpy()
         results = pair_metrics(scores_np, first, second, pairs["judged"].to_numpy(), pairs["weight"].to_numpy(),
                                predicted)
         results["images"] = float(scored.sum())
@@ -301,7 +298,7 @@ class QMambaIQA(L.LightningModule):
 
     def _fitted_scale(self, name: str, centre: float, spread: float) -> ScoreScale:
         """The scale of a model trained from the comparisons of ``name``, in words a reader of a score can use."""
-        step = spread / (math.sqrt(2.0) * self.criterion.sigma)
+        step = spread / self.criterion.pair_spread
         law = (f"Phi({step:.4g} * (s_A - s_B))" if self.criterion.link == "thurstone" else
                f"1 / (1 + exp(-{step * LOGISTIC_SPREAD:.4g} * (s_A - s_B)))")
         return ScoreScale.fitted_scale(centre, spread, (
