@@ -8,17 +8,19 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CONSTRAINTS ?= requirements/constraints.txt
 PIP_INSTALL := $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export NO_ALBUMENTATIONS_UPDATE := 1
+# Material for MkDocs prints a banner about its successor on every build
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help install lock lock-lowest demo demo-data test test-fast lint bench-scan bench-cpu benchmark transfer clean
+.PHONY: help install lock lock-lowest demo demo-data test test-fast lint docs docs-serve bench-scan bench-cpu benchmark transfer clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-install: ## install qmamba (editable) with its test, demo and export dependencies at the locked versions; torch first if missing
+install: ## install qmamba (editable) with its test, demo, export and docs dependencies at the locked versions; torch first if missing
 	@start=$$(date +%s); \
 	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC) || exit 1; \
-	echo "$(PIP_INSTALL) -e \".[test,demo,export]\""; \
-	$(PIP_INSTALL) -e ".[test,demo,export]" || exit 1; \
+	echo "$(PIP_INSTALL) -e \".[test,demo,export,docs]\""; \
+	$(PIP_INSTALL) -e ".[test,demo,export,docs]" || exit 1; \
 	echo "make install: $$(( $$(date +%s) - start )) s"
 
 lock: ## regenerate requirements/constraints.txt in a fresh environment (then make test before committing it)
@@ -45,6 +47,12 @@ test: install ## install, then run the whole test suite (slow tests included)
 
 test-fast: ## run the tests not marked slow (no install)
 	$(PYTHON) -m pytest -m "not slow"
+
+docs: ## build the documentation site into site/ (strict: a broken link, anchor or API reference is an error)
+	$(PYTHON) -m mkdocs build --strict
+
+docs-serve: ## preview the documentation site at http://127.0.0.1:8000, rebuilt as the pages change
+	$(PYTHON) -m mkdocs serve --strict
 
 lint: ## ruff over the sources, tests and benchmarks
 	$(PYTHON) -m ruff check src tests benchmarks

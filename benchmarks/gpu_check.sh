@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the lent H100/H200 (docs: README "GPU checks"). Needs the project's wheels in .whl/
+# One-shot GPU check for the lent H100/H200 (docs: docs/models.md, Performance). Needs the project's wheels in .whl/
 # (mamba-ssm, causal-conv1d, jsonargparse, albumentations built for the GPU machine's torch 2.11 / Python 3.12).
 #   device run:  bash benchmarks/gpu_check.sh   with carry [".whl"]
 # One process per table; each stage has its own time limit and a failing stage does not stop the next; logs go to

@@ -29,7 +29,7 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = "test,demo,export,benchmark,cloud,ray,serve,parquet"  # every extra but cuda (nvcc builds, never locked)
+EXTRAS = "test,demo,export,docs,benchmark,cloud,ray,serve,parquet"  # every extra but cuda (nvcc builds, never locked)
 QMAMBA_REQUIRES = ("import importlib.metadata as m, re; "
                    "print('\\n'.join(sorted({re.split(r'[^A-Za-z0-9._-]', r, maxsplit=1)[0] "
                    "for r in m.requires('qmamba')})))")

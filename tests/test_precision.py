@@ -19,7 +19,7 @@ from qmamba.inference import precision as precision_module
 from qmamba.inference.preprocessing import Preprocessing
 from qmamba.models import build_model
 
-UNIT_BOUND = 0.01  # README: bf16 scores within 0.01 of fp32 on the unit scale
+UNIT_BOUND = 0.01  # docs/scoring.md: bf16 scores within 0.01 of fp32 on the unit scale
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ than fp32 and no more accurate, so asking for it there is refused on one line ra
 replaced by fp32 silently. ``auto`` is bf16 where the device has it natively and fp32 elsewhere.
 
 fp32 is the default: its scores are the same on every machine to the last digits, while bf16's differ from fp32's by
-up to about 0.01 on the unit scale (README, Scoring), which a score file compared across machines should not carry
-unless asked for.
+up to about 0.01 on the unit scale (docs/scoring.md, Precision), which a score file compared across machines should
+not carry unless asked for.
 """
 
 from __future__ import annotations
