@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import headless_chrome, needs_chromium
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -346,23 +347,13 @@ def test_the_page_is_served_without_external_resources(client):
     assert "http://" not in page and "https://" not in page  # works offline: no CDN
 
 
-def _chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium and chromium-driver (apt install chromium "
-                    "chromium-driver; .ci/run installs them)")
+@needs_chromium
 @pytest.mark.parametrize("token", [None, "s3cret"], ids=["open", "token in the address"])
 def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images, tmp_path, token):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    browser, driver_path = _chromium()  # type: ignore[misc]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -370,10 +361,6 @@ def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images,
                                str(trained[1] / "checkpoints" / "best.ckpt"), "--port", str(port), "--device", "cpu"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, **({"QMAMBA_SERVE_TOKEN": token} if token else {})})
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
-        options.add_argument(flag)
     chrome = None
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -385,7 +372,7 @@ def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images,
             except OSError:
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.2)
-        chrome = webdriver.Chrome(options=options, service=Service(driver_path))
+        chrome = headless_chrome(1100, 900)
         chrome.get(url + (f"#token={token}" if token else ""))  # with a token, the page sends it on every call
         picker = chrome.find_element(By.ID, "picker")
         picker.send_keys("\n".join(str(p) for p in images[:2]))
@@ -405,7 +392,7 @@ def test_the_page_in_a_real_browser_scores_sorts_and_shows_maps(trained, images,
         assert all(m.get_attribute("src").startswith("data:image/png") for m in maps)
         assert "trained on" in chrome.find_element(By.ID, "model").text  # /health answered too
         chrome.save_screenshot(str(tmp_path / "serve.png"))
-        if os.environ.get("QMAMBA_SCREENSHOT") and token is None:  # refresh the README's screenshot
+        if os.environ.get("QMAMBA_SCREENSHOT") and token is None:  # refresh the screenshot of docs/serve.md
             shutil.copy(tmp_path / "serve.png", SCREENSHOT)
     finally:
         if chrome is not None:
