@@ -168,6 +168,32 @@ def test_transfer_command_compares_methods_and_skips_finished_ones(tmp_path, mon
     assert (tmp_path / "tr" / "styleprompt" / "tuned.pt").stat().st_mtime_ns == stamp
 
 
+def test_transfer_to_a_target_of_comparisons_reports_pair_metrics(tmp_path, monkeypatch, capsys):
+    """A target with comparisons and no scores (once a KeyError on 'srcc' after its fits)."""
+    from qmamba.cli import main
+    from qmamba.data.demo import simulated_comparisons
+
+    conf = (Path(__file__).parent / "conf" / "tiny.yaml").read_text()
+    make_kadid(tmp_path / "kadid", refs=4)
+    labels = make_kadid(tmp_path / "target", refs=6)
+    split = labels["ref_img"].map({"I01.png": "val", "I02.png": "test"}).fillna("train")  # by reference
+    simulated_comparisons("images/" + labels["dist_img"], labels["dmos"], split).to_csv(tmp_path / "target" /
+                                                                                       "pairs.csv", index=False)
+    (tmp_path / "source.yaml").write_text(conf.replace("KADID_ROOT", str(tmp_path / "kadid")))
+    (tmp_path / "target.yaml").write_text(conf.replace(
+        "{name: kadid10k, root: KADID_ROOT, label: tiny_kadid}",
+        f"{{name: pairs, comparisons: {{file: {tmp_path / 'target' / 'pairs.csv'}, split: split}}}}"))
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", "source.yaml"])
+    main(["transfer", "--source", str(tmp_path / "runs" / "tiny" / "checkpoints" / "best.ckpt"), "--config",
+          "target.yaml", "--methods", "none,head", "--src-name", "tiny_kadid", "--out", "tr"])
+    results = pd.read_csv(tmp_path / "tr" / "results.csv")
+    assert results["method"].tolist() == ["none", "head"] and "srcc" not in results
+    assert results["pair_accuracy"].between(0, 1).all() and (results["log_likelihood"] < 0).all()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny_kadid -> target")]
+    assert len(lines) == 2 and all("pair accuracy" in line and "SRCC" not in line for line in lines)
+
+
 def test_methods_all_means_every_tuning_method_and_unknown_ones_are_refused(tmp_path):
     from qmamba.protocols.transfer import parse_methods, run_transfer
 

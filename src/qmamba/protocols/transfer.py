@@ -7,7 +7,8 @@
 target's training split with :class:`qmamba.training.PromptTuning` (``styleprompt``, ``static``, ``ssf``, ``head``,
 ``full``) and tests the validation-selected checkpoint. The target config supplies data, trainer and optimiser;
 the model architecture comes from the source checkpoint. Results: one line per method (source, target, method,
-trainable parameters, SRCC, PLCC) printed and written to ``<out>/results.csv``; finished methods are skipped.
+trainable parameters, SRCC and PLCC, or for a target of comparisons the held-out pair accuracy and log-likelihood)
+printed and written to ``<out>/results.csv``; finished methods are skipped.
 Arguments after ``--`` go to every fit and test.
 """
 
@@ -32,6 +33,8 @@ from qmamba.training.prompt_tuning import TUNING_METHODS
 __all__ = ["METHODS", "parse_methods", "run_transfer"]
 
 METHODS = ("none", *TUNING_METHODS)  # zero-shot, then every PromptTuning method
+# what a method's test reports: SRCC and PLCC on a scored target, pair metrics on a target of comparisons
+METRICS = {"srcc": "SRCC", "plcc": "PLCC", "pair_accuracy": "pair accuracy", "log_likelihood": "log-likelihood"}
 
 
 def _source_model_args(source: Path) -> dict[str, Any]:
@@ -69,8 +72,9 @@ def _run_method(source: Path, configs: list[str], method: str, out: Path, model_
     else:
         tuned = read_checkpoint(run / "tuned.pt")
         trainable, total = tuned["trainable_params"], tuned["total_params"]
-    return {"method": method, "trainable_params": trainable, "total_params": total, "srcc": metrics["srcc"],
-            "plcc": metrics["plcc"], "images": metrics.get("images")}
+    measured = {key: metrics[key] for key in METRICS if key in metrics}
+    return {"method": method, "trainable_params": trainable, "total_params": total, **measured,
+            "images": metrics.get("images")}
 
 
 def run_transfer(
@@ -96,8 +100,9 @@ def run_transfer(
     print(f"\ntransfer {src} -> {dst} ({out}):")
     for row in rows:
         share = f" ({100 * row['trainable_params'] / row['total_params']:.1f}%)" if row["total_params"] else ""
+        measured = "  ".join(f"{label} {row[key]:.4f}" for key, label in METRICS.items() if key in row)
         print(f"{row['source']} -> {row['target']}  {row['method']:<12} trainable {row['trainable_params']:>11,}"
-              f"{share:<9} SRCC {row['srcc']:.4f}  PLCC {row['plcc']:.4f}")
+              f"{share:<9} {measured}")
     print(flush=True)
     return table
 
