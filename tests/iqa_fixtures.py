@@ -222,3 +222,17 @@ def make_agiqa3k(root: Path, prompts: int = 4, generators: tuple[str, ...] = ("A
             rows.append((name, f"a photo of thing {p}", "", "", "", 1.0 + p * 0.5 + g, 0.3, 2.0, 0.3))
     pd.DataFrame(rows, columns=["name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align",
                                 "std_align"]).to_csv(root / "data.csv", index=False)
+
+
+def small_demo_checkout(root: Path) -> Path:
+    """The checkout's layout in miniature: the configs and small demo sets (the full ones take minutes to build), for
+    what runs as a new user runs it (the quickstart notebook, Get started's examples)."""
+    import shutil
+
+    from qmamba.data.demo import build_kadid_style, build_koniq_style
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", root / "configs")
+    build_kadid_style(root / "data" / "demo" / "kadid10k", sources=("astronaut",), dead_leaves_count=2)
+    build_koniq_style(root / "data" / "demo" / "koniq10k", sources=("astronaut", "coffee", "rocket"),
+                      crops_per_source=2, dead_leaves_count=4, variants=6)
+    return root

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from browser import headless_chrome, needs_chromium
+from iqa_fixtures import small_demo_checkout
 
 REPO = Path(__file__).resolve().parents[1]
 GET_STARTED = REPO / "docs" / "get-started.md"
@@ -181,17 +182,6 @@ def run_examples(markdown: str, sandbox: Path) -> int:
         else:
             raise ExampleFailed(f"a ```{lang} block: the examples test runs bash and python blocks")
     return count
-
-
-def small_demo_checkout(root: Path) -> Path:
-    """The checkout's layout in miniature: the configs and small demo sets (the full ones take minutes to build)."""
-    from qmamba.data.demo import build_kadid_style, build_koniq_style
-
-    shutil.copytree(REPO / "configs", root / "configs")
-    build_kadid_style(root / "data" / "demo" / "kadid10k", sources=("astronaut",), dead_leaves_count=2)
-    build_koniq_style(root / "data" / "demo" / "koniq10k", sources=("astronaut", "coffee", "rocket"),
-                      crops_per_source=2, dead_leaves_count=4, variants=6)
-    return root
 
 
 def section(markdown: str, heading: str) -> str:
