@@ -33,21 +33,22 @@ import torch
 from scan import make_inputs, measure, scan_backends
 
 from qmamba.models import build_model
-from qmamba.models.low_precision import cast_matmul_weights
+from qmamba.models.low_precision import prepare_bf16_inference
 from qmamba.ops import ordered_selective_scan
 from qmamba.ops.scan_order import CROSS_2D, scan_order
 
 DEFAULT_MODELS = ["qmamba_tiny:cpu", "qmamba_tiny:torch", "lqmamba_tiny:cpu", "lqmamba_tiny:torch", "swin_tiny",
                   "convnext_tiny", "qmamba_tiny:cpu+compiled", "lqmamba_tiny:cpu+compiled", "swin_tiny+compiled",
                   "qmamba_tiny:cpu@bf16", "lqmamba_tiny:cpu@bf16", "swin_tiny@bf16", "qmamba_tiny:cpu@bf16+compiled",
-                  "swin_tiny@bf16+compiled"]
+                  "lqmamba_tiny:cpu@bf16+compiled", "swin_tiny@bf16+compiled"]
 COMPILED, BF16 = "+compiled", "@bf16"
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "convnext_tiny": "convnext_tiny"}
 
 
 def build(spec: str, inference: bool) -> torch.nn.Module:
     """``name`` (a timm baseline) or ``qmamba_preset:backend``, either with ``@bf16`` and ``+compiled``; an ``@bf16``
-    model for inference with its matrix products' weights in bf16, as ``qmamba score --precision bf16`` loads it."""
+    model for inference prepared as ``qmamba score --precision bf16`` loads it (matrix products' weights and SS2D's
+    scan outputs in bf16)."""
     base = spec.removesuffix(COMPILED).removesuffix(BF16)
     if base in TIMM_NAMES:
         import timm
@@ -57,7 +58,7 @@ def build(spec: str, inference: bool) -> torch.nn.Module:
         name, _, backend = base.partition(":")
         model = build_model(name, scan_backend=backend or "auto")
     if inference and BF16 in spec:
-        cast_matmul_weights(model, torch.bfloat16)
+        prepare_bf16_inference(model, torch.device("cpu"))
     if spec.endswith(COMPILED):  # qmamba's whole model is one graph; timm's models are not checked for that
         return torch.compile(model, dynamic=False, fullgraph=base not in TIMM_NAMES)
     return model

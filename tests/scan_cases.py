@@ -73,8 +73,10 @@ def low_rank(args: list[torch.Tensor], rank: int) -> tuple[list[torch.Tensor], t
 
 
 
-def kernel_args(order: ScanOrder, batch: int, dim: int, n: int, merge: bool, rank: int | None) -> tuple:
-    """The fused kernels' own operands (``qmamba.ops.cpu_scan``'s layout), requiring gradients: for opcheck."""
+def kernel_args(order: ScanOrder, batch: int, dim: int, n: int, merge: bool, rank: int | None,
+                out_dtype: torch.dtype = torch.float32) -> tuple:
+    """The fused kernels' own operands (``qmamba.ops.cpu_scan``'s layout), requiring gradients, and the output dtype:
+    for opcheck (the backward op takes all but the last)."""
     k = len(order.directions)
     args = ordered_inputs(batch, k, order.num_tokens, dim, n)
     proj = torch.empty(0, 0, 0)
@@ -88,7 +90,7 @@ def kernel_args(order: ScanOrder, batch: int, dim: int, n: int, merge: bool, ran
 
     A_k = A.detach().view(k, dim, n).transpose(1, 2).contiguous().requires_grad_()
     return (fresh(u, batch, 1, order.num_tokens, dim), delta, proj, A_k, B, C, fresh(D, k, dim), fresh(bias, k, dim),
-            order.table, merge, True)
+            order.table, merge, True, out_dtype)
 
 
 def check_gradients(y: torch.Tensor, y_ref: torch.Tensor, inputs: list[torch.Tensor], names: list[str]) -> None:

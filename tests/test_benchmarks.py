@@ -43,6 +43,34 @@ def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
     assert "`qmamba score --help`" in result.stdout
 
 
+def test_bf16_accuracy_benchmark_prints_a_row_per_test_set(trained, tmp_path):
+    """The run's test images scored in both precisions (bf16 emulated where the CPU lacks it): the fp32 SRCC is the
+    one ``qmamba test`` reports for the same crops, bf16's within the documented bounds."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from qmamba.cli import main
+    from qmamba.inference.precision import native_bf16
+
+    run = trained[1]
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bf16_accuracy.py"), str(run), "--batch-size", "8"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    split = pd.read_csv(next((run / "splits").glob("*.csv")))
+    assert len(rows) == 1 and int(rows[0][1]) == (split["split"] == "test").sum() > 0
+    label, _, how, max_diff, mean_diff, fp32_srcc, bf16_srcc, _ = rows[0]
+    assert how == ("native" if native_bf16(torch.device("cpu")) else "emulated")
+    assert 0 < float(mean_diff) <= float(max_diff) < 0.01 and abs(float(bf16_srcc) - float(fp32_srcc)) < 0.05
+    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+          "--trainer.logger.init_args.save_dir", str(tmp_path)])  # its results there, not in the shared run
+    tested = json.loads((tmp_path / run.name / "test_results.json").read_text())["results"][label]
+    assert float(fp32_srcc) == pytest.approx(tested["srcc"], abs=1e-4)
+
+
 def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path):
     root, run = trained
     result = subprocess.run(

@@ -26,12 +26,13 @@ def _norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("merge,rank", [(True, 3), (False, None)], ids=["merged-rank", "each-full"])
-def test_cpu_scan_custom_ops_pass_opcheck(merge, rank):
-    args = kernel_args(ScanOrder(("w3", "w3c_flip"), 4, 5), 2, 16, 2, merge, rank)  # padded windows
+@pytest.mark.parametrize("merge,rank,out_dtype", [(True, 3, torch.float32), (False, None, torch.float32),
+                                                  (True, 3, torch.bfloat16)], ids=["merged-rank", "each-full", "bf16"])
+def test_cpu_scan_custom_ops_pass_opcheck(merge, rank, out_dtype):
+    args = kernel_args(ScanOrder(("w3", "w3c_flip"), 4, 5), 2, 16, 2, merge, rank, out_dtype)  # padded windows
     torch.library.opcheck(selective_scan_cpu.op, args)
     grad_y = torch.randn_like(selective_scan_cpu.op(*args))
-    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # the backward is not differentiable
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]]  # the backward is not differentiable
     torch.library.opcheck(selective_scan_cpu.backward_op, (grad_y, *plain))
 
 

@@ -75,6 +75,48 @@ def test_the_cpu_scan_reads_bf16_operands_as_they_are(directions, height, width,
         assert rel_err(g.float(), g_ref.float()) < (1e-2 if x.dtype == torch.bfloat16 else 1e-4), name
 
 
+def test_the_kernel_rounds_to_bf16_as_torch_does():
+    """Ties to even, the largest finite floats to infinity, infinities, signed zeros, subnormals and NaN: the bits
+    torch's own float32 -> bf16 conversion gives."""
+    from qmamba.ops.cpu_scan import _bf16_bits
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.cat([
+        torch.randint(-2**31, 2**31, (2000,), generator=g, dtype=torch.int64),
+        torch.tensor([0x3F808000, 0x3F818000, 0x3F80_7FFF, 0x3F80_8001, 0x7F7F_FFFF, 0x7F7F_7FFF, 0x7F80_0000,
+                      0xFF80_0000, 0x0000_0000, 0x8000_0000, 0x0000_8000, 0x0001_8000, 0x7FC0_0000, 0x7F80_0001,
+                      0xFFFF_FFFF]),
+    ]).to(torch.int32)  # wraps the unsigned ones to their int32 bits
+    values = bits.view(torch.float32)
+    expected = values.to(torch.bfloat16).view(torch.int16)
+    expected = torch.where(values.isnan(), torch.tensor(0x7FC0, dtype=torch.int16), expected)  # one NaN
+    got = torch.tensor([int(_bf16_bits(v)) for v in values.numpy()], dtype=torch.int16)
+    mismatched = (got != expected).nonzero().flatten()
+    assert not len(mismatched), [hex(int(bits[i]) & 0xFFFFFFFF) for i in mismatched[:5]]
+
+
+@pytest.mark.parametrize("directions,height,width", [ORDERS[0], ORDERS[2]])
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_bf16_output_is_the_fp32_scan_rounded_once(directions, height, width, merge):
+    """out_dtype bf16 (SS2D's for bf16 scoring): the kernel sums the K sequences in fp32 and rounds once, so its
+    output is its fp32 output converted by torch, bit for bit; gradients flow back through it as through fp32's."""
+    order = ScanOrder(directions, height, width)
+    args, proj = low_rank(ordered_inputs(2, 4, order.num_tokens, 32, 1), 3)
+    low = [x.detach().to(torch.bfloat16).requires_grad_() if i in (0, 1, 3, 4) else x for i, x in enumerate(args)]
+    y32 = ordered_selective_scan(*low, order, merge=merge, backend="cpu", delta_proj=proj, out_dtype=torch.float32)
+    y16 = ordered_selective_scan(*low, order, merge=merge, backend="cpu", delta_proj=proj, out_dtype=torch.bfloat16,
+                                 scan_dtype=torch.float32)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
+    grad = torch.randn(y32.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    grads16 = torch.autograd.grad(y16, [*low, proj], grad)
+    grads32 = torch.autograd.grad(y32, [*low, proj], grad.float())
+    for g16, g32 in zip(grads16, grads32, strict=True):
+        assert torch.equal(g16, g32)  # the same gradient values, read by the same backward kernel
+    y_torch = ordered_selective_scan(*low, order, merge=merge, backend="torch", delta_proj=proj,
+                                     out_dtype=torch.bfloat16, scan_dtype=torch.float32)
+    assert y_torch.dtype == torch.bfloat16 and rel_err(y_torch.float(), y32) < 1e-2  # fp32 scans, bf16 results
+
+
 def test_an_order_that_misses_a_token_is_summed_into_a_zeroed_output():
     """The kernel assigns each output token on its first visit (no zero-filled output) only when every sequence
     visits each token exactly once; with another table (here sequence 0 steps on padding instead of token 2) the
@@ -88,6 +130,8 @@ def test_an_order_that_misses_a_token_is_summed_into_a_zeroed_output():
             args = ordered_inputs(1, 4, 4, 16, 1)
             y = dispatch._load_cpu_kernel().op(*kernel_args(odd, 1, 16, 1, merge, None))  # the op: no order checks
             assert rel_err(y.squeeze(1), ordered_reference(*args, odd, merge, True)) < 1e-5
+            y16 = dispatch._load_cpu_kernel().op(*kernel_args(odd, 1, 16, 1, merge, None, torch.bfloat16))
+            assert torch.equal(y16, y.to(torch.bfloat16))  # its fp32 buffer zeroed in place of the output
 
 
 def test_ordered_scan_checks_its_shapes():

@@ -3,6 +3,7 @@ output, and refused on one line where the device would only emulate it."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from qmamba.files.model_folder import write_model_folder
 from qmamba.inference import precision as precision_module
 from qmamba.inference.preprocessing import Preprocessing
 from qmamba.models import build_model
+from qmamba.models.low_precision import cast_matmul_weights, prepare_bf16_inference
+from qmamba.models.ss2d import SS2D
 
 UNIT_BOUND = 0.01  # docs/scoring.md: bf16 scores within 0.01 of fp32 on the unit scale
 
@@ -87,8 +90,6 @@ def test_bf16_where_the_device_would_emulate_it_is_one_line_and_auto_is_fp32(tra
 def test_matmul_weights_stored_in_bf16_give_autocasts_scores_bit_for_bit(name):
     """How a bf16 scorer loads its model: the weights autocast would cast at every batch are cast once, which
     changes nothing in what is computed; norms and the scans' parameters stay fp32."""
-    from qmamba.models.low_precision import cast_matmul_weights
-
     torch.manual_seed(0)
     model, images = build_model(name).eval(), torch.randn(2, 3, 64, 64)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -99,3 +100,50 @@ def test_matmul_weights_stored_in_bf16_give_autocasts_scores_bit_for_bit(name):
     assert {dtypes[n] for n in dtypes if n.endswith((".norm.weight", "A_logs", "Ds", "A_log", "dt_projs_weight"))
             } <= {torch.float32}
     assert torch.bfloat16 in dtypes.values()
+
+
+@pytest.mark.parametrize("name", ["qmamba_test", "lqmamba_test"])
+def test_bf16_scans_hand_their_norm_bf16_within_bf16_rounding_of_autocast(name):
+    """How a bf16 scorer runs SS2D: the scan (still fp32 inside) returns bf16, so the LayerNorm after it reads bf16 and
+    keeps its statistics in fp32 inside the op, where under autocast alone it normalised an fp32 copy. Not on a GPU,
+    whose autocast normalises in fp32 whatever it is given."""
+    torch.manual_seed(0)
+    model, images = build_model(name).eval(), torch.randn(2, 3, 64, 64)
+    for_gpu = prepare_bf16_inference(copy.deepcopy(model), torch.device("cuda"))
+    assert {m.scan_out_dtype for m in for_gpu.modules() if isinstance(m, SS2D)} == {None}
+    norm_inputs = []
+    for module in model.modules():
+        if isinstance(module, SS2D):
+            module.out_norm.register_forward_pre_hook(lambda _, args: norm_inputs.append(args[0].dtype))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = cast_matmul_weights(model)(images).float()
+        assert set(norm_inputs) == {torch.float32}
+        norm_inputs.clear()
+        scores = prepare_bf16_inference(model, torch.device("cpu"))(images).float()
+    assert set(norm_inputs) == {torch.bfloat16}
+    assert 0 < (scores - expected).abs().max() < 0.01 * expected.abs().max()  # bf16's rounding, once more
+
+
+@pytest.mark.slow
+def test_a_compiled_bf16_scorer_is_one_graph_with_the_bf16_scan_and_the_eager_scores(trained, native_bf16):
+    """--compile with --precision bf16: the model compiles as one graph under autocast, the fused scan inside it
+    writing bf16, and the scores are eager bf16's within bf16's rounding (inductor fuses the norms and activations
+    around the scan and rounds their results once)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    checkpoint = trained[1] / "checkpoints" / "best.ckpt"
+    images = [str(p) for p in sorted((trained[0] / "kadid" / "images").glob("*.png"))[:8]]
+    eager = qmamba.load(checkpoint, device="cpu", precision="bf16")
+    compiled = qmamba.load(checkpoint, device="cpu", precision="bf16", compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    scores, modules = run_and_get_code(compiled.score, images)
+    code = "\n".join(modules)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    layers = sum(isinstance(m, SS2D) for m in compiled.model.modules())
+    assert code.count("torch.ops.qmamba.cpu_scan.default(") == layers
+    assert code.count("torch.bfloat16)") >= layers  # each scan's out_dtype argument
+    span = eager.scale.high - eager.scale.low
+    difference = np.abs(np.array(scores) - np.array(eager.score(images))) / span
+    assert difference.max() < UNIT_BOUND / 2, difference.max()

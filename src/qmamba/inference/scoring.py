@@ -35,7 +35,7 @@ from qmamba.inference.scale import ScoreScale
 from qmamba.inference.sources import read_image
 from qmamba.inference.trained import load_trained
 from qmamba.models.compiling import compile_model, run_compiled
-from qmamba.models.low_precision import cast_matmul_weights
+from qmamba.models.low_precision import prepare_bf16_inference
 
 __all__ = ["ImageInput", "MapJob", "Preparer", "Result", "Scorer", "default_device", "load", "results_table"]
 
@@ -183,8 +183,8 @@ class Scorer:
                 "datasets": spec.datasets, "dataset": dataset, "crop_size": evaluation.size, "crops": evaluation.count,
                 "score_range": scale.as_dict(), "max_side": max_side, "compiled": compile, "precision": precision}
         model = trained.model.to(device)
-        if precision == "bf16":  # its matrix products' weights cast once, not at every batch by autocast
-            cast_matmul_weights(model, torch.bfloat16)
+        if precision == "bf16":  # matrix products' weights cast once, not at every batch by autocast; bf16 scans
+            prepare_bf16_inference(model, device)
         if compile:
             compile_model(model, device, COMPILE_OPTION)
         return cls(model, evaluation, scale, dataset, info, device, batch_size, max_side, precision)

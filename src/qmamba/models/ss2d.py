@@ -67,6 +67,13 @@ class SS2D(nn.Module):
         scan_backend: ``auto``, ``cuda``, ``triton``, ``cpu`` or ``torch`` (see :func:`qmamba.ops.selective_scan`).
         scan_fp32: an fp32 scan under mixed precision (VMamba's maintainer's advice): fp32 states and output; the
             fused kernels read the bf16 operands as they are, the other backends scan fp32 copies.
+
+    Attributes:
+        scan_out_dtype: when set, the dtype the scan returns whatever ``scan_fp32`` says of its output (the scan
+            itself unchanged). bf16 scoring on the CPU sets bf16
+            (:func:`qmamba.models.low_precision.prepare_bf16_inference`): the fp32 scan's sums rounded once, by the
+            CPU kernel itself, so that ``out_norm`` reads bf16 and computes its statistics in fp32 inside the op
+            instead of running on an fp32 copy.
     """
 
     def __init__(
@@ -89,6 +96,7 @@ class SS2D(nn.Module):
         self.directions = tuple(validate_direction(d) for d in directions)
         self.d_state, self.dt_rank, self.inner, self.gated = d_state, rank, inner, gated
         self.scan_backend, self.scan_fp32 = validate_backend(scan_backend), scan_fp32
+        self.scan_out_dtype: torch.dtype | None = None
 
         self.in_proj = nn.Linear(dim, inner * (2 if gated else 1), bias=False)
         self.conv2d = nn.Conv2d(inner, inner, 3, padding=1, groups=inner, bias=conv_bias)
@@ -107,7 +115,6 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, _ = x.shape
-        out_dtype = x.dtype
         x = self.in_proj(x)
         z = None
         if self.gated:
@@ -118,6 +125,7 @@ class SS2D(nn.Module):
         # x_proj acts per token, so it runs on the map once for all K directions, in token order; dt_proj's rank-R
         # expansion to (B, K, H*W, D) step sizes happens inside the scan (per step on the cpu backend)
         k, rank, n = len(self.directions), self.dt_rank, self.d_state
+        scan_dtype = torch.float32 if self.scan_fp32 else None
         proj = tokens @ self.x_proj_weight.view(k * (rank + 2 * n), self.inner).t()
         dts, bs, cs = proj.view(batch, height * width, k, rank + 2 * n).transpose(1, 2).split([rank, n, n], dim=-1)
 
@@ -133,14 +141,17 @@ class SS2D(nn.Module):
             merge=self.fusion is None,
             backend=self.scan_backend,
             delta_proj=self.dt_projs_weight,
-            out_dtype=torch.float32 if self.scan_fp32 else None,
+            out_dtype=self.scan_out_dtype or scan_dtype,
+            scan_dtype=scan_dtype,
         )
         if self.fusion is not None:  # (B, K, H*W, D): gate each direction by its own statistics, then sum
             y = self.fusion(y).sum(1)
         y = self.out_norm(y).view(batch, height, width, self.inner)
         if z is not None:
             y = y * F.silu(z)
-        return self.out_proj(y.to(out_dtype))
+        if not torch.is_autocast_enabled(y.device.type):  # e.g. an fp32 scan in a model cast to bf16
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y)
 
     def extra_repr(self) -> str:
         return f"directions={self.directions}, d_state={self.d_state}, dt_rank={self.dt_rank}, gated={self.gated}"

@@ -19,8 +19,10 @@ Layout (channels innermost, so that every time step is one SIMD loop over a bloc
     y          (batch, Ko, T, C)  Ko = 1: the K sequences summed at each token (VMamba's merge); Ko = K: one each
 
 Dtypes: u, delta, B and C are float32, float64 or bf16, read as they are (bf16, which numpy lacks, as its int16
-bits, widened in registers); A, D, bias and proj, the state, every sum and y are float32 (float64 for gradcheck).
-So a bf16 forward under autocast costs no cast copies, and its scan is still computed in float32.
+bits, widened in registers); A, D, bias and proj, the state and every sum are float32 (float64 for gradcheck). y is
+float32 or bf16: a bf16 y is summed in a task-local float32 buffer and rounded once (to nearest, ties to even), so
+the LayerNorm after SS2D's scan reads bf16 and computes its statistics in float32 inside the op. So a bf16 forward
+under autocast costs no cast copies on either side of the scan, which is still computed in float32.
 
 A padding step sees a zero token whose projections are zero, as when the torch backend pads the map: delta =
 softplus(bias), so the state decays, and nothing is added or written.
@@ -97,6 +99,17 @@ def _int_bits_as_float(typingctx, bits):  # noqa: ANN001, ANN202
     return signature, codegen
 
 
+@intrinsic
+def _float_bits_as_int(typingctx, value):  # noqa: ANN001, ANN202
+    """Reinterpret a float32's bits as an int32 (rounds it to bf16)."""
+    signature = types.int32(types.float32)
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return signature, codegen
+
+
 def _load(values, i):  # noqa: ANN001, ANN202
     """values[i] as a float; bf16, which numpy lacks and the kernels see as its int16 bits, widened to float32."""
 
@@ -106,6 +119,46 @@ def _load_impl(values, i):  # noqa: ANN001, ANN202
     if values.dtype != types.int16:
         return lambda values, i: values[i]
     return lambda values, i: _int_bits_as_float(np.int32(values[i]) << _HALF_WORD)  # bf16 is float32's top half
+
+
+@njit(**_JIT)
+def _bf16_bits(x):  # noqa: ANN001, ANN201
+    """x (float32) rounded to the nearest bf16, ties to even, as its int16 bits; NaN stays NaN (torch's 0x7FC0)."""
+    bits = np.int64(_float_bits_as_int(x))  # sign-extended: the low 32 bits round as unsigned ones would
+    rounded = (bits + np.int64(0x7FFF) + ((bits >> _HALF_WORD) & np.int64(1))) >> _HALF_WORD
+    return np.int16(rounded) if x == x else np.int16(0x7FC0)
+
+
+def _accumulator(y, size):  # noqa: ANN001, ANN202
+    """(where a task sums its outputs in the compute dtype, whether that is y itself): y, or for a bf16 y (its int16
+    bits) a task-local float32 buffer of ``size`` that :func:`_flush` rounds into y, so that the K sequences' sum is
+    rounded once, not after each."""
+
+
+@overload(_accumulator, inline="always")
+def _accumulator_impl(y, size):  # noqa: ANN001, ANN202
+    if y.dtype != types.int16:
+        return lambda y, size: (y, True)
+    return lambda y, size: (np.empty(size, dtype=np.float32), False)
+
+
+def _flush(y, acc, y_first, tokens, channels, width):  # noqa: ANN001, ANN202
+    """y[y_first + p * channels + c] = acc[p * width + c] rounded to bf16, for a bf16 y; nothing for the others,
+    which are their own accumulator."""
+
+
+@overload(_flush, inline="always")
+def _flush_impl(y, acc, y_first, tokens, channels, width):  # noqa: ANN001, ANN202
+    if y.dtype != types.int16:
+        return lambda y, acc, y_first, tokens, channels, width: None
+
+    def flush(y, acc, y_first, tokens, channels, width):  # noqa: ANN001, ANN202
+        for p in range(tokens):
+            row, acc_row = np.uint64(y_first + p * channels), np.uint64(p * width)
+            for c in range(width):
+                y[row + c] = _bf16_bits(acc[acc_row + c])
+
+    return flush
 
 
 def _exp(x):  # noqa: ANN001, ANN202
@@ -226,7 +279,8 @@ def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, 
                     last_task):
     """y = the scans of every (batch row, channel block) task in [first_task, last_task). ``assign``: every output
     token's first visit (by sequence 0 when merging, else by its own sequence) assigns it, so that y needs no zeroing;
-    only when each of those sequences visits each token exactly once."""
+    only when each of those sequences visits each token exactly once. A bf16 y is summed in float32 and rounded once,
+    when its task's output sequence is complete."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     blocks = (channels + block - 1) // block
     state = np.empty(N * block, dtype=A.dtype)
@@ -234,11 +288,16 @@ def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, 
     dt = np.empty(block, dtype=A.dtype)
     dtu = np.empty(block, dtype=A.dtype)
     out = np.empty(block, dtype=A.dtype)
+    acc, own = _accumulator(y, T * block)
     for task in range(first_task, last_task):
         b, c0 = task // blocks, (task % blocks) * block
         width = np.uint64(min(block, channels - c0))
         for k in range(K):
             ku, ko = (k if Ku > 1 else 0), (k if Ko > 1 else 0)
+            first, last = Ko > 1 or k == 0, Ko > 1 or k == K - 1  # whether k begins / ends an output sequence
+            y_first = np.uint64((b * Ko + ko) * T * channels + c0)
+            if first and not (own or assign):  # a buffer not every token is assigned in (a y is zeroed first)
+                acc[:] = 0
             kc = np.uint64(k * channels + c0)
             state[:] = 0
             for step in range(L):
@@ -267,13 +326,15 @@ def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, 
                         h = _exp(dt[c] * A[a_row + c]) * state[s_row + c] + dtu[c] * b_n
                         state[s_row + c] = h
                         out[c] += h * c_n
-                y_row = np.uint64(((b * Ko + ko) * T + p) * channels + c0)
-                if assign and (Ko > 1 or k == 0):  # the token's first visit
+                acc_row = y_first + np.uint64(p * channels) if own else np.uint64(p * width)
+                if assign and first:  # the token's first visit
                     for c in range(width):
-                        y[y_row + c] = out[c]
+                        acc[acc_row + c] = out[c]
                 else:
                     for c in range(width):
-                        y[y_row + c] += out[c]
+                        acc[acc_row + c] += out[c]
+            if last:
+                _flush(y, acc, y_first, T, channels, width)
 
 
 @njit(fastmath=_CONTRACT, **_JIT)
@@ -468,13 +529,14 @@ def _visits_each_token_once(table: Tensor, tokens: int) -> bool:
 
 
 def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
-             table: Tensor, merge: bool, softplus: bool) -> Tensor:
+             table: Tensor, merge: bool, softplus: bool, out_dtype: torch.dtype) -> Tensor:
     problem = _Problem(u, delta, proj, A, table, merge)
     assign = _visits_each_token_once(table[:1] if merge else table, u.shape[2])
-    y = (torch.empty if assign else torch.zeros)(problem.out_shape, dtype=A.dtype)
+    written = out_dtype if out_dtype == torch.bfloat16 else A.dtype  # the kernel writes bf16 or the compute dtype
+    y = (torch.empty if assign or written == torch.bfloat16 else torch.zeros)(problem.out_shape, dtype=written)
     _run(_forward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, y)), problem.dims,
          softplus, assign)
-    return y
+    return y.to(out_dtype)
 
 
 def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
@@ -494,5 +556,6 @@ def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: 
 
 selective_scan_cpu = fused_scan("cpu_scan", _forward, _gradients)
 selective_scan_cpu.__doc__ = """The fused scan in the module's layout (see the module docstring): u, delta, B, C in
-float32, bf16 or float64, the rest and y in float32 (float64 for float64 inputs); ``delta_proj`` (K, R, C) makes
+float32, bf16 or float64, the rest in float32 (float64 for float64 inputs), y in float32 or ``out_dtype`` (bf16 is
+written by the kernel, any other dtype cast from its float32); ``delta_proj`` (K, R, C) makes
 ``delta`` the rank-R input of the step-size projection. See :func:`qmamba.ops.fused_scan.fused_scan`."""

@@ -3,7 +3,7 @@ kernels: their registration as ``torch.library`` custom ops with an autograd tha
 gradients assembled from the kernels' outputs.
 
 A backend gives two functions over the kernels' layout (see :mod:`qmamba.ops.cpu_scan`'s docstring):
-``forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus) -> y`` and
+``forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus, out_dtype) -> y`` and
 ``gradients(u, delta, proj, A, B, C, D, bias, table, grad_y, merge, softplus)`` returning the kernels' raw
 gradients: u; delta (for a low-rank delta, its rank-R factor's: the kernels apply the projection's chain rule, so
 that the full step sizes' gradient is never materialised); proj's partial sums (partials, K, R, C), or None when delta
@@ -34,25 +34,26 @@ def _assemble(inputs: tuple[Tensor, ...], raw: tuple[Tensor, ...]) -> tuple[Tens
 
 def fused_scan(name: str, forward: Callable[..., Tensor], gradients: Callable[..., tuple[Tensor | None, ...]]
                ) -> Callable[..., Tensor]:
-    """The entry point of a fused backend: ``scan(u, delta, A, B, C, D, bias, table, merge, softplus, delta_proj)``.
+    """The entry point of a fused backend:
+    ``scan(u, delta, A, B, C, D, bias, table, merge, softplus, delta_proj, out_dtype)``.
 
     The kernels are registered as the ``torch.library`` custom ops ``qmamba::<name>`` (forward) and
     ``qmamba::<name>_backward`` (every input's gradient), with fake-tensor implementations, so that
     ``torch.compile(fullgraph=True)`` keeps the fused kernel in its graph and compiles what is around it. The
     registered autograd saves only the inputs; under ``no_grad`` / ``inference_mode`` only the forward kernel runs and
-    nothing is saved. The output is fp32 (fp64 for fp64 inputs) of shape (batch, 1 or K, T, C).
+    nothing is saved. The output, of shape (batch, 1 or K, T, C), is in ``out_dtype``: by default the compute dtype,
+    A's (fp32, or fp64 for gradcheck); the states and sums are in the compute dtype whatever it is.
     """
 
     @torch.library.custom_op(f"qmamba::{name}", mutates_args=())
     def scan_op(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
-                table: Tensor, merge: bool, softplus: bool) -> Tensor:
-        return forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus)
+                table: Tensor, merge: bool, softplus: bool, out_dtype: torch.dtype) -> Tensor:
+        return forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus, out_dtype)
 
     @scan_op.register_fake
-    def _(u, delta, proj, A, B, C, D, bias, table, merge, softplus):  # noqa: ANN001, ANN202
+    def _(u, delta, proj, A, B, C, D, bias, table, merge, softplus, out_dtype):  # noqa: ANN001, ANN202
         batch, _, tokens, channels = u.shape
-        return u.new_empty(batch, 1 if merge else delta.shape[1], tokens, channels,
-                           dtype=torch.promote_types(u.dtype, torch.float32))
+        return u.new_empty(batch, 1 if merge else delta.shape[1], tokens, channels, dtype=out_dtype)
 
     @torch.library.custom_op(f"qmamba::{name}_backward", mutates_args=())
     def backward_op(grad_y: Tensor, u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -71,15 +72,16 @@ def fused_scan(name: str, forward: Callable[..., Tensor], gradients: Callable[..
         ctx.merge, ctx.softplus = inputs[9], inputs[10]
 
     def backward(ctx, grad_y):  # noqa: ANN001, ANN202
-        return (*backward_op(grad_y, *ctx.saved_tensors, ctx.merge, ctx.softplus), None, None, None)
+        return (*backward_op(grad_y, *ctx.saved_tensors, ctx.merge, ctx.softplus), None, None, None, None)
 
     scan_op.register_autograd(backward, setup_context=setup_context)
 
     def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor, table: Tensor,
-             merge: bool, softplus: bool, delta_proj: Tensor | None = None) -> Tensor:
+             merge: bool, softplus: bool, delta_proj: Tensor | None = None, out_dtype: torch.dtype | None = None
+             ) -> Tensor:
         proj = A.new_empty(0, 0, 0) if delta_proj is None else delta_proj
         operands = [x if x.is_contiguous() else x.contiguous() for x in (u, delta, proj, A, B, C, D, bias)]
-        return scan_op(*operands, table, merge, softplus)
+        return scan_op(*operands, table, merge, softplus, A.dtype if out_dtype is None else out_dtype)
 
     scan.op, scan.backward_op = scan_op, backward_op  # for torch.library.opcheck and tests
     return scan

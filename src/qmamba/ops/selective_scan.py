@@ -453,8 +453,9 @@ def _selective_scan_fused(
     y = kernel(
         channels_last(u), channels_last(delta), A_k, by_step(B), by_step(C), _skip_or_bias(D, (groups, width), A_k),
         _skip_or_bias(delta_bias, (groups, width), A_k), identity_table(length, groups), False, delta_softplus,
+        out_dtype=u.dtype,
     )
-    return y.transpose(2, 3).reshape(batch, dim, length).to(u.dtype)
+    return y.transpose(2, 3).reshape(batch, dim, length)
 
 
 def selective_scan(
@@ -508,6 +509,7 @@ def ordered_selective_scan(
     backend: ScanBackend = "auto",
     delta_proj: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    scan_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Selective scans of one token set read in K orders (SS2D), inputs and outputs at the tokens' own positions.
 
@@ -528,10 +530,13 @@ def ordered_selective_scan(
         backend: as for :func:`selective_scan`.
         delta_proj: optional (K, D, R), VMamba's ``dt_projs_weight``: the step sizes are ``delta @ delta_proj[k].T``,
             which the ``cpu`` and ``triton`` backends compute per step instead of materialising (batch, K, T, D).
-        out_dtype: y's dtype, u's by default. The fused kernels compute in fp32 whatever their operands' dtype (both
-            read bf16 operands as they are, the Triton kernels fp16 too); the other backends scan u, delta, B, C and
-            delta_proj cast to ``out_dtype``. So ``out_dtype=torch.float32`` is an fp32 scan of bf16 operands on
-            every backend, without casting copies on the fused ones.
+        out_dtype: y's dtype, u's by default. The fused kernels compute in fp32 whatever their operands' and
+            output's dtypes (both read bf16 operands as they are, the Triton kernels fp16 too; the CPU kernel writes
+            a bf16 y itself, rounded once from its fp32 sums).
+        scan_dtype: the dtype the other backends scan in: u, delta, B, C and delta_proj cast to it (``out_dtype``
+            by default). So ``out_dtype=torch.float32`` is an fp32 scan of bf16 operands on every backend, without
+            casting copies on the fused ones, and adding ``scan_dtype=torch.float32`` to ``out_dtype=torch.bfloat16``
+            is the same fp32 scan returning bf16 (SS2D's for bf16 inference).
 
     Returns:
         y in ``out_dtype``.
@@ -549,17 +554,18 @@ def ordered_selective_scan(
         raise ValueError(f"A must be ({k * dim}, N) and B, C (batch, {k}, {tokens}, N); got {tuple(A.shape)}, "
                          f"{tuple(B.shape)}, {tuple(C.shape)}")
     resolved = resolve_backend(backend, u.device)
+    out_dtype = out_dtype or u.dtype
     if resolved in _FUSED:
         kernel, operand, params = _fused(resolved, u)
         A_k = A.to(params).view(k, dim, -1).transpose(1, 2)
         y = kernel(
             operand(u).unsqueeze(1), operand(delta), A_k, operand(B), operand(C), _skip_or_bias(D, (k, dim), A_k),
             _skip_or_bias(delta_bias, (k, dim), A_k), order.table, merge, delta_softplus,
-            None if delta_proj is None else delta_proj.to(params).transpose(1, 2),
+            None if delta_proj is None else delta_proj.to(params).transpose(1, 2), out_dtype,
         )
-        return (y.squeeze(1) if merge else y).to(out_dtype or u.dtype)
-    if out_dtype is not None:
-        u, delta, B, C = (x.to(out_dtype) for x in (u, delta, B, C))
+        return y.squeeze(1) if merge else y
+    scan_dtype = scan_dtype or out_dtype
+    u, delta, B, C = (x.to(scan_dtype) for x in (u, delta, B, C))
     if delta_proj is not None:
         delta = delta @ delta_proj.to(delta.dtype).transpose(1, 2)  # (batch, K, T, R) @ (K, R, D)
     ys = selective_scan(
@@ -569,4 +575,4 @@ def ordered_selective_scan(
         backend,
     )
     ys = order.unscan(ys.view(batch, k, dim, order.length))  # (batch, K, D, T)
-    return ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)
+    return (ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)).to(out_dtype)

@@ -328,7 +328,7 @@ class _Problem:
 
 
 def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
-             table: Tensor, merge: bool, softplus: bool) -> Tensor:
+             table: Tensor, merge: bool, softplus: bool, out_dtype: torch.dtype) -> Tensor:
     problem = _Problem(u, delta, proj, A, table, merge, softplus)
     operands = (u, delta, proj, A, B, C, D, bias, table)
     (states,) = problem.summaries(operands, None)
@@ -336,7 +336,7 @@ def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Te
     for k0, per_launch in problem.launches(shared=merge):
         _chunk_output_kernel[problem.grid(per_launch)](u, delta, proj, A, B, C, D, bias, table, states, y, k0,
                                                        per_launch, *problem.sizes, ACCUMULATE=k0 > 0, **problem.meta)
-    return y
+    return y.to(out_dtype)  # the K sequences are summed into y in fp32, so a lower out_dtype is a cast afterwards
 
 
 def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
@@ -369,9 +369,10 @@ _scan = fused_scan("triton_scan", _forward, _gradients)
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
-                          table: Tensor, merge: bool, softplus: bool, delta_proj: Tensor | None = None) -> Tensor:
+                          table: Tensor, merge: bool, softplus: bool, delta_proj: Tensor | None = None,
+                          out_dtype: torch.dtype | None = None) -> Tensor:
     """The fused scan in :mod:`qmamba.ops.cpu_scan`'s layout; u, delta, B, C in fp32/bf16/fp16 (read as they are),
-    A, D, bias, proj in fp32; the result is fp32. Only the forward kernels run without autograd. See
-    :func:`qmamba.ops.fused_scan.fused_scan`."""
+    A, D, bias, proj in fp32; the result is fp32, or ``out_dtype``. Only the forward kernels run without autograd.
+    See :func:`qmamba.ops.fused_scan.fused_scan`."""
     table = table.to(device=u.device, dtype=torch.int32).contiguous()
-    return _scan(u, delta, A, B, C, D, bias, table, merge, softplus, delta_proj)
+    return _scan(u, delta, A, B, C, D, bias, table, merge, softplus, delta_proj, out_dtype)
