@@ -3,22 +3,26 @@ inference and in a training step at 224x224, summed by name, from ``torch.profil
 and fills (``aten::copy_``, ``aten::fill_``), which a channel-last model should keep small.
 
     python benchmarks/profile_step.py                        # CPU: fp32, batch 2 (training) and 8 (inference)
-    python benchmarks/profile_step.py --precision bf16       # CPU: under bf16 autocast (score --precision bf16)
+    python benchmarks/profile_step.py --precision bf16       # CPU: under bf16 autocast (inference as score runs it)
     python benchmarks/profile_step.py --device cuda          # CUDA: bf16 autocast, batch 64 (benchmarks/gpu_check.sh)
     python benchmarks/profile_step.py --rows 25 --models qmamba_tiny --train-only
 
 CPU times are operators' self times (the fused scan is ``qmamba::cpu_scan`` and its backward); CUDA times are kernel
-times. Profile on an otherwise idle machine.
+times. In bf16, inference profiles a copy of the model prepared as ``qmamba score --precision bf16`` prepares it
+(:func:`qmamba.models.low_precision.prepare_bf16_inference`: matrix-product weights in bf16, on the CPU scans
+returning bf16); the training step is ``bf16-mixed``'s plain autocast. Profile on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qmamba.models import build_model
+from qmamba.models.low_precision import prepare_bf16_inference
 
 LAYOUT_OPS = ("aten::copy_", "aten::fill_")
 STEPS = 5
@@ -93,7 +97,11 @@ def main() -> None:
         model = model.to(args.device)
         print(f"\n===== {name}")
         for train in (True,) if args.train_only else (False, True):
-            profile_step(model, args.device, batch if train else inference_batch, args.size, train, args.rows, bf16)
+            profiled = model
+            if bf16 and not train:  # a copy: the training step needs the fp32 weights
+                profiled = prepare_bf16_inference(copy.deepcopy(model), torch.device(args.device))
+            profile_step(profiled, args.device, batch if train else inference_batch, args.size, train, args.rows, bf16)
+            del profiled
         del model
         if cuda:
             torch.cuda.empty_cache()

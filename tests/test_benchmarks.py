@@ -102,6 +102,18 @@ def test_profile_step_prints_the_layout_share_and_the_largest_operations():
     assert "qmamba::cpu_scan_backward" in result.stdout  # the fused scan ran, and backward through it
 
 
+def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it():
+    """bf16 inference on a prepared copy (the scan's output in bf16: no LayerNorm on an fp32 copy of it, no casts
+    around it), then the training step on the model's own fp32 weights."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "profile_step.py"), "--models", "qmamba_test", "--size", "32", "--rows", "60",
+         "--precision", "bf16", "--inference-batch", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    inference, training = result.stdout.split("training step")
+    assert "inference (bf16)" in inference and "qmamba::cpu_scan " in inference
+    assert "qmamba::cpu_scan_backward" in training
+
+
 def test_gpu_check_model_table_runs_on_the_cpu():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "gpu_check.py"), "models", "--device", "cpu", "--batches", "2", "--size",

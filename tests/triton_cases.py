@@ -132,10 +132,12 @@ def test_backend_resolution_under_the_interpreter():
     assert resolve_backend("auto", torch.device("cpu")) != "triton"  # auto keeps CPU tensors on the CPU kernel
 
 
-def test_triton_scan_custom_ops_pass_opcheck(short_chunks):
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_scan_custom_ops_pass_opcheck(short_chunks, out_dtype):
+    """bf16: the output cast from the fp32 sums, and its bf16 gradient read by the backward kernels as fp32."""
     from qmamba.ops.triton_scan import _scan
 
-    args = kernel_args(ScanOrder(("w3", "w3c_flip"), 4, 5), 1, 8, 1, True, None)  # padded windows
+    args = kernel_args(ScanOrder(("w3", "w3c_flip"), 4, 5), 1, 8, 1, True, None, out_dtype)  # padded windows
     torch.library.opcheck(_scan.op, args)
     grad_y = torch.randn_like(_scan.op(*args))
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]]  # the backward is not differentiable
