@@ -53,6 +53,14 @@ def test_cpu_kernels_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda *a: selective_scan(*a, delta_softplus=True, backend="cpu"), inputs)
 
 
+def _bf16_operands(order: ScanOrder) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """SS2D's scan operands under bf16 autocast, requiring gradients: u, delta's rank-3 factor, B and C in bf16 (the
+    matrix products' outputs), A, D and bias in fp32; and the fp32 delta projection."""
+    args, proj = low_rank(ordered_inputs(2, 4, order.num_tokens, 32, 1), 3)
+    return [x.detach().to(torch.bfloat16).requires_grad_() if i in (0, 1, 3, 4) else x
+            for i, x in enumerate(args)], proj
+
+
 @pytest.mark.parametrize("directions,height,width", [ORDERS[0], ORDERS[2]])
 @pytest.mark.parametrize("merge", [True, False])
 def test_the_cpu_scan_reads_bf16_operands_as_they_are(directions, height, width, merge):
@@ -60,8 +68,7 @@ def test_the_cpu_scan_reads_bf16_operands_as_they_are(directions, height, width,
     scans in fp32, so it matches the torch scan of the same values in fp32; every gradient too (bf16 inputs' in
     bf16, so within bf16's rounding)."""
     order = ScanOrder(directions, height, width)
-    args, proj = low_rank(ordered_inputs(2, 4, order.num_tokens, 32, 1), 3)
-    low = [x.detach().to(torch.bfloat16).requires_grad_() if i in (0, 1, 3, 4) else x for i, x in enumerate(args)]
+    low, proj = _bf16_operands(order)
     results = {}
     for backend in ("cpu", "torch"):
         y = ordered_selective_scan(*low, order, merge=merge, backend=backend, delta_proj=proj,
@@ -101,8 +108,7 @@ def test_a_bf16_output_is_the_fp32_scan_rounded_once(directions, height, width, 
     """out_dtype bf16 (SS2D's for bf16 scoring): the kernel sums the K sequences in fp32 and rounds once, so its
     output is its fp32 output converted by torch, bit for bit; gradients flow back through it as through fp32's."""
     order = ScanOrder(directions, height, width)
-    args, proj = low_rank(ordered_inputs(2, 4, order.num_tokens, 32, 1), 3)
-    low = [x.detach().to(torch.bfloat16).requires_grad_() if i in (0, 1, 3, 4) else x for i, x in enumerate(args)]
+    low, proj = _bf16_operands(order)
     y32 = ordered_selective_scan(*low, order, merge=merge, backend="cpu", delta_proj=proj, out_dtype=torch.float32)
     y16 = ordered_selective_scan(*low, order, merge=merge, backend="cpu", delta_proj=proj, out_dtype=torch.bfloat16,
                                  scan_dtype=torch.float32)
