@@ -130,7 +130,7 @@ def _bf16_bits(x):  # noqa: ANN001, ANN201
 
 
 def _accumulator(y, size):  # noqa: ANN001, ANN202
-    """(where a task sums its outputs in the compute dtype, whether that is y itself): y, or for a bf16 y (its int16
+    """Where a task sums its outputs in the compute dtype, and whether that is y itself: y, or for a bf16 y (its int16
     bits) a task-local float32 buffer of ``size`` that :func:`_flush` rounds into y, so that the K sequences' sum is
     rounded once, not after each."""
 
