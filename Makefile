@@ -11,7 +11,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 # Material for MkDocs prints a banner about its successor on every build
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help install lock lock-lowest demo demo-data test test-fast lint docs docs-serve bench-scan bench-cpu benchmark transfer clean
+.PHONY: help install lock lock-lowest demo demo-data test test-fast test-cache-clear lint docs docs-serve bench-scan bench-cpu benchmark transfer clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -42,11 +42,20 @@ demo: install demo-data ## install, build the demo datasets, train the demo mode
 demo-data: ## build the two embedded demo datasets under data/demo (skipped when present)
 	$(PYTHON) -m qmamba demo-data --out data/demo
 
-test: install ## install, then run the whole test suite (slow tests included)
-	$(PYTHON) -m pytest
+# pytest-xdist's workers: one per core (auto), or a number; 0 runs the suite in this process
+TEST_WORKERS ?= auto
 
-test-fast: ## run the tests not marked slow (no install)
-	$(PYTHON) -m pytest -m "not slow"
+test: install ## install, then run the whole test suite (slow tests included) on every core
+	$(PYTHON) -m pytest -n $(TEST_WORKERS)
+
+test-fast: ## run the tests not marked slow (no install), on every core
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) -m "not slow"
+
+# where tests/conftest.py keeps the compile and JIT caches and the tests' durations
+TEST_CACHE := $(or $(QMAMBA_TEST_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/qmamba-tests)
+
+test-cache-clear: ## remove the compile and JIT caches the tests keep outside the clone (the next run starts cold)
+	rm -rf "$(TEST_CACHE)"
 
 docs: ## build the documentation site into site/ (strict: a broken link, anchor or API reference is an error)
 	$(PYTHON) -m mkdocs build --strict

@@ -1,21 +1,42 @@
-"""Shared test configuration: CPU by default, `gpu` tests skipped without CUDA; the tiny-run work folder."""
+"""Shared test configuration: CPU by default, `gpu` tests skipped without CUDA; caches that outlive the clone and
+one thread share per parallel worker; the tiny-run work folder and the services the tests share."""
 
 from __future__ import annotations
 
-import io
 import os
+from pathlib import Path
+
+
+def _test_cache() -> Path:
+    """Where compiled code outlives the clone: $QMAMBA_TEST_CACHE, else $XDG_CACHE_HOME/qmamba-tests."""
+    if os.environ.get("QMAMBA_TEST_CACHE"):
+        return Path(os.environ["QMAMBA_TEST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qmamba-tests"
+
+
+# Before torch and numba are imported (they read these once), and inherited by every process a test starts.
+TEST_CACHE = _test_cache()
+for _variable, _folder in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("NUMBA_CACHE_DIR", "numba"),
+                           ("TRITON_CACHE_DIR", "triton")):
+    os.environ.setdefault(_variable, str(TEST_CACHE / _folder))
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    # pytest-xdist's workers share the cores: more threads or inductor compiler processes per worker would only wait
+    _SHARE = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = _SHARE
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import io
 import secrets
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import torch
 from iqa_fixtures import make_kadid
 from PIL import Image
+from suite_timing import SuiteTiming
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 SUITE_EXTRAS = ("test", "demo", "export")  # what `make install` installs beside qmamba's own dependencies
@@ -38,6 +59,10 @@ def unmet_requirements(extras: tuple[str, ...]) -> list[str]:
         if not requirement.specifier.contains(version, prereleases=True):
             unmet.append(f"{requirement.name} {version} is not {requirement.specifier}")
     return unmet
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SuiteTiming(TEST_CACHE / "durations.json"), "suite_timing")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -150,30 +175,36 @@ def collection(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     return shards, files
 
 
-@pytest.fixture
-def bucket(monkeypatch: pytest.MonkeyPatch):
-    """An S3 API on 127.0.0.1 (moto's server) with an empty bucket ``iqa``, and this process's credentials for it:
-    (boto3 client, the environment that reaches it)."""
-    import boto3
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3 API on 127.0.0.1 (moto's server), one per test process: its URL."""
     import moto.server as moto_server
 
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    # moto accepts any credentials; a secret of its own lets the tests look for it where it must not be
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": f"qmamba-test-secret-{secrets.token_hex(8)}",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch):
+    """The S3 API emptied, with an empty bucket ``iqa``, and this process's credentials for it: (boto3 client, the
+    environment that reaches it)."""
     import urllib.request
 
-    # moto keeps its buckets per process, not per server: start from none
-    urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")).close()
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    client.create_bucket(Bucket="iqa")
+    import boto3
     import s3fs
 
+    # moto accepts any credentials; a secret of its own lets the tests look for it where it must not be
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": f"qmamba-test-secret-{secrets.token_hex(8)}",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    # moto keeps its buckets per process, not per server: start from none
+    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST")).close()
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="iqa")
     s3fs.S3FileSystem.clear_instance_cache()  # s3fs keeps its file systems, endpoint included: none from another test
     yield client, env
-    server.stop()
     s3fs.S3FileSystem.clear_instance_cache()

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import qmamba
 from qmamba.cli import main
+
+# Tests that start or use a Ray cluster run one after another on one pytest-xdist worker: a cluster of this machine
+# is the machine's (/tmp/ray), and test_score_ray checks that a run's cluster leaves no session or process behind.
+ray_cluster = pytest.mark.xdist_group("ray")
 
 
 def run_score(trained, *args: str, device: str | None = "cpu") -> int:  # noqa: ANN001 (the (root, run) pair)

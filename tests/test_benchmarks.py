@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from score_runs import ray_cluster
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -24,6 +25,7 @@ def test_cpu_models_benchmark_prints_its_table():
     assert all(float(row.split("|")[3]) > 0 and float(row.split("|")[5]) > 0 for row in rows)
 
 
+@ray_cluster
 @pytest.mark.slow  # starts a Ray cluster for the Ray engine's rows
 def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
     ckpt = trained[1] / "checkpoints" / "best.ckpt"
@@ -43,6 +45,7 @@ def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
     assert "`qmamba score --help`" in result.stdout
 
 
+@pytest.mark.slow
 def test_bf16_accuracy_benchmark_prints_a_row_per_test_set(trained, tmp_path):
     """The run's test images scored in both precisions (bf16 emulated where the CPU lacks it): the fp32 SRCC is the
     one ``qmamba test`` reports for the same crops, bf16's within the documented bounds."""
@@ -71,6 +74,7 @@ def test_bf16_accuracy_benchmark_prints_a_row_per_test_set(trained, tmp_path):
     assert float(fp32_srcc) == pytest.approx(tested["srcc"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path):
     root, run = trained
     result = subprocess.run(
@@ -83,6 +87,7 @@ def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path):
     assert "qmamba score's loop" in result.stdout
 
 
+@pytest.mark.slow
 def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "ordered_scan.py"), "--device", "cpu", "--batch", "1", "--stages", "3",
@@ -92,6 +97,7 @@ def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend():
     assert [r[1].strip() for r in rows] == ["cpu", "torch"] and all(float(r[3]) > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_profile_step_prints_the_layout_share_and_the_largest_operations():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "profile_step.py"), "--models", "qmamba_test", "--size", "32", "--rows", "40",
@@ -102,6 +108,7 @@ def test_profile_step_prints_the_layout_share_and_the_largest_operations():
     assert "qmamba::cpu_scan_backward" in result.stdout  # the fused scan ran, and backward through it
 
 
+@pytest.mark.slow
 def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it():
     """bf16 inference on a prepared copy (the scan's output in bf16: no LayerNorm on an fp32 copy of it, no casts
     around it), then the training step on the model's own fp32 weights."""
@@ -114,6 +121,7 @@ def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it():
     assert "qmamba::cpu_scan_backward" in training
 
 
+@pytest.mark.slow
 def test_gpu_check_model_table_runs_on_the_cpu():
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "gpu_check.py"), "models", "--device", "cpu", "--batches", "2", "--size",

@@ -35,6 +35,7 @@ def test_fit_fast_dev_run_trains_one_step_and_logs_plain_progress_lines(workdir,
     assert not (root / "runs" / "tiny" / "checkpoints").exists()  # fast_dev_run writes no checkpoint
 
 
+@pytest.mark.slow
 def test_fit_then_test_and_predict_in_fresh_processes(workdir):
     root, config = workdir
     main(["fit", "--config", str(config), "--trainer.max_epochs", "2"])
@@ -160,6 +161,7 @@ def test_last_checkpoint_follows_every_epoch_not_only_the_best(workdir, val_ever
     assert last["epoch"] == 2 and last["global_step"] == 3 * best["global_step"] // val_every
 
 
+@pytest.mark.slow
 def test_benchmark_runs_n_splits_summarises_and_skips_finished_ones(workdir, capsys):
     root, config = workdir
     main(["benchmark", "--config", str(config), "--splits", "2", "--out", "bench", "--", "--trainer.max_epochs", "1"])
@@ -219,13 +221,13 @@ def test_two_process_ddp_universal_fit_then_test(tmp_path):
         assert results[name]["images"] == (table["split"] == "test").sum()
 
 
-def test_without_ray_the_ray_engine_is_one_line_naming_the_extra(trained, tmp_path):
+def test_without_ray_the_ray_engine_is_one_line_naming_the_extra(trained, tmp_path, monkeypatch, capsys):
     """Ray is an extra: without it, --engine ray says how to install it."""
-    code = ("import sys; sys.modules['ray'] = None; from qmamba.cli import main; "
-            f"main(['score', '--engine', 'ray', '--ckpt_path', {str(trained[1] / 'checkpoints' / 'best.ckpt')!r}, "
-            f"{str(trained[0] / 'kadid' / 'images')!r}, '-o', {str(tmp_path / 'scores')!r}])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == ('qmamba: error: the Ray engine needs Ray Data: pip install '
-                                                      '"qmamba[ray]"')
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds where Ray is not installed: ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--engine", "ray", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
+              str(trained[0] / "kadid" / "images"), "-o", str(tmp_path / "scores")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == 'qmamba: error: the Ray engine needs Ray Data: pip install "qmamba[ray]"'
     assert not (tmp_path / "scores").exists()

@@ -21,6 +21,11 @@ from qmamba.models.ss2d import SS2D
 from qmamba.ops.cpu_scan import selective_scan_cpu
 from qmamba.ops.scan_order import ScanOrder
 
+# Tests that compile the same graphs run one after another on one pytest-xdist worker: the first compiles, the others
+# find the graphs in inductor's cache (two workers compiling the same graph at once would both pay for it)
+same_scorer_graph = pytest.mark.xdist_group("compiled-scorer")
+same_layer_graphs = pytest.mark.xdist_group("compiled-ss2d")
+
 
 def _norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
@@ -75,6 +80,7 @@ def test_compiled_lqmamba_tiny_stages_with_padded_windows_equal_eager():
     _compiled_against_eager("lqmamba_tiny", 64)  # 16x16 at stage 0: 14-token windows are padded
 
 
+@same_layer_graphs
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{"fullgraph": True}, {"dynamic": True, "fullgraph": True}, {}],
                          ids=["fullgraph", "dynamic", "default"])
@@ -103,6 +109,7 @@ def test_torch_compile_runs_ss2d_at_any_sequence_of_input_sizes(options):
     assert not counters["graph_break"]
 
 
+@same_scorer_graph
 def test_a_compiled_scorer_takes_every_batch_size_with_one_graph(trained):
     """serve --compile once answered HTTP 500 from the ninth new batch size on (torch's recompile limit): the batch
     dimension is dynamic now, and serve's batches are the scorer's."""
@@ -118,6 +125,7 @@ def test_a_compiled_scorer_takes_every_batch_size_with_one_graph(trained):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@same_scorer_graph
 def test_the_recompile_limit_is_one_line_naming_the_cause(trained):
     scorer = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu", compile=True)
     torch._dynamo.reset()
@@ -137,6 +145,7 @@ def test_a_missing_cpp_compiler_is_one_line_naming_the_option(monkeypatch):
         check_compiler(torch.device("cpu"), "--compile")
 
 
+@same_scorer_graph
 @pytest.mark.slow
 def test_score_compile_gives_the_eager_scores(trained, tmp_path, capsys):
     root, run = trained

@@ -216,6 +216,7 @@ def scoring_sandbox(trained, tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_a_renamed_option_on_get_started_fails_the_examples(scoring_sandbox):
     scoring = section(GET_STARTED.read_text(), "Score a folder")
     assert "--ckpt_path" in scoring

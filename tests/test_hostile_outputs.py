@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_runs import run_score
+from score_runs import ray_cluster, run_score
 
 from qmamba.cli import main
 
@@ -53,7 +53,7 @@ def test_a_link_planted_where_a_temporary_would_go_is_not_followed(trained, imag
     assert victim.read_text() == "precious" and output.is_file() and not output.is_symlink()
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=[ray_cluster, pytest.mark.slow])])
 def test_a_folder_output_that_is_a_link_is_refused_and_its_target_untouched(trained, images, tmp_path, capsys,
                                                                             engine):
     elsewhere = tmp_path / "elsewhere"
@@ -233,7 +233,7 @@ def test_names_from_a_list_file_keep_their_bytes_and_spaces(trained, images, tmp
     assert sorted(_read_paths(output)) == sorted(str(folder / name) for name in names)
 
 
-@pytest.mark.parametrize("devices", ["1", "2"])
+@pytest.mark.parametrize("devices", ["1", pytest.param("2", marks=pytest.mark.slow)])
 def test_a_path_given_twice_is_scored_once_and_the_output_finished(trained, images, tmp_path, capsys, devices):
     good = sorted(str(p) for p in images.glob("I0*.png"))
     output = tmp_path / "s.csv"

@@ -32,7 +32,7 @@ from qmamba.errors import QMambaError
 TINY = (Path(__file__).parent / "conf" / "tiny.yaml").read_text()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Path]]:
     """A tiny run, trained and tested, and its published folder: (checkpoint, folder, images)."""
     root = tmp_path_factory.mktemp("publish")
@@ -90,6 +90,7 @@ def test_the_model_card_carries_the_runs_metrics_scale_and_terms(published):
     assert config["training"]["qmamba_version"] == qmamba.__version__ and config["training"]["scan_backends"]
 
 
+@pytest.mark.slow
 def test_hf_models_load_from_the_hub_cache_offline_by_name_and_revision(published, tmp_path):
     _, folder, images = published
     hub = tmp_path / "hf" / "hub" / "models--iqa-lab--qmamba-tiny"

@@ -164,6 +164,7 @@ def test_backend_selection_errors_are_clear():
         selective_scan(*args, backend="cuda")
 
 
+@pytest.mark.slow
 def test_auto_backend_never_imports_mamba_ssm_on_cpu():
     code = (
         "import sys, torch; from qmamba.models import build_model; "

@@ -21,7 +21,7 @@ from qmamba.inference.images import read_rgb
 from qmamba.inference.quality_maps import render
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def photos(trained, tmp_path_factory) -> Path:
     """24 fixture images of two sizes, one corrupt file and a JPEG, in one folder."""
     root, _ = trained
@@ -47,6 +47,7 @@ def _rows(output: Path) -> list[dict]:
     return [json.loads(line) for line in output.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_workers_two_processes_and_one_process_give_identical_outputs(trained, photos, tmp_path):
     """Decoding in workers and sharding over 2 processes change nothing: same rows, same order, same scores;
     images of different sizes batch together and the corrupt file is reported in its place."""
@@ -68,6 +69,7 @@ def test_workers_two_processes_and_one_process_give_identical_outputs(trained, p
     assert not list(tmp_path.glob("*.rank*"))  # parts merged and removed
 
 
+@pytest.mark.slow
 def test_two_nodes_score_their_shards_and_node_zero_merges(trained, photos, tmp_path):
     """--num_nodes 2 as two machines would run it (here two processes, gloo over localhost): the same rows as one
     process, in input order, each image once."""
@@ -92,6 +94,7 @@ def test_two_nodes_score_their_shards_and_node_zero_merges(trained, photos, tmp_
     assert not list(tmp_path.glob("*.rank*"))
 
 
+@pytest.mark.slow
 def test_a_sharded_run_killed_before_merging_is_merged_when_resumed(trained, photos, tmp_path):
     ckpt = trained[1] / "checkpoints" / "best.ckpt"
     output = tmp_path / "s.csv"

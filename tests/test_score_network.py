@@ -128,6 +128,7 @@ def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(tr
 
 @pytest.mark.parametrize("signum,workers,output", [(signal.SIGTERM, 1, "scores.csv"), (signal.SIGINT, 0, "parts/")],
                          ids=["SIGTERM-a-worker-waits", "SIGINT-the-main-process-waits"])
+@pytest.mark.slow
 def test_a_signal_stops_a_run_that_waits_on_a_url(trained, server, tmp_path, workers, signum, output):
     """The run waited on a silent URL until the server closed (230 s), whatever the signal. Both signals take the
     same path; the wait is in the main process (--workers 0) or in a DataLoader worker. The interrupted image is

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import ray.data
-from score_runs import bucket_parts, file_scores, parts_of, rows_of, run_score
+from score_runs import bucket_parts, file_scores, parts_of, ray_cluster, rows_of, run_score
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, ray_cluster]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from score_runs import bucket_parts, file_scores, parts_of, rows_of, run_score
+from score_runs import bucket_parts, file_scores, parts_of, ray_cluster, rows_of, run_score
 
 import qmamba
 
@@ -127,6 +127,7 @@ def test_a_missing_or_broken_shard_stops_before_scoring(trained, collection, tmp
         assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.csv.partial").exists()
 
 
+@ray_cluster
 @pytest.mark.parametrize("compress", ["gzip", "bz2", "xz"])
 def test_a_compressed_shard_named_tar_is_one_line_from_either_engine(trained, collection, tmp_path, capsys, compress):
     """The local engine listed a gzip shard's decompressed members, then read them at those offsets from the
@@ -300,6 +301,7 @@ def test_a_folder_of_another_runs_parts_is_refused_before_any_work_and_left_as_i
     assert "resuming" in capsys.readouterr().err and len(parts_of(output)) == 4
 
 
+@pytest.mark.slow
 def test_a_signal_to_a_folder_output_writes_what_arrived_and_a_rerun_finishes(trained, tmp_path):
     """SIGTERM: the rows that arrived are written as whole parts, the exit is 143, the output is not marked complete;
     the rerun scores the rest (both engines share this loop: qmamba.commands.score_parts)."""

@@ -106,6 +106,7 @@ def test_onnx_export_from_a_fresh_process_matches_pytorch(trained, tmp_path):
     assert meta["crop_size"] == 32 and meta["score_range"]["low"] == 1.0 and len(meta["mean"]) == 3
 
 
+@pytest.mark.slow
 def test_scoring_and_export_import_no_training_stack():
     """Using a trained model needs torch, numpy, PIL and qmamba's models: not Lightning, albumentations or pandas."""
     code = ("import sys, qmamba.inference, qmamba.inference.scoring, qmamba.inference.export, qmamba.commands.score, "
@@ -187,6 +188,7 @@ def test_out_of_range_scores_are_flagged_or_clipped(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_a_signal_finishes_the_batch_and_keeps_every_score(trained, tmp_path, signum):
     root, run = trained
     images = tmp_path / "many"
@@ -251,19 +253,22 @@ def test_score_on_cuda_without_a_gpu_is_one_line(trained, capsys):
                                                  "CPU (device cpu)"]
 
 
-def test_paths_from_a_list_file_and_stdin_score_the_rest_and_name_the_bad_ones(trained, folder, tmp_path):
+def test_paths_from_a_list_file_and_stdin_score_the_rest_and_name_the_bad_ones(trained, folder, tmp_path,
+                                                                                 monkeypatch, capsys):
     _, run = trained
     good = sorted(str(p) for p in folder.glob("I0*.png"))
     listing = tmp_path / "paths.txt"
     listing.write_text("\n".join([good[0], str(folder / "broken.jpg"), "", str(tmp_path / "gone.png")]) + "\n")
-    command = [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
-               "--list", str(listing), "-", "-o", str(tmp_path / "s.jsonl"), "--device", "cpu"]
-    result = subprocess.run(command, input=good[1] + "\n", capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stderr  # something was skipped
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{good[1]}\n".encode())))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), "--list", str(listing), "-", "-o",
+              str(tmp_path / "s.jsonl"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1, err  # something was skipped
     entries = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert sorted(e["path"] for e in entries if "score" in e) == good
     assert {Path(e["path"]).name: e["error"] for e in entries if "error" in e}.keys() == {"broken.jpg", "gone.png"}
-    assert "skipped" in result.stderr and "gone.png: no such file or folder" in result.stderr
+    assert "skipped" in err and "gone.png: no such file or folder" in err
 
 
 @pytest.mark.slow

@@ -183,6 +183,7 @@ def bad_kadid_table(root: Path) -> Path:
     return root / "bad.csv"
 
 
+@pytest.mark.slow
 def test_every_bad_row_is_in_one_report_before_training_and_nothing_is_written(tmp_path, monkeypatch, capsys):
     make_kadid(tmp_path / "kadid", refs=6, levels=5)
     bad_kadid_table(tmp_path / "kadid")

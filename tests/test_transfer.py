@@ -40,7 +40,7 @@ def _data(root: Path) -> IQADataModule:
                          eval_crops=1, num_workers=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def source(tmp_path_factory):
     """A small QMamba "source model" checkpoint (one step on a KADID-format fixture) and a KonIQ-format target set."""
     root = tmp_path_factory.mktemp("transfer")
@@ -132,6 +132,7 @@ def test_tuned_file_is_small_and_reproduces_the_tuned_model(source, tmp_path):
         torch.testing.assert_close(rebuilt(images), tuned_model(images), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_transfer_command_compares_methods_and_skips_finished_ones(tmp_path, monkeypatch, capsys):
     from qmamba.cli import main
 

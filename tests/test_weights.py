@@ -105,7 +105,7 @@ def server(tmp_path, monkeypatch):
     release.httpd.server_close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_official(tmp_path_factory) -> tuple[bytes, dict[str, torch.Tensor]]:
     """VMamba-T s2l5's release file (random weights, the official names and shapes): bytes and state."""
     path = tmp_path_factory.mktemp("official") / TINY_FILE
@@ -359,6 +359,7 @@ def _fetch_as_rank(rank: int, init_file: str, results: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_download_once_and_read_the_same_file(server, tmp_path):
     data = release_bytes(tmp_path)
     server.files[TINY_FILE] = data
