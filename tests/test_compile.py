@@ -110,6 +110,7 @@ def test_torch_compile_runs_ss2d_at_any_sequence_of_input_sizes(options):
 
 
 @same_scorer_graph
+@pytest.mark.slow
 def test_a_compiled_scorer_takes_every_batch_size_with_one_graph(trained):
     """serve --compile once answered HTTP 500 from the ninth new batch size on (torch's recompile limit): the batch
     dimension is dynamic now, and serve's batches are the scorer's."""
