@@ -118,7 +118,7 @@ def test_a_comparisons_table_pools_repeated_judgements_and_splits_by_image(tmp_p
         assert len(held_out) and held_out[["first", "second"]].to_numpy().max() < len(sides[split])
     item = train[0]
     assert item["image"].shape == (2, 3, 32, 32) and set(item) == {"image", "judged", "weight", "index", "dataset"}
-    assert datamodule.summary()[0].startswith("mine: 30 images in comparisons; images train ")
+    assert datamodule.summary()[0].startswith("mine: 30 images in comparisons; random split, images train ")
 
 
 def test_every_bad_comparison_is_one_report_before_training_and_nothing_is_written(tmp_path, monkeypatch, capsys):
@@ -134,6 +134,9 @@ def test_every_bad_comparison_is_one_report_before_training_and_nothing_is_writt
         {"first": image[2], "second": "images/nothere.png", "p": 0.5, "split": "train"},  # a missing image
         {"first": image[3], "second": image[10], "p": 0.5, "split": "test"},  # image[3] is also a training image
     ]
+    rows = [{**row, "count": 3} for row in rows]
+    rows += [{"first": image[4], "second": image[5], "p": 0.7, "split": "train", "count": count}
+             for count in (float("inf"), 1e30)]  # each would outweigh every other row
     write_pairs(tmp_path / "kadid", rows)
     dataset = "{name: mine, root: kadid, comparisons: {file: kadid/pairs.csv, split: split}}"
     config = tmp_path / "bad.yaml"
@@ -147,6 +150,7 @@ def test_every_bad_comparison_is_one_report_before_training_and_nothing_is_writt
         for expected in (
             f"comparisons of an image with itself: row 15: {image[0]} vs {image[0]}",
             f"p values outside [0, 1]: row 16: {image[1]} vs {image[2]} ('1.5')",
+            f"2 counts that are not numbers in (0, 1e+09]: row 19: {image[4]} vs {image[5]} ('inf'); row 20: ",
             f"images in comparisons of two splits: {image[3]}: train (row 3), test (row 18)",
             "missing: row 17: ", "nothere.png",
             "comparison graphs in pieces: the 10 images of the train split form 2 components that no comparison "
@@ -159,7 +163,8 @@ def test_every_bad_comparison_is_one_report_before_training_and_nothing_is_writt
         ("{name: mine, comparisons: {file: kadid/pairs.csv, p: p, winner: p}}", "give either p"),
         ("{name: mine, comparisons: {file: kadid/pairs.csv, first: left}}", "has no first column 'left'"),
         ("{name: mine, comparisons: {file: kadid/pairs.csv}, score_range: [1, 5]}", "comparisons have no score scale"),
-        ("{name: mine, comparisons: {file: kadid/pairs.csv, first_group: split}}", "name both first_group"),
+        ("{name: mine, comparisons: {file: kadid/pairs.csv, first_group: split}}",
+         "gives first_group ('split') but no second_group"),
     ]:
         config.write_text(TINY.replace("{name: kadid10k, root: KADID_ROOT, label: tiny_kadid}", dataset))
         with pytest.raises(SystemExit):
@@ -272,9 +277,13 @@ def test_comparisons_train_as_far_as_scores_and_the_model_scores_on_a_fitted_sca
     validation = table.loc[table["split"] == "val", "path"].map(lambda p: str(tmp_path / "a" / p)).tolist()
     scores = np.array(scorer.score(validation))
     assert abs(scores.mean()) < 1e-3 and scores.std() == pytest.approx(1.0, abs=1e-3)
+    capsys.readouterr()
     main(["score", "--ckpt_path", str(pairs_best), "--device", "cpu", validation[0], "-o", "scores.json"])
     written = json.loads((tmp_path / "scores.json").read_text())
     assert written["model"]["score_range"]["fitted"] == fitted
+    # no bounds where there are none (the output once gave the map's two reference points as a range)
+    assert written["score_range"] is None and written["scale"] == fitted
+    assert f"(a_pairs scale: {fitted}; fp32)" in capsys.readouterr().err
     assert written["scores"][0]["score"] == pytest.approx(scores[0], rel=1e-5)
     with pytest.raises(SystemExit):
         main(["score", "--ckpt_path", str(pairs_best), "--device", "cpu", validation[0], "--clip"])

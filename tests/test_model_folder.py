@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from iqa_fixtures import make_kadid
+from score_runs import parts_of
 
 import qmamba
 from qmamba.cli import main
@@ -54,6 +56,9 @@ def test_a_published_folder_scores_as_its_checkpoint_and_holds_no_pickle(publish
         head = path.read_bytes()[:2]
         assert head[:1] != b"\x80" and head != b"PK", path
     assert sum(p.stat().st_size for p in folder.iterdir()) < checkpoint.stat().st_size
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o666 & ~umask}  # safetensors wrote 0600
     paths = [str(p) for p in images[:6]]
     expected = qmamba.load(checkpoint, device="cpu").score(paths)
     scorer = qmamba.load(folder, device="cpu")
@@ -63,6 +68,10 @@ def test_a_published_folder_scores_as_its_checkpoint_and_holds_no_pickle(publish
     main(["score", "--model", str(folder), "--device", "cpu", *paths, "-o", str(tmp_path / "scores.jsonl")])
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-6)
+    # a folder of Parquet parts records the weights' SHA-256: a model folder's safetensors (once IsADirectoryError)
+    main(["score", "--model", str(folder), "--device", "cpu", *paths, "-o", f"{tmp_path}/parts/"])
+    parts = parts_of(tmp_path / "parts")
+    np.testing.assert_allclose([parts[p]["score"] for p in paths], expected, rtol=1e-6)
     with TestClient(create_app(scorer)) as client:
         response = client.post("/score", files=[("files", (Path(p).name, Path(p).read_bytes(), "image/png"))
                                                 for p in paths[:2]])
@@ -95,13 +104,16 @@ def test_hf_models_load_from_the_hub_cache_offline_by_name_and_revision(publishe
     _, folder, images = published
     hub = tmp_path / "hf" / "hub" / "models--iqa-lab--qmamba-tiny"
     commits = {"main": "a" * 40, "v1": "b" * 40}
-    for ref, commit in commits.items():  # huggingface_hub's layout: refs name commits, snapshots hold the files
+    for ref, commit in commits.items():  # huggingface_hub's layout: refs name commits, snapshots link to blobs
         (hub / "refs").mkdir(parents=True, exist_ok=True)
+        (hub / "blobs").mkdir(exist_ok=True)
         (hub / "refs" / ref).write_text(commit)
         snapshot = hub / "snapshots" / commit
         snapshot.mkdir(parents=True)
         for path in folder.iterdir():
-            (snapshot / path.name).write_bytes(path.read_bytes())
+            blob = hashlib.sha256(path.read_bytes()).hexdigest()
+            (hub / "blobs" / blob).write_bytes(path.read_bytes())
+            (snapshot / path.name).symlink_to(f"../../blobs/{blob}")
     script = ("import sys, json, qmamba\n"
               "for ref in sys.argv[2:]:\n"
               "    s = qmamba.load(ref, device='cpu')\n"
@@ -177,6 +189,62 @@ def test_a_model_folder_by_url_is_fetched_once_checked_and_cached(published, tmp
         server.shutdown()
 
 
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    """``/<name>/config.json`` is the published config; ``/huge/model.safetensors`` answers far more than it
+    records, ``/slow/model.safetensors`` a byte every 50 ms."""
+
+    config: bytes = b""
+    sent = 0
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.end_headers()
+        try:
+            if self.path.endswith("config.json"):
+                self.wfile.write(self.config)
+            elif self.path.startswith("/huge/"):
+                while type(self).sent < 256 * 2**20:  # 10 GB announced in spirit; a client without a bound fails
+                    self.wfile.write(b"\0" * 2**20)
+                    type(self).sent += 2**20
+            else:
+                for _ in range(200):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    threading.Event().wait(0.05)
+        except OSError:  # the client hung up, as it should
+            pass
+
+
+def test_a_model_fetch_stops_at_the_recorded_size_and_obeys_timeout(published, tmp_path, monkeypatch, capsys):
+    """A 10 GB model.safetensors behind a URL was read into memory (5 GB after 7 s); --timeout 5 gave up after
+    64 s: the fetch ignored the option it names."""
+    _, folder, images = published
+    monkeypatch.setenv("QMAMBA_HOME", str(tmp_path / "home"))
+    _Misbehaving.config = (folder / "config.json").read_bytes()
+    recorded = json.loads(_Misbehaving.config)["weights"]["bytes"]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(QMambaError, match=f"huge/model.safetensors holds more than the {recorded} bytes its "
+                                              "config.json records"):
+            qmamba.load(f"{base}/huge/", device="cpu")
+        assert _Misbehaving.sent < recorded + 64 * 2**20  # what the sockets buffered past the bound, no more
+        started = time.monotonic()
+        with pytest.raises(SystemExit):
+            main(["score", "--model", f"{base}/slow/", "--timeout", "1", "--device", "cpu", str(images[0])])
+        assert time.monotonic() - started < 30
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "slow/model.safetensors was still arriving after 1 s" in error, error
+        assert not list((tmp_path / "home" / "models").glob("*/model.safetensors"))  # nothing cached
+    finally:
+        server.shutdown()
+
+
 def _tls(folder: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
     """A server context with a self-signed certificate for 127.0.0.1, which this process's clients trust."""
     import datetime
@@ -230,8 +298,13 @@ def _header(entries: dict, body: bytes) -> bytes:
     (lambda f: _weights(f, _pickle({"w": torch.zeros(3)})), "not a safetensors file"),
     (lambda f: (f / "model.safetensors").write_bytes(b"\0" * 64), "config.json records"),
     (lambda f: (f / "config.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
+    (lambda f: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000), "nests 100000 levels deep, more than"),
+    # absurd sizes: the model's shapes are compared with the weights' on the meta device, before any allocation
+    (lambda f: _edit(f, backbone_args={"dim": 10**6}, head_hidden=10**9), "the weights do not fit the model"),
+    (lambda f: _weights(f, struct.pack("<Q", 20_000) + b"[" * 10_000 + b"]" * 10_000),
+     "its safetensors header is not one qmamba reads: its JSON nests 10000 levels deep"),
 ], ids=["other-preset", "unknown-preset", "offsets-past-the-end", "unknown-dtype", "huge-header", "a-pickle",
-        "weights-replaced", "config-not-an-object"])
+        "weights-replaced", "config-not-an-object", "config-nested-deep", "absurd-sizes", "header-nested-deep"])
 def test_each_bad_folder_is_one_line(published, tmp_path, alter, message, capsys):
     _, folder, images = published
     bad = _copy(folder, tmp_path / "bad")
@@ -240,6 +313,29 @@ def test_each_bad_folder_is_one_line(published, tmp_path, alter, message, capsys
         main(["score", "--model", str(bad), "--device", "cpu", str(images[0])])
     error = capsys.readouterr().err
     assert exit_info.value.code == 1 and error.count("\n") == 1 and message in error, error
+
+
+def test_a_folder_file_that_is_a_link_is_refused_before_anything_of_its_target_is_read(published, tmp_path, capsys):
+    """A folder's model.safetensors linked to /etc/shadow printed that file's SHA-256, or its first 8 bytes as a
+    header size. Links are followed only inside a Hugging Face snapshot, into its repository's blobs."""
+    _, folder, images = published
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:*:20000:0:99999:7:::\n")
+    snapshot = tmp_path / "models--iqa-lab--tiny" / "snapshots" / ("c" * 40)
+    snapshot.parent.mkdir(parents=True)
+    for bad, name in [(tmp_path / "weights", "model.safetensors"), (tmp_path / "config", "config.json"),
+                      (snapshot, "model.safetensors")]:
+        _copy(folder, bad)
+        (bad / name).unlink()
+        (bad / name).symlink_to(secret)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["score", "--model", str(bad), "--device", "cpu", str(images[0])])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 1 and error.count("\n") == 1, error
+        assert f"{bad / name} is a symbolic link; a model folder's files are read only when they are regular " \
+            "files in the folder" in error
+        assert hashlib.sha256(secret.read_bytes()).hexdigest() not in error and "root:*" not in error
+        assert str(struct.unpack("<Q", secret.read_bytes()[:8])[0]) not in error
 
 
 def _weights(folder: Path, data: bytes) -> None:
@@ -277,6 +373,10 @@ def test_hf_models_without_huggingface_hub_or_with_a_malformed_name_are_one_line
 
     with pytest.raises(UsageError, match=r"hf://iqa-lab is not hf://ORG/NAME"):
         resolve_model("hf://iqa-lab")
+    for revision in ("../../x", "../../../../outside/rev", "/etc", "main\n", "v1/../../x", ""):
+        # the cache reads refs/<revision>: each of these would name a file elsewhere
+        with pytest.raises(UsageError, match="is not a revision"):
+            resolve_model(f"hf://iqa-lab/qmamba-tiny@{revision}")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if the hub extra were not installed
     with pytest.raises(UsageError, match=r'qmamba-tiny needs huggingface_hub: pip install "qmamba\[hub\]"'):
         resolve_model("hf://iqa-lab/qmamba-tiny")

@@ -17,6 +17,8 @@ scoring cases are tested in tests/test_scoring.py).
 | qmamba test with a missing, empty, truncated, random-bytes or plain-state-dict checkpoint | one line saying which |
 | qmamba predict without a prediction writer | writes predictions.csv into the run folder and says so |
 | a run killed (SIGKILL) at any point, resumed with --ckpt_path last | the uninterrupted run's weights, bit for bit |
+| SIGTERM to a fit | exit 143, a line naming the epoch and step and the checkpoint that resumes it |
+| a YAML-bomb config, one nested 5,000 deep, one of 2 MB (fit, data check, benchmark, transfer) | one line, exit 2 |
 | a label file in Latin-1, empty, or with a header only | one line naming the file and the fix |
 | a label file in UTF-16 with its byte-order mark | read (the encoding is unambiguous) |
 | an image above Pillow's decompression-bomb limit | reported with every other image problem, not a stop |
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -109,6 +112,54 @@ def test_overwrite_replaces_the_run_and_is_not_saved(finished, capsys):
     assert not stale_event.exists() and (run / "checkpoints" / "best.ckpt").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["overwrite"] is False
     _refused(capsys, "fit", "--config", str(run / "config.yaml"))  # reusing the saved config does not overwrite
+
+
+def test_sigterm_stops_a_fit_with_143_saying_where_and_last_resumes_it(workdir, monkeypatch, capsys):
+    """SIGTERM to qmamba fit exited 0; the only trace was Lightning's "Received SIGTERM: 15"."""
+    from qmamba.training import QMambaIQA
+
+    tmp_path, config = workdir
+    start_batch = QMambaIQA.on_train_batch_start
+
+    def terminated_in_epoch_one(self, batch, batch_idx):  # noqa: ANN001, ANN202
+        if self.current_epoch == 1 and batch_idx == 0:
+            # Lightning's handler, or the test would end the test process itself
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return start_batch(self, batch, batch_idx)
+
+    monkeypatch.setattr(QMambaIQA, "on_train_batch_start", terminated_in_epoch_one)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--trainer.max_epochs", "3"])
+    assert exit_info.value.code == 143
+    last = Path("runs/tiny/checkpoints/last.ckpt")
+    err = capsys.readouterr().err
+    assert re.search(r"qmamba fit: SIGTERM in epoch 1 \(step \d+\): stopped; resume with --ckpt_path last \(from "
+                     r"\S*runs/tiny/checkpoints/last.ckpt, the end of the last whole epoch\)", err), err
+    assert torch.load(last)["epoch"] == 0
+    monkeypatch.setattr(QMambaIQA, "on_train_batch_start", start_batch)
+    main(["fit", "--config", "runs/tiny/config.yaml", "--ckpt_path", "last"])  # what the message offers works
+    assert torch.load(last)["epoch"] == 2
+
+
+def test_yaml_bombs_deep_and_huge_configs_are_one_line_before_any_parsing(tmp_path, monkeypatch, capsys):
+    """Anchors expanding to 10^9 nodes in a benchmark or transfer config grew past 4 GB with no message."""
+    monkeypatch.chdir(tmp_path)
+    laughs = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+    configs = {"bomb.yaml": (laughs, "its aliases (*name) expand to 4.9e+08 values"),
+               "deep.yaml": ("[" * 5000 + "]" * 5000, "nests its values too deep for a config"),
+               "huge.yaml": ("# padding\n" * 200_000, "holds 2000000 bytes, more than the 1 MB a config can")}
+    for name, (text, message) in configs.items():
+        Path(name).write_text(text)
+        for command in (["fit", "--config", name], ["data", "check", "--config", name],
+                        ["benchmark", "--config", "configs.yaml", "--splits", "1", "--", f"--data={name}"],
+                        ["transfer", "--source", "best.ckpt", "--config", name]):
+            with pytest.raises(SystemExit) as exit_info:
+                main(command)
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, (command, err)
+    assert not Path("runs").exists()
 
 
 def test_resume_is_allowed_into_its_own_folder(finished):

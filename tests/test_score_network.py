@@ -31,6 +31,7 @@ class _Server(ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.silent_called = threading.Event()
         self.huge_sent = 0
+        self.credentials_by_host: list[tuple[str, bool]] = []  # (Host header, whether credentials came) of private.png
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{path}"
@@ -48,6 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(200, self.server.image)
         elif route == "private.png":  # basic authentication as user "reader", password "p@ss"
             granted = self.headers.get("Authorization") == f"Basic {base64.b64encode(b'reader:p@ss').decode()}"
+            self.server.credentials_by_host.append((self.headers["Host"], "Authorization" in self.headers))
             self._answer(200 if granted else 401, self.server.image if granted else b"who are you?")
         elif route == "silent":  # accepts the connection, never answers
             self.server.silent_called.set()
@@ -65,10 +67,20 @@ class _Handler(BaseHTTPRequestHandler):
             block = b"\0" * 2**20
             while self.server.huge_sent < HUGE_CAP and self._send(block):
                 self.server.huge_sent += len(block)
+        elif route == "here.png":  # the same origin: the credentials go along
+            self._redirect("/private.png")
+        elif route == "elsewhere.png":  # another host (the same server under another name): they must not
+            self._redirect(f"http://localhost:{self.server.server_address[1]}/private.png")
         elif route == "busy":
             self._answer(503, b"try later")
         else:
             self._answer(404, b"no such image")
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -99,10 +111,12 @@ def server(trained) -> Iterator[_Server]:  # noqa: ANN001
 
 def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(trained, server, tmp_path, capsys):
     routes = ["silent", "trickle", "huge", "missing", "busy", "good.png", "private.png"]
-    private = server.url("private.png").replace("http://", "http://reader:p%40ss@")
-    refused = server.url("private.png").replace("http://", "http://reader:wrong-secret@")
+    private, here, elsewhere = (server.url(r).replace("http://", "http://reader:p%40ss@")
+                                for r in ("private.png", "here.png", "elsewhere.png"))
+    refused = server.url("private.png").replace("http://", "http://intruder:wrong-secret@")
     table = tmp_path / "urls.csv"
-    table.write_text("url\n" + "".join(f"{server.url(r)}\n" for r in routes) + f"{private}\n{refused}\n")
+    table.write_text("url\n" + "".join(f"{u}\n" for u in [*map(server.url, routes), private, refused, here,
+                                                            elsewhere]))
     output = tmp_path / "scores.jsonl"
     assert run_score(trained, str(table), "-o", str(output), "--workers", "0", "--timeout", "1.5",
                      "--max-image-mb", "1") == 1
@@ -119,11 +133,20 @@ def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(tr
     local.write_bytes(server.image)
     expected = file_scores(trained, {"good": local})["good"]
     assert rows[server.url("good.png")]["score"] == pytest.approx(expected, rel=1e-6)
-    assert rows[private]["score"] == pytest.approx(expected, rel=1e-6)  # the URL's credentials were sent
-    masked = refused.replace("wrong-secret", "***")  # messages never show a URL's password (the row key keeps it)
-    assert rows[refused]["error"] == f"cannot read {masked}: HTTP 401 Unauthorized"
-    err = capsys.readouterr().err
-    assert f"skipped {masked}: " in err and "wrong-secret" not in err
+    # credentials are sent, to the URL's own host only (curl's rule): a redirect elsewhere goes without them
+    masked = {url: url.replace("p%40ss", "***").replace("wrong-secret", "***") for url in (private, refused, here,
+                                                                                          elsewhere)}
+    assert rows[masked[private]]["score"] == pytest.approx(expected, rel=1e-6)
+    assert rows[masked[here]]["score"] == pytest.approx(expected, rel=1e-6)
+    assert rows[masked[elsewhere]]["error"] == f"cannot read {masked[elsewhere]}: HTTP 401 Unauthorized"
+    assert sorted(set(server.credentials_by_host)) == [
+        (f"127.0.0.1:{server.server_address[1]}", False), (f"127.0.0.1:{server.server_address[1]}", True),
+        (f"localhost:{server.server_address[1]}", False)]
+    assert rows[masked[refused]]["error"] == f"cannot read {masked[refused]}: HTTP 401 Unauthorized"
+    err = capsys.readouterr().err  # no message, row or record holds a password, the row keys included
+    assert f"skipped {masked[refused]}: " in err and f"skipped {masked[elsewhere]}: " in err
+    assert not any(secret in text for secret in ("p%40ss", "p@ss", "wrong-secret") for text in (
+        err, output.read_text()))
 
 
 @pytest.mark.parametrize("signum,workers,output", [(signal.SIGTERM, 1, "scores.csv"), (signal.SIGINT, 0, "parts/")],

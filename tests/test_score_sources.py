@@ -297,6 +297,16 @@ def test_a_folder_of_another_runs_parts_is_refused_before_any_work_and_left_as_i
     assert "holds notes.txt, which qmamba score did not write" in refused(*images)
     (output / "notes.txt").unlink()
     del before["notes.txt"]
+    # each part records the precision it was scored in, and a resume in another takes none of them over
+    own = pq.read_table(next(output.glob("part-*.parquet")))
+    record = json.loads(own.schema.metadata[b"qmamba"])
+    assert record["precision"] == "fp32"
+    pq.write_table(own.replace_schema_metadata({b"qmamba": json.dumps({**record, "precision": "bf16"})}),
+                   output / "part-bf16.parquet")
+    before["part-bf16.parquet"] = (output / "part-bf16.parquet").read_bytes()
+    assert "part-bf16.parquet, scored with precision bf16 (this run: fp32)" in refused(*images)
+    (output / "part-bf16.parquet").unlink()
+    del before["part-bf16.parquet"]
     assert run_score(trained, *images, "-o", f"{output}/") == 0  # its own parts: a resume, nothing left to score
     assert "resuming" in capsys.readouterr().err and len(parts_of(output)) == 4
 

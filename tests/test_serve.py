@@ -191,7 +191,9 @@ def test_a_loopback_server_answers_only_to_loopback_host_names(scorer):
     127.0.0.1 (DNS rebinding) could use it from the visitor's browser."""
     assert allowed_hosts(None, "127.0.0.1") == {"127.0.0.1", "localhost", "::1"} and allowed_hosts(None, "0.0.0.0") \
         is None
-    assert allowed_hosts("Example.org:8000,[::1]", "127.0.0.1") == {"example.org", "::1"}
+    # the option adds names to the loopback ones that the start line names (it had replaced them: 400 for both)
+    assert allowed_hosts("Example.org:8000,[::1]", "127.0.0.1") == {"example.org", "::1", "127.0.0.1", "localhost"}
+    assert allowed_hosts("iqa.example.org", "0.0.0.0") == {"iqa.example.org", "::1", "127.0.0.1", "localhost"}
     assert allowed_hosts("*", "127.0.0.1") is None
     app = create_app(scorer, hosts=allowed_hosts(None, "127.0.0.1"))
     for url, status in (("http://localhost:8000", 200), ("http://127.0.0.1", 200), ("http://[::1]:8000", 200),

@@ -65,6 +65,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"{usage()}\n\nqmamba: error: unknown command {name!r}", file=sys.stderr)
         raise SystemExit(2)
     from qmamba.errors import QMambaError, UsageError
+    from qmamba.redaction import without_password
 
     try:
         if name in LIGHTNING_COMMANDS:  # None: LightningCLI reads sys.argv itself (and warns when given both)
@@ -74,5 +75,5 @@ def main(args: list[str] | None = None) -> None:
     except QMambaError as err:  # user-fixable: a message, not a traceback (QMAMBA_DEBUG=1 shows it)
         if os.environ.get("QMAMBA_DEBUG"):
             raise
-        print(f"qmamba: error: {err}", file=sys.stderr)
+        print(f"qmamba: error: {without_password(str(err))}", file=sys.stderr)
         raise SystemExit(2 if isinstance(err, UsageError) else 1) from None

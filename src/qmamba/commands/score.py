@@ -49,13 +49,14 @@ from qmamba.commands.score_outputs import (
     scored_paths,
     whole_lines,
 )
-from qmamba.commands.score_parts import PART_ROWS, arrow_keys, is_folder_output, score_into_parts
+from qmamba.commands.score_parts import PART_ROWS, arrow_keys, is_folder_output, score_into_parts, scored_as
 from qmamba.commands.score_ray import run as run_on_ray
 from qmamba.errors import QMambaError, UsageError, is_disk_full
 from qmamba.files.atomic import atomic_writer
 from qmamba.inference.model_sources import add_model_arguments
 from qmamba.inference.precision import add_precision_argument
-from qmamba.inference.sources import NetworkLimits, expand, is_uri, without_password
+from qmamba.inference.sources import NetworkLimits, expand, is_uri
+from qmamba.redaction import without_password
 
 if TYPE_CHECKING:
     from qmamba.inference.scoring import Scorer
@@ -300,7 +301,7 @@ def _load(args: argparse.Namespace, device: str | None, compile: bool) -> Scorer
 
     scorer = load(args.ckpt_path, device=device, crops=args.crops, dataset=args.dataset, batch_size=args.batch_size,
                   trusted=args.trust_checkpoint, sha256=args.sha256, max_side=args.max_side, compile=compile,
-                  precision=args.precision)
+                  precision=args.precision, limits=args.limits)
     if args.clip:
         scorer.scale.check_clip(scorer.dataset)
     return scorer
@@ -320,7 +321,7 @@ def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple
     stream, scored_before = target.open() if target else (sys.stdout, set())
     partial = target.path if target else None
     scale = scorer.scale
-    header = {"model": scorer.info, "score_range": [scale.low, scale.high], "direction": scale.direction}
+    header = {"model": scorer.info, **scale.as_header()}
     writer = RowWriter(stream, output_kind(output), header, resumed=bool(scored_before))
     in_parts = _part_scores(partial) if partial is not None else set()  # a sharded run stopped before merging
     if in_parts and not sharded:  # resumed in one process: merge its parts now
@@ -355,8 +356,7 @@ def _score_inputs(args: argparse.Namespace, files: list[str], errors: list[tuple
         print(f"qmamba score: {name} after {done} of {len(todo)} images; {writer.rows} scores written{where} "
               "(the run stopped early)", file=sys.stderr)
         raise SystemExit(128 + stop.signal)
-    print(f"qmamba score: {writer.rows} scored, {len(errors)} skipped{where} ({scorer.dataset} scale "
-          f"{scale.low:g}-{scale.high:g}, {scale.direction})", file=sys.stderr)
+    print(f"qmamba score: {writer.rows} scored, {len(errors)} skipped{where} ({scored_as(scorer)})", file=sys.stderr)
     if errors:
         raise SystemExit(1)
 

@@ -43,12 +43,13 @@ from qmamba.errors import QMambaError, UsageError
 from qmamba.files.atomic import atomic_writer
 from qmamba.files.run_folder import ProcessLock
 from qmamba.files.weights import file_sha256
-from qmamba.inference.sources import is_uri, without_password
+from qmamba.inference.sources import is_uri
+from qmamba.redaction import without_password
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["PART_ROWS", "PartsOutput", "arrow_keys", "is_folder_output", "score_into_parts"]
+__all__ = ["PART_ROWS", "PartsOutput", "arrow_keys", "is_folder_output", "score_into_parts", "scored_as"]
 
 SUMMARY = "_qmamba.json"
 LOCK = ".qmamba.lock"
@@ -288,8 +289,7 @@ def score_into_parts(args: argparse.Namespace, errors: list[tuple[str, str]], de
         failed += errors
         output.write(_error_rows(errors))
         if stop.signal is None:
-            output.finish({"model": scorer.info, "score_range": [scorer.scale.low, scorer.scale.high],
-                           "direction": scorer.scale.direction, "scored": len(scored) + written,
+            output.finish({"model": scorer.info, **scorer.scale.as_header(), "scored": len(scored) + written,
                            "errors": len(failed), "record": record})
     finally:
         output.unlock()
@@ -298,11 +298,18 @@ def score_into_parts(args: argparse.Namespace, errors: list[tuple[str, str]], de
 
 def scoring_record(args: argparse.Namespace, scorer: Any) -> dict[str, Any]:
     """What the scores of a run depend on: the weights (the checkpoint's SHA-256, not its path: a copy resumes),
-    the dataset whose scale they are on, the crops, ``max_side`` and ``clip``."""
+    the dataset whose scale they are on, the crops, ``max_side``, ``clip`` and the precision (bf16 scores differ
+    from fp32's in their last digits: a resume never mixes them)."""
     info = scorer.info
-    return {"checkpoint_sha256": file_sha256(args.ckpt_path), "dataset": scorer.dataset,
+    return {"checkpoint_sha256": file_sha256(scorer.weights), "dataset": scorer.dataset,
             "score_range": [scorer.scale.low, scorer.scale.high], "crops": info["crops"],
-            "crop_size": info["crop_size"], "max_side": info["max_side"], "clip": bool(args.clip)}
+            "crop_size": info["crop_size"], "max_side": info["max_side"], "clip": bool(args.clip),
+            "precision": info["precision"]}
+
+
+def scored_as(scorer: Any) -> str:
+    """What the numbers of a run are, for its last line: the dataset's scale in words and the precision."""
+    return f"{scorer.dataset} scale: {scorer.scale.describe()}; {scorer.info['precision']}"
 
 
 def _collect(tables: Iterator[pa.Table], scored: set[str], output: PartsOutput, part_rows: int, stop: Any,
@@ -375,8 +382,7 @@ def _report(args: argparse.Namespace, scorer: Any, written: int, failed: list[tu
         print(f"qmamba score: {signal.Signals(signal_number).name}: {written} scores written to {args.output} (the "
               "run stopped early; rerun the same command to resume)", file=sys.stderr)
         raise SystemExit(128 + signal_number)
-    scale = scorer.scale
-    print(f"qmamba score: {written} scored, {len(failed)} skipped to {args.output} ({scorer.dataset} scale "
-          f"{scale.low:g}-{scale.high:g}, {scale.direction})", file=sys.stderr)
+    print(f"qmamba score: {written} scored, {len(failed)} skipped to {args.output} ({scored_as(scorer)})",
+          file=sys.stderr)
     if failed:
         raise SystemExit(1)

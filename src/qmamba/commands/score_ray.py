@@ -31,6 +31,7 @@ from typing import Any
 from qmamba.commands.score_parts import score_into_parts
 from qmamba.errors import UsageError
 from qmamba.inference.sources import Shard, shard_of
+from qmamba.redaction import without_password
 
 __all__ = ["check_reachable", "check_resources", "run"]
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
                            max_side=args.max_side, clip=args.clip, trusted=args.trust_checkpoint,
                            sha256=args.sha256, precision=args.precision, compile=args.compile,
                            concurrency=args.concurrency,
-                           gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+                           gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                           limits=args.limits)
         return scorer
 
     def batches(scored: set[str]) -> Iterator[Any]:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
             batch_size=None, batch_format="pyarrow")
 
     names = {str(i) for i in items}
-    shards = {str(i) for i in items if isinstance(i, Shard)}
+    shards = {without_password(i) for i in items if isinstance(i, Shard)}  # as member keys name them
     connected = ray.is_initialized()  # called from Python that holds a Ray session: use it
     address = args.address or os.environ.get("RAY_ADDRESS")
     # a cluster of this machine started for this run keeps its session (logs, sockets) in a folder of its own, where

@@ -211,12 +211,13 @@ LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def allowed_hosts(option: str | None, bound: str) -> frozenset[str] | None:
-    """The Host names the server answers to (None: any). ``--allowed-hosts`` names them (``*``: any); by default a
-    server on a loopback address answers to the loopback names only, so that a page of another site whose name
-    resolves to 127.0.0.1 (DNS rebinding) cannot use it; a server on another address answers to any name."""
+    """The Host names the server answers to (None: any). By default a server on a loopback address answers to the
+    loopback names only, so that a page of another site whose name resolves to 127.0.0.1 (DNS rebinding) cannot use
+    it; a server on another address answers to any name. ``--allowed-hosts`` adds names to the loopback ones, which
+    the start line tells you to open (``*``: any name)."""
     if option is not None:
         names = frozenset(_host_name(n) for n in option.split(",") if n.strip())
-        return None if "*" in names else names
+        return None if "*" in names else names | LOOPBACK
     return LOOPBACK if bound in LOOPBACK else None
 
 
@@ -261,8 +262,8 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": scorer.info["backbone"], "datasets": scorer.info["datasets"],
-                "dataset": scorer.dataset, "device": str(scorer.device), "score_range": [scale.low, scale.high],
-                "direction": scale.direction, "scale": scale.describe(), "crops": scorer.crops.count,
+                "dataset": scorer.dataset, "device": str(scorer.device), **scale.as_header(),
+                "crops": scorer.crops.count,
                 "crop_size": scorer.crops.size, "precision": scorer.precision}
 
     async def quality_map(rgb: Any, entry: dict[str, Any]) -> None:
@@ -292,7 +293,7 @@ def create_app(scorer: Any, limits: Limits | None = None, token: str | None = No
         except (ImageReadError, ValueError) as err:  # not an image, a bomb, too small for a crop: that image alone
             return {**entry, "error": str(err)}
         value = await batcher.score(crops)
-        entry.update(score=value, scale=[scale.low, scale.high], direction=scale.direction)
+        entry.update(score=value, scale=scale.bounds, direction=scale.direction)
         if scale.out_of_range(value):  # a prediction beyond the training scale is shown as it is, and said so
             entry["flag"] = scale.out_of_range(value)
         if with_map:
@@ -360,8 +361,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"require Authorization: Bearer TOKEN on the API (default: ${TOKEN_ENV}; the page asks "
                              "for it, or open it as http://HOST:PORT/#token=TOKEN)")
-    parser.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated Host names the server answers to, "
-                        "* for any (default: the loopback names when --host is a loopback address, else any)")
+    parser.add_argument("--allowed-hosts", metavar="NAMES", help="comma-separated Host names the server answers to "
+                        "besides the loopback names, * for any (default: the loopback names alone when --host is a "
+                        "loopback address, else any)")
     parser.add_argument("--docs", action="store_true", help="serve FastAPI's /docs (loads Swagger UI from a CDN)")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (requests of a "
                         "new batch size wait for its compilation once)")

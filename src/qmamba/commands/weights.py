@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Iterable
 
 from qmamba.errors import UsageError
@@ -22,6 +21,7 @@ from qmamba.files.weights import (
     verify,
     weights_dir,
 )
+from qmamba.redaction import log_to_stderr
 
 __all__ = ["main"]
 
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     verify_parser = actions.add_parser("verify", help="re-hash cached files against their recorded SHA-256")
     verify_parser.add_argument("names", nargs="*", metavar="NAME", help="presets or file names (default: all cached)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_stderr(fmt="%(message)s")
     if args.action == "list":
         list_weights()
     elif args.action == "fetch":

@@ -22,6 +22,7 @@ from PIL import Image
 from qmamba.files.atomic import write_bytes_atomic
 from qmamba.inference.images import ImageReadError, bomb_message
 from qmamba.inference.sources import Source, read_image
+from qmamba.redaction import without_password
 
 from .errors import DatasetError
 
@@ -141,7 +142,7 @@ class ProblemReport:
         self._whole = 0  # problems of no one row: an empty split, a group on both sides of it
 
     def add(self, kind: str, example: str, fix: str, row: object = None) -> None:
-        self._kinds.setdefault(kind, (fix, []))[1].append(example)
+        self._kinds.setdefault(kind, (fix, []))[1].append(without_password(example))
         if row is None:
             self._whole += 1
         else:

@@ -27,10 +27,11 @@ from qmamba.inference.sources import NetworkLimits
 
 from .checks import ProblemReport
 from .errors import DatasetError
-from .tables import SPLITS, read_table_file, resolve_paths
+from .tables import SPLITS, describe_columns, read_table_file, resolve_paths, with_default_columns
 
 __all__ = ["ComparisonSpec", "components", "load_comparisons"]
 
+MAX_COUNT = 1e9  # judgements behind one row: inf or 1e30 is a broken column, and would outweigh every other row
 FIRST, SECOND, TIE = ("first", "a", "1"), ("second", "b", "2"), ("tie", "equal", "0.5")
 
 
@@ -46,11 +47,16 @@ class ComparisonSpec:
             it).
         winner: the column naming the better image: ``first``, ``second`` or ``tie`` (also ``a`` / ``b``, ``1`` /
             ``2``), or its path (default: ``winner`` if the table has it and no ``p``).
-        count: the column of the number of judgements behind each row (default: one each).
-        split: the column of each comparison's train / val / test label, if any (``protocol: official``; the default
-            then). Both images of a comparison are in its split, and an image in comparisons of two splits is an error.
-        first_group: the column of the first image's content or reference id, for content-disjoint splits.
-        second_group: the column of the second image's.
+        count: the column of the number of judgements behind each row (default ``count`` if the table has it, else
+            one each).
+        split: the column of each comparison's train / val / test label (default ``split``, if the table has it;
+            ``protocol: official``, the default then). Both images of a comparison are in its split, and an image in
+            comparisons of two splits is an error.
+        first_group: the column of the first image's content or reference id, for content-disjoint splits (default
+            ``first_group``, if the table has it).
+        second_group: the column of the second image's (default ``second_group``).
+
+    For each optional column, ``""`` leaves a column of the default name unused.
     """
 
     file: str
@@ -67,7 +73,8 @@ class ComparisonSpec:
         if self.p and self.winner:
             raise UsageError("comparisons: give either p (the probability that the first image is better) or winner, "
                              "not both")
-        if bool(self.first_group) != bool(self.second_group):
+        groups = (self.first_group, self.second_group)
+        if "" in groups and any(groups):  # one named, the other kept out (one left out may be found by its name)
             raise UsageError("comparisons: name both first_group and second_group (each image's content id), or "
                              "neither")
 
@@ -80,6 +87,7 @@ class Comparisons:
 
     images: pd.DataFrame
     pairs: pd.DataFrame
+    spec: ComparisonSpec  # the columns read, defaults included: the split protocol follows them
 
 
 def load_comparisons(spec: ComparisonSpec, dataset: str, root: str | None,
@@ -88,6 +96,12 @@ def load_comparisons(spec: ComparisonSpec, dataset: str, root: str | None,
     all (missing, unreadable, a column it lacks, no rows) is a :class:`DatasetError` at once."""
     frame = read_table_file(spec.file, dataset, limits)
     names = list(frame.columns)
+    spec = with_default_columns(spec, names, ("count", "split", "first_group", "second_group"))
+    if bool(spec.first_group) != bool(spec.second_group):
+        given, lacking = ("first_group", "second_group") if spec.first_group else ("second_group", "first_group")
+        raise DatasetError(f"{dataset}: the comparisons table {spec.file} gives {given} "
+                           f"({getattr(spec, given)!r}) but no {lacking} (its columns: {', '.join(names)}); a content "
+                           f"split needs both images' groups: name {lacking}, or keep both out with {given}: ''")
     p_column = spec.p or ("p" if not spec.winner and "p" in names else None)
     winner_column = spec.winner or ("winner" if not p_column and "winner" in names else None)
     if not p_column and not winner_column:
@@ -101,6 +115,7 @@ def load_comparisons(spec: ComparisonSpec, dataset: str, root: str | None,
     if missing:
         raise DatasetError(f"{dataset}: the comparisons table {spec.file} has no {', '.join(missing)} (its columns: "
                            f"{', '.join(names)}); name the right ones under comparisons:")
+    describe_columns(dataset, wanted)
 
     report = ProblemReport(dataset, len(frame))
     rows = pd.Series(np.arange(1, len(frame) + 1))
@@ -135,7 +150,8 @@ def load_comparisons(spec: ComparisonSpec, dataset: str, root: str | None,
     weight = pd.Series(np.ones(len(frame)))
     if spec.count:
         weight = pd.to_numeric(frame[spec.count], errors="coerce")
-        refuse((weight.isna() | ~(weight > 0)).to_numpy(), "counts that are not numbers > 0",
+        refuse((weight.isna() | ~(weight > 0) | ~(weight <= MAX_COUNT)).to_numpy(),
+               f"counts that are not numbers in (0, {MAX_COUNT:.0e}]",
                f"the {spec.count} column counts the judgements behind a row: fix these rows", frame[spec.count])
     split = None
     if spec.split:
@@ -154,7 +170,7 @@ def load_comparisons(spec: ComparisonSpec, dataset: str, root: str | None,
     pairs = pairs[keep].astype({"first": int, "second": int})
     pairs = _pooled(pairs[usable[pairs["first"]] & usable[pairs["second"]]])
     _unlinked(images, pairs, report)
-    return Comparisons(images.drop(columns="usable"), pairs), report
+    return Comparisons(images.drop(columns="usable"), pairs, spec), report
 
 
 def _images(spec: ComparisonSpec, frame: pd.DataFrame, first: pd.Series, second: pd.Series, split: pd.Series | None,

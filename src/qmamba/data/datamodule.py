@@ -107,17 +107,19 @@ class DatasetConfig:
     def key(self) -> str:
         return self.label or self.name
 
-    def info(self, score_range: tuple[float, float]) -> DatasetInfo:
-        """The registered dataset's :class:`DatasetInfo`, or a table's on the scale in force (``score_range``)."""
+    def info(self, score_range: tuple[float, float], read: TableSpec | ComparisonSpec | None = None) -> DatasetInfo:
+        """The registered dataset's :class:`DatasetInfo`, or a table's on the scale in force (``score_range``), its
+        protocol from the columns the table was ``read`` with (the config's and those found by their default
+        names)."""
         if self.comparisons is not None:
-            spec = self.comparisons
+            spec = read if isinstance(read, ComparisonSpec) else self.comparisons
             return DatasetInfo(self.key, score_range, False, "content" if spec.first_group else "random",
                                self.root or table_folder(spec.file), official_split=bool(spec.split))
         if self.table is None:
             return dataset_info(self.name)
-        folder = self.root or table_folder(self.table.file)
-        return DatasetInfo(self.key, score_range, bool(self.table.lower_better),
-                           "content" if self.table.group else "random", folder, official_split=self.table.has_split)
+        table = read if isinstance(read, TableSpec) else self.table
+        return DatasetInfo(self.key, score_range, bool(table.lower_better), "content" if table.group else "random",
+                           self.root or table_folder(table.file), official_split=table.has_split)
 
     def labels(self) -> tuple[pd.DataFrame, ProblemReport]:
         """The label table and the report of its unusable rows (a registered dataset's loader raises instead)."""
@@ -237,6 +239,7 @@ class IQADataModule(L.LightningDataModule):
         self._splits: list[dict[str, Dataset]] | None = None
         self._tables: list[tuple[pd.DataFrame, dict[str, np.ndarray]]] = []  # what each split holds, to be saved
         self._pairs: list[dict[str, pd.DataFrame] | None] = []  # a comparisons dataset's pairs in its val / test
+        self._protocols: list[str] = []  # the split protocol in force for each dataset
         self._splits_saved = False
         self._seed = 0  # set in prepare from the global seed; every DDP rank gets the same one
 
@@ -261,7 +264,7 @@ class IQADataModule(L.LightningDataModule):
             except DatasetError as err:
                 problems.append(str(err))
         if problems:
-            self.scales, self._tables, self._pairs = [], [], []
+            self.scales, self._tables, self._pairs, self._protocols = [], [], [], []
             raise DatasetError("\n".join(problems))
         self._splits = splits
 
@@ -275,13 +278,14 @@ class IQADataModule(L.LightningDataModule):
             return self._prepare_comparisons(index, config)
         labels, report = config.labels()
         # the scale in force: the dataset's, a loader option's (KonIQ's 1-5 MOS), the config's or a table's
-        info = config.info(labels.attrs["score_range"])
+        info = config.info(labels.attrs["score_range"], labels.attrs.get("table"))
         scale = ScoreScale(*labels.attrs["score_range"], info.lower_better)
         table = self._usable_images(config, info, labels, report)
         protocol, splits = self._split(config, info, table, report)
         self.scales.append(scale)
         self._tables.append((table, splits))
         self._pairs.append(None)
+        self._protocols.append(protocol)
         targets = scale.to_unit(table["score"].to_numpy(np.float64))
         stds = table["std"].to_numpy(np.float64) / (scale.high - scale.low) if "std" in table else None
         paths = table["path"].tolist()
@@ -323,7 +327,7 @@ class IQADataModule(L.LightningDataModule):
         the training pairs, evaluation on the images of a split and the pairs between them."""
         assert config.comparisons is not None
         comparisons, report = load_comparisons(config.comparisons, config.key, config.root)
-        info = config.info((0.0, 1.0))
+        info = config.info((0.0, 1.0), comparisons.spec)
         images = self._usable_images(config, info, comparisons.images, report)
         names = comparisons.images["name"].to_numpy()
         position = pd.Series(np.arange(len(images)), index=images["name"])  # the images left after the checks
@@ -354,6 +358,7 @@ class IQADataModule(L.LightningDataModule):
                         config.key, len(train_images), pieces)
         self.scales.append(ScoreScale.fitted_scale(0.0, 1.0, UNFITTED))
         self._tables.append((images, splits))
+        self._protocols.append(protocol)
         paths = images["path"].tolist()
         cache: dict[str, np.ndarray] | None = {} if self.cache_images else None
         crops = IQADataset(paths, None, TrainCrop(self.preprocessing, seed=self._seed + index), index, cache)
@@ -422,15 +427,16 @@ class IQADataModule(L.LightningDataModule):
         """One line per dataset: its images, scale and split (after :meth:`prepare`)."""
         self.prepare()
         lines = []
-        for key, scale, (table, splits), pairs in zip(self.names, self.scales, self._tables, self._pairs, strict=True):
+        for key, scale, (table, splits), pairs, protocol in zip(self.names, self.scales, self._tables, self._pairs,
+                                                                  self._protocols, strict=True):
             direction = "lower" if scale.lower_better else "higher"
             sizes = ", ".join(f"{name} {len(rows)}" for name, rows in splits.items())
             if pairs is not None:
-                lines.append(f"{key}: {len(table)} images in comparisons; images {sizes}; held-out pairs "
-                             f"{', '.join(f'{name} {len(p)}' for name, p in pairs.items())}")
+                lines.append(f"{key}: {len(table)} images in comparisons; {protocol} split, images {sizes}; held-out "
+                             f"pairs {', '.join(f'{name} {len(p)}' for name, p in pairs.items())}")
                 continue
             lines.append(f"{key}: {len(table)} images, scores {scale.low:g}-{scale.high:g} ({direction} is better); "
-                         f"{sizes}")
+                         f"{protocol} split: {sizes}")
         return lines
 
     def split(self, name: str) -> list[IQADataset]:

@@ -18,13 +18,14 @@ scores) is collected into one :class:`~qmamba.data.checks.ProblemReport`, so a t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -36,7 +37,7 @@ from qmamba.inference.sources import InputError, NetworkLimits, RemoteFile, expa
 from .checks import ProblemReport
 from .errors import DatasetError
 
-__all__ = ["TableSpec", "load_table", "read_table_file", "resolve_paths", "table_folder"]
+__all__ = ["TableSpec", "load_table", "read_table_file", "resolve_paths", "table_folder", "with_default_columns"]
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -53,9 +54,12 @@ class TableSpec:
         format: ``columns`` (the columns named below) or ``pyiqa`` (a pyiqa meta-info file: image, score by position).
         path: the column of image paths (default ``path``; pyiqa: the first column).
         score: the column of scores (default ``score``; pyiqa: the second column).
-        std: the column of the scores' standard deviations, if any.
-        split: the column of train / val / test labels, if any (``protocol: official`` uses it; the default then).
-        group: the column of content / reference ids, if any (``protocol: content`` splits by it; the default then).
+        std: the column of the scores' standard deviations (default ``std``, if the table has it).
+        split: the column of train / val / test labels (default ``split``, if the table has it and no split file is
+            given; ``protocol: official`` uses it, the default then).
+        group: the column of content / reference ids (default ``group``, if the table has it; ``protocol: content``
+            splits by it, the default then). For each of these three, ``""`` leaves a column of the default name
+            unused.
         split_file: pyiqa's split pickle: ``{split_index: {"train": [rows], "val": [...], "test": [...]}}``.
         split_index: which of the split file's splits (default 1), or pyiqa's split column: its name, or its number
             (``ratio{split_ratio}_seed123_split_{NN}``).
@@ -86,6 +90,22 @@ class TableSpec:
         return bool(self.split or self.split_file or (self.format == "pyiqa" and self.split_index is not None))
 
 
+def with_default_columns(spec: Any, names: list[str], optional: tuple[str, ...]) -> Any:
+    """``spec`` (a table's dataclass) with each of its ``optional`` column fields that the config leaves out set to
+    the column of the same name, where the table has one: the documented default names ("column (default name)" in
+    data/README.md), which a table that follows them must not find ignored. ``""`` keeps such a column out."""
+    defaults = {f: f for f in optional if getattr(spec, f) is None and f in names}
+    cleared = {f: None for f in optional if getattr(spec, f) == ""}
+    return dataclasses.replace(spec, **defaults, **cleared)
+
+
+def describe_columns(dataset: str, columns: dict[str, str | None]) -> None:
+    """Log the column read for each role (and the roles left out), so that a run says what it read."""
+    used = ", ".join(f"{role} from {column!r}" for role, column in columns.items() if column)
+    unused = [role for role, column in columns.items() if not column]
+    log.info("%s: %s%s", dataset, used, f" (no {', '.join(unused)} column)" if unused else "")
+
+
 def table_folder(file: str) -> str:
     """The folder a table's relative paths start from: its own."""
     return file.rsplit("/", 1)[0] if is_uri(file) else str(Path(file).resolve().parent)
@@ -94,13 +114,16 @@ def table_folder(file: str) -> str:
 def load_table(spec: TableSpec, dataset: str, root: str | None, score_range: tuple[float, float] | None,
                limits: NetworkLimits = NetworkLimits()) -> tuple[pd.DataFrame, ProblemReport]:
     """The table's usable rows as a label table (``path``, ``score``, ``content``, ``name``, ``row`` and, where
-    given, ``split`` and ``std``; ``attrs["score_range"]`` the declared scale), and the report of its bad rows.
+    given, ``split`` and ``std``; ``attrs["score_range"]`` the declared scale, ``attrs["table"]`` the spec with the
+    columns it read, defaults included), and the report of its bad rows.
 
     A table that cannot be used at all (missing, unreadable, a named column it lacks, no rows, an undeclared scale or
     direction, a bad split file) is a :class:`DatasetError` at once."""
     frame = read_table_file(spec.file, dataset, limits)
     names = list(frame.columns)
     positional = spec.format == "pyiqa"
+    if not positional:  # pyiqa's files are read by position, as pyiqa reads them
+        spec = with_default_columns(spec, names, ("std", "group") if spec.split_file else ("std", "split", "group"))
     path_column = spec.path or (names[0] if positional else "path")
     score_column = spec.score or (names[1] if positional and len(names) > 1 else "score")
     wanted = {"path": path_column, "score": score_column, "std": spec.std, "split": spec.split, "group": spec.group}
@@ -108,6 +131,7 @@ def load_table(spec: TableSpec, dataset: str, root: str | None, score_range: tup
     if missing:
         raise DatasetError(f"{dataset}: the table {spec.file} has no {', '.join(missing)} (its columns: "
                            f"{', '.join(map(str, names))}); name the right ones under table:")
+    describe_columns(dataset, wanted)
     scores = pd.to_numeric(frame[score_column], errors="coerce")
     if spec.lower_better is None:
         raise DatasetError(f"{dataset}: declare the scores' direction: table: {{lower_better: false}} for higher "
@@ -163,6 +187,7 @@ def load_table(spec: TableSpec, dataset: str, root: str | None, score_range: tup
     _repeated_images(table, keep, report)
     usable = table[keep].reset_index(drop=True)
     usable.attrs["score_range"] = (low, high)
+    usable.attrs["table"] = spec  # the columns read: the split protocol follows them
     return usable, report
 
 
@@ -229,10 +254,16 @@ def _pyiqa_split_file(spec: TableSpec, rows: int, dataset: str) -> pd.Series:
     labels = pd.Series([None] * rows, dtype=object)
     for phase in SPLITS:
         listed = splits[index].get(phase, [])
+        if isinstance(listed, (list, tuple)) and len(listed) > rows:  # before a pass over ten million entries
+            raise DatasetError(f"{dataset}: the split file {spec.split_file} lists {len(listed):,} rows for {phase} "
+                               f"but the table has {rows:,}: it repeats rows, or is the split file of another table")
         bad = [i for i in listed if not isinstance(i, int) or not 0 <= i < rows]
         if not isinstance(listed, (list, tuple)) or bad:
             raise DatasetError(f"{dataset}: the split file {spec.split_file} lists rows {bad[:5]} for {phase} but "
                                f"the table has rows 0-{rows - 1}; is it the split file of this table?")
+        if len(set(listed)) < len(listed):
+            raise DatasetError(f"{dataset}: the split file {spec.split_file} lists {len(listed) - len(set(listed))} "
+                               f"rows of {phase} more than once; a row is listed once")
         twice = [i for i in listed if labels.iat[i] not in (None, phase)]
         if twice:
             raise DatasetError(f"{dataset}: the split file {spec.split_file} puts rows {twice[:5]} in both "
@@ -244,10 +275,14 @@ def _pyiqa_split_file(spec: TableSpec, rows: int, dataset: str) -> pd.Series:
 def resolve_paths(names: pd.Series, file: str, root: str | None, dataset: str, limits: NetworkLimits,
              report: ProblemReport, keep: np.ndarray, rows: pd.Series) -> list[str]:
     """Each row's image: a local path, a :class:`~qmamba.inference.sources.RemoteFile` or a tar-shard member; a path
-    outside an explicitly given root, and a member its shard lacks, are reported."""
+    outside an explicitly given root, and a member its shard lacks, are reported. Under a local root, each path is
+    its target with every symbolic link resolved, checked against the root's own: a link to an image elsewhere in the
+    root is read there, one that leads out of the root is reported and never opened."""
     base = root or table_folder(file)
     remote_base = is_uri(base)
     base = base.rstrip("/") if remote_base else os.path.abspath(base)
+    confined = root is not None and not remote_base  # links resolved first: none leads out of the root
+    real_base = os.path.realpath(base) if confined else base
     resolved: list[str] = []
     members: dict[str, list[int]] = {}
     for i, name in enumerate(names):
@@ -260,7 +295,9 @@ def resolve_paths(names: pd.Series, file: str, root: str | None, dataset: str, l
             path = f"{base.split('://', 1)[0]}://{path}"
         else:
             path = os.path.normpath(os.path.join(base, location))
-        if root is not None and keep[i] and not _inside(path, base):
+            if confined:
+                path = os.path.realpath(path)
+        if root is not None and keep[i] and not _inside(path, real_base):
             report.add("paths outside the root", f"row {rows.iat[i]}: {name}", f"move these images under {root}, "
                        "or leave root out so that paths are read as they are", row=int(rows.iat[i]))
             keep[i] = False

@@ -58,7 +58,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, errors: str = "st
 @contextmanager
 def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A new folder whose files appear at ``path`` all at once when the block ends without an error (a temporary
-    sibling, renamed); ``path`` must not exist or be an empty folder (never a link), and is left as it was when the
+    sibling, renamed), each with the permissions open() would give it (a library may create its file 0600, as
+    safetensors does); ``path`` must not exist or be an empty folder (never a link), and is left as it was when the
     block fails."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and (not path.is_dir() or any(path.iterdir()))):
@@ -68,6 +69,9 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp creates 0700
         yield staging
+        for entry in staging.iterdir():
+            if entry.is_file() and not entry.is_symlink():
+                os.chmod(entry, 0o666 & ~_UMASK)
         if path.exists():
             path.rmdir()
         staging.rename(path)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qmamba.errors import QMambaError
 from qmamba.files.atomic import atomic_folder
+from qmamba.files.untrusted_json import loads_untrusted
 from qmamba.files.weights import file_sha256
 
 if TYPE_CHECKING:
@@ -68,8 +70,8 @@ def read_model_folder(folder: str | os.PathLike[str], sha256: str | None = None
                       ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(config, state dict)`` of a model folder, checked; ``sha256`` pins the weights file's digest."""
     folder = Path(folder)
-    config = _read_config(folder / CONFIG_NAME)
-    weights = folder / WEIGHTS_NAME
+    config = _read_config(_own_file(folder, CONFIG_NAME))
+    weights = _own_file(folder, WEIGHTS_NAME)
     if not weights.is_file():
         raise ModelFolderError(f"{folder} has no {WEIGHTS_NAME}; a model folder holds {CONFIG_NAME} and "
                                f"{WEIGHTS_NAME} (qmamba publish writes both)")
@@ -79,6 +81,28 @@ def read_model_folder(folder: str | os.PathLike[str], sha256: str | None = None
         raise ModelFolderError(f"{weights} has SHA-256 {digest}, but {CONFIG_NAME} records {recorded}: the weights "
                                "were replaced or damaged after publishing")
     return config, _read_weights(weights)
+
+
+def _own_file(folder: Path, name: str) -> Path:
+    """``folder / name`` if it is the folder's own file (or absent, for the caller to say so): a symbolic link, or
+    anything but a regular file, is refused before it is opened, so a folder cannot make qmamba read (and print a
+    hash or the first bytes of) a file elsewhere. The one exception is a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<commit>/``), whose files are links into its repository's ``blobs/``: there the
+    link's target is read, once checked to be a regular file in that ``blobs/``."""
+    path = folder / name
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return path
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISLNK(mode) and folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        blobs, target = (folder.parent.parent / "blobs").resolve(), path.resolve()
+        if target.parent == blobs and target.is_file():
+            return target
+    what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+    raise ModelFolderError(f"{path} is {what}; a model folder's files are read only when they are regular files in "
+                           "the folder (copy the file itself there); nothing was read")
 
 
 def check_pinned(path: str | os.PathLike[str], sha256: str | None) -> str:
@@ -96,8 +120,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ModelFolderError(f"{path} holds more than {MAX_CONFIG_BYTES >> 20} MB: not a qmamba model config")
     try:
-        config = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        config = loads_untrusted(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ModelFolderError(f"{path} is not JSON ({err}): not a qmamba model config") from None
     if not isinstance(config, dict):
         raise ModelFolderError(f"{path} holds a JSON {type(config).__name__}, not an object: not a qmamba model config")
@@ -134,10 +158,12 @@ def _check_header(path: Path) -> None:
             raise ModelFolderError(f"{path} announces a header of {length} bytes in a file of {size}: not a "
                                    "safetensors file (a pickle or zip checkpoint renamed?), or truncated")
         try:
-            header = json.loads(f.read(length))
+            header = loads_untrusted(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ModelFolderError(f"{path} does not start with a safetensors header: not a safetensors file (a "
                                    "pickle or zip checkpoint renamed?)") from None
+        except ValueError as err:
+            raise ModelFolderError(f"{path}: its safetensors header is not one qmamba reads: {err}") from None
     if not isinstance(header, dict):
         raise ModelFolderError(f"{path}: its header is not a JSON object: not a safetensors file")
     body = size - 8 - length

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +29,17 @@ from typing import Any
 from qmamba.errors import QMambaError, UsageError
 from qmamba.files.atomic import atomic_folder, write_text_atomic
 from qmamba.files.model_folder import CARD_NAME, CONFIG_NAME, MAX_CONFIG_BYTES, WEIGHTS_NAME, ModelFolderError
+from qmamba.files.untrusted_json import loads_untrusted
 from qmamba.files.weights import file_lock, file_sha256, qmamba_home
+from qmamba.redaction import without_password
 
-from .sources import NetworkLimits, RemoteReadError, is_uri, read_remote, without_password
+from .sources import NetworkLimits, RemoteReadError, is_uri, read_remote
 
 __all__ = ["HUB_PREFIX", "ModelSourceError", "ResolvedModel", "add_model_arguments", "resolve_model"]
 
 HUB_PREFIX = "hf://"
+MAX_WEIGHTS_BYTES = 4 * 2**30  # the largest QMamba's weights are 0.4 GB
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
-WEIGHTS_LIMITS = NetworkLimits(timeout=120.0, max_bytes=16 * 2**30)  # the largest QMamba is 0.4 GB
 
 
 class ModelSourceError(QMambaError):
@@ -78,9 +81,12 @@ def resolve_model(reference: str | os.PathLike[str], limits: NetworkLimits = Net
 
 
 def _from_hub(reference: str) -> ResolvedModel:
-    repo, _, revision = reference[len(HUB_PREFIX):].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise UsageError(f"{reference} is not hf://ORG/NAME or hf://ORG/NAME@REVISION")
+    repo, at, revision = reference[len(HUB_PREFIX):].partition("@")
+    if repo.count("/") != 1 or not all(_HUB_NAME.fullmatch(part) for part in repo.split("/")):
+        raise UsageError(f"{without_password(reference)} is not hf://ORG/NAME or hf://ORG/NAME@REVISION")
+    if at and not _is_revision(revision):
+        raise UsageError(f"{reference!r}: {revision!r} is not a revision (a branch, a tag or a commit: letters, "
+                         "digits, '.', '_', '-' and '/' between names, no '..')")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -97,6 +103,18 @@ def _from_hub(reference: str) -> ResolvedModel:
         raise ModelSourceError(f"cannot fetch {reference} from the Hugging Face Hub: "
                                f"{str(err).strip().splitlines()[0]}") from None
     return ResolvedModel(folder, {"hub": repo, "revision": revision or "main", "commit": folder.name})
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")  # the Hub's rule for org and repo names
+_REF_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def _is_revision(revision: str) -> bool:
+    """A branch, tag or commit name that stays a name: the Hub's cache keeps a ref as the file
+    ``refs/<revision>``, so ``..``, an absolute path or a control character would lead to another file."""
+    parts = revision.split("/")
+    return 0 < len(revision) <= 255 and all(_REF_PART.fullmatch(p) and ".." not in p and not p.endswith(".lock")
+                                            for p in parts)
 
 
 def _hub_cache() -> str:
@@ -119,10 +137,12 @@ def _from_url(url: str, limits: NetworkLimits) -> ResolvedModel:
                 and file_sha256(folder / WEIGHTS_NAME) == record["weights_sha256"]:
             return ResolvedModel(folder, {"url": shown, "weights_sha256": record["weights_sha256"]})
         shutil.rmtree(folder, ignore_errors=True)  # a cache that is incomplete or altered is fetched again
-        config_bytes = _fetch(f"{base}/{CONFIG_NAME}", NetworkLimits(limits.timeout, MAX_CONFIG_BYTES))
+        config_bytes = _fetch(f"{base}/{CONFIG_NAME}", NetworkLimits(
+            limits.timeout, MAX_CONFIG_BYTES, f"{MAX_CONFIG_BYTES >> 20} MB, the bound of a model config"))
         expected = _recorded_weights(config_bytes, shown)
-        weights = _fetch(f"{base}/{WEIGHTS_NAME}", NetworkLimits(max(limits.timeout, WEIGHTS_LIMITS.timeout),
-                                                                   WEIGHTS_LIMITS.max_bytes))
+        # reading stops at the recorded size: a server that answers more is cut off there, not read into memory
+        weights = _fetch(f"{base}/{WEIGHTS_NAME}", NetworkLimits(
+            limits.timeout, expected["bytes"], f"the {expected['bytes']} bytes its {CONFIG_NAME} records"))
         digest = hashlib.sha256(weights).hexdigest()
         if (len(weights), digest) != (expected["bytes"], expected["sha256"]):
             raise ModelSourceError(f"{shown}/{WEIGHTS_NAME} arrived as {len(weights)} bytes with SHA-256 {digest}; its "
@@ -150,11 +170,14 @@ def _fetch(url: str, limits: NetworkLimits) -> bytes:
 def _recorded_weights(config_bytes: bytes, shown: str) -> dict[str, Any]:
     """The weights' ``{"sha256", "bytes"}`` that a fetched ``config.json`` records."""
     try:
-        weights = json.loads(config_bytes).get("weights")
+        weights = loads_untrusted(config_bytes).get("weights")
         if isinstance(weights, dict) and isinstance(weights.get("sha256"), str) and isinstance(weights.get("bytes"),
                                                                                                int):
+            if not 0 < weights["bytes"] <= MAX_WEIGHTS_BYTES:
+                raise ModelFolderError(f"{shown}/{CONFIG_NAME} records weights of {weights['bytes']} bytes; a qmamba "
+                                       f"model's are at most {MAX_WEIGHTS_BYTES >> 30} GB: nothing was fetched")
             return weights
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (ValueError, AttributeError):  # not JSON, nested too deep, not an object
         pass
     raise ModelFolderError(f"{shown}/{CONFIG_NAME} is not a model config written by qmamba publish (no weights "
                            "record); nothing was cached")

@@ -45,6 +45,7 @@ from qmamba.inference.precision import Precision
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.scoring import Preparer, Scorer, load, results_table
 from qmamba.inference.sources import NetworkLimits, RemoteFile, Shard, is_uri, shard_images, shard_of
+from qmamba.redaction import without_password
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -95,13 +96,14 @@ def score_dataset(ds: ray.data.Dataset, checkpoint: str | os.PathLike[str], *, c
 class RayScorer:
     """A checkpoint ready for Ray: read and checked on the driver, scored in a pool of ``concurrency`` actors of
     ``gpus_per_worker`` GPUs (0: on the CPU) and ``cpus_per_worker`` cores each, ``batch_size`` images per forward.
-    ``crops``, ``dataset``, ``max_side``, ``trusted`` and ``compile`` are :func:`qmamba.load`'s; ``clip`` clips
-    out-of-range scores to the scale instead of flagging them."""
+    ``crops``, ``dataset``, ``max_side``, ``trusted``, ``compile`` and ``limits`` are :func:`qmamba.load`'s; ``clip``
+    clips out-of-range scores to the scale instead of flagging them."""
 
     def __init__(self, checkpoint: str | os.PathLike[str], *, crops: int | None = None, dataset: str | None = None,
                  batch_size: int = 8, max_side: int | None = None, clip: bool = False, trusted: bool = False,
                  compile: bool = False, concurrency: int = 1, gpus_per_worker: float = 0.0,  # noqa: A002
-                 cpus_per_worker: float = 1.0, sha256: str | None = None, precision: Precision = "fp32") -> None:
+                 cpus_per_worker: float = 1.0, sha256: str | None = None, precision: Precision = "fp32",
+                 limits: NetworkLimits = NetworkLimits()) -> None:
         if concurrency < 1:
             raise UsageError(f"concurrency must be >= 1 scoring actor, got {concurrency}")
         if gpus_per_worker < 0 or cpus_per_worker <= 0:
@@ -109,7 +111,7 @@ class RayScorer:
                              f"{cpus_per_worker}")
         self.options = {"crops": crops, "dataset": dataset, "batch_size": batch_size, "max_side": max_side,
                         "trusted": trusted, "compile": compile, "sha256": sha256, "precision": precision}
-        local = resolve_model(checkpoint).path  # fetched once, here; the actors get its files' bytes
+        local = resolve_model(checkpoint, limits).path  # fetched once, here; the actors get its files' bytes
         # CPU actors: bf16 is checked here, on a CPU like theirs; GPU actors check their own device when they start
         described_precision = precision if gpus_per_worker == 0 else "fp32"
         self.described: Scorer = load(local, device="cpu", **{**self.options, "compile": False,
@@ -132,6 +134,10 @@ class RayScorer:
     @property
     def dataset(self) -> str:
         return self.described.dataset
+
+    @property
+    def weights(self) -> Path | None:
+        return self.described.weights
 
     def score(self, ds: ray.data.Dataset, column: str = "path", image_column: str | None = None) -> ray.data.Dataset:
         """Every row of ``ds`` scored (see the module's description)."""
@@ -180,12 +186,14 @@ class RayScorer:
 
 
 def _by_shard(keys: set[str], shards: list[str]) -> dict[str, list[str]]:
-    """The member keys (``<shard>#<member>``) among ``keys`` grouped by shard, in one pass over them."""
+    """The member keys (``<shard>#<member>``, the shard's credentials masked) among ``keys`` grouped by shard, in one
+    pass over them."""
     grouped: dict[str, list[str]] = {s: [] for s in shards}
+    keyed = {without_password(s): s for s in shards}
     for key in keys:
-        shard = shard_of(key, grouped)
+        shard = shard_of(key, keyed)
         if shard is not None:
-            grouped[shard].append(key)
+            grouped[keyed[shard]].append(key)
     return grouped
 
 

@@ -74,6 +74,17 @@ class ScoreScale:
         """The scale in words, for outputs and model cards."""
         return self.fitted or f"{self.low:g} to {self.high:g}, {self.direction}"
 
+    @property
+    def bounds(self) -> list[float] | None:
+        """``[low, high]`` of a rating scale; None for a fitted one, which has no bounds (its ``low`` and ``high``
+        are the scores of outputs 0 and 1, not a range to show)."""
+        return None if self.fitted else [self.low, self.high]
+
+    def as_header(self) -> dict[str, list[float] | str | None]:
+        """What every output says about its numbers: the bounds (null on a fitted scale), the direction and the
+        scale in words."""
+        return {"score_range": self.bounds, "direction": self.direction, "scale": self.describe()}
+
     def as_dict(self) -> dict[str, float | bool | str]:
         values: dict[str, float | bool | str] = {"low": self.low, "high": self.high, "lower_better": self.lower_better}
         if self.fitted:

@@ -19,6 +19,7 @@ import os
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 import numpy as np
@@ -26,13 +27,14 @@ import torch
 from PIL import Image
 
 from qmamba.errors import UsageError
+from qmamba.files.model_folder import WEIGHTS_NAME
 from qmamba.inference.images import read_rgb
 from qmamba.inference.model_sources import resolve_model
 from qmamba.inference.precision import Precision, precision_context, resolve_precision
 from qmamba.inference.preprocessing import EvalCrops
 from qmamba.inference.quality_maps import QualityMap, window_starts
 from qmamba.inference.scale import ScoreScale
-from qmamba.inference.sources import read_image
+from qmamba.inference.sources import NetworkLimits, read_image
 from qmamba.inference.trained import load_trained
 from qmamba.models.compiling import compile_model, run_compiled
 from qmamba.models.low_precision import prepare_bf16_inference
@@ -149,13 +151,14 @@ class Scorer:
     batch_size: int = 8
     max_side: int | None = None  # downscale files above this longer side (huge images; changes what is scored)
     precision: str = "fp32"  # fp32 or bf16 (qmamba.inference.precision)
+    weights: Path | None = None  # the file its weights came from: a checkpoint, or a model folder's safetensors
 
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike[str], device: str | torch.device | None = None, crops: int | None = None,
         dataset: str | None = None, batch_size: int = 8, trusted: bool = False, max_side: int | None = None,
         compile: bool = False,  # noqa: A002  (the option's name everywhere: --compile, compile: true)
-        sha256: str | None = None, precision: Precision = "fp32",
+        sha256: str | None = None, precision: Precision = "fp32", limits: NetworkLimits = NetworkLimits(),
     ) -> Scorer:
         """Build the model a qmamba checkpoint or model describes: a ``.ckpt`` file, a model folder (``qmamba
         publish``), ``hf://org/name[@revision]`` or a model folder's URL (:mod:`qmamba.inference.model_sources`);
@@ -164,7 +167,7 @@ class Scorer:
         reported on (default: the first training dataset); ``crops`` overrides the evaluation crop count; ``max_side``
         downscales image files whose longer side exceeds it before cropping (default: native resolution);
         ``compile`` runs the model through ``torch.compile`` (:mod:`qmamba.models.compiling`; the first batches of each
-        size pay for the compilation)."""
+        size pay for the compilation); ``limits`` bound a model's fetch from a URL (``--timeout``)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_side is not None and max_side < 1:
@@ -173,7 +176,7 @@ class Scorer:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device {device}: no CUDA GPU is visible here; use the CPU (device cpu)")
         precision = resolve_precision(precision, device)  # before the model loads: a refusal costs nothing
-        resolved = resolve_model(path)
+        resolved = resolve_model(path, limits)
         trained = load_trained(resolved.path, trusted=trusted, sha256=sha256)
         spec = trained.spec
         dataset = dataset or spec.datasets[0]
@@ -187,7 +190,8 @@ class Scorer:
             prepare_bf16_inference(model, device)
         if compile:
             compile_model(model, device, COMPILE_OPTION)
-        return cls(model, evaluation, scale, dataset, info, device, batch_size, max_side, precision)
+        weights = resolved.path / WEIGHTS_NAME if resolved.path.is_dir() else resolved.path
+        return cls(model, evaluation, scale, dataset, info, device, batch_size, max_side, precision, weights)
 
     def _units(self, crops: torch.Tensor) -> torch.Tensor:
         """The model's unit-scale scores of normalised crops, on the CPU."""

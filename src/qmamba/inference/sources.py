@@ -44,9 +44,10 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit, urlunsplit
-from urllib.request import Request, urlopen
+from urllib.request import HTTPRedirectHandler, Request, build_opener
 
 from qmamba.errors import QMambaError, UsageError
+from qmamba.redaction import without_password
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,6 +66,7 @@ class NetworkLimits:
 
     timeout: float = 60.0
     max_bytes: int = 512 * 2**20
+    bound: str | None = None  # what max_bytes is, for messages: one image's bound (--max-image-mb) by default
 
     def storage_options(self, path: str) -> dict[str, Any]:
         """fsspec options that give ``path``'s connection the timeout."""
@@ -80,6 +82,8 @@ class NetworkLimits:
 
     def too_large(self, name: str, size: int | None = None) -> str:
         held = f" ({size / 2**20:.1f} MB)" if size is not None else ""
+        if self.bound:
+            return f"{name} holds more than {self.bound}{held}"
         return (f"{name} holds more than {self.max_bytes / 2**20:g} MB{held}, the bound of one image "
                 "(--max-image-mb)")
 
@@ -105,14 +109,6 @@ def open_uri(path: str, mode: str = "rb", *, limits: NetworkLimits) -> Any:
 
 class RemoteReadError(OSError):
     """A remote image that could not be read within its limits; the message says why in one line."""
-
-
-_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@")
-
-
-def without_password(text: str) -> str:
-    """``text`` with the password of every URL in it masked (``https://user:***@host/``), for messages."""
-    return _PASSWORD.sub(r"\1:***@", text)
 
 
 def read_remote(path: str, limits: NetworkLimits) -> bytes:
@@ -172,13 +168,37 @@ def _open_stream(path: str, limits: NetworkLimits) -> Any:
     parts = urlsplit(path)
     if parts.scheme.lower() not in ("http", "https"):
         return open_uri(path, limits=limits)
-    headers = {"User-Agent": "qmamba"}
-    if parts.username is not None:
-        token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-        headers["Authorization"] = f"Basic {base64.b64encode(token).decode()}"
-        host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
-        path = urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
-    return urlopen(Request(path, headers=headers), timeout=limits.timeout)  # noqa: S310 - http(s) only, checked above
+    if parts.username is None:
+        return _OPENER.open(Request(path, headers={"User-Agent": "qmamba"}), timeout=limits.timeout)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    request = Request(urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))),
+                      headers={"User-Agent": "qmamba"})
+    token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    request.add_unredirected_header("Authorization", f"Basic {base64.b64encode(token).decode()}")
+    return _OPENER.open(request, timeout=limits.timeout)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(
+        parts.scheme.lower())
+
+
+class _CredentialsStayHome(HTTPRedirectHandler):
+    """Redirects followed as urllib follows them, but a URL's credentials (kept out of the headers that urllib copies
+    to a redirect) go along only to the same scheme, host and port: curl's rule, so a server cannot hand the
+    password on to another host by answering 302."""
+
+    def redirect_request(self, req: Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+                         ) -> Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        credentials = req.unredirected_hdrs.get("Authorization")
+        if new is not None and credentials and _origin(new.full_url) == _origin(req.full_url):
+            new.add_unredirected_header("Authorization", credentials)
+        return new
+
+
+_OPENER = build_opener(_CredentialsStayHome)
 
 
 class Source(str):
@@ -233,20 +253,23 @@ class TarMember(Source):
 
 
 class RemoteFile(Source):
-    """An image file behind an fsspec URI, read within ``limits``."""
+    """An image file behind an fsspec URI, read within ``limits``. Its key is the URI with its credentials masked
+    (:func:`~qmamba.errors.without_password`), so that no output, record or message holds them; ``url`` keeps them
+    for the read."""
 
+    url: str
     limits: NetworkLimits
 
-    def __new__(cls, key: str, limits: NetworkLimits = NetworkLimits()) -> RemoteFile:
-        remote = super().__new__(cls, key)
-        remote.limits = limits
+    def __new__(cls, url: str, limits: NetworkLimits = NetworkLimits()) -> RemoteFile:
+        remote = super().__new__(cls, without_password(url))
+        remote.url, remote.limits = url, limits
         return remote
 
-    def _fields(self) -> tuple[Any, ...]:
-        return (self.limits,)
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.url, self.limits)
 
     def read(self) -> bytes:
-        return read_remote(str(self), self.limits)
+        return read_remote(self.url, self.limits)
 
 
 class Shard(str):
@@ -393,7 +416,8 @@ def _shard_members(shard: str, limits: NetworkLimits) -> list[str]:
     try:  # a remote shard streams through once; a local one is read by seeking past each member's data
         with _open(shard, "shard", limits) as f, \
                 tarfile.open(fileobj=f, mode="r|" if is_uri(shard) else "r:") as archive:
-            return [TarMember(f"{shard}#{member.name}", shard, member.offset_data, member.size, limits)
+            key = without_password(shard)
+            return [TarMember(f"{key}#{member.name}", shard, member.offset_data, member.size, limits)
                     for member in _image_members(archive, unique=False)]
     except (tarfile.TarError, OSError, EOFError) as err:
         raise InputError(_unreadable_shard(shard, err)) from None
@@ -450,7 +474,7 @@ def shard_images(shard: str, skip: frozenset[str] = frozenset(), limits: Network
     try:
         with _open(shard, "shard", limits) as f, tarfile.open(fileobj=f, mode="r|") as archive:
             for member in _image_members(archive):
-                key = f"{shard}#{member.name}"
+                key = f"{without_password(shard)}#{member.name}"
                 if key in skip:
                     continue
                 if member.size > limits.max_bytes:
@@ -459,7 +483,8 @@ def shard_images(shard: str, skip: frozenset[str] = frozenset(), limits: Network
                 data = archive.extractfile(member).read()  # type: ignore[union-attr]  (a file member)
                 yield key, data, None
     except (tarfile.TarError, OSError, EOFError, InputError) as err:
-        yield shard, None, str(err) if isinstance(err, InputError) else _unreadable_shard(shard, err)
+        yield without_password(shard), None, without_password(
+            str(err) if isinstance(err, InputError) else _unreadable_shard(shard, err))
 
 
 def _table_images(table: str, suffix: str, column: str | None, limits: NetworkLimits) -> list[str]:

@@ -116,15 +116,15 @@ def load_trained(path: str | os.PathLike[str], trusted: bool = False, sha256: st
         state = model_state(checkpoint)
     try:
         spec = DataSpec.from_meta(meta)
-        model = build_architecture(**architecture)
-        if meta.get("prompts"):
-            attach_prompts(model, **meta["prompts"])
+        with torch.device("meta"):  # shapes without memory: a config of absurd sizes allocates nothing
+            skeleton = _built(architecture, meta.get("prompts"))
     except (KeyError, TypeError, ValueError, UsageError) as err:
         raise CheckpointError(f"{where}: it describes no model qmamba can build ({err})") from None
-    mismatch = _mismatch(model.state_dict(), state)
+    mismatch = _mismatch(skeleton.state_dict(), state)
     if mismatch:
         described = "its config describes" if is_model_folder(path) else "its hyper-parameters describe"
         raise CheckpointError(f"{path}: the weights do not fit the model {described}: {mismatch}")
+    model = _built(architecture, meta.get("prompts"))
     model.load_state_dict(state)
     broken = [name for name, value in state.items()
               if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
@@ -133,6 +133,13 @@ def load_trained(path: str | os.PathLike[str], trusted: bool = False, sha256: st
                               f"{', ...' if len(broken) > 4 else ''}): the run that wrote it diverged or the file was "
                               "altered; use an earlier checkpoint of the run")
     return TrainedModel(model.eval(), spec, architecture, dict(meta.get("training") or {}), meta.get("prompts"))
+
+
+def _built(architecture: dict[str, Any], prompts: dict[str, Any] | None) -> QMamba:
+    model = build_architecture(**architecture)
+    if prompts:
+        attach_prompts(model, **prompts)
+    return model
 
 
 def _mismatch(expected: dict[str, torch.Tensor], state: dict[str, Any]) -> str:

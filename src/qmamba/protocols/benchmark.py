@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from qmamba.files.atomic import write_text_atomic
+from qmamba.files.config_files import check_config_args
 from qmamba.protocols.runs import config_args, fit_then_test, split_passthrough
 
 __all__ = ["PAPER_RESULTS", "run_benchmark", "summarise"]
@@ -108,4 +109,5 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--splits", type=int, default=10, help="number of seeded splits (default 10)")
     parser.add_argument("--out", help="results folder (default runs/benchmark/<config name>)")
     args = parser.parse_args(argv)
+    check_config_args([*args.config, *extra])  # each fit would check them: before the results folder exists
     run_benchmark(args.config, args.splits, args.out or Path("runs/benchmark") / Path(args.config[-1]).stem, extra)

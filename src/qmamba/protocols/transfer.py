@@ -25,6 +25,7 @@ import yaml
 
 from qmamba.files.atomic import write_text_atomic
 from qmamba.files.checkpoint import CheckpointError, read_checkpoint
+from qmamba.files.config_files import check_config_args
 from qmamba.inference.trained import read_architecture
 from qmamba.protocols.runs import config_args, fit_then_test, split_passthrough
 from qmamba.training.cli import run_lightning_cli
@@ -125,6 +126,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--src-name", help="name of the source in the result lines (default: its run folder)")
     parser.add_argument("--dst-name", help="name of the target in the result lines (default: the config's name)")
     args = parser.parse_args(argv)
+    check_config_args([*args.config, *extra])  # each fit would check them: before the results folder exists
     methods = parse_methods(args.methods)
     src = args.src_name or Path(args.source).parent.parent.name
     dst = args.dst_name or Path(args.config[-1]).stem

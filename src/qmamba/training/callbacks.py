@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qmamba.files.atomic import write_text_atomic
 from qmamba.files.checkpoint import save_atomic
@@ -82,6 +83,17 @@ class RunCheckpoint(ModelCheckpoint):
         # skipped when this step is already saved (a new best writes last.ckpt too), in sanity checks and outside fit
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A fit stopped by SIGTERM says where it stopped and what resumes it: ``last.ckpt``, the end of the last
+        whole epoch (the run's seeded draws make that resume end where the uninterrupted run would)."""
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        last = Path(self.dirpath or "") / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        resume = (f"resume with --ckpt_path last (from {last}, the end of the last whole epoch)" if last.is_file()
+                  else "no epoch had ended, so there is nothing to resume: rerun the fit with --overwrite true")
+        print(f"qmamba fit: SIGTERM in epoch {trainer.current_epoch} (step {trainer.global_step}): stopped; {resume}",
+              file=sys.stderr)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,13 +22,16 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar  #
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 import qmamba  # noqa: E402
 from qmamba.data import IQADataModule  # noqa: E402
 from qmamba.errors import QMambaError, UsageError, is_disk_full  # noqa: E402
 from qmamba.files.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
+from qmamba.files.config_files import check_config_args  # noqa: E402
 from qmamba.files.run_folder import RunLock, prepare_fit_folder  # noqa: E402
 from qmamba.files.weights import ensure_pretrained  # noqa: E402
+from qmamba.redaction import log_to_stderr  # noqa: E402
 from qmamba.training.callbacks import (  # noqa: E402
     AtomicCheckpointIO,
     PlainProgress,
@@ -179,10 +183,12 @@ def run_dir(config: Any) -> Path:
 
 def run_lightning_cli(args: ArgsType) -> None:
     """One LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) with qmamba's classes."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     torch.set_float32_matmul_precision("high")
     try:
         _run_cli(args)
+    except SIGTERMException:  # Lightning's graceful stop exits 0, as if the run had finished (RunCheckpoint says where)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as err:  # jsonargparse wraps errors raised while instantiating classes: unwrap the user's one
         cause = _user_error(err, args)
         if cause is None:
@@ -218,6 +224,8 @@ def _user_error(err: BaseException | None, args: ArgsType) -> QMambaError | None
 
 
 def _run_cli(args: ArgsType, cli: type[QMambaCLI] = QMambaCLI, run: bool = True) -> QMambaCLI:
+    if args is None or isinstance(args, list):  # bounded before jsonargparse expands them
+        check_config_args(sys.argv[1:] if args is None else args)
     return cli(
         QMambaIQA,
         IQADataModule,

@@ -9,12 +9,12 @@ folder, no model, no weights download.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from importlib import import_module
 
 from qmamba.data import IQADataModule
 from qmamba.errors import UsageError
+from qmamba.redaction import log_to_stderr
 from qmamba.training.cli import QMambaCLI, _run_cli
 
 __all__ = ["main"]
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(0 if argv else 2)
     if argv[0] != "check":
         raise UsageError(f"unknown data command {argv[0]!r}; {USAGE}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     with warnings.catch_warnings():  # the arguments after "data check" are the parser's, not sys.argv's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         datamodule = _run_cli(argv[1:], _DataCheckCLI, run=False).datamodule
