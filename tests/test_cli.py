@@ -50,6 +50,7 @@ def test_fit_then_test_and_predict_in_fresh_processes(workdir):
                      str(run / "checkpoints" / "best.ckpt"), cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SRCC" in result.stdout and "tiny_kadid" in result.stdout
+    assert "DataLoader 0" not in result.stdout  # qmamba's table alone, not Lightning's as well
     results = json.loads((run / "test_results.json").read_text())["results"]["tiny_kadid"]
     assert {"srcc", "plcc", "krcc", "rmse", "plcc_logistic"} <= set(results)
 

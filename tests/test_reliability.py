@@ -114,7 +114,7 @@ def test_overwrite_replaces_the_run_and_is_not_saved(finished, capsys):
     _refused(capsys, "fit", "--config", str(run / "config.yaml"))  # reusing the saved config does not overwrite
 
 
-def test_sigterm_stops_a_fit_with_143_saying_where_and_last_resumes_it(workdir, monkeypatch, capsys):
+def test_sigterm_stops_a_fit_with_143_saying_where_and_last_resumes_it(workdir, monkeypatch, capsys, request):
     """SIGTERM to qmamba fit exited 0; the only trace was Lightning's "Received SIGTERM: 15"."""
     from qmamba.training import QMambaIQA
 
@@ -129,8 +129,12 @@ def test_sigterm_stops_a_fit_with_143_saying_where_and_last_resumes_it(workdir, 
         return start_batch(self, batch, batch_idx)
 
     monkeypatch.setattr(QMambaIQA, "on_train_batch_start", terminated_in_epoch_one)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--trainer.max_epochs", "3"])
+    # as in a new process: an in-process Ray test leaves ray.init's SIGTERM handler (sys.exit(15)), which Lightning
+    # would call after its own
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    with pytest.raises(SystemExit) as exit_info:  # validating every second epoch: see the epoch lines below
+        main(["fit", "--config", str(config), "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2"])
     assert exit_info.value.code == 143
     last = Path("runs/tiny/checkpoints/last.ckpt")
     err = capsys.readouterr().err
@@ -138,8 +142,13 @@ def test_sigterm_stops_a_fit_with_143_saying_where_and_last_resumes_it(workdir, 
                      r"\S*runs/tiny/checkpoints/last.ckpt, the end of the last whole epoch\)", err), err
     assert torch.load(last)["epoch"] == 0
     monkeypatch.setattr(QMambaIQA, "on_train_batch_start", start_batch)
-    main(["fit", "--config", "runs/tiny/config.yaml", "--ckpt_path", "last"])  # what the message offers works
+    main(["fit", "--config", "runs/tiny/config.yaml", "--ckpt_path", "last",  # what the message offers works
+          "--trainer.enable_progress_bar", "true"])  # a log's progress: whole lines
     assert torch.load(last)["epoch"] == 2
+    # the epoch lines say when the validation metrics they repeat were measured (they read as this epoch's)
+    lines = [line for line in capsys.readouterr().err.splitlines() if " done in " in line]
+    assert lines[0].startswith("epoch 1 done in ") and "val/srcc=" in lines[0] and "validated after" not in lines[0]
+    assert lines[1].startswith("epoch 2 done in ") and re.search(r"val/srcc=.*\(validated after epoch 1\)$", lines[1])
 
 
 def test_yaml_bombs_deep_and_huge_configs_are_one_line_before_any_parsing(tmp_path, monkeypatch, capsys):

@@ -157,6 +157,14 @@ def test_transfer_command_compares_methods_and_skips_finished_ones(tmp_path, mon
     assert counts["full"] == totals["full"] == totals["head"] < totals["styleprompt"]  # prompts add parameters
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tiny_kadid -> target")]
     assert len(lines) == 4 and all("SRCC" in line and "PLCC" in line for line in lines)
+    assert (results["test_images_seen_in_source_training"] == 0).all()
+
+    # a target that is the source's own set split anew, by image: its test images include some the source trained on
+    (tmp_path / "again.yaml").write_text(conf.replace("KADID_ROOT", str(tmp_path / "kadid")).replace(
+        "label: tiny_kadid}", "label: tiny_kadid, protocol: random}"))
+    main(["transfer", "--source", str(source), "--config", "again.yaml", "--methods", "none", "--out", "again"])
+    seen = pd.read_csv(tmp_path / "again" / "results.csv")["test_images_seen_in_source_training"].item()
+    assert seen > 0 and f"transfer: {seen} of the target's " in capsys.readouterr().out
 
     import qmamba
 

@@ -95,7 +95,9 @@ def split_problems(table: pd.DataFrame, splits: dict[str, np.ndarray], protocol:
 
 
 def save_splits(table: pd.DataFrame, splits: dict[str, np.ndarray], path: str | os.PathLike[str]) -> None:
-    """Write ``name,split`` rows (CSV) atomically, so a run records exactly what it trained and tested on."""
-    rows = [(table.loc[i, "name"] if "name" in table else table.loc[i, "path"], split)
+    """Write ``name,split,path`` rows (CSV) atomically, so a run records exactly what it trained and tested on: the
+    name as the labels give it, and the image it was read from (so that another run can tell it saw the same image:
+    ``qmamba transfer`` compares its target with its source's training split)."""
+    rows = [(table.loc[i, "name"] if "name" in table else table.loc[i, "path"], split, str(table.loc[i, "path"]))
             for split, idx in splits.items() for i in idx]
-    write_text_atomic(Path(path), pd.DataFrame(rows, columns=["name", "split"]).to_csv(index=False))
+    write_text_atomic(Path(path), pd.DataFrame(rows, columns=["name", "split", "path"]).to_csv(index=False))

@@ -96,9 +96,14 @@ def run_transfer(
     dst = dst_name or Path(configs[-1]).stem
     rows = [{"source": src, "target": dst, **_run_method(source, configs, m, out, model_args, extra)}
             for m in methods]
+    seen, said = _seen_in_training(source, out / methods[0] / "splits")
+    for row in rows:
+        row["test_images_seen_in_source_training"] = seen
     table = pd.DataFrame(rows)
     write_text_atomic(out / "results.csv", table.to_csv(index=False))
     print(f"\ntransfer {src} -> {dst} ({out}):")
+    if said:
+        print(said)
     for row in rows:
         share = f" ({100 * row['trainable_params'] / row['total_params']:.1f}%)" if row["total_params"] else ""
         measured = "  ".join(f"{label} {row[key]:.4f}" for key, label in METRICS.items() if key in row)
@@ -106,6 +111,31 @@ def run_transfer(
               f"{share:<9} {measured}")
     print(flush=True)
     return table
+
+
+def _seen_in_training(source: Path, target_splits: Path) -> tuple[int | None, str]:
+    """How many of the target's test images the source model trained on (its run's ``splits/``, next to its
+    ``checkpoints/``), and a line saying so: a target made of the source's own training images scores high for that
+    reason alone. ``None`` and a line saying why where the runs do not record the paths."""
+    trained, tested = _split_paths(source.parent.parent / "splits", "train"), _split_paths(target_splits, "test")
+    if trained is None or tested is None:
+        return None, (f"transfer: cannot tell whether the target's test images are among the source's training "
+                      f"images: {source.parent.parent / 'splits'} does not record the images' paths (a run of an "
+                      "older qmamba, or a checkpoint moved out of its run folder)")
+    seen = len(tested & trained)
+    if not seen:
+        return 0, ""
+    return seen, (f"transfer: {seen} of the target's {len(tested)} test images are in the source model's training "
+                  "split: their scores are not of images it never saw")
+
+
+def _split_paths(folder: Path, split: str) -> set[str] | None:
+    """The image paths of ``split`` in a run's ``splits/*.csv``; None without them."""
+    files = sorted(folder.glob("*.csv"))
+    tables = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in files]
+    if not tables or any("path" not in t for t in tables):
+        return None
+    return {p for t in tables for p in t.loc[t["split"] == split, "path"]}
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

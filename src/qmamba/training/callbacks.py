@@ -30,6 +30,7 @@ class PlainProgress(ProgressBar):
         super().__init__()
         self.interval, self._enabled = interval, True
         self._start = self._last = time.monotonic()
+        self._validated: int | None = None  # the epoch of the latest validation, whose metrics stay logged after it
 
     def disable(self) -> None:
         self._enabled = False
@@ -52,11 +53,25 @@ class PlainProgress(ProgressBar):
             self._say(trainer, f"epoch {trainer.current_epoch}: step {batch_idx + 1}/{self.total_train_batches} "
                                f"({(batch_idx + 1) / (now - self._start):.1f} it/s)")
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The epoch's line; validation metrics of an earlier epoch (``check_val_every_n_epoch``) say which."""
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        parts = [_shown({k: v for k, v in metrics.items() if not k.startswith("val/")})]
+        validation = _shown({k: v for k, v in metrics.items() if k.startswith("val/")})
+        if validation and self._validated is not None:  # none before the first validation (a sanity check's)
+            stale = self._validated != trainer.current_epoch
+            parts.append(validation + (f" (validated after epoch {self._validated})" if stale else ""))
+        shown = "; ".join(part for part in parts if part)
         self._say(trainer, f"epoch {trainer.current_epoch} done in {time.monotonic() - self._start:.1f} s"
                            + (f": {shown}" if shown else ""))
+
+
+def _shown(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -86,6 +86,11 @@ class QMambaCLI(LightningCLI):
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit: replace the run already in the run folder (otherwise fit refuses it)")
 
+    def before_test(self) -> None:
+        """qmamba's table (one row per dataset, :meth:`QMambaIQA._report_test`) is the test's; Lightning's own put
+        every dataset's metrics under every dataloader's column, a second table that said less."""
+        self.config_init["test"]["verbose"] = False
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
