@@ -28,6 +28,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import io
 import secrets
+from collections.abc import Iterator
 from importlib import metadata
 
 import pytest
@@ -97,6 +98,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _matmul_precision_kept() -> Iterator[None]:
+    """qmamba's CLI sets torch's float32 matmul precision for its process ("high"). Run in-process by a test, it
+    stayed set for the worker's later tests, and inductor's cache keys hold it: a compile test missed the cache of
+    the run before whenever another order of tests had run a fit before it on its worker (LQMamba's: 224 s cold, 256
+    s "warm"; 10 s on a hit)."""
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
 
 
 @pytest.fixture
