@@ -151,6 +151,7 @@ def test_sigterm_stops_a_fit_with_143_saying_where_and_last_resumes_it(workdir, 
     assert lines[1].startswith("epoch 2 done in ") and re.search(r"val/srcc=.*\(validated after epoch 1\)$", lines[1])
 
 
+@pytest.mark.slow  # 18 s under make test on 2 cores of a Zen 3 EPYC (twelve commands in-process)
 def test_yaml_bombs_deep_and_huge_configs_are_one_line_before_any_parsing(tmp_path, monkeypatch, capsys):
     """Anchors expanding to 10^9 nodes in a benchmark or transfer config grew past 4 GB with no message."""
     monkeypatch.chdir(tmp_path)
