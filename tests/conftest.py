@@ -101,14 +101,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _matmul_precision_kept() -> Iterator[None]:
-    """qmamba's CLI sets torch's float32 matmul precision for its process ("high"). Run in-process by a test, it
-    stayed set for the worker's later tests, and inductor's cache keys hold it: a compile test missed the cache of
-    the run before whenever another order of tests had run a fit before it on its worker (LQMamba's: 224 s cold, 256
-    s "warm"; 10 s on a hit)."""
+def _torch_globals_kept() -> Iterator[None]:
+    """Each test starts with the process-wide torch settings that inductor's cache keys hold as the test before it
+    found them. Run in-process by a test, qmamba's CLI sets the float32 matmul precision ("high"), Lightning's
+    ``deterministic: true`` turns on deterministic algorithms, and scoring sets the thread count: left set, each made
+    the worker's later compile tests miss the previous run's cache whenever another order of tests had put such a
+    run before them (LQMamba's compile: 224 s cold, 10 s on a hit, 256 s on such a miss)."""
     precision = torch.get_float32_matmul_precision()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill_memory = torch.utils.deterministic.fill_uninitialized_memory
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     yield
     torch.set_float32_matmul_precision(precision)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    torch.utils.deterministic.fill_uninitialized_memory = fill_memory
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
 
 
 @pytest.fixture
