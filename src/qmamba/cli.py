@@ -35,6 +35,8 @@ COMMANDS: dict[str, Command] = {
     "publish": Command("qmamba.commands.publish", "a checkpoint or run folder as a model folder (safetensors, config, "
                                                   "model card) to share"),
     "serve": Command("qmamba.commands.serve", "a scoring service and web page for a checkpoint (no Lightning)"),
+    "models": Command("qmamba.commands.models", "the backbones with their parameters and GFLOPs (as the paper "
+                                                "counts them), timm's included"),
     "weights": Command("qmamba.commands.weights", "list, download and verify the ImageNet-pretrained backbones"),
     "benchmark": Command("qmamba.protocols.benchmark", "the N-split protocol on one config: median and mean SRCC/PLCC"),
     "transfer": Command("qmamba.protocols.transfer", "adapt a trained model to another dataset with several methods"),

@@ -4,7 +4,7 @@
 Names: ``qmamba_tiny``, ``qmamba_tiny5``, ``qmamba_small``, ``qmamba_base``, ``lqmamba_tiny``, ``lqmamba_small``,
 ``lqmamba_base``, ``vmamba_tiny_s1l8``, ``vmamba_tiny_s2l5``, ``vmamba_small``, ``vmamba_base``,
 ``vmamba_vanilla_tiny`` (v0), ``vim_tiny``, ``vim_small``, and the CPU test presets ``qmamba_test``,
-``lqmamba_test``, ``vim_test``.
+``lqmamba_test``, ``vim_test``; and any timm model as ``timm:<name>`` (:mod:`qmamba.models.timm_backbone`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from qmamba.files.weights import resolve_pretrained
 from qmamba.ops.selective_scan import ScanBackend, validate_backend
 
 from .qmamba import QMamba, QualityHead
+from .timm_backbone import TimmBackbone, is_timm_name, load_timm_pretrained
 from .vim import VIM_PRESETS, Vim
 from .vmamba import VMAMBA_PRESETS, LoadReport, VMamba, load_official_checkpoint
 
 __all__ = [
     "QMamba",
     "QualityHead",
+    "TimmBackbone",
     "LoadReport",
     "VMamba",
     "Vim",
@@ -42,19 +44,31 @@ def list_models() -> list[str]:
 
 
 def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, trusted: bool = False,
-                   **overrides: Any) -> VMamba | Vim:
-    """Build a registered backbone; ``pretrained`` is ``"imagenet"`` (the preset's official VMamba checkpoint,
-    downloaded and cached on first use: :mod:`qmamba.files.weights`) or an official VMamba checkpoint file.
+                   **overrides: Any) -> VMamba | Vim | TimmBackbone:
+    """Build a registered backbone, or a timm model named ``timm:<model>``; ``pretrained`` is ``"imagenet"`` (the
+    preset's official VMamba checkpoint, downloaded and cached on first use: :mod:`qmamba.files.weights`; for a timm
+    model, timm's default pretrained weights) or a checkpoint file of the backbone's weights.
 
-    ``overrides`` replace preset arguments (e.g. ``drop_path_rate=0.1``, ``scan_backend="torch"``).
+    ``overrides`` replace preset arguments (e.g. ``drop_path_rate=0.1``, ``scan_backend="torch"``); for a timm
+    model they go to ``timm.create_model`` (e.g. ``img_size=384``).
     ``trusted`` allows full unpickling of the checkpoint file (only for files from a source you trust).
     """
+    if is_timm_name(name):
+        try:
+            timm_backbone = TimmBackbone(name, **overrides)
+        except TypeError as err:
+            raise UsageError(f"{name}: {err} (backbone_args of a timm model are timm.create_model's arguments)"
+                             ) from None
+        if pretrained is not None:
+            load_timm_pretrained(timm_backbone, pretrained, trusted=trusted)
+        return timm_backbone
     if name in VMAMBA_PRESETS:
         backbone: VMamba | Vim = VMamba(**{**VMAMBA_PRESETS[name], **overrides})
     elif name in VIM_PRESETS:
         backbone = Vim(**{**VIM_PRESETS[name], **overrides})  # type: ignore[arg-type]
     else:
-        raise UsageError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise UsageError(f"unknown model {name!r}; available: {', '.join(list_models())}, or any timm model as "
+                         "timm:<name>")
     if pretrained is not None:
         if not isinstance(backbone, VMamba):
             raise ValueError(f"{name}: only VMamba-family backbones load official VMamba checkpoints")

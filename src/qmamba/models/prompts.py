@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PROMPT_METHODS", "StaticStylePrompt", "StylePrompt", "attach_prompts", "has_prompts"]
+from qmamba.errors import UsageError
+
+__all__ = ["PROMPT_METHODS", "StaticStylePrompt", "StylePrompt", "attach_prompts", "check_prompt_target", "has_prompts"]
 
 PromptMethod = Literal["styleprompt", "static", "ssf"]
 PROMPT_METHODS: tuple[str, ...] = get_args(PromptMethod)
@@ -90,6 +92,16 @@ class _Inject:
         return self.prompt(output)
 
 
+def check_prompt_target(backbone: nn.Module, method: str) -> None:
+    """StylePrompt and the static prompts hook into a vision-Mamba backbone's stages of blocks; SSF into any
+    backbone's norms, linear layers and convolutions. One line when ``method`` cannot attach to ``backbone``."""
+    stages = getattr(backbone, "layers", None)
+    if method != "ssf" and (stages is None or not all(hasattr(stage, "blocks") for stage in stages)):
+        name = getattr(backbone, "name", type(backbone).__name__)
+        raise UsageError(f"transfer method {method} attaches prompts to the stages of a vision-Mamba backbone, and "
+                         f"{name} has none: use head, full or ssf with it")
+
+
 def attach_prompts(
     model: nn.Module,
     method: PromptMethod = "styleprompt",
@@ -113,11 +125,8 @@ def attach_prompts(
                 prompts[name.replace(".", "_")] = prompt
                 module.register_forward_hook(_Inject(prompt))
     else:
-        stages = getattr(backbone, "layers", None)
-        if stages is None or not all(hasattr(stage, "blocks") for stage in stages):
-            raise ValueError(f"StylePrompt needs a VMamba-style backbone with stages of blocks, got "
-                             f"{type(backbone).__name__}")
-        for i, stage in enumerate(stages):
+        check_prompt_target(backbone, method)
+        for i, stage in enumerate(backbone.layers):
             dim = stage.blocks[0].norm.normalized_shape[-1]
             prompt = StylePrompt(dim, num_prompts, reduction) if method == "styleprompt" else StaticStylePrompt(dim)
             prompts[f"stage{i}"] = prompt

@@ -3,6 +3,7 @@ progress lines for logs."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -12,14 +13,18 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import ModelSummary as LightningSummary
 
 from qmamba.files.atomic import write_text_atomic
 from qmamba.files.checkpoint import save_atomic
+from qmamba.models.flops import CONVENTION, flop_counter
 
-__all__ = ["AtomicCheckpointIO", "PlainProgress", "PredictionWriter", "RunCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "FlopsModelSummary", "PlainProgress", "PredictionWriter", "RunCheckpoint"]
+
+log = logging.getLogger(__name__)
 
 
 class PlainProgress(ProgressBar):
@@ -137,3 +142,30 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         write_text_atomic(path, pd.DataFrame(rows, columns=["dataset", "path", "score"]).to_csv(index=False))
+
+
+class _PaperFlopsSummary(LightningSummary):
+    """Lightning's summary of a module, its FLOPs column counted by :data:`qmamba.models.flops.CONVENTION`
+    (Lightning's own counter says two per multiply-add and 0 for qmamba's scan and for attention on the CPU)."""
+
+    def summarize(self) -> dict[str, Any]:
+        self._flop_counter = flop_counter(depth=self._max_depth + 1)
+        return super().summarize()
+
+
+class FlopsModelSummary(ModelSummary):
+    """The model summary at the start of a fit, with the paper's FLOPs of one example crop
+    (``example_input_array``, set from the data's crop size) and a line naming how they are counted."""
+
+    def _summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> LightningSummary:
+        return _PaperFlopsSummary(pl_module, max_depth=self._max_depth)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if not (self._max_depth and trainer.is_global_zero):
+            return
+        example = pl_module.example_input_array
+        if isinstance(example, torch.Tensor):
+            log.info("Total Flops: one forward of a %s crop; %s", "x".join(map(str, example.shape)), CONVENTION)
+        else:
+            log.info("Total Flops: not counted for a compiled run (qmamba models BACKBONE --size CROP counts them)")

@@ -18,7 +18,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would q
 import torch  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
-from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar  # noqa: E402
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
@@ -31,14 +31,17 @@ from qmamba.files.checkpoint import CheckpointError, read_checkpoint  # noqa: E4
 from qmamba.files.config_files import check_config_args  # noqa: E402
 from qmamba.files.run_folder import RunLock, prepare_fit_folder  # noqa: E402
 from qmamba.files.weights import ensure_pretrained  # noqa: E402
+from qmamba.models.timm_backbone import ensure_timm_pretrained, is_timm_name  # noqa: E402
 from qmamba.redaction import log_to_stderr  # noqa: E402
 from qmamba.training.callbacks import (  # noqa: E402
     AtomicCheckpointIO,
+    FlopsModelSummary,
     PlainProgress,
     PredictionWriter,
     RunCheckpoint,
 )
 from qmamba.training.module import QMambaIQA  # noqa: E402
+from qmamba.training.prompt_tuning import PromptTuning  # noqa: E402
 
 __all__ = ["QMambaCLI", "main", "run_dir", "run_lightning_cli"]
 
@@ -126,7 +129,9 @@ class QMambaCLI(LightningCLI):
                                  "--trainer.max_epochs, or evaluate the checkpoint with qmamba test")
         model = config.model.init_args
         if self.subcommand == "fit" and model.get("pretrained") and not config.ckpt_path:
-            ensure_pretrained(model.backbone, model.pretrained)  # download or fail now, not after loading the data
+            # download or fail now, not after loading the data
+            (ensure_timm_pretrained if is_timm_name(model.backbone) else ensure_pretrained)(model.backbone,
+                                                                                             model.pretrained)
         precision = str(config.trainer.precision)
         on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
         if "mixed" in precision and on_cpu:
@@ -141,6 +146,9 @@ class QMambaCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         self.model.build_optimizer()  # discarded: the fit builds its own
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PromptTuning):
+                callback.check(self.model.model)
         if isinstance(self.datamodule, IQADataModule):
             self.datamodule.prepare()  # every label, image and split problem, before the run folder exists
             self._monitor_comparisons(self.datamodule)
@@ -172,6 +180,8 @@ class QMambaCLI(LightningCLI):
         if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks):
             trainer.callbacks.append(PredictionWriter())  # predictions nobody keeps would be computed for nothing
             log.info("predict: writing predictions.csv into the run folder (add a prediction writer to change it)")
+        trainer.callbacks[:] = [FlopsModelSummary(max_depth=cb._max_depth) if type(cb) is ModelSummary else cb
+                                for cb in trainer.callbacks]  # Lightning's default summary, with the paper's FLOPs
         if not sys.stderr.isatty():  # a log or CI: whole lines instead of the default bar's carriage returns
             trainer.callbacks[:] = [PlainProgress() if type(cb) is TQDMProgressBar else cb for cb in trainer.callbacks]
         return trainer

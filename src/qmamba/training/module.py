@@ -26,6 +26,7 @@ from qmamba.inference.scale import ScoreScale
 from qmamba.inference.trained import DataSpec, build_architecture
 from qmamba.models import load_official_checkpoint
 from qmamba.models.compiling import compile_model, run_compiled
+from qmamba.models.timm_backbone import is_timm_name, load_timm_pretrained
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
 from qmamba.training.losses import LOGISTIC_SPREAD, IQALoss, Link
 from qmamba.training.metrics import iqa_metrics, pair_metrics
@@ -113,6 +114,9 @@ class QMambaIQA(L.LightningModule):
         self._base_seed = torch.initial_seed()  # seed_everything's: the same in a run and in its resumption
         if isinstance(self._datamodule(), IQADataModule):
             self._keep_fitted_scales(self.spec, self._datamodule().spec)  # a test after the fit, in one process
+            if not self.hparams.compile:  # the summary's forward would compile an eval graph more
+                size = self._datamodule().crop_size
+                self.example_input_array = torch.zeros(1, 3, size, size)  # the model summary's FLOPs of one crop
         for split in ("val", "test"):
             for i in range(len(self.spec.datasets)):
                 # NaN predictions are kept (and refused in _epoch_metrics), never dropped from the metrics
@@ -139,9 +143,15 @@ class QMambaIQA(L.LightningModule):
         """Start from the pretrained backbone, unless the fit resumes (its checkpoint, restored before this hook,
         holds the weights and the record of where they started)."""
         if self.hparams.pretrained and not self.trainer.ckpt_path:
-            path, self.pretrained_source = resolve_pretrained(self.hparams.backbone, self.hparams.pretrained)
-            report = load_official_checkpoint(self.model.backbone, path, trusted=self.hparams.trust_checkpoint)
-            log.info("backbone initialised from %s (sha256 %s; %s)", path, self.pretrained_source["sha256"], report)
+            if is_timm_name(self.hparams.backbone):
+                self.pretrained_source = load_timm_pretrained(self.model.backbone, self.hparams.pretrained,
+                                                              trusted=self.hparams.trust_checkpoint)
+                log.info("backbone initialised from %s", self.pretrained_source["url"])
+            else:
+                path, self.pretrained_source = resolve_pretrained(self.hparams.backbone, self.hparams.pretrained)
+                report = load_official_checkpoint(self.model.backbone, path, trusted=self.hparams.trust_checkpoint)
+                log.info("backbone initialised from %s (sha256 %s; %s)", path, self.pretrained_source["sha256"],
+                         report)
             if self.logger is not None:  # hparams.yaml and TensorBoard's HPARAMS tab; not the model's arguments
                 self.logger.log_hyperparams({"pretrained_weights": self.pretrained_source})
         self._log_scan_backend()

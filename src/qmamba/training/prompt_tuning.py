@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
 from qmamba.files.checkpoint import CheckpointError, model_state, read_checkpoint, save_atomic
-from qmamba.models.prompts import PROMPT_METHODS, PromptMethod, attach_prompts, has_prompts
+from qmamba.models.prompts import PROMPT_METHODS, PromptMethod, attach_prompts, check_prompt_target, has_prompts
 
 __all__ = ["TUNING_METHODS", "PromptTuning", "load_tuned", "tuned_state"]
 
@@ -74,6 +74,11 @@ class PromptTuning(BaseFinetuning):
     def prompt_config(self) -> dict[str, Any]:
         return {"method": self.method, "where": self.where, "num_prompts": self.num_prompts,
                 "reduction": self.reduction}
+
+    def check(self, model: nn.Module) -> None:
+        """One line when the method cannot tune ``model`` (StylePrompt on a timm backbone), before a run starts."""
+        if self.method in PROMPT_METHODS:
+            check_prompt_target(model.backbone, self.method)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         model = pl_module.model
