@@ -11,7 +11,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 # Material for MkDocs prints a banner about its successor on every build
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: help install lock lock-lowest demo demo-data test test-fast test-cache-clear lint docs docs-serve bench-scan bench-cpu benchmark transfer clean
+.PHONY: help install lock lock-lowest demo demo-data test test-fast test-cache-clear lint docs docs-serve bench-scan bench-cpu benchmark compare transfer clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -19,8 +19,8 @@ help: ## list the targets
 install: ## install qmamba (editable) with its test, demo, export and docs dependencies at the locked versions; torch first if missing
 	@start=$$(date +%s); \
 	$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_SPEC) || exit 1; \
-	echo "$(PIP_INSTALL) -e \".[test,demo,export,docs]\""; \
-	$(PIP_INSTALL) -e ".[test,demo,export,docs]" || exit 1; \
+	echo "$(PIP_INSTALL) -e \".[test,demo,export,docs,timm]\""; \
+	$(PIP_INSTALL) -e ".[test,demo,export,docs,timm]" || exit 1; \
 	echo "make install: $$(( $$(date +%s) - start )) s"
 
 lock: ## regenerate requirements/constraints.txt in a fresh environment (then make test before committing it)
@@ -66,12 +66,18 @@ docs-serve: ## preview the documentation site at http://127.0.0.1:8000, rebuilt 
 lint: ## ruff over the sources, tests and benchmarks
 	$(PYTHON) -m ruff check src tests benchmarks
 
-DATASET ?= livec
-SPLITS ?= 10
+# benchmark's defaults are the paper's protocol on LIVEC; compare's the demo (any name that config_of knows, or a file)
+BENCHMARK_DATASET := $(or $(DATASET),livec)
+COMPARE_DATASET := $(or $(DATASET),demo_kadid)
+MODELS ?= qmamba_test timm:test_vit
 
 benchmark: ## the paper protocol on one dataset: make benchmark DATASET=livec SPLITS=10 (or DATASET=my_ratings.yaml)
-	$(PYTHON) -m qmamba benchmark $(call config_of,$(DATASET)) --splits $(SPLITS) \
-		--out runs/benchmark/$(call canonical,$(DATASET))
+	$(PYTHON) -m qmamba benchmark $(call config_of,$(BENCHMARK_DATASET)) --splits $(or $(SPLITS),10) \
+		--out runs/benchmark/$(call canonical,$(BENCHMARK_DATASET))
+
+compare: install $(if $(findstring demo_,$(COMPARE_DATASET)),demo-data) ## backbones side by side: make compare [DATASET=demo_kadid SPLITS=1 MODELS="qmamba_test timm:test_vit"]
+	$(PYTHON) -m qmamba compare $(call config_of,$(COMPARE_DATASET)) --models $(MODELS) --splits $(or $(SPLITS),1) \
+		--out runs/compare/$(call canonical,$(COMPARE_DATASET))
 
 # make transfer SRC=koniq DST=livec [METHODS=none,styleprompt | all]: train the source model if its checkpoint is
 # missing, then adapt it to DST with each method and test. Names: a configs/task/<name>.yaml over configs/recipe.yaml

@@ -39,6 +39,8 @@ COMMANDS: dict[str, Command] = {
                                                 "counts them), timm's included"),
     "weights": Command("qmamba.commands.weights", "list, download and verify the ImageNet-pretrained backbones"),
     "benchmark": Command("qmamba.protocols.benchmark", "the N-split protocol on one config: median and mean SRCC/PLCC"),
+    "compare": Command("qmamba.protocols.compare", "several backbones through one config's protocol: accuracy against "
+                                                   "params, GFLOPs, speed and memory, as a table and a plot"),
     "transfer": Command("qmamba.protocols.transfer", "adapt a trained model to another dataset with several methods"),
     "data": Command("qmamba.training.data_check", "check a config's datasets without training: qmamba data check "
                                                   "--config CONFIG"),
