@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -26,8 +27,8 @@ from qmamba.training.callbacks import FlopsModelSummary
 TIMM_VIT = "timm:test_vit"  # timm's 0.3 M-parameter ViT: attention, LayerNorm, any input size
 
 
-@pytest.mark.slow  # 14 s on 2 cores of a Zen 3 EPYC: a fit, a test, a publish and an ONNX export
-def test_a_timm_backbone_trains_tests_scores_serves_publishes_loads_back_and_exports(workdir, capsys, caplog):
+@pytest.mark.slow  # 25 s on 2 cores of a Zen 3 EPYC: fits, tests, a publish and an ONNX export
+def test_a_timm_backbone_trains_tests_predicts_transfers_scores_serves_publishes_and_exports(workdir, capsys, caplog):
     root, config = workdir
     caplog.set_level(logging.INFO)
     main(["fit", "--config", str(config), "--model.init_args.backbone", TIMM_VIT])
@@ -42,6 +43,17 @@ def test_a_timm_backbone_trains_tests_scores_serves_publishes_loads_back_and_exp
 
     main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])
     assert "SRCC" in capsys.readouterr().out
+    main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", "best"])
+    assert len((run / "predictions.csv").read_text().splitlines()) > 1
+    main(["transfer", "--source", str(ckpt), "--config", str(config), "--methods", "none,head", "--out", "tr"])
+    assert pd.read_csv(root / "tr" / "results.csv")["method"].tolist() == ["none", "head"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transfer", "--source", str(ckpt), "--config", str(config), "--methods", "none,styleprompt", "--out",
+              "tr2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "transfer method styleprompt attaches prompts" in err[0]
+    assert not (root / "tr2").exists()  # before any method ran
 
     images = sorted((root / "kadid" / "images").glob("I0*.png"))[:4]
     scorer = qmamba.load(ckpt, device="cpu")

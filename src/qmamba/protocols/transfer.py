@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import yaml
 
 from qmamba.files.atomic import write_text_atomic
 from qmamba.files.checkpoint import CheckpointError, read_checkpoint
 from qmamba.files.config_files import check_config_args
 from qmamba.inference.trained import read_architecture
+from qmamba.models import build_backbone
+from qmamba.models.prompts import PROMPT_METHODS, check_prompt_target
 from qmamba.protocols.runs import config_args, fit_then_test, split_passthrough
 from qmamba.training.cli import run_lightning_cli
 from qmamba.training.prompt_tuning import TUNING_METHODS
@@ -41,6 +44,16 @@ METRICS = {"srcc": "SRCC", "plcc": "PLCC", "pair_accuracy": "pair accuracy", "lo
 def _source_model_args(source: Path) -> dict[str, Any]:
     """The source run's architecture, with nothing to re-initialise (its weights come through PromptTuning)."""
     return {**read_architecture(source), "pretrained": None}
+
+
+def _check_methods_apply(model_args: dict[str, Any], methods: Sequence[str]) -> None:
+    """StylePrompt on a timm source, say, is one line before any method runs (the backbone built without memory)."""
+    prompted = [m for m in methods if m in PROMPT_METHODS]
+    if prompted:
+        with torch.device("meta"):
+            backbone = build_backbone(model_args["backbone"], **(model_args.get("backbone_args") or {}))
+        for method in prompted:
+            check_prompt_target(backbone, method)
 
 
 def _overlay(source: Path, method: str, out: Path, model_args: dict[str, Any]) -> Path:
@@ -92,6 +105,7 @@ def run_transfer(
                               "(make transfer does it for you)")
     configs = [config] if isinstance(config, str) else list(config)
     model_args = _source_model_args(source)
+    _check_methods_apply(model_args, methods)
     src = src_name or source.parent.parent.name
     dst = dst_name or Path(configs[-1]).stem
     rows = [{"source": src, "target": dst, **_run_method(source, configs, m, out, model_args, extra)}
