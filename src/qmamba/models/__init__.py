@@ -19,7 +19,7 @@ from qmamba.files.weights import resolve_pretrained
 from qmamba.ops.selective_scan import ScanBackend, validate_backend
 
 from .qmamba import QMamba, QualityHead
-from .timm_backbone import TimmBackbone, is_timm_name, load_timm_pretrained
+from .timm_backbone import TimmBackbone, is_timm_name, load_timm_pretrained, timm_model_name
 from .vim import VIM_PRESETS, Vim
 from .vmamba import VMAMBA_PRESETS, LoadReport, VMamba, load_official_checkpoint
 
@@ -32,6 +32,7 @@ __all__ = [
     "Vim",
     "build_backbone",
     "build_model",
+    "check_model_name",
     "list_models",
     "load_official_checkpoint",
     "set_scan_backend",
@@ -41,6 +42,15 @@ __all__ = [
 def list_models() -> list[str]:
     """All registered backbone / model names."""
     return sorted([*VMAMBA_PRESETS, *VIM_PRESETS])
+
+
+def check_model_name(name: str) -> None:
+    """One line when ``name`` is neither a registered preset nor a model timm knows (``timm:<name>``)."""
+    if is_timm_name(name):
+        timm_model_name(name)
+    elif name not in VMAMBA_PRESETS and name not in VIM_PRESETS:
+        raise UsageError(f"unknown model {name!r}; available: {', '.join(list_models())}, or any timm model as "
+                         "timm:<name>")
 
 
 def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, trusted: bool = False,
@@ -62,13 +72,11 @@ def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, 
         if pretrained is not None:
             load_timm_pretrained(timm_backbone, pretrained, trusted=trusted)
         return timm_backbone
+    check_model_name(name)
     if name in VMAMBA_PRESETS:
         backbone: VMamba | Vim = VMamba(**{**VMAMBA_PRESETS[name], **overrides})
-    elif name in VIM_PRESETS:
-        backbone = Vim(**{**VIM_PRESETS[name], **overrides})  # type: ignore[arg-type]
     else:
-        raise UsageError(f"unknown model {name!r}; available: {', '.join(list_models())}, or any timm model as "
-                         "timm:<name>")
+        backbone = Vim(**{**VIM_PRESETS[name], **overrides})  # type: ignore[arg-type]
     if pretrained is not None:
         if not isinstance(backbone, VMamba):
             raise ValueError(f"{name}: only VMamba-family backbones load official VMamba checkpoints")

@@ -28,9 +28,8 @@ from qmamba.errors import UsageError
 from qmamba.files.atomic import write_bytes_atomic, write_text_atomic
 from qmamba.files.config_files import check_config_args
 from qmamba.inference.trained import ARCHITECTURE_ARGS, build_architecture
-from qmamba.models import list_models
+from qmamba.models import check_model_name
 from qmamba.models.flops import CONVENTION, count_flops
-from qmamba.models.timm_backbone import is_timm_name, timm_model_name
 from qmamba.protocols.benchmark import run_benchmark
 from qmamba.protocols.runs import split_passthrough
 from qmamba.protocols.throughput import Throughput, measure_in_new_process
@@ -164,11 +163,10 @@ def check_models(models: Sequence[str]) -> None:
     if len(set(models)) != len(models):
         raise UsageError(f"--models names a backbone twice: {' '.join(models)}")
     for model in models:
-        if is_timm_name(model):
-            timm_model_name(model)
-        elif model not in list_models():
-            raise UsageError(f"--models: unknown model {model!r}; available: {', '.join(list_models())}, or any "
-                             "timm model as timm:<name>")
+        try:
+            check_model_name(model)
+        except UsageError as err:
+            raise UsageError(f"--models: {err}") from None
 
 
 def main(argv: list[str]) -> None:
