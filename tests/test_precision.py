@@ -28,7 +28,7 @@ UNIT_BOUND = 0.01  # docs/scoring.md: bf16 scores within 0.01 of fp32 on the uni
 @pytest.fixture
 def native_bf16(monkeypatch):
     """A CPU with AVX-512-BF16, whatever this one has (bf16 is then emulated here, as exact, only slower)."""
-    monkeypatch.setattr(precision_module, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
 
 
 def _lqmamba_folder(path: Path) -> Path:
@@ -73,7 +73,7 @@ def test_bf16_scores_are_within_the_bound_of_fp32_for_qmamba_and_lqmamba(trained
 
 def test_bf16_where_the_device_would_emulate_it_is_one_line_and_auto_is_fp32(trained, monkeypatch, capsys):
     _, run = trained
-    monkeypatch.setattr(precision_module, "_cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
     image = str(next((trained[0] / "kadid" / "images").glob("*.png")))
     with pytest.raises(SystemExit) as exit_info:
         main(["score", "--model", str(run / "checkpoints" / "best.ckpt"), "--precision", "bf16", "--device", "cpu",

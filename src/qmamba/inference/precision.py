@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from qmamba.errors import UsageError
+from qmamba.machine import cpu_flags
 
 if TYPE_CHECKING:
     import torch
@@ -39,16 +38,6 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                         "(bf16 where native, else fp32)")
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no flags to read, so no native bf16 is claimed
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
-
-
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively (not emulated)."""
     import torch
@@ -56,7 +45,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
-        return any(flag in _cpu_flags() for flag in BF16_CPU_FLAGS)
+        return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
     return False
 
 

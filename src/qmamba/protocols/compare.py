@@ -28,6 +28,7 @@ from qmamba.errors import UsageError
 from qmamba.files.atomic import write_bytes_atomic, write_text_atomic
 from qmamba.files.config_files import check_config_args
 from qmamba.inference.trained import ARCHITECTURE_ARGS, build_architecture
+from qmamba.machine import device_description
 from qmamba.models import check_model_name
 from qmamba.models.flops import CONVENTION, count_flops
 from qmamba.protocols.benchmark import run_benchmark
@@ -55,7 +56,7 @@ def compare(configs: Sequence[str], models: Sequence[str], splits: int, out: str
                                                         block_seconds))
     table = pd.DataFrame([_row(model, summaries[model], speeds[model], run_configs[model], size)
                           for model in models])
-    context = {"size": size, "batch": batch, "device": _device_name(device), "splits": splits,
+    context = {"size": size, "batch": batch, "device": device_description(device), "splits": splits,
                "configs": list(configs), "rounds": rounds}
     write_text_atomic(out / "compare.csv", table.to_csv(index=False))
     markdown = format_markdown(table, context)
@@ -96,14 +97,6 @@ def _row(model: str, summary: dict[str, Any], speeds: list[Throughput], config: 
     row["avg_srcc"] = statistics.fmean(srcc) if srcc else float("nan")
     row["avg_plcc"] = statistics.fmean(plcc) if plcc else float("nan")
     return row
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return f"{names[0] if names else 'CPU'}, {torch.get_num_threads()} threads"
 
 
 def _gflops_text(gflops: float) -> str:
