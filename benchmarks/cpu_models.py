@@ -7,9 +7,12 @@
     python benchmarks/cpu_models.py --models qmamba_tiny:cpu@bf16 swin_tiny@bf16 --no-scan   # bf16 autocast
 
 Inference: batch 8 at 224x224 under ``torch.inference_mode``. Training step: batch 2, forward, backward and an
-AdamW step, every model with a one-output regression head (timm's ``num_classes=1``). Rounds are interleaved (each
-round measures every model once, in the same order), so that slow drifts of the machine hit every model alike; the
-table shows the median over rounds, and each model's ratio to swin_tiny from the same run. A ``+compiled`` model
+AdamW step, every model with a one-output regression head (timm's ``num_classes=1``). Each model is measured as users
+run it, in steady state: a block of consecutive calls (one untimed call first, to bring back what the previous model
+evicted from the caches) lasting at least --block-seconds. Each round runs one block per model and mode, models
+alternated, so that slow drifts of the machine hit every model alike. The table gives the median and the spread
+(min-max over rounds) of each figure and of each model's ratio to swin_tiny in the same round, under a header naming
+the CPU and its vector ISA class. A ``+compiled`` model
 runs through ``torch.compile`` (static shapes; QMamba as one graph with the fused scan inside) and is compared with
 ``swin_tiny+compiled``; its compile time is the first inference plus the first training step. A ``@bf16`` model runs
 under bf16 autocast (inference as ``qmamba score --precision bf16``, with its matrix products' weights stored in bf16,
@@ -32,10 +35,12 @@ from collections.abc import Callable
 import torch
 from scan import make_inputs, measure, scan_backends
 
+from qmamba.machine import device_description
 from qmamba.models import build_model
 from qmamba.models.low_precision import prepare_bf16_inference
 from qmamba.ops import ordered_selective_scan
 from qmamba.ops.scan_order import CROSS_2D, scan_order
+from qmamba.protocols.throughput import images_per_second
 
 DEFAULT_MODELS = ["qmamba_tiny:cpu", "qmamba_tiny:torch", "lqmamba_tiny:cpu", "lqmamba_tiny:torch", "swin_tiny",
                   "convnext_tiny", "qmamba_tiny:cpu+compiled", "lqmamba_tiny:cpu+compiled", "swin_tiny+compiled",
@@ -95,28 +100,32 @@ def training_step(spec: str, model: torch.nn.Module, batch: int, size: int) -> C
     return step
 
 
-def seconds(step: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
+def spread(values: list[float], digits: int = 2) -> str:
+    """median (min-max)."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, train_batch: int) -> None:
+def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, train_batch: int,
+                block_seconds: float) -> None:
     models = {spec: build(spec, inference=False) for spec in specs}
     steps = {(spec, "inference"): inference_step(spec, build(spec, inference=True) if BF16 in spec else model,
                                                  infer_batch, size) for spec, model in models.items()}
     steps |= {(spec, "training"): training_step(spec, m, train_batch, size) for spec, m in models.items()}
-    first = {key: seconds(step) for key, step in steps.items()}  # warm-up: compilation, allocator, optimizer state
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for _ in range(rounds):
+    compile_s = {}
+    for key, step in steps.items():  # the first calls: compilation, allocator, optimizer state
+        start = time.perf_counter()
+        step()
+        compile_s[key] = time.perf_counter() - start
+    rates: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for _ in range(rounds):  # each round one steady-state block per model and mode, alternated
         for key, step in steps.items():
-            times[key].append(seconds(step))
-    rate = {key: (infer_batch if key[1] == "inference" else train_batch) / statistics.median(t)
-            for key, t in times.items()}
-    print(f"\nmodels: {size}x{size} fp32 (@bf16: bf16 autocast), inference batch {infer_batch}, training step batch "
-          f"{train_batch}, median of {rounds} interleaved rounds")
-    header = (f"| {'model':<26} | {'params':>7} | {'inference img/s':>15} | {'x swin':>6} | {'train img/s':>11} "
-              f"| {'x swin':>6} | {'compile s':>9} |")
+            batch = infer_batch if key[1] == "inference" else train_batch
+            rates[key].append(images_per_second(step, batch, "cpu", block_seconds, warmup=1))
+    print(f"\nmodels on {device_description()}: {size}x{size} fp32 (@bf16: bf16 autocast), inference batch "
+          f"{infer_batch}, training step batch {train_batch}; images/s in steady state, median (min-max) of {rounds} "
+          f"blocks of at least {block_seconds:g} s, models alternated; x swin: the ratio in each round")
+    header = (f"| {'model':<30} | {'params':>7} | {'inference img/s':>19} | {'x swin':>16} | {'train img/s':>19} "
+              f"| {'x swin':>16} | {'compile s':>9} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for spec, model in models.items():
@@ -125,12 +134,12 @@ def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, trai
         swin = "swin_tiny" + (BF16 if BF16 in spec else "") + (COMPILED if spec.endswith(COMPILED) else "")
         cells = []
         for mode in ("inference", "training"):
-            base = rate.get((swin, mode))
-            ratio = f"{rate[spec, mode] / base:.2f}" if base else "-"
-            cells.append(f"{rate[spec, mode]:>{15 if mode == 'inference' else 11}.2f} | {ratio:>6}")
-        compile_s = (f"{first[spec, 'inference'] + first[spec, 'training']:>9.0f}" if spec.endswith(COMPILED)
-                     else f"{'-':>9}")
-        print(f"| {spec:<26} | {params:>6.1f}M | {cells[0]} | {cells[1]} | {compile_s} |")
+            ours, base = rates[spec, mode], rates.get((swin, mode))
+            ratio = spread([a / b for a, b in zip(ours, base, strict=True)]) if base else "-"
+            cells.append(f"{spread(ours):>19} | {ratio:>16}")
+        first = compile_s[spec, "inference"] + compile_s[spec, "training"]
+        print(f"| {spec:<30} | {params:>6.1f}M | {cells[0]} | {cells[1]} | "
+              f"{f'{first:.0f}' if spec.endswith(COMPILED) else '-':>9} |")
 
 
 def ordered_scan_inputs(batch: int, dim: int, height: int) -> list[torch.Tensor]:
@@ -175,7 +184,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS,
                         help="qmamba presets as name:backend, or swin_tiny / convnext_tiny")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="blocks per model and mode, alternated")
+    parser.add_argument("--block-seconds", type=float, default=3.0,
+                        help="each block's consecutive calls last at least this long (and 3 calls)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--infer-batch", type=int, default=8)
     parser.add_argument("--train-batch", type=int, default=2)
@@ -184,7 +195,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.models:
-        model_table(args.models, args.rounds, args.size, args.infer_batch, args.train_batch)
+        model_table(args.models, args.rounds, args.size, args.infer_batch, args.train_batch, args.block_seconds)
     if not args.no_scan:
         scan_table(args.scan_repeats)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from qmamba.inference.trained import build_architecture
 
-__all__ = ["Throughput", "measure_in_new_process"]
+__all__ = ["Throughput", "images_per_second", "measure_in_new_process"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def measure(architecture: dict[str, Any], size: int, batch: int, device: str, bl
     target = torch.rand(batch, device=device)
     model.eval()
     with torch.inference_mode():
-        inference = _images_per_second(lambda: model(images), batch, device, block_seconds)
+        inference = images_per_second(lambda: model(images), batch, device, block_seconds)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -64,16 +64,19 @@ def measure(architecture: dict[str, Any], size: int, batch: int, device: str, bl
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-        training = _images_per_second(step, batch, device, block_seconds)
+        training = images_per_second(step, batch, device, block_seconds)
         return Throughput(inference, training, torch.cuda.max_memory_allocated(device) / 2**20)
     resident = _resident_mib()
     Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident size restarts from the size now
-    training = _images_per_second(step, batch, device, block_seconds)
+    training = images_per_second(step, batch, device, block_seconds)
     return Throughput(inference, training, max(0.0, _status_mib("VmHWM") - resident))
 
 
-def _images_per_second(call: Callable[[], Any], batch: int, device: str, block_seconds: float) -> float:
-    for _ in range(2):  # warm-up: first-call allocations, oneDNN primitives, numba's dispatch
+def images_per_second(call: Callable[[], Any], batch: int, device: str, block_seconds: float, warmup: int = 2
+                      ) -> float:
+    """One steady-state block: ``warmup`` calls untimed (first-call allocations, oneDNN primitives, numba's
+    dispatch, caches another model evicted), then consecutive calls for at least ``block_seconds`` and 3 calls."""
+    for _ in range(warmup):
         call()
     _synchronise(device)
     calls, start = 0, time.perf_counter()
