@@ -12,17 +12,48 @@ from score_runs import ray_cluster
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _median(cell: str) -> float:
+    """A table cell's median, from "median (min-max)"."""
+    return float(cell.split("(")[0])
+
+
 def test_cpu_models_benchmark_prints_its_table():
+    """Steady-state blocks at a tiny size: a median and a spread per figure and per ratio, under a header naming the
+    CPU's vector ISA class."""
+    from qmamba.machine import cpu_isa
+
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "cpu_models.py"), "--models", "qmamba_test:cpu", "qmamba_test:torch",
-         "qmamba_test:cpu@bf16", "--size", "32", "--rounds", "1", "--infer-batch", "2", "--no-scan"],
+         "qmamba_test:cpu@bf16", "--size", "32", "--rounds", "2", "--block-seconds", "0", "--infer-batch", "2",
+         "--no-scan"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
-    names = ["qmamba_test:cpu", "qmamba_test:torch", "qmamba_test:cpu@bf16"]
-    assert [row.split("|")[1].strip() for row in rows] == names
-    assert all(float(row.split("|")[3]) > 0 and float(row.split("|")[5]) > 0 for row in rows)
+    assert f", {cpu_isa()}, " in result.stdout and "median (min-max) of 2 blocks" in result.stdout
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
+    assert [row[0].strip() for row in rows] == ["qmamba_test:cpu", "qmamba_test:torch", "qmamba_test:cpu@bf16"]
+    for row in rows:
+        for cell in (row[2], row[4]):
+            low, high = (float(x) for x in cell.split("(")[1].rstrip(") ").split("-"))
+            assert 0 < low <= _median(cell) <= high
+        assert row[3].strip() == row[5].strip() == "-"  # no Swin-T in this run: no ratio
+
+
+@pytest.mark.slow  # compiles the floor kernels for both dtypes (cached after the first run)
+def test_scan_floor_benchmark_prints_the_scan_against_both_floors():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "scan_floor.py"), "--shape", "5", "16", "2", "--shape", "3", "32", "20",
+         "--blocks", "2", "--block-seconds", "0"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
+            if line.startswith("| 5, 16, 2") or line.startswith("| 3, 32, 20")]
+    # rank 20 takes the backward's matrix-product path, rank 2 the kernel's chain rule
+    assert [(r[0], r[1], r[2]) for r in rows] == [(shape, dtype, kind) for shape in ("5, 16, 2", "3, 32, 20")
+                                                  for dtype in ("fp32", "bf16") for kind in ("forward", "backward")]
+    for row in rows:
+        scan, memory, arithmetic = (_median(cell) for cell in row[3:6])
+        assert min(scan, memory, arithmetic) > 0
+        assert float(row[6]) == pytest.approx(scan / max(memory, arithmetic), rel=0.03)
 
 
 @ray_cluster
@@ -106,6 +137,8 @@ def test_profile_step_prints_the_layout_share_and_the_largest_operations():
     summary = next(line for line in result.stdout.splitlines() if "training step" in line)
     assert "aten::copy_" in summary and "aten::fill_" in summary
     assert "qmamba::cpu_scan_backward" in result.stdout  # the fused scan ran, and backward through it
+    # the forward kernel has an event of its own: not the self time of its autograd node
+    assert "qmamba::cpu_scan_kernel" in result.stdout
 
 
 @pytest.mark.slow
