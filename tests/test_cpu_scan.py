@@ -83,6 +83,27 @@ def test_the_cpu_scan_reads_bf16_operands_as_they_are(directions, height, width,
         assert rel_err(g.float(), g_ref.float()) < (1e-2 if x.dtype == torch.bfloat16 else 1e-4), name
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_low_rank_backward_as_matrix_products_matches_the_reference(monkeypatch, merge):
+    """From GEMM_RANK on (QMamba-T's later stages) the backward computes the step-size projection's gradients as
+    matrix products over the full-rank gradient; here at rank 3, against the sequential reference, padding included;
+    and with bf16 operands against the kernel's own chain rule."""
+    cpu_scan = importlib.import_module("qmamba.ops.cpu_scan")
+    order = ScanOrder(("w2", "v_flip", "h", "w2c_flip"), 3, 5)
+    monkeypatch.setattr(cpu_scan, "GEMM_RANK", 1)
+    check_ordered_scan("cpu", order, 2, 20, 1, merge, 3)
+    low, proj = _bf16_operands(order)
+    grads = {}
+    for gemm_rank in (1, 1000):
+        monkeypatch.setattr(cpu_scan, "GEMM_RANK", gemm_rank)
+        y = ordered_selective_scan(*low, order, merge=merge, backend="cpu", delta_proj=proj, out_dtype=torch.float32)
+        grads[gemm_rank] = torch.autograd.grad(y, [*low, proj], torch.ones_like(y))
+    for name, g, g_kernel, x in zip("u delta A B C D bias proj".split(), grads[1], grads[1000], [*low, proj],
+                                    strict=True):
+        assert g.dtype == g_kernel.dtype == x.dtype, name
+        assert rel_err(g.float(), g_kernel.float()) < (1e-2 if x.dtype == torch.bfloat16 else 1e-5), name
+
+
 def test_the_kernel_rounds_to_bf16_as_torch_does():
     """Ties to even, the largest finite floats to infinity, infinities, signed zeros, subnormals and NaN: the bits
     torch's own float32 -> bf16 conversion gives."""

@@ -539,8 +539,24 @@ def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Te
     return y.to(out_dtype)
 
 
+# From this rank on, the backward computes the step-size projection's two gradients as matrix products over the
+# full-rank gradient instead of in the kernel: per step, the kernel's chain rule reads proj's (R, C) slab and adds
+# into its gradient's, which outgrows the L2 cache at QMamba-T's later stages. Measured with QMamba-T's stages, batch
+# 2, fp32, on 2 Zen 3 cores (AVX2; ms, in the kernel / as matrix products): R = 6: 36 / 42, R = 12: 21 / 23,
+# R = 24: 18 / 13, R = 48: 13 / 7. The forward keeps the projection in the kernel at every rank (R = 6: 11 / 23 ms,
+# R = 48: 3.1 / 3.7 ms): there it is R multiply-adds per channel and step, and materialising the full step sizes costs
+# more than it saves.
+GEMM_RANK = 16
+
+
 def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
                table: Tensor, grad_y: Tensor, merge: bool, softplus: bool) -> tuple[Tensor, ...]:
+    if proj.numel() and proj.shape[1] >= GEMM_RANK:
+        factor = delta.to(proj.dtype)
+        grad_u, grad_full, _, *rest = _gradients(u, factor @ proj, proj.new_empty(0, 0, 0), A, B, C, D, bias, table,
+                                                 grad_y, merge, softplus)
+        # (batch, K, T, C) @ (K, C, R), and proj's partial sums per batch row: (batch, K, R, T) @ (batch, K, T, C)
+        return grad_u, grad_full @ proj.transpose(1, 2), factor.transpose(2, 3) @ grad_full, *rest
     problem = _Problem(u, delta, proj, A, table, merge)
     batch, low_rank = u.shape[0], proj.numel() > 0
     zeros = A.new_zeros  # the gradients are accumulated in the compute dtype, bf16 operands' included
