@@ -11,7 +11,8 @@ Layout (channels innermost, so that every time step is one SIMD loop over a bloc
                                   (SS2D's directions), Ku = K: one per sequence (channel groups of a 1-D scan)
     delta      (batch, K, T, C)   before bias and softplus, at token positions (not in scan order); or, low rank,
                (batch, K, T, R)   with proj (K, R, C): delta = delta @ proj[k], computed per step (SS2D's dt_proj),
-                                  so that the full step sizes are never materialised
+                                  so that the forward never materialises the full step sizes (the backward does,
+                                  from rank GEMM_RANK on: see there)
     A          (K, N, C)
     B, C       (batch, K, T, N)   shared by the C channels of a sequence
     D, bias    (K, C)
