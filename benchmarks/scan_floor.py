@@ -158,6 +158,8 @@ def _arithmetic_forward(u, delta, proj, A, B, C, D, bias, acc, dims, first_task,
                     acc[acc_row + c] += out[c]
 
 
+# The two arithmetic floors repeat the kernels' loop bodies on purpose, each line for line but for the carried state
+# (and the adjoint state): a change to the arithmetic of `_forward_kernel` or `_backward_kernel` belongs here too.
 @njit(fastmath=_REDUCE, **_JIT)
 def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_delta, grad_proj, grad_A,  # noqa: ANN001, ANN201
                          grad_B, grad_C, grad_D, grad_bias, dims, first_task, last_task):
