@@ -35,6 +35,7 @@ __all__ = [
     "check_model_name",
     "list_models",
     "load_official_checkpoint",
+    "load_pretrained",
     "set_scan_backend",
 ]
 
@@ -70,7 +71,7 @@ def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, 
             raise UsageError(f"{name}: {err} (backbone_args of a timm model are timm.create_model's arguments)"
                              ) from None
         if pretrained is not None:
-            load_timm_pretrained(timm_backbone, pretrained, trusted=trusted)
+            load_pretrained(timm_backbone, name, pretrained, trusted=trusted)
         return timm_backbone
     check_model_name(name)
     if name in VMAMBA_PRESETS:
@@ -80,9 +81,21 @@ def build_backbone(name: str, pretrained: str | os.PathLike[str] | None = None, 
     if pretrained is not None:
         if not isinstance(backbone, VMamba):
             raise ValueError(f"{name}: only VMamba-family backbones load official VMamba checkpoints")
-        path, _ = resolve_pretrained(name, pretrained)
-        load_official_checkpoint(backbone, path, trusted=trusted)
+        load_pretrained(backbone, name, pretrained, trusted=trusted)
     return backbone
+
+
+def load_pretrained(backbone: VMamba | Vim | TimmBackbone, name: str, pretrained: str | os.PathLike[str],
+                    trusted: bool = False) -> tuple[dict[str, Any], str]:
+    """Load ``pretrained`` into the built backbone ``name``: a timm model's through timm, a VMamba's from its official
+    checkpoint (``imagenet``, cached) or a file. Returns where the weights came from (the run's record) and a line
+    saying what was loaded."""
+    if isinstance(backbone, TimmBackbone):
+        source = load_timm_pretrained(backbone, pretrained, trusted=trusted)
+        return source, source["url"]
+    path, source = resolve_pretrained(name, pretrained)
+    report = load_official_checkpoint(backbone, path, trusted=trusted)
+    return source, f"{path} (sha256 {source['sha256']}; {report})"
 
 
 def build_model(

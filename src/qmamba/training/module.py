@@ -21,12 +21,10 @@ from qmamba.data import IQADataModule
 from qmamba.errors import QMambaError, UsageError
 from qmamba.files.atomic import write_text_atomic
 from qmamba.files.checkpoint import CheckpointError
-from qmamba.files.weights import resolve_pretrained
 from qmamba.inference.scale import ScoreScale
 from qmamba.inference.trained import DataSpec, build_architecture
-from qmamba.models import load_official_checkpoint
+from qmamba.models import load_pretrained
 from qmamba.models.compiling import compile_model, run_compiled
-from qmamba.models.timm_backbone import is_timm_name, load_timm_pretrained
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
 from qmamba.training.losses import LOGISTIC_SPREAD, IQALoss, Link
 from qmamba.training.metrics import iqa_metrics, pair_metrics
@@ -143,15 +141,10 @@ class QMambaIQA(L.LightningModule):
         """Start from the pretrained backbone, unless the fit resumes (its checkpoint, restored before this hook,
         holds the weights and the record of where they started)."""
         if self.hparams.pretrained and not self.trainer.ckpt_path:
-            if is_timm_name(self.hparams.backbone):
-                self.pretrained_source = load_timm_pretrained(self.model.backbone, self.hparams.pretrained,
-                                                              trusted=self.hparams.trust_checkpoint)
-                log.info("backbone initialised from %s", self.pretrained_source["url"])
-            else:
-                path, self.pretrained_source = resolve_pretrained(self.hparams.backbone, self.hparams.pretrained)
-                report = load_official_checkpoint(self.model.backbone, path, trusted=self.hparams.trust_checkpoint)
-                log.info("backbone initialised from %s (sha256 %s; %s)", path, self.pretrained_source["sha256"],
-                         report)
+            self.pretrained_source, loaded = load_pretrained(self.model.backbone, self.hparams.backbone,
+                                                             self.hparams.pretrained,
+                                                             trusted=self.hparams.trust_checkpoint)
+            log.info("backbone initialised from %s", loaded)
             if self.logger is not None:  # hparams.yaml and TensorBoard's HPARAMS tab; not the model's arguments
                 self.logger.log_hyperparams({"pretrained_weights": self.pretrained_source})
         self._log_scan_backend()
