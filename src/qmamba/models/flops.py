@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
+from qmamba.models import set_scan_backend
 from qmamba.ops.selective_scan import cpu_selective_scan_available, triton_selective_scan_available
 
 __all__ = ["CONVENTION", "FlopCount", "count_flops", "flop_counter", "paper_formulas"]
@@ -136,8 +137,7 @@ def _fused_scans(model: nn.Module) -> Iterator[None]:
     ops, which the convention counts as nothing, so a count through it would miss every scan."""
     scans = [m for m in model.modules() if hasattr(m, "scan_backend")]
     before = [m.scan_backend for m in scans]
-    for module in scans:
-        module.scan_backend = "cpu"
+    set_scan_backend(model, "cpu")
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,7 +158,5 @@ def _weights_file(name: str, pretrained: str | os.PathLike[str]) -> Path:
 def _checkpoint_filter(model: nn.Module) -> Any:
     """The model family's own ``checkpoint_filter_fn`` (original-format weights, resized position embeddings), as
     ``timm.create_model(pretrained=True)`` applies it."""
-    import sys
-
     return getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
 

@@ -66,7 +66,7 @@ def measure(architecture: dict[str, Any], size: int, batch: int, device: str, bl
         torch.cuda.reset_peak_memory_stats(device)
         training = images_per_second(step, batch, device, block_seconds)
         return Throughput(inference, training, torch.cuda.max_memory_allocated(device) / 2**20)
-    resident = _resident_mib()
+    resident = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak resident size restarts from the size now
     training = images_per_second(step, batch, device, block_seconds)
     return Throughput(inference, training, max(0.0, _status_mib("VmHWM") - resident))
@@ -92,10 +92,6 @@ def images_per_second(call: Callable[[], Any], batch: int, device: str, block_se
 def _synchronise(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
-
-
-def _resident_mib() -> float:
-    return _status_mib("VmRSS")
 
 
 def _status_mib(field: str) -> float:
