@@ -19,6 +19,9 @@ TEST_CACHE = _test_cache()
 for _variable, _folder in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("NUMBA_CACHE_DIR", "numba"),
                            ("TRITON_CACHE_DIR", "triton")):
     os.environ.setdefault(_variable, str(TEST_CACHE / _folder))
+# numba's compiled kernels filed by their source text, not their folder's path: a new clone starts warm too
+os.environ.setdefault("NUMBA_CACHE_LOCATOR_CLASSES", "qmamba.ops.jit_cache.SourceKeyedCacheLocator,InTreeCacheLocator,"
+                      "UserWideCacheLocator,IPythonCacheLocator,ZipCacheLocator")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     # pytest-xdist's workers share the cores: more threads or inductor compiler processes per worker would only wait

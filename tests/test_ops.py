@@ -293,3 +293,32 @@ def test_scan_orders_first_built_in_inference_mode_still_train():
     x = torch.randn(1, 2, 35, requires_grad=True)
     order.scan(x).sum().backward()
     assert x.grad is not None
+
+
+def test_the_suites_numba_cache_serves_a_kernel_at_another_path_and_never_an_edited_one(tmp_path, monkeypatch):
+    """qmamba.ops.jit_cache files compiled kernels by their source text: the same file in another folder (a new
+    clone, a new environment) loads what the first compiled; an edited file compiles anew. With numba's own locator
+    the second folder compiled again."""
+    import importlib.util
+
+    import numba
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(numba.config, "CACHE_LOCATOR_CLASSES", "qmamba.ops.jit_cache.SourceKeyedCacheLocator")
+    source = "from numba import njit\n\n\n@njit(cache=True)\ndef scaled(x):\n    return 2.0 * x\n"
+
+    def kernel(folder: str, text: str):  # noqa: ANN202
+        path = tmp_path / folder / "kernel.py"
+        path.parent.mkdir()
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location(f"kernel_in_{folder}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.scaled
+
+    first = kernel("clone", source)
+    assert first(3.0) == 6.0 and sum(first.stats.cache_misses.values()) == 1
+    moved = kernel("elsewhere", source)
+    assert moved(3.0) == 6.0 and sum(moved.stats.cache_hits.values()) == 1 and not moved.stats.cache_misses
+    edited = kernel("edited", source.replace("2.0 * x", "3.0 * x"))
+    assert edited(3.0) == 9.0 and sum(edited.stats.cache_misses.values()) == 1 and not edited.stats.cache_hits
