@@ -50,6 +50,7 @@ from qmamba.ops.cpu_scan import (
     _step_delta,
     _step_delta_grad,
     _sum,
+    _task_block,
     selective_scan_cpu,
 )
 from qmamba.ops.scan_order import CROSS_2D, scan_order
@@ -75,10 +76,8 @@ def _store_impl(y, value):  # noqa: ANN001, ANN202
 def _memory_forward(u, delta, B, C, y, dims, first_task, last_task):  # noqa: ANN001, ANN201
     """y[b, t, c] = u[b, t, c] * (sum over k of delta[b, k, t, 0] + B + C): every operand read once, y written once."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
-    blocks = (channels + block - 1) // block
     for task in range(first_task, last_task):
-        b, c0 = task // blocks, (task % blocks) * block
-        width = np.uint64(min(block, channels - c0))
+        b, _, c0, width = _task_block(task, channels, block)
         for p in range(T):
             s = _load(u, 0) * 0
             for k in range(K):
@@ -98,10 +97,8 @@ def _memory_backward(u, delta, B, C, grad_y, grad_u, grad_delta, grad_B, grad_C,
                      last_task):
     """Every operand of the backward read once and every large gradient written once, one operation per element."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
-    blocks = (channels + block - 1) // block
     for task in range(first_task, last_task):
-        b, c0 = task // blocks, (task % blocks) * block
-        width = np.uint64(min(block, channels - c0))
+        b, _, c0, width = _task_block(task, channels, block)
         for p in range(T):
             row = np.uint64((b * T + p) * channels + c0)
             s = grad_u[0] * 0
@@ -125,15 +122,13 @@ def _arithmetic_forward(u, delta, proj, A, B, C, D, bias, acc, dims, first_task,
     """The forward kernel's arithmetic per (task, sequence, step), with each step's state computed from that step's
     operands alone and every read within the first WINDOW tokens."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
-    blocks = (channels + block - 1) // block
     window = min(T, WINDOW)
     z = np.empty(block, dtype=A.dtype)
     dt = np.empty(block, dtype=A.dtype)
     dtu = np.empty(block, dtype=A.dtype)
     out = np.empty(block, dtype=A.dtype)
     for task in range(first_task, last_task):
-        b, c0 = task // blocks, (task % blocks) * block
-        width = np.uint64(min(block, channels - c0))
+        b, _, c0, width = _task_block(task, channels, block)
         for k in range(K):
             kc = np.uint64(k * channels + c0)
             for step in range(L):
@@ -166,7 +161,6 @@ def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_
     """The backward kernel's arithmetic (the forward recomputed with softplus' slope, then the adjoint pass), each
     step's state and adjoint state from that step's operands alone, every read and write within WINDOW tokens."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
-    blocks = (channels + block - 1) // block
     window = min(T, WINDOW)
     dts = np.empty(window * block, dtype=A.dtype)
     slopes = np.empty(window * block, dtype=A.dtype)
@@ -182,9 +176,7 @@ def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_
     terms_B = np.empty(block, dtype=A.dtype)
     terms_C = np.empty(block, dtype=A.dtype)
     for task in range(first_task, last_task):
-        b, blk = task // blocks, task % blocks
-        c0 = blk * block
-        width = np.uint64(min(block, channels - c0))
+        b, blk, c0, width = _task_block(task, channels, block)
         for k in range(K):
             kc = np.uint64(k * channels + c0)
             for step in range(L):

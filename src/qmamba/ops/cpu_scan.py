@@ -275,6 +275,16 @@ def _step_delta_grad(g_z, delta, proj, grad_delta, grad_proj, b, blk, k, p, c0, 
         grad_delta[out + r] += total
 
 
+@njit(**_JIT)
+def _task_block(task, channels, block):  # noqa: ANN001, ANN201
+    """A task's batch row, channel block, first channel and width: the tasks are the (batch row, channel block)
+    pairs in row order, and a row's last block is narrower where block does not divide channels."""
+    blocks = (channels + block - 1) // block
+    b, blk = task // blocks, task % blocks
+    c0 = blk * block
+    return b, blk, c0, np.uint64(min(block, channels - c0))
+
+
 @njit(fastmath=_CONTRACT, **_JIT)
 def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, assign, first_task,  # noqa: ANN001, ANN201
                     last_task):
@@ -283,7 +293,6 @@ def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, 
     only when each of those sequences visits each token exactly once. A bf16 y is summed in float32 and rounded once,
     when its task's output sequence is complete."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
-    blocks = (channels + block - 1) // block
     state = np.empty(N * block, dtype=A.dtype)
     z = np.empty(block, dtype=A.dtype)
     dt = np.empty(block, dtype=A.dtype)
@@ -291,8 +300,7 @@ def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, 
     out = np.empty(block, dtype=A.dtype)
     acc, own = _accumulator(y, T * block)
     for task in range(first_task, last_task):
-        b, c0 = task // blocks, (task % blocks) * block
-        width = np.uint64(min(block, channels - c0))
+        b, _, c0, width = _task_block(task, channels, block)
         for k in range(K):
             ku, ko = (k if Ku > 1 else 0), (k if Ko > 1 else 0)
             first, last = Ko > 1 or k == 0, Ko > 1 or k == K - 1  # whether k begins / ends an output sequence
@@ -350,7 +358,6 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
     channel block (blocks, batch, K, T, N). The caller sums the partial sums.
     """
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
-    blocks = (channels + block - 1) // block
     zero, one = np.zeros(1, dtype=A.dtype)[0], np.ones(1, dtype=A.dtype)[0]
     dts = np.empty(L * block, dtype=A.dtype)
     slopes = np.empty(L * block, dtype=A.dtype)
@@ -369,9 +376,7 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
     terms_C = np.empty(block, dtype=A.dtype)
     nb = np.uint64(N * block)
     for task in range(first_task, last_task):
-        b, blk = task // blocks, task % blocks
-        c0 = blk * block
-        width = np.uint64(min(block, channels - c0))
+        b, blk, c0, width = _task_block(task, channels, block)
         for k in range(K):
             ku, ko = (k if Ku > 1 else 0), (k if Ko > 1 else 0)
             kc = np.uint64(k * channels + c0)
