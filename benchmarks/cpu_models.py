@@ -5,6 +5,8 @@
     python benchmarks/cpu_models.py --rounds 3 --models qmamba_tiny:cpu swin_tiny --no-scan
     python benchmarks/cpu_models.py --models qmamba_tiny:cpu+compiled swin_tiny+compiled --no-scan
     python benchmarks/cpu_models.py --models qmamba_tiny:cpu@bf16 swin_tiny@bf16 --no-scan   # bf16 autocast
+    python benchmarks/cpu_models.py --models qmamba_tiny:cpu@bf16 qmamba_tiny:cpu@bf16+frozen swin_tiny@bf16 \
+        swin_tiny@bf16+frozen --no-scan                                                     # as score --compile
 
 Inference: batch 8 at 224x224 under ``torch.inference_mode``. Training step: batch 2, forward, backward and an
 AdamW step, every model with a one-output regression head (timm's ``num_classes=1``). Each model is measured as users
@@ -14,7 +16,9 @@ alternated, so that slow drifts of the machine hit every model alike. The table 
 (min-max over rounds) of each figure and of each model's ratio to swin_tiny in the same round, under a header naming
 the CPU and its vector ISA class. A ``+compiled`` model
 runs through ``torch.compile`` (static shapes; QMamba as one graph with the fused scan inside) and is compared with
-``swin_tiny+compiled``; its compile time is the first inference plus the first training step. A ``@bf16`` model runs
+``swin_tiny+compiled``; its compile time is the first inference plus the first training step. A ``+frozen`` model is
+compiled as ``qmamba score --compile`` compiles a scorer (:mod:`qmamba.models.compiling`: one graph, the batch
+dimension dynamic, the weights frozen into it) and is measured in inference only. A ``@bf16`` model runs
 under bf16 autocast (inference as ``qmamba score --precision bf16``, with its matrix products' weights stored in bf16,
 Swin-T's too; the training step as ``bf16-mixed``) and is
 compared with ``swin_tiny@bf16`` in the same mode. Run it on an otherwise idle machine: a second torch process on the
@@ -37,6 +41,7 @@ from scan import make_inputs, measure, scan_backends
 
 from qmamba.machine import device_description
 from qmamba.models import build_model
+from qmamba.models.compiling import compile_model, run_compiled
 from qmamba.models.low_precision import prepare_bf16_inference
 from qmamba.ops import ordered_selective_scan
 from qmamba.ops.scan_order import CROSS_2D, scan_order
@@ -46,7 +51,7 @@ DEFAULT_MODELS = ["qmamba_tiny:cpu", "qmamba_tiny:torch", "lqmamba_tiny:cpu", "l
                   "convnext_tiny", "qmamba_tiny:cpu+compiled", "lqmamba_tiny:cpu+compiled", "swin_tiny+compiled",
                   "qmamba_tiny:cpu@bf16", "lqmamba_tiny:cpu@bf16", "swin_tiny@bf16", "qmamba_tiny:cpu@bf16+compiled",
                   "lqmamba_tiny:cpu@bf16+compiled", "swin_tiny@bf16+compiled"]
-COMPILED, BF16 = "+compiled", "@bf16"
+COMPILED, FROZEN, BF16 = "+compiled", "+frozen", "@bf16"
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "convnext_tiny": "convnext_tiny"}
 
 
@@ -54,7 +59,7 @@ def build(spec: str, inference: bool) -> torch.nn.Module:
     """``name`` (a timm baseline) or ``qmamba_preset:backend``, either with ``@bf16`` and ``+compiled``; an ``@bf16``
     model for inference prepared as ``qmamba score --precision bf16`` loads it (matrix products' weights and SS2D's
     scan outputs in bf16)."""
-    base = spec.removesuffix(COMPILED).removesuffix(BF16)
+    base = spec.removesuffix(COMPILED).removesuffix(FROZEN).removesuffix(BF16)
     if base in TIMM_NAMES:
         import timm
 
@@ -66,6 +71,8 @@ def build(spec: str, inference: bool) -> torch.nn.Module:
         prepare_bf16_inference(model, torch.device("cpu"))
     if spec.endswith(COMPILED):  # qmamba's whole model is one graph; timm's models are not checked for that
         return torch.compile(model, dynamic=False, fullgraph=base not in TIMM_NAMES)
+    if spec.endswith(FROZEN):
+        return compile_model(model, torch.device("cpu"), FROZEN, frozen=True)
     return model
 
 
@@ -80,7 +87,7 @@ def inference_step(spec: str, model: torch.nn.Module, batch: int, size: int) -> 
     def step() -> None:
         model.eval()
         with torch.inference_mode(), precision(spec):
-            model(images)
+            run_compiled(model, images, FROZEN) if spec.endswith(FROZEN) else model(images)
 
     return step
 
@@ -107,10 +114,12 @@ def spread(values: list[float], digits: int = 2) -> str:
 
 def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, train_batch: int,
                 block_seconds: float) -> None:
-    models = {spec: build(spec, inference=False) for spec in specs}
-    steps = {(spec, "inference"): inference_step(spec, build(spec, inference=True) if BF16 in spec else model,
-                                                 infer_batch, size) for spec, model in models.items()}
-    steps |= {(spec, "training"): training_step(spec, m, train_batch, size) for spec, m in models.items()}
+    models = {spec: build(spec, inference=spec.endswith(FROZEN)) for spec in specs}
+    steps = {(spec, "inference"): inference_step(
+        spec, build(spec, inference=True) if BF16 in spec and not spec.endswith(FROZEN) else model, infer_batch, size)
+        for spec, model in models.items()}
+    steps |= {(spec, "training"): training_step(spec, m, train_batch, size) for spec, m in models.items()
+              if not spec.endswith(FROZEN)}  # a frozen model is a scorer's
     compile_s = {}
     for key, step in steps.items():  # the first calls: compilation, allocator, optimizer state
         start = time.perf_counter()
@@ -131,15 +140,16 @@ def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, trai
     for spec, model in models.items():
         params = sum(p.numel() for p in model.parameters()) / 1e6
         # eager to eager, compiled to compiled, bf16 to bf16
-        swin = "swin_tiny" + (BF16 if BF16 in spec else "") + (COMPILED if spec.endswith(COMPILED) else "")
+        swin = "swin_tiny" + (BF16 if BF16 in spec else "") + next(
+            (mode for mode in (COMPILED, FROZEN) if spec.endswith(mode)), "")
         cells = []
         for mode in ("inference", "training"):
-            ours, base = rates[spec, mode], rates.get((swin, mode))
-            ratio = spread([a / b for a, b in zip(ours, base, strict=True)]) if base else "-"
-            cells.append(f"{spread(ours):>19} | {ratio:>16}")
-        first = compile_s[spec, "inference"] + compile_s[spec, "training"]
+            ours, base = rates.get((spec, mode)), rates.get((swin, mode))
+            ratio = spread([a / b for a, b in zip(ours, base, strict=True)]) if ours and base else "-"
+            cells.append(f"{spread(ours) if ours else '-':>19} | {ratio:>16}")
+        first = compile_s[spec, "inference"] + compile_s.get((spec, "training"), 0.0)
         print(f"| {spec:<30} | {params:>6.1f}M | {cells[0]} | {cells[1]} | "
-              f"{f'{first:.0f}' if spec.endswith(COMPILED) else '-':>9} |")
+              f"{f'{first:.0f}' if spec.endswith((COMPILED, FROZEN)) else '-':>9} |")
 
 
 def ordered_scan_inputs(batch: int, dim: int, height: int) -> list[torch.Tensor]:

@@ -113,9 +113,19 @@ def test_torch_compile_runs_ss2d_at_any_sequence_of_input_sizes(options):
 
 @same_scorer_graph
 @pytest.mark.slow
-def test_a_compiled_scorer_takes_every_batch_size_with_one_graph(trained):
+def test_a_compiled_scorer_takes_every_batch_size_with_one_frozen_graph(trained, monkeypatch):
     """serve --compile once answered HTTP 500 from the ninth new batch size on (torch's recompile limit): the batch
-    dimension is dynamic now, and serve's batches are the scorer's."""
+    dimension is dynamic now, and serve's batches are the scorer's. On the CPU the graph is frozen (the weights folded
+    in): torch.compile's own freezing option had silently done nothing."""
+    from torch._inductor import freezing
+
+    freezes, real_freeze = [], freezing.freeze
+
+    def counted_freeze(*args: object, **kwargs: object) -> object:
+        freezes.append(args)
+        return real_freeze(*args, **kwargs)
+
+    monkeypatch.setattr(freezing, "freeze", counted_freeze)
     checkpoint = trained[1] / "checkpoints" / "best.ckpt"
     eager, compiled = (qmamba.load(checkpoint, device="cpu", compile=c) for c in (False, True))
     size = eager.crops.size
@@ -126,6 +136,7 @@ def test_a_compiled_scorer_takes_every_batch_size_with_one_graph(trained):
         crops = [torch.randn(1, 3, size, size) for _ in range(count)]  # normalised crops, one per image
         assert compiled.score_crops(crops) == pytest.approx(eager.score_crops(crops), abs=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+    assert freezes
 
 
 @same_scorer_graph

@@ -189,7 +189,7 @@ class Scorer:
         if precision == "bf16":  # matrix products' weights cast once, not at every batch by autocast; bf16 scans
             prepare_bf16_inference(model, device)
         if compile:
-            compile_model(model, device, COMPILE_OPTION)
+            compile_model(model, device, COMPILE_OPTION, frozen=True)  # a scorer's weights never change
         weights = resolved.path / WEIGHTS_NAME if resolved.path.is_dir() else resolved.path
         return cls(model, evaluation, scale, dataset, info, device, batch_size, max_side, precision, weights)
 
