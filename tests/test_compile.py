@@ -116,7 +116,7 @@ def test_torch_compile_runs_ss2d_at_any_sequence_of_input_sizes(options):
 def test_a_compiled_scorer_takes_every_batch_size_with_one_frozen_graph(trained, monkeypatch):
     """serve --compile once answered HTTP 500 from the ninth new batch size on (torch's recompile limit): the batch
     dimension is dynamic now, and serve's batches are the scorer's. On the CPU the graph is frozen (the weights folded
-    in): torch.compile's own freezing option had silently done nothing."""
+    in), set around the compiling call: passed as torch.compile's option it had gained nothing."""
     from torch._inductor import freezing
 
     freezes, real_freeze = [], freezing.freeze
