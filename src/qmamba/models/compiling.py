@@ -9,7 +9,8 @@ work starts, and a compilation that fails is one line naming the cause and the o
 
 A model whose weights no longer change (a scorer) runs *frozen* on the CPU: inductor folds its weights into the graph
 as constants and packs the matrix products' for oneDNN, which made QMamba-T's scoring 11 % (fp32) and 4 % (bf16)
-faster than eager where compiling without freezing was 3 % faster and 8 % slower (docs/models.md, bf16 on the CPU).
+faster than eager, where compiling without freezing was 3 % faster and 8 % slower (docs/models.md, bf16 on the
+CPU).
 A training run's model is never frozen: its validation would keep scoring with the weights of its first compilation.
 """
 
