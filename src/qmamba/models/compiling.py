@@ -10,8 +10,8 @@ work starts, and a compilation that fails is one line naming the cause and the o
 A model whose weights no longer change (a scorer) runs *frozen* on the CPU: inductor folds its weights into the graph
 as constants and packs the matrix products' for oneDNN, which made QMamba-T's scoring 11 % (fp32) and 4 % (bf16)
 faster than eager, where compiling without freezing was 3 % faster and 8 % slower (docs/models.md, bf16 on the
-CPU).
-A training run's model is never frozen: its validation would keep scoring with the weights of its first compilation.
+CPU). A training run's model is never frozen: its validation would keep scoring with the weights of its first
+compilation.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def run_compiled(model: torch.nn.Module, images: torch.Tensor, option: str) -> t
     failing compilation is one line naming ``option``."""
     torch._dynamo.maybe_mark_dynamic(images, 0)
     # inductor reads `freezing` when it compiles, and compiles at the call: set for a frozen model's calls only (it is
-    # part of the graph's cache key, so other models' graphs stay unfrozen). torch.compile(options={"freezing": True})
-    # gained nothing where this gained 15 %.
+    # part of the graph's cache key, so other models' graphs stay unfrozen); passed as torch.compile(options=...) it
+    # gained nothing measurable (docs/models.md)
     from torch._inductor import config as inductor_config
 
     frozen = getattr(model, "_qmamba_frozen", False)
