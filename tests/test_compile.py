@@ -140,6 +140,7 @@ def test_a_compiled_scorer_takes_every_batch_size_with_one_frozen_graph(trained,
 
 
 @same_scorer_graph
+@pytest.mark.slow  # a frozen scorer's graph, which inductor never caches: 19-36 s on 2 Ice Lake cores
 def test_the_recompile_limit_is_one_line_naming_the_cause(trained):
     scorer = qmamba.load(trained[1] / "checkpoints" / "best.ckpt", device="cpu", compile=True)
     torch._dynamo.reset()

@@ -11,7 +11,9 @@ A model whose weights no longer change (a scorer) runs *frozen* on the CPU: indu
 as constants and packs the matrix products' for oneDNN, which made QMamba-T's scoring 11 % (fp32) and 4 % (bf16)
 faster than eager, where compiling without freezing was 3 % faster and 8 % slower (docs/models.md, bf16 on the
 CPU). A training run's model is never frozen: its validation would keep scoring with the weights of its first
-compilation.
+compilation. The price: torch does not cache frozen graphs, so each process compiles a frozen scorer anew (QMamba-T:
+41-56 s on 2 Ice Lake cores, where an unfrozen graph came from the cache in 10 s), and freezing pays from a few
+thousand images (docs/models.md, torch.compile).
 """
 
 from __future__ import annotations
