@@ -32,6 +32,7 @@ scoring cases are tested in tests/test_scoring.py).
 | SIGINT / SIGTERM while scoring | the batch finishes; <output>.partial keeps every score; exit 130 / 143 |
 | export from a fresh process | works (scan tables are built before tracing): tests/test_scoring.py |
 | trainer.devices 0, a negative lr, a batch_size larger than the training set | one line naming the option, exit 2 |
+| a fused optimizer with mixed precision and gradient_clip_val (GPU) | one line before the run: unfuse or don't clip |
 | a run whose loss or predictions become NaN (lr 1e6); testing NaN weights | one line: where, and the fix |
 | resuming a checkpoint with a smaller --trainer.max_epochs | one line: raise it, or test the checkpoint |
 | test / fit --ckpt_path with a checkpoint of another architecture | one line naming both backbones and a key |
@@ -416,6 +417,33 @@ def test_trainer_optimizer_and_batch_options_that_cannot_work_are_one_line(workd
     assert err[-1] == f"qmamba: error: {message}"
     if "batch_size" not in flag:  # refused before the run folder exists: it once blocked the corrected rerun
         assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_fused_optimizer_that_mixed_precision_cannot_clip_is_refused_before_the_run(tmp_path):
+    """Lightning raises a RuntimeError at a run's first clipped step when a fused optimizer trains in mixed precision;
+    the fit refuses the pair when it builds its optimizer. Mixed precision is for GPUs (the CLI trains it in fp32 on
+    the CPU), so the rule is checked on the trainer itself: Lightning gives bf16-mixed the same plugin on the CPU."""
+    from lightning.pytorch import Trainer
+
+    from qmamba.errors import UsageError
+    from qmamba.training.cli import refuse_unclippable_optimizer
+
+    def trainer(precision: str, clip: float | None) -> Trainer:
+        return Trainer(accelerator="cpu", precision=precision, gradient_clip_val=clip, logger=False,
+                       enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    fused, mixed = torch.optim.AdamW(params, fused=True), trainer("bf16-mixed", 5.0)
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):  # what the run's first step meets
+        mixed.precision_plugin.clip_gradients(fused, 5.0)
+    with pytest.raises(UsageError, match="^" + re.escape(
+            "model.init_args.optimizer: a fused AdamW unscales its own gradients, which Lightning cannot clip under "
+            "trainer.precision bf16-mixed with trainer.gradient_clip_val 5.0; set "
+            "--model.init_args.optimizer.init_args.fused false, or --trainer.gradient_clip_val 0") + "$"):
+        refuse_unclippable_optimizer(mixed, fused)
+    refuse_unclippable_optimizer(mixed, torch.optim.AdamW(params))  # unfused: Lightning unscales, then clips
+    refuse_unclippable_optimizer(trainer("bf16-mixed", None), fused)  # nothing to clip
+    refuse_unclippable_optimizer(trainer("32-true", 5.0), fused)  # no scaler: clipping works
 
 
 def test_a_diverging_run_says_where_its_loss_stopped_being_finite(workdir, capsys):

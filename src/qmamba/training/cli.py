@@ -21,6 +21,7 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
@@ -43,7 +44,7 @@ from qmamba.training.callbacks import (  # noqa: E402
 from qmamba.training.module import QMambaIQA  # noqa: E402
 from qmamba.training.prompt_tuning import PromptTuning  # noqa: E402
 
-__all__ = ["QMambaCLI", "main", "run_dir", "run_lightning_cli"]
+__all__ = ["QMambaCLI", "main", "refuse_unclippable_optimizer", "run_dir", "run_lightning_cli"]
 
 log = logging.getLogger("qmamba")
 CHECKPOINT_ALIASES = ("best", "last")
@@ -145,7 +146,8 @@ class QMambaCLI(LightningCLI):
         super().instantiate_classes()
         if self.subcommand != "fit":
             return
-        self.model.build_optimizer()  # discarded: the fit builds its own
+        optimizer, _ = self.model.build_optimizer()  # discarded: the fit builds its own
+        refuse_unclippable_optimizer(self.trainer, optimizer)
         for callback in self.trainer.callbacks:
             if isinstance(callback, PromptTuning):
                 callback.check(self.model.model)
@@ -185,6 +187,19 @@ class QMambaCLI(LightningCLI):
         if not sys.stderr.isatty():  # a log or CI: whole lines instead of the default bar's carriage returns
             trainer.callbacks[:] = [PlainProgress() if type(cb) is TQDMProgressBar else cb for cb in trainer.callbacks]
         return trainer
+
+
+def refuse_unclippable_optimizer(trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+    """Lightning's mixed precision cannot clip the gradients of an optimizer that unscales them itself (torch's fused
+    ones, ``_step_supports_amp_scaling``): it raises a RuntimeError at the first step, after the data has loaded and
+    the run folder exists. Refuse the pair before, in one line."""
+    clip = trainer.gradient_clip_val
+    if isinstance(trainer.precision_plugin, MixedPrecision) and clip and \
+            getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise UsageError(f"model.init_args.optimizer: a fused {type(optimizer).__name__} unscales its own gradients, "
+                         f"which Lightning cannot clip under trainer.precision {trainer.precision} with "
+                         f"trainer.gradient_clip_val {clip}; set --model.init_args.optimizer.init_args.fused false, or "
+                         "--trainer.gradient_clip_val 0")
 
 
 def run_dir(config: Any) -> Path:
