@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile (faster after "
                         "the first batches of each size, which compile; on a CPU the graph is frozen and compiles anew "
-                        "in every run, so it pays from a few thousand images; needs a C++ compiler on a CPU)")
+                        "in every run, so it pays only over thousands of images; needs a C++ compiler on a CPU)")
     parser.add_argument("--clip", action="store_true", help="clip scores to the dataset's scale (default: flag them)")
     ray = parser.add_argument_group("the Ray engine (pip install \"qmamba[ray]\")")
     ray.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this machine's processes "
