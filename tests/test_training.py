@@ -81,6 +81,43 @@ def test_no_weight_decay_on_norms_biases_and_ssm_parameters():
     assert not any(names[id(p)].endswith(("A_logs", "Ds")) for p in decay["params"])
 
 
+
+def test_a_cpu_run_steps_fused_unless_the_config_or_mixed_precision_says_otherwise(caplog):
+    """torch's CPU default is a Python loop over the parameters; qmamba steps fused where the config leaves the
+    choice to torch, with the same update (in other rounding), and says so."""
+    import lightning as L
+
+    def adamw(**options: object):  # noqa: ANN202
+        return lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05, **options)
+
+    with caplog.at_level("INFO", logger="qmamba"):
+        fused = QMambaIQA(backbone="qmamba_test", optimizer=adamw()).configure_optimizers()
+    assert "with AdamW's fused CPU step" in caplog.text
+    assert [(g["fused"], g["weight_decay"]) for g in fused.param_groups] == [(True, 0.05), (True, 0.0)]
+    for options in ({"fused": False}, {"foreach": False}, {"foreach": True}):  # a config's own choice is followed
+        kept = QMambaIQA(backbone="qmamba_test", optimizer=adamw(**options)).configure_optimizers()
+        assert {k: kept.defaults[k] for k in options} == options and not kept.defaults["fused"]
+    plain = QMambaIQA(backbone="qmamba_test", optimizer=lambda groups: torch.optim.RMSprop(groups, lr=1e-3))
+    assert isinstance(plain.configure_optimizers(), torch.optim.RMSprop)  # no fused kernel: as built
+    mixed = QMambaIQA(backbone="qmamba_test", optimizer=adamw())
+    mixed.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    assert mixed.configure_optimizers().defaults["fused"] is None  # Lightning could not clip its gradients
+
+    loop = QMambaIQA(backbone="qmamba_test", optimizer=adamw(fused=False))
+    looped = loop.configure_optimizers()
+    fused_module = QMambaIQA(backbone="qmamba_test", optimizer=adamw())
+    fused_module.load_state_dict(loop.state_dict())
+    fused = fused_module.configure_optimizers()
+    torch.manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in loop.parameters()]
+        for module, optimizer in ((loop, looped), (fused_module, fused)):
+            for p, g in zip(module.parameters(), grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(loop.parameters(), fused_module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
 def test_multi_crop_score_is_the_mean_over_crops():
     module = QMambaIQA(backbone="qmamba_test").eval()
     crops = torch.randn(2, 3, 3, 32, 32)

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import CatMetric
@@ -28,6 +29,7 @@ from qmamba.models.compiling import compile_model, run_compiled
 from qmamba.ops.selective_scan import BACKEND_DESCRIPTIONS, resolve_backend
 from qmamba.training.losses import LOGISTIC_SPREAD, IQALoss, Link
 from qmamba.training.metrics import iqa_metrics, pair_metrics
+from qmamba.training.optimizers import fused_on_cpu
 from qmamba.training.plots import scatter_figure
 
 __all__ = ["QMambaIQA"]
@@ -165,25 +167,36 @@ class QMambaIQA(L.LightningModule):
         self._log_scan_backend()
 
     def configure_optimizers(self) -> Any:
-        optimizer, scheduler = self.build_optimizer()
+        # fused on the CPU in fp32 (qmamba.training.optimizers); mixed precision cannot clip a fused step's gradients
+        mixed = self._trainer is not None and isinstance(self.trainer.precision_plugin, MixedPrecision)
+        optimizer, scheduler = self.build_optimizer(prefer_fused=not mixed)
         decay, no_decay = ([p.numel() for p in group["params"]] for group in optimizer.param_groups[:2])
-        log.info("optimising %d of %d parameters (%d without weight decay)", sum(decay) + sum(no_decay),
-                 sum(p.numel() for p in self.parameters()), sum(no_decay))
+        fused = optimizer.defaults.get("fused") and self.device.type == "cpu"
+        log.info("optimising %d of %d parameters (%d without weight decay)%s", sum(decay) + sum(no_decay),
+                 sum(p.numel() for p in self.parameters()), sum(no_decay),
+                 f" with {type(optimizer).__name__}'s fused CPU step" if fused else "")
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    def build_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+    def build_optimizer(self, prefer_fused: bool = False) -> tuple[torch.optim.Optimizer, Any]:
         """The optimizer over the trainable parameters (weight decay off for norms, biases and marked parameters)
-        and its scheduler, if any. Options torch refuses (a negative lr or weight decay, betas outside [0, 1)) are
-        one :class:`UsageError`; ``qmamba fit`` calls this before it creates the run folder."""
+        and its scheduler, if any; ``prefer_fused``: a fused step on the CPU where the config leaves the choice to
+        torch (:func:`~qmamba.training.optimizers.fused_on_cpu`). Options torch refuses (a negative lr or weight
+        decay, betas outside [0, 1)) are one :class:`UsageError`; ``qmamba fit`` calls this before it creates the
+        run folder."""
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
                 skip = param.ndim < 2 or getattr(param, "_no_weight_decay", False)
                 (no_decay if skip else decay).append(param)
+
+        def groups() -> list[dict[str, Any]]:
+            return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
         try:
-            optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+            build = self.optimizer_factory
+            optimizer = fused_on_cpu(build, groups) if prefer_fused else build(groups())
             scheduler = None if self.scheduler_factory is None else self.scheduler_factory(optimizer)
         except ValueError as err:  # torch's own checks
             raise UsageError(f"model.init_args.optimizer: {err}; fix it in the config or with "
