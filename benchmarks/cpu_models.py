@@ -9,7 +9,8 @@
         swin_tiny@bf16+frozen --no-scan                                                     # as score --compile
 
 Inference: batch 8 at 224x224 under ``torch.inference_mode``. Training step: batch 2, forward, backward and an
-AdamW step, every model with a one-output regression head (timm's ``num_classes=1``). Each model is measured as users
+AdamW step, fused on the CPU as ``qmamba fit`` steps it (:mod:`qmamba.training.optimizers`), every model with a
+one-output regression head (timm's ``num_classes=1``). Each model is measured as users
 run it, in steady state: a block of consecutive calls (one untimed call first, to bring back what the previous model
 evicted from the caches) lasting at least --block-seconds. Each round runs one block per model and mode, models
 alternated, so that slow drifts of the machine hit every model alike. The table gives the median and the spread
@@ -46,6 +47,7 @@ from qmamba.models.low_precision import prepare_bf16_inference
 from qmamba.ops import ordered_selective_scan
 from qmamba.ops.scan_order import CROSS_2D, scan_order
 from qmamba.protocols.throughput import images_per_second
+from qmamba.training.optimizers import fused_on_cpu
 
 DEFAULT_MODELS = ["qmamba_tiny:cpu", "qmamba_tiny:torch", "lqmamba_tiny:cpu", "lqmamba_tiny:torch", "swin_tiny",
                   "convnext_tiny", "qmamba_tiny:cpu+compiled", "lqmamba_tiny:cpu+compiled", "swin_tiny+compiled",
@@ -94,7 +96,8 @@ def inference_step(spec: str, model: torch.nn.Module, batch: int, size: int) -> 
 
 def training_step(spec: str, model: torch.nn.Module, batch: int, size: int) -> Callable[[], None]:
     images, targets = torch.randn(batch, 3, size, size), torch.rand(batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = fused_on_cpu(lambda groups: torch.optim.AdamW(groups, lr=1e-6),
+                             lambda: [{"params": list(model.parameters())}])
 
     def step() -> None:
         model.train()
