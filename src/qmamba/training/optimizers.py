@@ -40,5 +40,5 @@ def fused_on_cpu(build: Callable[[ParamGroups], torch.optim.Optimizer],
             not all(p.device.type == "cpu" and p.is_floating_point() for p in params):
         return optimizer
     accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold decoupled_weight_decay too
-    options = {name: value for name, value in optimizer.defaults.items() if name in accepted and name != "params"}
+    options = {name: value for name, value in optimizer.defaults.items() if name in accepted}
     return type(optimizer)(groups(), **{**options, "fused": True})
