@@ -39,16 +39,17 @@ from qmamba.ops.cpu_scan import (
     _CONTRACT,
     _JIT,
     _REDUCE,
+    HELD,
     _bf16_bits,
     _exp,
     _flat,
+    _held_delta_grads,
     _load,
     _Problem,
     _run,
     _softplus,
     _softplus_and_slope,
     _step_delta,
-    _step_delta_grad,
     _sum,
     _task_block,
     selective_scan_cpu,
@@ -170,6 +171,8 @@ def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_
     uc = np.empty(block, dtype=A.dtype)
     g_dt = np.empty(block, dtype=A.dtype)
     g_uc = np.empty(block, dtype=A.dtype)
+    held = np.empty(HELD * block, dtype=A.dtype)
+    tokens = np.empty(HELD, dtype=np.int64)
     g_A = np.zeros(N * block, dtype=A.dtype)
     g_D = np.zeros(block, dtype=A.dtype)
     g_bias = np.zeros(block, dtype=A.dtype)
@@ -194,6 +197,7 @@ def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_
                     for c in range(width):
                         d = dts[sl + c]
                         states[s_row + c] = _exp(d * A[a_row + c]) * uc[c] + d * uc[c] * b_n
+            count = 0
             for step in range(L - 1, -1, -1):
                 p = step % window
                 sl = np.uint64(p * block)
@@ -221,14 +225,21 @@ def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_
                     out = (((blk * batch + b) * K + k) * T + p) * N + n
                     grad_B[out] += _sum(terms_B, width)
                     grad_C[out] += _sum(terms_C, width)
+                held_row = np.uint64(count * block)
                 for c in range(width):
                     g_z = g_dt[c] * slopes[sl + c]
                     g_bias[c] += g_z
                     g_D[c] += gy[c] * uc[c]
-                    g_dt[c] = g_z
-                _step_delta_grad(g_dt, delta, proj, grad_delta, grad_proj, b, blk, k, p, c0, width, dims)
+                    held[held_row + c] = g_z
+                tokens[count] = p
+                count += 1
+                if count == HELD:
+                    _held_delta_grads(held, tokens, count, delta, proj, grad_delta, grad_proj, b, blk, k, c0, width,
+                                      dims)
+                    count = 0
                 for c in range(width):
                     grad_u[u_row + c] += g_uc[c] + gy[c] * D[kc + c]
+            _held_delta_grads(held, tokens, count, delta, proj, grad_delta, grad_proj, b, blk, k, c0, width, dims)
             for n in range(N):
                 a_out, g_row = np.uint64(((b * K + k) * N + n) * channels + c0), np.uint64(n * block)
                 for c in range(width):
