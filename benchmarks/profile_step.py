@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from qmamba.models import build_model
 from qmamba.models.low_precision import prepare_bf16_inference
+from qmamba.training.optimizers import fused_on_cpu
 
 LAYOUT_OPS = ("aten::copy_", "aten::fill_")
 STEPS = 5
@@ -31,7 +32,9 @@ STEPS = 5
 def profile_step(model: torch.nn.Module, device: str, batch: int, size: int, train: bool, rows: int,
                  bf16: bool) -> None:
     images = torch.randn(batch, 3, size, size, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    # stepped as `qmamba fit` steps it: fused on the CPU (torch's default there is a loop over the parameters)
+    optimizer = fused_on_cpu(lambda groups: torch.optim.AdamW(groups, lr=1e-4),
+                             lambda: [{"params": list(model.parameters())}]) if train else None
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     cuda = device == "cuda"
     model.train(train)
