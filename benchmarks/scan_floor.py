@@ -47,6 +47,7 @@ from qmamba.ops.cpu_scan import (
     _load,
     _Problem,
     _run,
+    _scratch,
     _softplus,
     _softplus_and_slope,
     _step_delta,
@@ -124,10 +125,10 @@ def _arithmetic_forward(u, delta, proj, A, B, C, D, bias, acc, dims, first_task,
     operands alone and every read within the first WINDOW tokens."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     window = min(T, WINDOW)
-    z = np.empty(block, dtype=A.dtype)
-    dt = np.empty(block, dtype=A.dtype)
-    dtu = np.empty(block, dtype=A.dtype)
-    out = np.empty(block, dtype=A.dtype)
+    z = _scratch(block, A.dtype)
+    dt = _scratch(block, A.dtype)
+    dtu = _scratch(block, A.dtype)
+    out = _scratch(block, A.dtype)
     for task in range(first_task, last_task):
         b, _, c0, width = _task_block(task, channels, block)
         for k in range(K):
@@ -163,21 +164,24 @@ def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_
     step's state and adjoint state from that step's operands alone, every read and write within WINDOW tokens."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     window = min(T, WINDOW)
-    dts = np.empty(window * block, dtype=A.dtype)
-    slopes = np.empty(window * block, dtype=A.dtype)
-    states = np.empty(window * N * block, dtype=A.dtype)
-    z = np.empty(block, dtype=A.dtype)
-    gy = np.empty(block, dtype=A.dtype)
-    uc = np.empty(block, dtype=A.dtype)
-    g_dt = np.empty(block, dtype=A.dtype)
-    g_uc = np.empty(block, dtype=A.dtype)
-    held = np.empty(HELD * block, dtype=A.dtype)
+    dts = _scratch(window * block, A.dtype)
+    slopes = _scratch(window * block, A.dtype)
+    states = _scratch(window * N * block, A.dtype)
+    z = _scratch(block, A.dtype)
+    gy = _scratch(block, A.dtype)
+    uc = _scratch(block, A.dtype)
+    g_dt = _scratch(block, A.dtype)
+    g_uc = _scratch(block, A.dtype)
+    held = _scratch(HELD * block, A.dtype)
     tokens = np.empty(HELD, dtype=np.int64)
-    g_A = np.zeros(N * block, dtype=A.dtype)
-    g_D = np.zeros(block, dtype=A.dtype)
-    g_bias = np.zeros(block, dtype=A.dtype)
-    terms_B = np.empty(block, dtype=A.dtype)
-    terms_C = np.empty(block, dtype=A.dtype)
+    g_A = _scratch(N * block, A.dtype)
+    g_A[:] = 0
+    g_D = _scratch(block, A.dtype)
+    g_D[:] = 0
+    g_bias = _scratch(block, A.dtype)
+    g_bias[:] = 0
+    terms_B = _scratch(block, A.dtype)
+    terms_C = _scratch(block, A.dtype)
     for task in range(first_task, last_task):
         b, blk, c0, width = _task_block(task, channels, block)
         for k in range(K):
@@ -286,7 +290,7 @@ def kernels(x: dict[str, torch.Tensor]) -> dict[str, Callable[[], object]]:
     partial_delta, partial_B, partial_C = (zeros(problem.blocks, *t.shape) for t in (x["delta"], x["B"], x["C"]))
     batch = x["u"].shape[0]
     grad_proj, grad_A, grad_D, grad_bias = (zeros(batch, *x[name].shape) for name in ("proj", "A", "D", "bias"))
-    acc = np.zeros(problem.tasks * WINDOW * problem.block, dtype=np.float32)
+    acc = _flat(torch.zeros(problem.tasks * WINDOW * problem.block))  # torch aligns to 64 bytes, as the scan's buffers
     out = _flat(torch.empty_like(y))
     g_y = _flat(grad_y)
     op = selective_scan_cpu.backward_op
