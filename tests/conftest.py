@@ -31,11 +31,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import io
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 
 import pytest
 import torch
+from forked import PRELOAD, Zygote
 from iqa_fixtures import make_kadid
 from PIL import Image
 from suite_timing import SuiteTiming
@@ -144,6 +145,22 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "save_dir: runs", f"save_dir: {root / 'runs'}"))
     main(["fit", "--config", str(config)])
     return root, root / "runs" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def forked_qmamba() -> Iterator[Callable[[str], Zygote]]:
+    """``forked_qmamba(command)``: a server that has imported what `qmamba COMMAND` imports and forks `python -m
+    qmamba ...` processes from it (tests/forked.py), started on first use, one per command and test process."""
+    zygotes: dict[str, Zygote] = {}
+
+    def zygote(command: str) -> Zygote:
+        if command not in zygotes:
+            zygotes[command] = Zygote(PRELOAD[command])
+        return zygotes[command]
+
+    yield zygote
+    for started in zygotes.values():
+        started.close()
 
 
 @pytest.fixture

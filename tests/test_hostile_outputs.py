@@ -256,16 +256,18 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_parent_of_a_sharded_run_stops_its_shards_and_a_rerun_finishes(trained, images, tmp_path):
+def test_sigterm_to_the_parent_of_a_sharded_run_stops_its_shards_and_a_rerun_finishes(trained, images, tmp_path,
+                                                                                        forked_qmamba):
     many = tmp_path / "many"
     many.mkdir()
     sources = sorted(images.glob("I0*.png"))
     for i in range(1500):
         (many / f"{i:04d}.png").write_bytes(sources[i % len(sources)].read_bytes())
     output = tmp_path / "s.jsonl"
-    command = [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
-               str(many), "-o", str(output), "--device", "cpu", "--devices", "2", "--batch-size", "4"]
-    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = ["score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"), str(many), "-o", str(output),
+               "--device", "cpu", "--devices", "2", "--batch-size", "4"]
+    qmamba = forked_qmamba("score")  # the parent forked warm (tests/forked.py); its shards start as they always do
+    parent = qmamba.popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     part = tmp_path / "s.jsonl.partial.rank0"
     deadline = time.monotonic() + 120
     while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline:
@@ -284,7 +286,7 @@ def test_sigterm_to_the_parent_of_a_sharded_run_stops_its_shards_and_a_rerun_fin
     assert "SIGTERM" in err and not output.exists()
     stopped_at = len(_read_paths(tmp_path / "s.jsonl.partial"))
     assert 0 < stopped_at < 1500  # the shards stopped after their batch, not after all of their files
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    rerun = qmamba.run(command, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     paths = _read_paths(output)
     assert len(paths) == len(set(paths)) == 1500  # every image exactly once

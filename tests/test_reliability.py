@@ -264,26 +264,29 @@ def test_a_gpu_recipe_on_a_machine_without_gpu_is_one_line(tmp_path, monkeypatch
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
-def _fit_process(config: Path, cwd: Path, name: str, *extra: str) -> subprocess.Popen:
-    args = ["fit", "--config", str(config), "--trainer.max_epochs", "4", "--trainer.logger.init_args.name", name,
+def _fit_args(config: Path, name: str, *extra: str) -> list[str]:
+    return ["fit", "--config", str(config), "--trainer.max_epochs", "4", "--trainer.logger.init_args.name", name,
             "--data.init_args.train_repeats", "6", "--model.init_args.head_dropout", "0.3",
             "--model.init_args.backbone_args", "{drop_path_rate: 0.2}",
             "--model.init_args.scheduler", "qmamba.training.WarmupCosine", *extra]
-    return subprocess.Popen([sys.executable, "-m", "qmamba", *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(workdir):
+def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(workdir, forked_qmamba):
     """Crops, flips, dropout and drop-path come from (seed, epoch, position): SIGKILL anywhere + --ckpt_path last
-    ends bit-identical to a run that was never interrupted (CPU, deterministic kernels)."""
+    ends bit-identical to a run that was never interrupted (CPU, deterministic kernels). The uninterrupted run is a
+    new `qmamba` process; the killed and resumed ones are forked from one that has imported Lightning
+    (tests/forked.py), as each would spend ~9 s importing it, so they must also end on a new process's weights."""
     tmp_path, config = workdir
-    whole = _fit_process(config, tmp_path, "whole")
-    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    whole = subprocess.run([sys.executable, "-m", "qmamba", *_fit_args(config, "whole")], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
     expected = torch.load(tmp_path / "runs" / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    qmamba = forked_qmamba("fit")
     for attempt, delay in enumerate((0.0, 0.4, 0.9)):
         name = f"killed{attempt}"
-        process = _fit_process(config, tmp_path, name)
+        process = qmamba.popen(_fit_args(config, name), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
         last = tmp_path / "runs" / name / "checkpoints" / "last.ckpt"
         deadline = time.monotonic() + 300
         while not last.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -293,8 +296,8 @@ def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_weights(workdir)
         assert process.wait(timeout=60) == -signal.SIGKILL
         stopped_at = torch.load(last, weights_only=True)["epoch"]
         assert stopped_at < 3, "the run finished before it could be killed; make its epochs longer"
-        resumed = _fit_process(config, tmp_path, name, "--ckpt_path", "last")
-        assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+        resumed = qmamba.run(_fit_args(config, name, "--ckpt_path", "last"), cwd=tmp_path, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
         final = torch.load(last, weights_only=True)
         assert final["epoch"] == expected["epoch"] and final["global_step"] == expected["global_step"]
         for key, value in expected["state_dict"].items():

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +69,9 @@ def test_workers_two_processes_and_one_process_give_identical_outputs(trained, p
 
 
 @pytest.mark.slow
-def test_two_nodes_score_their_shards_and_node_zero_merges(trained, photos, tmp_path):
-    """--num_nodes 2 as two machines would run it (here two processes, gloo over localhost): the same rows as one
-    process, in input order, each image once."""
+def test_two_nodes_score_their_shards_and_node_zero_merges(trained, photos, tmp_path, forked_qmamba):
+    """--num_nodes 2 as two machines would run it (here two processes, gloo over localhost, forked warm:
+    tests/forked.py): the same rows as one process, in input order, each image once."""
     ckpt = trained[1] / "checkpoints" / "best.ckpt"
     single = tmp_path / "single.jsonl"
     _score(ckpt, photos, single, "--workers", "0")
@@ -81,9 +80,9 @@ def test_two_nodes_score_their_shards_and_node_zero_merges(trained, photos, tmp_
         port = s.getsockname()[1]
     output = tmp_path / "nodes.jsonl"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    nodes = [subprocess.Popen([sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(ckpt), str(photos), "-o",
-                               str(output), "--device", "cpu", "--workers", "0", "--num_nodes", "2", "--node_rank",
-                               str(rank)], env=env, stderr=subprocess.PIPE, text=True) for rank in (1, 0)]
+    nodes = [forked_qmamba("score").popen(["score", "--ckpt_path", str(ckpt), str(photos), "-o", str(output),
+                                           "--device", "cpu", "--workers", "0", "--num_nodes", "2", "--node_rank",
+                                           str(rank)], env=env, stderr=subprocess.PIPE) for rank in (1, 0)]
     results = [(node.wait(timeout=300), node.stderr.read()) for node in nodes]
     assert results[0][0] == 0 and "node 1 of 2 done" in results[0][1], results[0][1]
     assert results[1][0] == 1 and "25 scored, 1 skipped" in results[1][1], results[1][1]  # the corrupt file

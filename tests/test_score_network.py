@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import signal
 import subprocess
-import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -152,15 +151,15 @@ def test_urls_that_do_not_answer_trickle_are_huge_or_fail_are_rows_naming_why(tr
 @pytest.mark.parametrize("signum,workers,output", [(signal.SIGTERM, 1, "scores.csv"), (signal.SIGINT, 0, "parts/")],
                          ids=["SIGTERM-a-worker-waits", "SIGINT-the-main-process-waits"])
 @pytest.mark.slow
-def test_a_signal_stops_a_run_that_waits_on_a_url(trained, server, tmp_path, workers, signum, output):
+def test_a_signal_stops_a_run_that_waits_on_a_url(trained, server, tmp_path, workers, signum, output, forked_qmamba):
     """The run waited on a silent URL until the server closed (230 s), whatever the signal. Both signals take the
     same path; the wait is in the main process (--workers 0) or in a DataLoader worker. The interrupted image is
     unscored, not failed: a folder output once recorded it in an errors part (the per-image error handler caught
     the interruption), so a rerun skipped it."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
-         server.url("silent"), server.url("good.png"), "-o", f"{tmp_path}/{output}", "--device", "cpu",
-         "--timeout", "600", "--workers", str(workers)], stderr=subprocess.PIPE, text=True)
+    process = forked_qmamba("score").popen(
+        ["score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"), server.url("silent"),
+         server.url("good.png"), "-o", f"{tmp_path}/{output}", "--device", "cpu", "--timeout", "600", "--workers",
+         str(workers)], stderr=subprocess.PIPE)
     assert server.silent_called.wait(120), "the run never asked for the URL"
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)  # bounded by the signal, not by --timeout

@@ -312,7 +312,7 @@ def test_a_folder_of_another_runs_parts_is_refused_before_any_work_and_left_as_i
 
 
 @pytest.mark.slow
-def test_a_signal_to_a_folder_output_writes_what_arrived_and_a_rerun_finishes(trained, tmp_path):
+def test_a_signal_to_a_folder_output_writes_what_arrived_and_a_rerun_finishes(trained, tmp_path, forked_qmamba):
     """SIGTERM: the rows that arrived are written as whole parts, the exit is 143, the output is not marked complete;
     the rerun scores the rest (both engines share this loop: qmamba.commands.score_parts)."""
     images = tmp_path / "many"
@@ -321,10 +321,9 @@ def test_a_signal_to_a_folder_output_writes_what_arrived_and_a_rerun_finishes(tr
     for i in range(300):
         (images / f"{i:03d}.png").write_bytes(source)
     output = tmp_path / "scores"
-    process = subprocess.Popen([sys.executable, "-m", "qmamba", "score", "--ckpt_path",
-                                str(trained[1] / "checkpoints" / "best.ckpt"), str(images), "-o", f"{output}/",
-                                "--batch-size", "2", "--part-rows", "2", "--device", "cpu"],
-                               stderr=subprocess.PIPE, text=True)
+    process = forked_qmamba("score").popen(["score", "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
+                                            str(images), "-o", f"{output}/", "--batch-size", "2", "--part-rows", "2",
+                                            "--device", "cpu"], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(output.glob("part-*.parquet"))) < 2:
         time.sleep(0.02)

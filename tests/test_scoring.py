@@ -189,7 +189,7 @@ def test_out_of_range_scores_are_flagged_or_clipped(trained, tmp_path, capsys):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.slow
-def test_a_signal_finishes_the_batch_and_keeps_every_score(trained, tmp_path, signum):
+def test_a_signal_finishes_the_batch_and_keeps_every_score(trained, tmp_path, signum, forked_qmamba):
     root, run = trained
     images = tmp_path / "many"
     images.mkdir()
@@ -197,15 +197,18 @@ def test_a_signal_finishes_the_batch_and_keeps_every_score(trained, tmp_path, si
     for i in range(400):
         (images / f"{i:03d}.png").write_bytes(source)
     output = tmp_path / "scores.csv"
-    process = subprocess.Popen([sys.executable, "-m", "qmamba", "score", "--ckpt_path",
-                                str(run / "checkpoints" / "best.ckpt"), str(images), "-o", str(output),
-                                "--batch-size", "2", "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    log = (tmp_path / "stderr.txt").open("w+")
+    process = forked_qmamba("score").popen(["score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+                                            str(images), "-o", str(output), "--batch-size", "2", "--device", "cpu"],
+                                           stderr=log)
     partial = tmp_path / "scores.csv.partial"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not partial.exists() or partial.read_text().count("\n") < 5):
         time.sleep(0.05)
     process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    process.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    log.close()
     assert process.returncode == 128 + signum, err
     assert not output.exists()  # an unfinished run never takes the final name
     table = pd.read_csv(partial)
@@ -273,9 +276,11 @@ def test_paths_from_a_list_file_and_stdin_score_the_rest_and_name_the_bad_ones(t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
-def test_a_killed_scoring_run_resumes_to_the_uninterrupted_output(trained, tmp_path, suffix):
-    """SIGKILL mid-run, then the same command again: every image exactly once, with the uninterrupted scores."""
+def test_a_killed_scoring_run_resumes_to_the_uninterrupted_output(trained, tmp_path, suffix, forked_qmamba):
+    """SIGKILL mid-run, then the same command again: every image exactly once, with the uninterrupted scores (the
+    four runs forked from a process that has imported what `qmamba score` imports: tests/forked.py)."""
     root, run = trained
+    qmamba = forked_qmamba("score")
     images = tmp_path / "many"
     images.mkdir()
     sources = sorted((root / "kadid" / "images").glob("I0*_01_0*.png"))
@@ -283,8 +288,8 @@ def test_a_killed_scoring_run_resumes_to_the_uninterrupted_output(trained, tmp_p
         (images / f"{i:03d}.png").write_bytes(sources[i % len(sources)].read_bytes())
 
     def command(output: Path) -> list[str]:
-        return [sys.executable, "-m", "qmamba", "score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
-                str(images), "-o", str(output), "--batch-size", "2", "--device", "cpu"]
+        return ["score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), str(images), "-o", str(output),
+                "--batch-size", "2", "--device", "cpu"]
 
     def rows(output: Path) -> dict[str, float]:
         if suffix == ".csv":
@@ -296,23 +301,23 @@ def test_a_killed_scoring_run_resumes_to_the_uninterrupted_output(trained, tmp_p
         return {e["path"]: round(e["score"], 6) for e in entries}
 
     whole = tmp_path / f"whole{suffix}"
-    subprocess.run(command(whole), check=True, capture_output=True, timeout=600)
+    assert qmamba.run(command(whole), timeout=600).returncode == 0
     output = tmp_path / f"killed{suffix}"
     partial = output.with_name(output.name + ".partial")
-    process = subprocess.Popen(command(output), stderr=subprocess.DEVNULL)
+    process = qmamba.popen(command(output), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not partial.exists() or partial.read_text().count("\n") < 40):
         time.sleep(0.02)
     process.kill()
     process.wait(timeout=60)
     assert not output.exists() and 0 < partial.read_text().count("\n") < 240
-    resumed = subprocess.run(command(output), capture_output=True, text=True, timeout=600)
+    resumed = qmamba.run(command(output), timeout=600)
     assert resumed.returncode == 0 and "images already scored" in resumed.stderr, resumed.stderr
     assert not partial.exists()
     expected, got = rows(whole), rows(output)
     assert got.keys() == expected.keys() and len(got) == 240
     assert all(got[k] == pytest.approx(expected[k], rel=1e-5) for k in expected)
-    again = subprocess.run(command(output), capture_output=True, text=True, timeout=600)  # finished: nothing to do
+    again = qmamba.run(command(output), timeout=600)  # finished: nothing to do
     assert again.returncode == 0 and "240 images already scored, 0 to go" in again.stderr
     assert rows(output) == got
 

@@ -78,6 +78,8 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
     try:
         if not connected:  # the cluster is reached, or refused, before the output is created or the model loaded
             check_reachable(address, args.limits.timeout)
+            if session:
+                logging.getLogger(_RAY_TOKEN_SETUP).addFilter(_without_default_token_notice)
             ray.init(address=address, logging_level=logging.WARNING, **({"_temp_dir": session} if session else {}))
             stop.install()  # ray.init took SIGTERM
         check_resources(ray.cluster_resources(), args, address=address or "started for this run")
@@ -88,6 +90,16 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
             ray.shutdown()
         if session:
             shutil.rmtree(session, ignore_errors=True)
+
+
+_RAY_TOKEN_SETUP = "ray._private.authentication.authentication_token_setup"
+
+
+def _without_default_token_notice(record: logging.LogRecord) -> bool:
+    """Drop Ray's notice that a new local cluster uses token authentication, its default: Ray gives it the first time
+    a process starts one, so a run on a cluster started for it began with a warning line about nothing to fix (and
+    a refused output was two lines, not one)."""
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def check_reachable(address: str | None, timeout: float) -> None:
