@@ -38,6 +38,7 @@ __all__ = ["check_reachable", "check_resources", "run"]
 # the driver's object-store settings and credentials, given to the tasks that read images so that they read the
 # buckets the driver checked (a cluster whose nodes hold their own credentials needs none of them)
 FORWARDED_ENVIRONMENT = ("AWS_", "GOOGLE_", "AZURE_", "FSSPEC_")
+_RAY_TOKEN_SETUP = "ray._private.authentication.authentication_token_setup"  # the logger of Ray's notice below
 
 
 def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]], stop: Any, progress: Any) -> None:
@@ -90,9 +91,6 @@ def run(args: argparse.Namespace, items: list[str], errors: list[tuple[str, str]
             ray.shutdown()
         if session:
             shutil.rmtree(session, ignore_errors=True)
-
-
-_RAY_TOKEN_SETUP = "ray._private.authentication.authentication_token_setup"
 
 
 def _without_default_token_notice(record: logging.LogRecord) -> bool:
