@@ -49,8 +49,8 @@ _PACKET = 1 << 20
 
 
 class ForkedProcess:
-    """The part of :class:`subprocess.Popen` the tests use: pid, poll, wait, send_signal, kill, returncode and the
-    PIPE streams."""
+    """The part of :class:`subprocess.Popen` the tests use: pid, returncode, poll, wait, communicate, send_signal,
+    kill, terminate and the PIPE streams."""
 
     def __init__(self, zygote: Zygote, pid: int, stdout: IO[str] | None, stderr: IO[str] | None) -> None:
         self._zygote, self.pid, self.stdout, self.stderr = zygote, pid, stdout, stderr
