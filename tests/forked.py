@@ -9,8 +9,9 @@ as :class:`subprocess.Popen` reports one, and its weights are those of a fresh p
 and one started anew: identical checkpoints). Tests that prove the installed command works end to end keep starting
 it afresh (tests/test_cli.py, Get started's examples); this is for the tests where the process is the means.
 
-Variables that an interpreter reads while it starts or imports (``PYTHON*``, numba's, torch's and thread counts)
-are the server's: a request that sets them otherwise is refused, as the child could not honour them.
+Variables that an interpreter reads while it starts or imports (``PYTHONPATH`` and the other start-up ones, numba's,
+torch's and thread counts: ``IMPORT_TIME``) are the server's: a request that sets them otherwise is refused, as the
+child could not honour them.
 
 Run as a script, this module is the server: ``python forked.py FD MODULE...`` imports the modules, then serves the
 socket it inherits as file descriptor FD.

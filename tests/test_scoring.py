@@ -197,18 +197,15 @@ def test_a_signal_finishes_the_batch_and_keeps_every_score(trained, tmp_path, si
     for i in range(400):
         (images / f"{i:03d}.png").write_bytes(source)
     output = tmp_path / "scores.csv"
-    log = (tmp_path / "stderr.txt").open("w+")
     process = forked_qmamba("score").popen(["score", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
                                             str(images), "-o", str(output), "--batch-size", "2", "--device", "cpu"],
-                                           stderr=log)
+                                           stderr=subprocess.PIPE)
     partial = tmp_path / "scores.csv.partial"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not partial.exists() or partial.read_text().count("\n") < 5):
         time.sleep(0.05)
     process.send_signal(signum)
-    process.wait(timeout=120)
-    err = (tmp_path / "stderr.txt").read_text()
-    log.close()
+    _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err
     assert not output.exists()  # an unfinished run never takes the final name
     table = pd.read_csv(partial)
