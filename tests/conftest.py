@@ -149,8 +149,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def forked_qmamba() -> Iterator[Callable[[str], Zygote]]:
-    """``forked_qmamba(command)``: a server that has imported what `qmamba COMMAND` imports and forks `python -m
-    qmamba ...` processes from it (tests/forked.py), started on first use, one per command and test process."""
+    """``forked_qmamba(command)``: a server that has imported what `qmamba COMMAND` imports (or, for "benchmarks",
+    the benchmark scripts) and forks `python -m qmamba ...` and `python SCRIPT ...` processes from it
+    (tests/forked.py), started on first use, one per command and test process."""
     zygotes: dict[str, Zygote] = {}
 
     def zygote(command: str) -> Zygote:

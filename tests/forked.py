@@ -1,13 +1,14 @@
-"""`python -m qmamba ...` as real processes without the import: forked from a warm interpreter.
+"""`python -m qmamba ...` and `python SCRIPT ...` as real processes without the import: forked from a warm interpreter.
 
 A `qmamba fit` process spends ~9 s of its ~16 s importing torch, Lightning and torchmetrics before it trains (2 AMX
 Xeon cores; about three times that on a first-generation EPYC), and the tests that kill, signal and resume runs start
 many of them. Here a server process imports a command's modules once; each request forks it, and the child becomes
-`python -m qmamba ARGS` (``runpy``, as the interpreter runs ``-m``) in the request's folder, environment and standard
-streams. The child is a real process with its own pid: SIGKILL and SIGTERM reach it, its exit status is reported
-as :class:`subprocess.Popen` reports one, and its weights are those of a fresh process to the bit (a fit forked here
-and one started anew: identical checkpoints). Tests that prove the installed command works end to end keep starting
-it afresh (tests/test_cli.py, Get started's examples); this is for the tests where the process is the means.
+`python -m qmamba ARGS` (``runpy``, as the interpreter runs ``-m``), or `python SCRIPT ARGS`, in the request's
+folder, environment and standard streams. The child is a real process with its own pid: SIGKILL and SIGTERM reach it,
+its exit status is reported as :class:`subprocess.Popen` reports one, and its weights are those of a fresh process to
+the bit (a fit forked here and one started anew: identical checkpoints). Tests that prove the installed command works
+end to end keep starting it afresh (tests/test_cli.py); this is for the tests where the process is the means: killed,
+signalled and resumed runs, Get started's examples, the benchmark scripts.
 
 Variables that an interpreter reads while it starts or imports (``PYTHONPATH`` and the other start-up ones, numba's,
 torch's and thread counts: ``IMPORT_TIME``) are the server's: a request that sets them otherwise is refused, as the
@@ -40,6 +41,9 @@ PRELOAD = {
     "fit": ("qmamba.cli", "qmamba.training.cli"),
     "score": ("qmamba.cli", "qmamba.commands.score", "qmamba.commands.score_parts", "qmamba.commands.score_outputs",
               "qmamba.inference.scoring", "qmamba.inference.model_sources", "qmamba.ops.cpu_scan"),
+    # what the scripts under benchmarks/ import, all of it (4-8 s of each script's start on 2 AMX Xeon cores)
+    "benchmarks": ("qmamba.training.optimizers", "qmamba.models", "qmamba.ops.cpu_scan", "qmamba.inference.scoring",
+                   "lightning", "pandas"),
 }
 # read while an interpreter starts or imports, before a child could see a change (PYTHONBREAKPOINT, say, is read when
 # called, and Ray sets it in the test process)
@@ -109,10 +113,11 @@ class Zygote:
         self._environment: dict[str, str] = ready["environment"]
 
     def popen(self, args: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None,
-              stdout: int | IO | None = None, stderr: int | IO | None = None) -> ForkedProcess:
-        """`python -m qmamba *args` in ``cwd`` with ``env`` (default: this process's); ``stdout``/``stderr``: None
-        (this process's), :data:`subprocess.DEVNULL`, :data:`subprocess.PIPE` (a text stream on the process) or
-        an open file."""
+              stdout: int | IO | None = None, stderr: int | IO | None = None,
+              script: str | Path | None = None) -> ForkedProcess:
+        """`python -m qmamba *args` (or `python SCRIPT *args`) in ``cwd`` with ``env`` (default: this process's);
+        ``stdout``/``stderr``: None (this process's), :data:`subprocess.DEVNULL`, :data:`subprocess.PIPE` (a text
+        stream on the process) or an open file."""
         env = dict(os.environ if env is None else env)
         changed = sorted(name for name in {*env, *self._environment} if name.startswith(IMPORT_TIME)
                          and env.get(name) != self._environment.get(name))
@@ -132,7 +137,8 @@ class Zygote:
                 streams.append(None)
                 sent.append(os.dup(inherited if target is None else target.fileno()))
         sent.insert(0, os.open(os.devnull, os.O_RDONLY))
-        request = {"args": list(map(str, args)), "cwd": str(cwd or os.getcwd()), "env": env}
+        request = {"args": list(map(str, args)), "cwd": str(cwd or os.getcwd()), "env": env,
+                   "script": None if script is None else str(Path(script).resolve())}
         try:
             socket.send_fds(self._socket, [json.dumps(request).encode()], sent)
         finally:
@@ -142,11 +148,11 @@ class Zygote:
         return ForkedProcess(self, pid, *streams)
 
     def run(self, args: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None,
-            timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+            timeout: float | None = None, script: str | Path | None = None) -> subprocess.CompletedProcess[str]:
         """:func:`subprocess.run` with ``capture_output=True, text=True``: the output goes through files, so that
         neither stream can fill a pipe while the other is read."""
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            process = self.popen(args, cwd=cwd, env=env, stdout=out, stderr=err)
+            process = self.popen(args, cwd=cwd, env=env, stdout=out, stderr=err, script=script)
             try:
                 code = process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -155,7 +161,7 @@ class Zygote:
                 raise
             out.seek(0)
             err.seek(0)
-            return subprocess.CompletedProcess(["qmamba", *args], code, out.read(), err.read())
+            return subprocess.CompletedProcess([str(script or "qmamba"), *args], code, out.read(), err.read())
 
     def _receive_pid(self) -> int:
         while True:
@@ -239,8 +245,9 @@ def _serve(connection: socket.socket, started: dict[str, str]) -> dict:
 
 
 def _become(request: dict, started: dict[str, str]) -> None:
-    """Turn this forked child into `python -m qmamba ARGS`: a real process's folder, environment, argv and seeds.
-    What the imports set in the environment (from ``started`` to now) is set as a new process's imports would."""
+    """Turn this forked child into `python -m qmamba ARGS` or `python SCRIPT ARGS`: a real process's folder,
+    environment, argv, import path and seeds. What the imports set in the environment (from ``started`` to now) is set
+    as a new process's imports would."""
     import numpy as np
 
     imported = {name: value for name, value in os.environ.items() if started.get(name) != value}
@@ -249,8 +256,16 @@ def _become(request: dict, started: dict[str, str]) -> None:
     os.environ.update(request["env"])
     os.environ.update({name: value for name, value in imported.items() if name not in request["env"]})
     np.random.seed()  # a new interpreter draws numpy's global seed afresh (Python's own random reseeds on fork)
-    sys.argv = ["qmamba", *request["args"]]
-    runpy.run_module("qmamba", run_name="__main__", alter_sys=True)
+    tempfile.tempdir = None  # and reads TMPDIR afresh: the server's imports asked for its temporary folder
+    script = request["script"]
+    # the interpreter puts the script's folder first on the import path, or for -m the working folder
+    sys.path[0] = os.path.dirname(script) if script else os.getcwd()
+    if script:
+        sys.argv = [script, *request["args"]]
+        runpy.run_path(script, run_name="__main__")
+    else:
+        sys.argv = ["qmamba", *request["args"]]
+        runpy.run_module("qmamba", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

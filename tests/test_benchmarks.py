@@ -1,9 +1,9 @@
-"""The benchmark scripts run end to end (tiny sizes: they check the scripts, not the speed)."""
+"""The benchmark scripts run end to end (tiny sizes: they check the scripts, not the speed), each as a process
+forked from a warm interpreter (tests/forked.py): most of a script's few seconds at these sizes were its imports."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,22 +12,24 @@ from score_runs import ray_cluster
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def run_benchmark(forked_qmamba, name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    """`python benchmarks/NAME.py ARGS`, its output captured."""
+    return forked_qmamba("benchmarks").run(list(args), script=BENCHMARKS / f"{name}.py", timeout=timeout)
+
+
 def _median(cell: str) -> float:
     """A table cell's median, from "median (min-max)"."""
     return float(cell.split("(")[0])
 
 
-def test_cpu_models_benchmark_prints_its_table():
+def test_cpu_models_benchmark_prints_its_table(forked_qmamba):
     """Steady-state blocks at a tiny size: a median and a spread per figure and per ratio, under a header naming the
     CPU's vector ISA class."""
     from qmamba.machine import cpu_isa
 
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "cpu_models.py"), "--models", "qmamba_test:cpu", "qmamba_test:torch",
+    result = run_benchmark(forked_qmamba, "cpu_models", "--models", "qmamba_test:cpu", "qmamba_test:torch",
          "qmamba_test:cpu@bf16", "--size", "32", "--rounds", "2", "--block-seconds", "0", "--infer-batch", "2",
-         "--no-scan"],
-        capture_output=True, text=True, timeout=300,
-    )
+         "--no-scan")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f", {cpu_isa()}, " in result.stdout and "median (min-max) of 2 blocks" in result.stdout
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
@@ -40,10 +42,9 @@ def test_cpu_models_benchmark_prints_its_table():
 
 
 @pytest.mark.slow  # compiles the floor kernels for both dtypes (cached after the first run)
-def test_scan_floor_benchmark_prints_the_scan_against_both_floors():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "scan_floor.py"), "--shape", "5", "16", "2", "--shape", "3", "32", "20",
-         "--blocks", "2", "--block-seconds", "0"], capture_output=True, text=True, timeout=600)
+def test_scan_floor_benchmark_prints_the_scan_against_both_floors(forked_qmamba):
+    result = run_benchmark(forked_qmamba, "scan_floor", "--shape", "5", "16", "2", "--shape", "3", "32", "20",
+         "--blocks", "2", "--block-seconds", "0", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| 5, 16, 2") or line.startswith("| 3, 32, 20")]
@@ -58,11 +59,10 @@ def test_scan_floor_benchmark_prints_the_scan_against_both_floors():
 
 @ray_cluster
 @pytest.mark.slow  # starts a Ray cluster for the Ray engine's rows
-def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
+def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path, forked_qmamba):
     ckpt = trained[1] / "checkpoints" / "best.ckpt"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "score.py"), str(ckpt), "--images", "6", "--workers", "0", "1",
-         "--shards", "2", "--workdir", str(tmp_path), "--ray"], capture_output=True, text=True, timeout=300)
+    result = run_benchmark(forked_qmamba, "score", str(ckpt), "--images", "6", "--workers", "0", "1",
+         "--shards", "2", "--workdir", str(tmp_path), "--ray")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| qmamba_test")]
@@ -77,7 +77,7 @@ def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_accuracy_benchmark_prints_a_row_per_test_set(trained, tmp_path):
+def test_bf16_accuracy_benchmark_prints_a_row_per_test_set(trained, tmp_path, forked_qmamba):
     """The run's test images scored in both precisions (bf16 emulated where the CPU lacks it): the fp32 SRCC is the
     one ``qmamba test`` reports for the same crops, bf16's within the documented bounds."""
     import json
@@ -89,8 +89,7 @@ def test_bf16_accuracy_benchmark_prints_a_row_per_test_set(trained, tmp_path):
     from qmamba.inference.precision import native_bf16
 
     run = trained[1]
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "bf16_accuracy.py"), str(run), "--batch-size", "8"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_benchmark(forked_qmamba, "bf16_accuracy", str(run), "--batch-size", "8")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| ") and "---" not in line][1:]
@@ -106,12 +105,10 @@ def test_bf16_accuracy_benchmark_prints_a_row_per_test_set(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path):
+def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path, forked_qmamba):
     root, run = trained
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "serve.py"), str(run / "checkpoints" / "best.ckpt"), "--images",
-         str(root / "kadid" / "images"), "--count", "4", "--requests", "8", "--clients", "1", "2"],
-        capture_output=True, text=True, timeout=300)
+    result = run_benchmark(forked_qmamba, "serve", str(run / "checkpoints" / "best.ckpt"), "--images",
+         str(root / "kadid" / "images"), "--count", "4", "--requests", "8", "--clients", "1", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
     assert [int(r[0]) for r in rows[1:]] == [1, 2] and all(float(r[1]) > 0 for r in rows[1:])
@@ -119,20 +116,18 @@ def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "ordered_scan.py"), "--device", "cpu", "--batch", "1", "--stages", "3",
-         "--repeats", "1", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend(forked_qmamba):
+    result = run_benchmark(forked_qmamba, "ordered_scan", "--device", "cpu", "--batch", "1", "--stages", "3",
+         "--repeats", "1", "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 3:")]
     assert [r[1].strip() for r in rows] == ["cpu", "torch"] and all(float(r[3]) > 0 for r in rows)
 
 
 @pytest.mark.slow
-def test_profile_step_prints_the_layout_share_and_the_largest_operations():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "profile_step.py"), "--models", "qmamba_test", "--size", "32", "--rows", "40",
-         "--train-only"], capture_output=True, text=True, timeout=300)
+def test_profile_step_prints_the_layout_share_and_the_largest_operations(forked_qmamba):
+    result = run_benchmark(forked_qmamba, "profile_step", "--models", "qmamba_test", "--size", "32", "--rows", "40",
+         "--train-only")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = next(line for line in result.stdout.splitlines() if "training step" in line)
     assert "aten::copy_" in summary and "aten::fill_" in summary
@@ -142,12 +137,11 @@ def test_profile_step_prints_the_layout_share_and_the_largest_operations():
 
 
 @pytest.mark.slow
-def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it():
+def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it(forked_qmamba):
     """bf16 inference on a prepared copy (the scan's output in bf16: no LayerNorm on an fp32 copy of it, no casts
     around it), then the training step on the model's own fp32 weights."""
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "profile_step.py"), "--models", "qmamba_test", "--size", "32", "--rows", "60",
-         "--precision", "bf16", "--inference-batch", "2"], capture_output=True, text=True, timeout=300)
+    result = run_benchmark(forked_qmamba, "profile_step", "--models", "qmamba_test", "--size", "32", "--rows", "60",
+         "--precision", "bf16", "--inference-batch", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     inference, training = result.stdout.split("training step")
     assert "inference (bf16)" in inference and "qmamba::cpu_scan " in inference
@@ -155,11 +149,9 @@ def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it():
 
 
 @pytest.mark.slow
-def test_gpu_check_model_table_runs_on_the_cpu():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "models", "--device", "cpu", "--batches", "2", "--size",
-         "32", "--steps", "1", "--models", "qmamba_test", "--backends", "cpu"], capture_output=True, text=True,
-        timeout=300)
+def test_gpu_check_model_table_runs_on_the_cpu(forked_qmamba):
+    result = run_benchmark(forked_qmamba, "gpu_check", "models", "--device", "cpu", "--batches", "2", "--size",
+         "32", "--steps", "1", "--models", "qmamba_test", "--backends", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
     assert len(rows) == 1 and float(rows[0][2]) > 0 and float(rows[0][4]) > 0

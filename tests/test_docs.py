@@ -7,7 +7,8 @@ configs, small demo sets). Four kinds of line are not run as written, and the ru
 - `make demo` must run (per `make -n`) the commands of the page's "demo, step by step" block, which run for real;
   `make test` must run pytest (this suite: running it would recurse);
 - `qmamba fit` gets a one-epoch budget appended (`FIT_BUDGET`); the documented options are used as written;
-- a `qmamba` command runs as `python -m qmamba`, the same entry point as the console script.
+- a `qmamba` command runs as `python -m qmamba`, the same entry point as the console script, in a process forked from
+  a warm interpreter (tests/forked.py), as is a python block: a real process each, without its imports' seconds.
 Shell operators (pipes, redirections, `&&`) are refused rather than half-run: keep the page's lines plain commands.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from browser import headless_chrome, needs_chromium
+from forked import Zygote
 from iqa_fixtures import small_demo_checkout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,12 +116,16 @@ def shell_commands(code: str) -> list[list[str]]:
     return commands
 
 
-def run(argv: list[str], cwd: Path) -> str:
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=1200)
+def succeeded(result: subprocess.CompletedProcess[str]) -> str:
+    """The output of a command that exited 0; ExampleFailed with its end otherwise."""
     output = result.stdout + result.stderr
     if result.returncode != 0:
-        raise ExampleFailed(f"{shlex.join(argv)} exited {result.returncode}:\n{output[-3000:]}")
+        raise ExampleFailed(f"{shlex.join(map(str, result.args))} exited {result.returncode}:\n{output[-3000:]}")
     return output
+
+
+def run(argv: list[str], cwd: Path) -> str:
+    return succeeded(subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=1200))
 
 
 def as_documented(command: list[str]) -> str:
@@ -136,7 +142,7 @@ def make_commands(target: str) -> list[list[str]]:
     return [shlex.split(line) for line in dry.splitlines() if re.search(r" -m (qmamba|pytest)\b", line)]
 
 
-def run_command(command: list[str], sandbox: Path, demo_steps: list[str]) -> None:
+def run_command(command: list[str], sandbox: Path, demo_steps: list[str], python: Zygote) -> None:
     program, args = command[0], command[1:]
     if program == "pip":
         if args[:1] != ["install"]:
@@ -158,13 +164,15 @@ def run_command(command: list[str], sandbox: Path, demo_steps: list[str]) -> Non
         else:
             raise ExampleFailed(f"make {target}: the examples test knows make demo and make test")
     elif program == "qmamba":
-        run([sys.executable, "-m", "qmamba", *args, *(FIT_BUDGET if args[:1] == ["fit"] else [])], sandbox)
+        args = [*args, *(FIT_BUDGET if args[:1] == ["fit"] else [])]
+        succeeded(python.run(args, cwd=sandbox, env=ENV, timeout=1200))
     else:
         run(command, sandbox)
 
 
-def run_examples(markdown: str, sandbox: Path) -> int:
-    """Run every bash and python block of a page in order; the number of examples run."""
+def run_examples(markdown: str, sandbox: Path, python: Zygote) -> int:
+    """Run every bash and python block of a page in order, qmamba and python in processes forked from ``python``; the
+    number of examples run."""
     blocks = code_blocks(markdown)
     step_by_step = [shell_commands(code) for lang, code in blocks if lang == "bash" and "qmamba demo-data" in code]
     demo_steps = [shlex.join(c) for c in step_by_step[0]] if step_by_step else []
@@ -172,12 +180,12 @@ def run_examples(markdown: str, sandbox: Path) -> int:
     for lang, code in blocks:
         if lang == "bash":
             for command in shell_commands(code):
-                run_command(command, sandbox, demo_steps)
+                run_command(command, sandbox, demo_steps, python)
                 count += 1
         elif lang == "python":
             script = sandbox / "example.py"
             script.write_text(code)
-            run([sys.executable, str(script)], sandbox)
+            succeeded(python.run([], cwd=sandbox, env=ENV, timeout=1200, script=script))
             count += 1
         else:
             raise ExampleFailed(f"a ```{lang} block: the examples test runs bash and python blocks")
@@ -191,9 +199,9 @@ def section(markdown: str, heading: str) -> str:
 
 
 @pytest.mark.slow
-def test_every_example_on_get_started_runs(tmp_path):
+def test_every_example_on_get_started_runs(tmp_path, forked_qmamba):
     sandbox = small_demo_checkout(tmp_path)
-    count = run_examples(GET_STARTED.read_text(), sandbox)
+    count = run_examples(GET_STARTED.read_text(), sandbox, forked_qmamba("fit"))
     assert count >= 10
     assert (sandbox / "runs" / "demo" / "checkpoints" / "best.ckpt").is_file()
     rows = (sandbox / "scores.csv").read_text().splitlines()
@@ -217,12 +225,12 @@ def scoring_sandbox(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_renamed_option_on_get_started_fails_the_examples(scoring_sandbox):
+def test_a_renamed_option_on_get_started_fails_the_examples(scoring_sandbox, forked_qmamba):
     scoring = section(GET_STARTED.read_text(), "Score a folder")
     assert "--ckpt_path" in scoring
     with pytest.raises(ExampleFailed, match="--checkpoint_path"):
-        run_examples(scoring.replace("--ckpt_path", "--checkpoint_path", 1), scoring_sandbox)
-    assert run_examples(scoring, scoring_sandbox) == 4  # as written, the same examples pass
+        run_examples(scoring.replace("--ckpt_path", "--checkpoint_path", 1), scoring_sandbox, forked_qmamba("fit"))
+    assert run_examples(scoring, scoring_sandbox, forked_qmamba("fit")) == 4  # as written, the same examples pass
 
 
 def test_shell_operators_are_refused_not_half_run():

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import ray.data
+from forked import ForkedProcess, Zygote
 from score_runs import bucket_parts, file_scores, parts_of, ray_cluster, rows_of, run_score
 
 pytestmark = [pytest.mark.slow, ray_cluster]
@@ -123,13 +123,14 @@ def many(trained, tmp_path_factory) -> tuple[list[str], int]:  # noqa: ANN001
     return shards, 240
 
 
-def _driver(trained, cluster: str, inputs: list[str], output: str, env: dict | None = None) -> subprocess.Popen:  # noqa: ANN001
-    """qmamba score --engine ray in its own process, a driver of the test cluster, one image per batch."""
-    command = [sys.executable, "-m", "qmamba", "score", "--engine", "ray", "--address", cluster, "--ckpt_path",
+def _driver(qmamba: Zygote, trained, cluster: str, inputs: list[str], output: str, env: dict | None = None,  # noqa: ANN001
+            ) -> ForkedProcess:
+    """qmamba score --engine ray in its own process (forked warm: tests/forked.py), a driver of the test cluster, one
+    image per batch."""
+    command = ["score", "--engine", "ray", "--address", cluster, "--ckpt_path",
                str(trained[1] / "checkpoints" / "best.ckpt"), *inputs, "-o", output, "--batch-size", "1",
                "--part-rows", "8"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    return qmamba.popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
 def _scoring_actors() -> list[int]:
@@ -145,7 +146,7 @@ def _scoring_actors() -> list[int]:
     return found
 
 
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 240.0):  # noqa: ANN001, ANN202
+def _wait_for(condition, process: ForkedProcess, timeout: float = 240.0):  # noqa: ANN001, ANN202
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = condition()
@@ -157,10 +158,10 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 240.0):  # 
 
 
 def test_a_scoring_actor_killed_mid_batch_is_restarted_and_every_key_is_scored_once(trained, many, cluster,
-                                                                                      tmp_path):
+                                                                                      tmp_path, forked_qmamba):
     shards, count = many
     output = tmp_path / "scores"
-    driver = _driver(trained, cluster, shards, str(output))
+    driver = _driver(forked_qmamba("score"), trained, cluster, shards, str(output))
     victim = _wait_for(_scoring_actors, driver)[0]
     os.kill(victim, signal.SIGKILL)
     out, err = driver.communicate(timeout=300)
@@ -171,7 +172,7 @@ def test_a_scoring_actor_killed_mid_batch_is_restarted_and_every_key_is_scored_o
 
 
 def test_a_driver_killed_and_rerun_on_a_bucket_scores_every_key_exactly_once(trained, many, cluster, bucket,
-                                                                            tmp_path):
+                                                                            tmp_path, forked_qmamba):
     """Shards read from a bucket, parts written back to it; the driver killed after its first part, then rerun.
     The bucket's secret reaches the reading tasks and no file of the Ray session."""
     client, env = bucket
@@ -180,13 +181,13 @@ def test_a_driver_killed_and_rerun_on_a_bucket_scores_every_key_exactly_once(tra
         client.upload_file(shard, "iqa", f"shards/{Path(shard).name}")
     inputs, output = ["s3://iqa/shards/{000000..000005}.tar"], "s3://iqa/scores/"
 
-    driver = _driver(trained, cluster, inputs, output, env)
+    driver = _driver(forked_qmamba("score"), trained, cluster, inputs, output, env)
     _wait_for(lambda: client.list_objects_v2(Bucket="iqa", Prefix="scores/part-").get("KeyCount", 0), driver)
     driver.kill()
     driver.communicate()
     before = bucket_parts(client, "scores/", tmp_path / "before")
     assert 0 < len(before) < count, "the kill came after the run had finished"
-    rerun = _driver(trained, cluster, inputs, output, env)
+    rerun = _driver(forked_qmamba("score"), trained, cluster, inputs, output, env)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert f"resuming {output}: {len(before)} images already scored" in err
@@ -203,12 +204,12 @@ def test_a_driver_killed_and_rerun_on_a_bucket_scores_every_key_exactly_once(tra
     assert _session_files_holding(env["AWS_SECRET_ACCESS_KEY"]) == []
 
 
-def test_sigterm_to_a_driver_writes_what_arrived_and_exits_143(trained, many, cluster, tmp_path):
+def test_sigterm_to_a_driver_writes_what_arrived_and_exits_143(trained, many, cluster, tmp_path, forked_qmamba):
     """ray.init's own SIGTERM handler exited at once: Ray's C++ abort, exit 134. Now as SIGINT: the rows that
     arrived are written as parts, one line says so, and a rerun finishes."""
     shards, count = many
     output = tmp_path / "scores"
-    driver = _driver(trained, cluster, shards, f"{output}/")
+    driver = _driver(forked_qmamba("score"), trained, cluster, shards, f"{output}/")
     _wait_for(lambda: list(output.glob("part-*.parquet")), driver)
     driver.send_signal(signal.SIGTERM)
     _, err = driver.communicate(timeout=120)
@@ -220,7 +221,7 @@ def test_sigterm_to_a_driver_writes_what_arrived_and_exits_143(trained, many, cl
 
 
 def test_a_cluster_started_for_a_run_leaves_no_session_files_and_no_processes(trained, collection, tmp_path,
-                                                                            request):
+                                                                            request, forked_qmamba):
     """Every run on a cluster of this machine left /tmp/ray/session_* (about 400 KB of logs): its session is now a
     folder of the run's own, removed with the cluster's processes when the run ends."""
     temp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
@@ -230,9 +231,10 @@ def test_a_cluster_started_for_a_run_leaves_no_session_files_and_no_processes(tr
     environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     environment["TMPDIR"] = str(temp)
     output = tmp_path / "scores"
-    result = subprocess.run([sys.executable, "-m", "qmamba", "score", "--engine", "ray", "--ckpt_path",
-                             str(trained[1] / "checkpoints" / "best.ckpt"), str(collection[0] / "000001.tar"),
-                             "-o", f"{output}/"], capture_output=True, text=True, timeout=300, env=environment)
+    result = forked_qmamba("score").run(["score", "--engine", "ray", "--ckpt_path",
+                                         str(trained[1] / "checkpoints" / "best.ckpt"),
+                                         str(collection[0] / "000001.tar"), "-o", f"{output}/"],
+                                        timeout=300, env=environment)
     assert result.returncode in (0, 1) and parts_of(output), result.stderr  # shard 1 may hold a corrupt member
     assert "Token authentication" not in result.stderr, result.stderr  # Ray's notice of its default, dropped
     assert list(temp.iterdir()) == [] and set(Path("/tmp/ray").glob("session_*")) <= sessions
@@ -263,7 +265,7 @@ def _session_files_holding(text: str) -> list[str]:
 
 
 def test_a_cluster_that_is_not_there_is_one_line_within_the_timeout_and_nothing_is_created(trained, collection,
-                                                                                             tmp_path):
+                                                                                             tmp_path, forked_qmamba):
     """Ray's own connect waited on an address without a cluster until killed at 150 s, and left the output folder."""
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
@@ -271,10 +273,10 @@ def test_a_cluster_that_is_not_there_is_one_line_within_the_timeout_and_nothing_
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         output = tmp_path / "scores"
         started = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "qmamba", "score", "--engine", "ray", "--address", address,
-                                 "--ckpt_path", str(trained[1] / "checkpoints" / "best.ckpt"),
-                                 str(collection[0] / "000000.tar"), "-o", f"{output}/", "--timeout", "5"],
-                                capture_output=True, text=True, timeout=120)
+        result = forked_qmamba("score").run(["score", "--engine", "ray", "--address", address, "--ckpt_path",
+                                             str(trained[1] / "checkpoints" / "best.ckpt"),
+                                             str(collection[0] / "000000.tar"), "-o", f"{output}/", "--timeout", "5"],
+                                            timeout=120)
         err = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(err) == 1, result.stderr
         assert err[0].startswith(f"qmamba: error: --address {address}: cannot reach the Ray cluster")
@@ -293,7 +295,7 @@ def test_workers_the_cluster_cannot_place_are_one_line_before_any_work(trained, 
         assert not output.exists()
 
 
-def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_path, capsys):
+def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_path, capsys, forked_qmamba):
     client, env = bucket
     shards, files = collection
     table = tmp_path / "images.parquet"
@@ -326,10 +328,9 @@ def test_bad_input_is_one_line_before_any_work(trained, collection, bucket, tmp_
     no_credentials.update(AWS_ENDPOINT_URL=env["AWS_ENDPOINT_URL"], AWS_CONFIG_FILE=os.devnull,
                           AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true")
     client.upload_file(good, "iqa", "shards/000000.tar")
-    result = subprocess.run([sys.executable, "-m", "qmamba", "score", "--engine", "ray", "--ckpt_path",
-                             str(trained[1] / "checkpoints" / "best.ckpt"), "s3://iqa/shards/000000.tar",
-                             "-o", str(tmp_path / "anon")], capture_output=True, text=True, timeout=300,
-                            env=no_credentials)
+    result = forked_qmamba("score").run(["score", "--engine", "ray", "--ckpt_path",
+                                         str(trained[1] / "checkpoints" / "best.ckpt"), "s3://iqa/shards/000000.tar",
+                                         "-o", str(tmp_path / "anon")], timeout=300, env=no_credentials)
     err = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert err[-1].startswith("qmamba: error: cannot open shard s3://iqa/shards/000000.tar: ")
