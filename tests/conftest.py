@@ -28,12 +28,14 @@ if _WORKERS > 1:
     _SHARE = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
     os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = _SHARE
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 import io
 import secrets
 from collections.abc import Callable, Iterator
 from importlib import metadata
 
+# OpenCV's import prepends its libraries to LD_LIBRARY_PATH: done here, before a test or a forking server
+# (tests/forked.py) copies the environment, so that every copy holds one value (a later import made them differ)
+import cv2  # noqa: F401
 import pytest
 import torch
 from forked import PRELOAD, Zygote
