@@ -9,6 +9,8 @@ Errors the user can fix (:class:`qmamba.errors.QMambaError`) print one line and 
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 from importlib import import_module
@@ -56,8 +58,16 @@ def usage() -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``qmamba`` console script (``args`` lets tests call it in-process)."""
+    """Entry point of the ``qmamba`` console script (``args`` lets tests call it in-process).
+
+    As the process's own command it freezes the garbage collector's objects at exit: the interpreter's last
+    collections walk every object that torch, Lightning and numba made, about 1 s of each command's exit (0.2 s
+    frozen; 2 AMX Xeon cores). An object that only a reference cycle holds is then left to the operating system rather
+    than finalised; qmamba closes and renames its outputs before a command returns, and atexit handlers, logging's
+    flush and ``weakref.finalize`` callbacks run as before."""
     argv = sys.argv[1:] if args is None else list(args)
+    if args is None:  # this process's own command: the interpreter's exit follows
+        atexit.register(gc.freeze)  # runs after the handlers the command registers (the last is first)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         raise SystemExit(0 if argv else 2)
