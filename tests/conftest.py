@@ -28,6 +28,7 @@ if _WORKERS > 1:
     _SHARE = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
     os.environ["OMP_NUM_THREADS"] = os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = _SHARE
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 import io
 import secrets
 from collections.abc import Callable, Iterator
