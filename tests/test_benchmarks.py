@@ -28,8 +28,8 @@ def test_cpu_models_benchmark_prints_its_table(forked_qmamba):
     from qmamba.machine import cpu_isa
 
     result = run_benchmark(forked_qmamba, "cpu_models", "--models", "qmamba_test:cpu", "qmamba_test:torch",
-         "qmamba_test:cpu@bf16", "--size", "32", "--rounds", "2", "--block-seconds", "0", "--infer-batch", "2",
-         "--no-scan")
+                           "qmamba_test:cpu@bf16", "--size", "32", "--rounds", "2", "--block-seconds", "0",
+                           "--infer-batch", "2", "--no-scan")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f", {cpu_isa()}, " in result.stdout and "median (min-max) of 2 blocks" in result.stdout
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
@@ -44,7 +44,7 @@ def test_cpu_models_benchmark_prints_its_table(forked_qmamba):
 @pytest.mark.slow  # compiles the floor kernels for both dtypes (cached after the first run)
 def test_scan_floor_benchmark_prints_the_scan_against_both_floors(forked_qmamba):
     result = run_benchmark(forked_qmamba, "scan_floor", "--shape", "5", "16", "2", "--shape", "3", "32", "20",
-         "--blocks", "2", "--block-seconds", "0", timeout=600)
+                           "--blocks", "2", "--block-seconds", "0", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| 5, 16, 2") or line.startswith("| 3, 32, 20")]
@@ -62,7 +62,7 @@ def test_scan_floor_benchmark_prints_the_scan_against_both_floors(forked_qmamba)
 def test_score_benchmark_prints_floor_and_scoring_rows(trained, tmp_path, forked_qmamba):
     ckpt = trained[1] / "checkpoints" / "best.ckpt"
     result = run_benchmark(forked_qmamba, "score", str(ckpt), "--images", "6", "--workers", "0", "1",
-         "--shards", "2", "--workdir", str(tmp_path), "--ray")
+                           "--shards", "2", "--workdir", str(tmp_path), "--ray")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in result.stdout.splitlines()
             if line.startswith("| qmamba_test")]
@@ -108,7 +108,7 @@ def test_bf16_accuracy_benchmark_prints_a_row_per_test_set(trained, tmp_path, fo
 def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path, forked_qmamba):
     root, run = trained
     result = run_benchmark(forked_qmamba, "serve", str(run / "checkpoints" / "best.ckpt"), "--images",
-         str(root / "kadid" / "images"), "--count", "4", "--requests", "8", "--clients", "1", "2")
+                           str(root / "kadid" / "images"), "--count", "4", "--requests", "8", "--clients", "1", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
     assert [int(r[0]) for r in rows[1:]] == [1, 2] and all(float(r[1]) > 0 for r in rows[1:])
@@ -118,7 +118,7 @@ def test_serve_benchmark_prints_a_row_per_client_count(trained, tmp_path, forked
 @pytest.mark.slow
 def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend(forked_qmamba):
     result = run_benchmark(forked_qmamba, "ordered_scan", "--device", "cpu", "--batch", "1", "--stages", "3",
-         "--repeats", "1", "--dtype", "float32")
+                           "--repeats", "1", "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 3:")]
     assert [r[1].strip() for r in rows] == ["cpu", "torch"] and all(float(r[3]) > 0 for r in rows)
@@ -127,7 +127,7 @@ def test_ordered_scan_benchmark_prints_a_row_per_stage_and_backend(forked_qmamba
 @pytest.mark.slow
 def test_profile_step_prints_the_layout_share_and_the_largest_operations(forked_qmamba):
     result = run_benchmark(forked_qmamba, "profile_step", "--models", "qmamba_test", "--size", "32", "--rows", "40",
-         "--train-only")
+                           "--train-only")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = next(line for line in result.stdout.splitlines() if "training step" in line)
     assert "aten::copy_" in summary and "aten::fill_" in summary
@@ -141,7 +141,7 @@ def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it(forked_qm
     """bf16 inference on a prepared copy (the scan's output in bf16: no LayerNorm on an fp32 copy of it, no casts
     around it), then the training step on the model's own fp32 weights."""
     result = run_benchmark(forked_qmamba, "profile_step", "--models", "qmamba_test", "--size", "32", "--rows", "60",
-         "--precision", "bf16", "--inference-batch", "2")
+                           "--precision", "bf16", "--inference-batch", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     inference, training = result.stdout.split("training step")
     assert "inference (bf16)" in inference and "qmamba::cpu_scan " in inference
@@ -151,7 +151,7 @@ def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it(forked_qm
 @pytest.mark.slow
 def test_gpu_check_model_table_runs_on_the_cpu(forked_qmamba):
     result = run_benchmark(forked_qmamba, "gpu_check", "models", "--device", "cpu", "--batches", "2", "--size",
-         "32", "--steps", "1", "--models", "qmamba_test", "--backends", "cpu")
+                           "32", "--steps", "1", "--models", "qmamba_test", "--backends", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmamba_test")]
     assert len(rows) == 1 and float(rows[0][2]) > 0 and float(rows[0][4]) > 0
