@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import threading
 import types
 
 import pytest
@@ -212,6 +213,45 @@ def test_thread_count_does_not_change_the_result(rank: int | None):
     assert torch.equal(y1, y2)
     for a, b in zip(g1, g2, strict=True):
         assert rel_err(a, b) < 1e-6
+
+
+def test_the_scan_runs_on_torchs_own_threads_and_each_task_once(monkeypatch):
+    """The kernels' tasks run as one OpenMP region of torch's runtime: one slice in the calling thread, the other in a
+    thread Python did not start (torch's worker, which would otherwise spin beside the scan), each task once; without
+    that runtime, on a pool of Python threads. The scan's values and gradients are the same bits either way, and an
+    error in a slice reaches the caller."""
+    intra_op = importlib.import_module("qmamba.ops.intra_op")
+    openmp = intra_op._torch_openmp()
+    assert (openmp is not None) == torch.backends.openmp.is_available()
+    order = ScanOrder(CROSS_2D, 6, 6)
+    args = ordered_inputs(1, 4, 36, 48, 1)
+    threads, results = torch.get_num_threads(), {}
+    try:
+        torch.set_num_threads(2)
+        for name, runtime in (("openmp", openmp), ("pool", None)):
+            monkeypatch.setattr(intra_op, "_torch_openmp", lambda runtime=runtime: runtime)
+            slices = []
+            intra_op.run_slices(lambda first, last: slices.append((first, last, threading.current_thread())), 7)
+            assert sorted(s[:2] for s in slices) == [(0, 3), (3, 7)], name
+            runners = {s[2] for s in slices}
+            if name == "openmp":
+                assert threading.current_thread() in runners
+                assert any(isinstance(t, threading._DummyThread) for t in runners)  # not started by Python
+            else:
+                assert {t.name.split("_")[0] for t in runners} == {"qmamba-slices"}
+
+            def fail(first: int, last: int) -> None:
+                if first:
+                    raise ValueError(f"slice from {first}")
+
+            with pytest.raises(ValueError, match="slice from 3"):
+                intra_op.run_slices(fail, 7)
+            y = ordered_selective_scan(*args, order, backend="cpu")
+            results[name] = y.detach(), torch.autograd.grad(y.sum(), args)
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), (y2, g2) = results.values()
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
 
 
 class _ScoringDataset(torch.utils.data.Dataset):

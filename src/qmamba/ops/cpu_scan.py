@@ -33,17 +33,15 @@ both ~1 ulp) that LLVM vectorises; libm calls would not vectorise and would domi
 (gradcheck) use ``math.exp``/``math.log1p``. The backward recomputes the states of one (batch, channel block,
 sequence) into a task-local buffer and runs the adjoint recurrence in reverse; nothing but the inputs is saved.
 
-Parallelism: tasks are split over ``torch.get_num_threads()`` Python threads (the kernels release the GIL), so
-``torch.set_num_threads``, DataLoader workers (1 thread) and DDP processes are respected and no second OpenMP runtime
-competes with torch's.
+Parallelism: tasks are split over ``torch.get_num_threads()`` threads, torch's own OpenMP threads where torch has them
+(:mod:`qmamba.ops.intra_op`; the kernels release the GIL), so ``torch.set_num_threads``, DataLoader workers (1
+thread) and DDP processes are respected and no other threads compete with torch's for the cores.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -55,6 +53,7 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 
 from qmamba.ops.fused_scan import fused_scan
+from qmamba.ops.intra_op import run_slices
 
 __all__ = ["selective_scan_cpu"]
 
@@ -542,22 +541,7 @@ def _backward_kernel(u, delta, proj, A, B, C, D, bias, table, grad_y, grad_u, gr
                 grad_bias[bk + c] += g_bias[c]
 
 
-# ------------------------------------------------------------------------------------------------- thread pool
-_pool_lock = threading.Lock()
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads for this process (a forked DataLoader worker gets its own)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
-            if _pool is not None and _pool[0] == os.getpid():
-                _pool[2].shutdown(wait=False)
-            _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="qmamba-scan"))
-        return _pool[2]
-
-
+# ------------------------------------------------------------------------------------------------------- tasks
 def _partition(batch: int, channels: int, threads: int) -> tuple[int, int]:
     """(channel block, number of blocks): whole rows when the batch alone feeds every thread, else split channels
     so that the tasks divide evenly over the threads; blocks are whole SIMD registers."""
@@ -569,15 +553,7 @@ def _partition(batch: int, channels: int, threads: int) -> tuple[int, int]:
 
 def _run(kernel, tasks: int, *args: object) -> None:  # noqa: ANN001
     """Call ``kernel(*args, first_task, last_task)`` over ``tasks`` tasks split evenly across torch's threads."""
-    threads = max(1, min(torch.get_num_threads(), tasks))
-    if threads == 1:
-        kernel(*args, 0, tasks)
-        return
-    bounds = [tasks * i // threads for i in range(threads + 1)]
-    pool = _executor(threads)
-    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(threads)]
-    for future in futures:
-        future.result()
+    run_slices(partial(kernel, *args), tasks)
 
 
 # ----------------------------------------------------------------------------------------------- torch binding
