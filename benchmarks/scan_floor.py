@@ -12,7 +12,7 @@ Two floors are measured in the same run, with the kernel's own threads, partitio
   computes (the in-kernel step-size projection's R per channel included), but no step waits for the previous one's
   state, and the operands are read from a window of 64 tokens that stays in the L1 cache.
 
-From ``GEMM_RANK`` on (QMamba-T's stages 2 and 3) the backward computes the step-size projection's gradients as
+From ``GEMM_RANK`` on (QMamba-T's stage 3) the backward computes the step-size projection's gradients as
 matrix products outside the kernel; the floors keep them in the kernel, the same multiply-adds.
 
 The scan's time is reported as a multiple of the larger floor: what the recurrence and the walk along the scan

@@ -598,8 +598,10 @@ def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Te
 # 2, fp32, on 2 Zen 3 cores (AVX2; ms, in the kernel / as matrix products): R = 6: 36 / 42, R = 12: 21 / 23,
 # R = 24: 18 / 13, R = 48: 13 / 7. The forward keeps the projection in the kernel at every rank (R = 6: 11 / 23 ms,
 # R = 48: 3.1 / 3.7 ms): there it is R multiply-adds per channel and step, and materialising the full step sizes costs
-# more than it saves.
-GEMM_RANK = 16
+# more than it saves. Since the kernels run on torch's own threads (no OpenMP threads spinning beside them), the
+# kernel's chain rule is the faster at R = 24 too on 2 AMX Xeon cores (ms, fp32 / bf16 operands, in the kernel / as
+# matrix products: R = 12: 4.8 / 10.0, 5.0 / 8.6; R = 24: 3.45 / 3.59, 3.44 / 3.93; R = 48: 2.94 / 2.98, 3.09 / 3.06).
+GEMM_RANK = 32
 
 
 def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
