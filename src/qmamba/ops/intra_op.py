@@ -40,6 +40,7 @@ class _OpenMP:
         self.thread_num, self.num_threads = runtime.omp_get_thread_num, runtime.omp_get_num_threads
 
     def run(self, work: Slice, tasks: int, threads: int) -> None:
+        """One region of ``threads`` threads (the caller is one of them), each running its slice of the tasks."""
         errors: list[BaseException] = []
 
         def body(_: object) -> None:
