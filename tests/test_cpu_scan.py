@@ -226,19 +226,20 @@ def test_the_scan_runs_on_torchs_own_threads_and_each_task_once(monkeypatch):
     order = ScanOrder(CROSS_2D, 6, 6)
     args = ordered_inputs(1, 4, 36, 48, 1)
     threads, results = torch.get_num_threads(), {}
+    runners = {"pool": None} if openmp is None else {"openmp": openmp, "pool": None}
     try:
         torch.set_num_threads(2)
-        for name, runtime in (("openmp", openmp), ("pool", None)):
+        for name, runtime in runners.items():
             monkeypatch.setattr(intra_op, "_torch_openmp", lambda runtime=runtime: runtime)
             slices = []
             intra_op.run_slices(lambda first, last: slices.append((first, last, threading.current_thread())), 7)
             assert sorted(s[:2] for s in slices) == [(0, 3), (3, 7)], name
-            runners = {s[2] for s in slices}
+            ran_on = {s[2] for s in slices}
             if name == "openmp":
-                assert threading.current_thread() in runners
-                assert any(isinstance(t, threading._DummyThread) for t in runners)  # not started by Python
+                assert threading.current_thread() in ran_on
+                assert any(isinstance(t, threading._DummyThread) for t in ran_on)  # not started by Python
             else:
-                assert {t.name.split("_")[0] for t in runners} == {"qmamba-slices"}
+                assert {t.name.split("_")[0] for t in ran_on} == {"qmamba-slices"}
 
             def fail(first: int, last: int) -> None:
                 if first:
@@ -250,12 +251,13 @@ def test_the_scan_runs_on_torchs_own_threads_and_each_task_once(monkeypatch):
             results[name] = y.detach(), torch.autograd.grad(y.sum(), args)
     finally:
         torch.set_num_threads(threads)
-    (y1, g1), (y2, g2) = results.values()
-    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    (y1, g1), *others = results.values()
+    for y2, g2 in others:
+        assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
 
 
 class _ScoringDataset(torch.utils.data.Dataset):
-    """Runs the model inside DataLoader workers (forked after the parent used the kernel's thread pool)."""
+    """Runs the model inside DataLoader workers (forked after the parent ran the kernel on its threads)."""
 
     def __init__(self, model: torch.nn.Module, images: torch.Tensor) -> None:
         self.model, self.images = model, images
