@@ -30,6 +30,11 @@ Slice = Callable[[int, int], object]  # work(first_task, last_task)
 _REGION = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # a parallel region's body: void body(void *data)
 
 
+def _slice(tasks: int, i: int, threads: int) -> tuple[int, int]:
+    """Thread ``i``'s tasks of ``threads``: [first, last), contiguous, their sizes differing by at most one."""
+    return tasks * i // threads, tasks * (i + 1) // threads
+
+
 class _OpenMP:
     """torch's OpenMP runtime, entered as GNU's ABI does for ``#pragma omp parallel num_threads(n)``."""
 
@@ -46,7 +51,7 @@ class _OpenMP:
         def body(_: object) -> None:
             try:
                 i, n = self.thread_num(), self.num_threads()  # n: the team the runtime gave, maybe fewer than asked
-                work(tasks * i // n, tasks * (i + 1) // n)
+                work(*_slice(tasks, i, n))
             except BaseException as error:  # noqa: BLE001 - a ctypes callback cannot raise: re-raised by the caller
                 errors.append(error)
 
@@ -93,7 +98,6 @@ def run_slices(work: Slice, tasks: int) -> None:
     if openmp is not None:
         openmp.run(work, tasks, threads)
         return
-    bounds = [tasks * i // threads for i in range(threads + 1)]
     pool = _executor(threads)
-    for future in [pool.submit(work, bounds[i], bounds[i + 1]) for i in range(threads)]:
+    for future in [pool.submit(work, *_slice(tasks, i, threads)) for i in range(threads)]:
         future.result()
