@@ -11,7 +11,8 @@
 Inference: batch 8 at 224x224 under ``torch.inference_mode``. Training step: batch 2, forward, backward and an
 AdamW step, fused on the CPU as ``qmamba fit`` steps it (:mod:`qmamba.training.optimizers`), every model with a
 one-output regression head (timm's ``num_classes=1``). Each model is measured as users
-run it, in steady state: a block of consecutive calls (one untimed call first, to bring back what the previous model
+run it, in a process whose C heap keeps freed memory as the ``qmamba`` command's does (:mod:`qmamba.heap`), in
+steady state: a block of consecutive calls (one untimed call first, to bring back what the previous model
 evicted from the caches) lasting at least --block-seconds. Each round runs one block per model and mode, models
 alternated, so that slow drifts of the machine hit every model alike. The table gives the median and the spread
 (min-max over rounds) of each figure and of each model's ratio to swin_tiny in the same round, under a header naming
@@ -40,6 +41,7 @@ from collections.abc import Callable
 import torch
 from scan import make_inputs, measure, scan_backends
 
+from qmamba.heap import keep_freed_memory
 from qmamba.machine import device_description
 from qmamba.models import build_model
 from qmamba.models.compiling import compile_model, run_compiled
@@ -116,7 +118,7 @@ def spread(values: list[float], digits: int = 2) -> str:
 
 
 def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, train_batch: int,
-                block_seconds: float) -> None:
+                block_seconds: float, heap: str) -> None:
     models = {spec: build(spec, inference=spec.endswith(FROZEN)) for spec in specs}
     steps = {(spec, "inference"): inference_step(
         spec, build(spec, inference=True) if BF16 in spec and not spec.endswith(FROZEN) else model, infer_batch, size)
@@ -135,7 +137,7 @@ def model_table(specs: list[str], rounds: int, size: int, infer_batch: int, trai
             rates[key].append(images_per_second(step, batch, "cpu", block_seconds, warmup=1))
     print(f"\nmodels on {device_description()}: {size}x{size} fp32 (@bf16: bf16 autocast), inference batch "
           f"{infer_batch}, training step batch {train_batch}; images/s in steady state, median (min-max) of {rounds} "
-          f"blocks of at least {block_seconds:g} s, models alternated; x swin: the ratio in each round")
+          f"blocks of at least {block_seconds:g} s, models alternated; x swin: the ratio in each round; {heap}")
     header = (f"| {'model':<30} | {'params':>7} | {'inference img/s':>19} | {'x swin':>16} | {'train img/s':>19} "
               f"| {'x swin':>16} | {'compile s':>9} |")
     print(header)
@@ -206,9 +208,11 @@ def main() -> None:
     parser.add_argument("--scan-repeats", type=int, default=5)
     parser.add_argument("--no-scan", action="store_true", help="skip the scan op table")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as the qmamba command's process runs
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.models:
-        model_table(args.models, args.rounds, args.size, args.infer_batch, args.train_batch, args.block_seconds)
+        heap = "freed memory kept for reuse (qmamba.heap)" if kept else "the C heap as set (qmamba.heap not applied)"
+        model_table(args.models, args.rounds, args.size, args.infer_batch, args.train_batch, args.block_seconds, heap)
     if not args.no_scan:
         scan_table(args.scan_repeats)
 

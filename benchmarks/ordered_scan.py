@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from scan import timed  # benchmarks/scan.py, next to this script
 
+from qmamba.heap import keep_freed_memory
 from qmamba.ops import ordered_selective_scan, selective_scan
 from qmamba.ops.scan_order import CROSS_2D, scan_order
 from qmamba.ops.selective_scan import (
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--tiles", nargs="*", default=[],
                         help="extra Triton tiles CHUNKxCHANNELSxWARPS to time (the default tile always runs)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the qmamba command's process runs
     dtype = getattr(torch, args.dtype)
     cuda = args.device == "cuda"
     rows: list[tuple[str, Callable[..., tuple[float, float]]]] = []

@@ -21,6 +21,7 @@ import copy
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from qmamba.heap import keep_freed_memory
 from qmamba.models import build_model
 from qmamba.models.low_precision import prepare_bf16_inference
 from qmamba.training.optimizers import fused_on_cpu
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast or none (default: bf16 on CUDA)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the qmamba command's process runs
     cuda = args.device == "cuda"
     bf16 = (args.precision or ("bf16" if cuda else "fp32")) == "bf16"
     batch = args.batch or (64 if cuda else 2)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from qmamba.heap import keep_freed_memory
 from qmamba.ops.selective_scan import (
     cpu_selective_scan_available,
     cuda_selective_scan_available,
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    keep_freed_memory()  # as the qmamba command's process runs
     dtype = getattr(torch, args.dtype)
 
     backends = scan_backends(args.device)

@@ -34,6 +34,7 @@ import torch
 from numba import njit, types
 from numba.extending import overload
 
+from qmamba.heap import keep_freed_memory
 from qmamba.machine import device_description
 from qmamba.ops.cpu_scan import (
     _CONTRACT,
@@ -365,6 +366,7 @@ def main() -> None:
     parser.add_argument("--shape", nargs=3, type=int, action="append", metavar=("SIDE", "D", "R"),
                         help="another shape instead of QMamba-T's stages: map side, inner dim, dt rank (repeatable)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the qmamba command's process runs
     stages = tuple(map(tuple, args.shape)) if args.shape else tuple(STAGES[i] for i in args.stages)
     floor_table(args.batch, args.dtypes, args.blocks, args.block_seconds, stages)
 

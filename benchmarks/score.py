@@ -36,6 +36,7 @@ from PIL import Image
 
 import qmamba
 import qmamba.inference.scoring
+from qmamba.heap import keep_freed_memory
 
 TINY_CONFIG = """
 seed_everything: 0
@@ -196,6 +197,7 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true", help="also the Ray engine (a Ray cluster of this machine) on "
                         "each source, against the local engine with one decoding worker")
     args = parser.parse_args()
+    keep_freed_memory()  # as the qmamba command's process runs
 
     if not args.checkpoints and not args.tiny:
         parser.error("give a checkpoint or --tiny")

@@ -49,7 +49,8 @@ PRELOAD = {
 # called, and Ray sets it in the test process)
 IMPORT_TIME = ("PYTHONPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONOPTIMIZE", "PYTHONWARNINGS", "PYTHONUNBUFFERED",
                "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "PYTHONUTF8", "PYTHONIOENCODING", "PYTHONDEVMODE",
-               "PYTHONMALLOC", "NUMBA_", "OMP_", "MKL_", "KMP_", "GOMP_", "TORCH", "CUDA", "LD_")
+               "PYTHONMALLOC", "NUMBA_", "OMP_", "MKL_", "KMP_", "GOMP_", "TORCH", "CUDA", "LD_", "MALLOC_",
+               "GLIBC_TUNABLES")
 _PACKET = 1 << 20
 
 

@@ -10,8 +10,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "qmamba"
 # bottom first; a module may import its own layer and those below
-LAYERS = ["errors", "redaction", "machine", "files", "ops", "models", "inference", "data", "training", "protocols",
-          "commands", "cli"]
+LAYERS = ["errors", "redaction", "heap", "machine", "files", "ops", "models", "inference", "data", "training",
+          "protocols", "commands", "cli"]
 TOP = {"cli", "__main__", "__init__", "ray"}  # the command table, ``python -m qmamba``, ``qmamba.load``, ``qmamba.ray``
 
 

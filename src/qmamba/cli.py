@@ -17,6 +17,7 @@ from importlib import import_module
 from typing import NamedTuple
 
 import qmamba
+from qmamba.heap import keep_freed_memory
 
 __all__ = ["COMMANDS", "main"]
 
@@ -64,10 +65,12 @@ def main(args: list[str] | None = None) -> None:
     collections walk every object that torch, Lightning and numba made, about 1 s of each command's exit (0.2 s
     frozen; 2 AMX Xeon cores). An object that only a reference cycle holds is then left to the operating system rather
     than finalised; qmamba closes and renames its outputs before a command returns, and atexit handlers, logging's
-    flush and ``weakref.finalize`` callbacks run as before."""
+    flush and ``weakref.finalize`` callbacks run as before. Its C heap also keeps the memory torch frees
+    (:mod:`qmamba.heap`), so that each batch reuses the previous one's pages."""
     argv = sys.argv[1:] if args is None else list(args)
     if args is None:  # this process's own command: the interpreter's exit follows
         atexit.register(gc.freeze)  # runs after the handlers the command registers (the last is first)
+        keep_freed_memory()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         raise SystemExit(0 if argv else 2)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qmamba.errors import UsageError
+from qmamba.heap import keep_freed_memory
 from qmamba.inference.images import NamedBytes
 from qmamba.inference.model_sources import resolve_model
 from qmamba.inference.precision import Precision
@@ -260,8 +261,9 @@ class _Model:
                  ) -> None:
         import torch
 
-        if device == "cpu":
+        if device == "cpu":  # the actor's process is its own: threads and C heap set for scoring
             torch.set_num_threads(threads)
+            keep_freed_memory()
         with tempfile.TemporaryDirectory() as folder:  # the driver's bytes: a checkpoint file or a model folder's files
             for name, data in files.items():
                 (Path(folder) / name).write_bytes(data)
