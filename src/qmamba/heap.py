@@ -42,6 +42,9 @@ def keep_freed_memory() -> bool:
         return False
     if not on_glibc():
         return False
-    mallopt = ctypes.CDLL(None).mallopt  # the process's own malloc: with another one preloaded, its mallopt
+    # looked up in the whole process: a preloaded allocator's own mallopt where it has one (tcmalloc's does nothing),
+    # else glibc's, which then governs only what is not allocated through the preloaded one
+    mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) & bool(mallopt(M_TRIM_THRESHOLD, -1))  # -1: never (mallopt(3))
+    heap_only, never_trimmed = mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1)  # -1: never (mallopt(3))
+    return bool(heap_only and never_trimmed)
