@@ -46,10 +46,11 @@ def test_images(run: Path) -> dict[str, tuple[list[str], np.ndarray]]:
     return sets
 
 
-def bf16_scorer(fp32: qmamba.inference.scoring.Scorer) -> tuple[qmamba.inference.scoring.Scorer, str]:
-    """The bf16 scorer of the same model: ``qmamba.load``'s where the CPU has bf16, else prepared the same way."""
+def bf16_scorer(fp32: qmamba.inference.scoring.Scorer, dataset: str) -> tuple[qmamba.inference.scoring.Scorer, str]:
+    """The bf16 scorer of the same model and ``dataset``'s scale: ``qmamba.load``'s where the CPU has bf16, else
+    prepared the same way."""
     if native_bf16(fp32.device):
-        return qmamba.load(fp32.info["checkpoint"], device=fp32.device, batch_size=fp32.batch_size,
+        return qmamba.load(fp32.info["checkpoint"], device=fp32.device, dataset=dataset, batch_size=fp32.batch_size,
                            precision="bf16"), "native"
     model = prepare_bf16_inference(copy.deepcopy(fp32.model), fp32.device)
     return dataclasses.replace(fp32, model=model, precision="bf16", info={**fp32.info, "precision": "bf16"}), "emulated"
@@ -73,7 +74,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, (paths, labels) in test_images(args.run).items():
         fp32 = qmamba.load(checkpoint, device="cpu", dataset=label, batch_size=args.batch_size)
-        bf16, how = bf16_scorer(fp32)
+        bf16, how = bf16_scorer(fp32, label)
         scores = {name: np.array(scorer.score(paths)) for name, scorer in (("fp32", fp32), ("bf16", bf16))}
         diff = np.abs(scores["bf16"] - scores["fp32"]) / (fp32.scale.high - fp32.scale.low)
         fp32_srcc, bf16_srcc = srcc(scores["fp32"], labels), srcc(scores["bf16"], labels)

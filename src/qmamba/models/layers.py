@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qmamba.ops import cpu_fusion
+
 __all__ = ["DropPath", "drop_path_rates", "Mlp", "Permute", "RMSNorm", "no_weight_decay", "trunc_normal_init"]
 
 
@@ -46,7 +48,8 @@ class Permute(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout, on channel-last tensors."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout, on channel-last tensors; plus a residual when given, summed inside fc2
+    where that can be fused (:mod:`qmamba.ops.cpu_fusion`)."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -55,8 +58,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.training and self.drop.p:
+            y = self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+            return y if residual is None else residual + y
+        return cpu_fusion.linear(cpu_fusion.linear(x, self.fc1, self.act), self.fc2, residual=residual)
 
 
 def no_weight_decay(param: nn.Parameter) -> nn.Parameter:

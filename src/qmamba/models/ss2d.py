@@ -15,6 +15,7 @@ import torch._functorch.config
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qmamba.ops import cpu_fusion
 from qmamba.ops.scan_order import CROSS_2D, scan_order, validate_direction
 from qmamba.ops.selective_scan import ScanBackend, ordered_selective_scan, validate_backend
 
@@ -112,14 +113,15 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C)."""
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C), plus ``residual`` when given (summed inside out_proj where that can be
+        fused, :mod:`qmamba.ops.cpu_fusion`)."""
         batch, height, width, _ = x.shape
         x = self.in_proj(x)
         z = None
         if self.gated:
             x, z = x.chunk(2, dim=-1)
-        x = self.act(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, D, H, W)
+        x = cpu_fusion.conv2d(x.permute(0, 3, 1, 2), self.conv2d, self.act)  # (B, D, H, W)
         tokens = x.permute(0, 2, 3, 1).reshape(batch, height * width, self.inner)  # channel-last, row-major
 
         # x_proj acts per token, so it runs on the map once for all K directions, in token order; dt_proj's rank-R
@@ -151,7 +153,7 @@ class SS2D(nn.Module):
             y = y * F.silu(z)
         if not torch.is_autocast_enabled(y.device.type):  # e.g. an fp32 scan in a model cast to bf16
             y = y.to(self.out_proj.weight.dtype)
-        return self.out_proj(y)
+        return cpu_fusion.linear(y, self.out_proj, residual=residual)
 
     def extra_repr(self) -> str:
         return f"directions={self.directions}, d_state={self.d_state}, dt_rank={self.dt_rank}, gated={self.gated}"

@@ -94,10 +94,11 @@ class VSSBlock(nn.Module):
             self.norm2 = self.mlp = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
-        if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        if self.drop_path.p and self.training:
+            x = x + self.drop_path(self.op(self.norm(x)))
+            return x if self.mlp is None else x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.op(self.norm(x), residual=x)  # the branches add x themselves, inside their last matrix product
+        return x if self.mlp is None else self.mlp(self.norm2(x), residual=x)
 
 
 class VMambaStage(nn.Module):

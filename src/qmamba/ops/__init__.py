@@ -1,5 +1,6 @@
 """The selective scan on every device (numba on CPUs, Triton and mamba-ssm on GPUs, pure PyTorch everywhere), scan
-orders as index tables, and the causal 1-D convolution. Imports nothing of qmamba but :mod:`qmamba.errors`."""
+orders as index tables, the causal 1-D convolution, and oneDNN's fused matrix-product epilogues for CPU inference
+(:mod:`qmamba.ops.cpu_fusion`). Imports nothing of qmamba but :mod:`qmamba.errors`."""
 
 from qmamba.ops.causal_conv1d import causal_conv1d
 from qmamba.ops.linear_scan import linear_scan
