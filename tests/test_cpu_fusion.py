@@ -100,3 +100,7 @@ def test_hooks_and_dispatch_modes_see_the_torch_ops(block: VSSBlock) -> None:
     with torch.no_grad(), Ops() as mode:
         block(x)
     assert "aten.addmm" in mode.seen and not any(op.startswith("mkldnn") for op in mode.seen)
+
+    with torch.no_grad():  # vmap: the fused ops have no batching rule
+        ran = ops_run(lambda: torch.func.vmap(block.mlp)(x))
+    assert "aten::addmm" in ran and not ran & FUSED

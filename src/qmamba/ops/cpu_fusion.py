@@ -14,7 +14,8 @@ and as the separate torch ops everywhere else:
   ops, bit for bit as before;
 * for plain ``nn.Linear`` / ``nn.Conv2d`` layers without forward hooks, and a ``GELU``, ``SiLU`` or no activation;
 * outside ``torch.compile`` / ``torch.export`` and TorchScript (which see the torch ops and fuse on their own), and
-  outside any ``TorchDispatchMode`` (FLOP counters, fake tensors), which should see the ops a model is written with.
+  outside ``torch.func`` transforms (``vmap``: the fused ops have no batching rule) and any ``TorchDispatchMode``
+  (FLOP counters, fake tensors), which should see the ops a model is written with.
 
 The fused result equals the separate ops' to rounding: oneDNN's GELU and SiLU round differently in the last bit
 (fp32), and in bf16 the activation reads the product before its rounding to bf16 instead of after.
@@ -65,6 +66,7 @@ def fused_dtype(x: Tensor, layer: nn.Module) -> torch.dtype | None:
             layer._forward_hooks or layer._forward_pre_hooks or module_hooks._global_forward_hooks or \
             module_hooks._global_forward_pre_hooks or torch.compiler.is_compiling() or torch.jit.is_scripting() or \
             torch.jit.is_tracing() or _get_current_dispatch_mode() is not None or \
+            torch._C._functorch.peek_interpreter_stack() is not None or \
             not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return None
     if torch.is_autocast_enabled("cpu"):
