@@ -45,13 +45,13 @@ from qmamba.ops.cpu_scan import (
     _exp,
     _flat,
     _held_delta_grads,
+    _held_step_deltas,
     _load,
     _Problem,
     _run,
     _scratch,
     _softplus,
     _softplus_and_slope,
-    _step_delta,
     _sum,
     _task_block,
     selective_scan_cpu,
@@ -120,13 +120,28 @@ def _memory_backward(u, delta, B, C, grad_y, grad_u, grad_delta, grad_B, grad_C,
 
 
 # ----------------------------------------------------------------------------------------------- arithmetic floor
+@njit(**_JIT)
+def _held_window_step(zs, tokens, step, window, delta, proj, b, k, c0, width, dims):  # noqa: ANN001, ANN201
+    """A floor's token at ``step`` (cycling through the first ``window``) and its step sizes, projected HELD steps at
+    a time as the kernels project them."""
+    block = dims[-1]
+    s = step % HELD
+    if s == 0:
+        count = min(HELD, dims[5] - step)
+        for i in range(count):
+            tokens[i] = (step + i) % window
+        _held_step_deltas(zs, tokens, count, delta, proj, b, k, c0, width, dims)
+    return tokens[s], zs[s * block:]
+
+
 @njit(fastmath=_CONTRACT, **_JIT)
 def _arithmetic_forward(u, delta, proj, A, B, C, D, bias, acc, dims, first_task, last_task):  # noqa: ANN001, ANN201
     """The forward kernel's arithmetic per (task, sequence, step), with each step's state computed from that step's
     operands alone and every read within the first WINDOW tokens."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     window = min(T, WINDOW)
-    z = _scratch(block, A.dtype)
+    zs = _scratch(HELD * block, A.dtype)
+    tokens = np.empty(HELD, dtype=np.int64)
     dt = _scratch(block, A.dtype)
     dtu = _scratch(block, A.dtype)
     out = _scratch(block, A.dtype)
@@ -135,8 +150,7 @@ def _arithmetic_forward(u, delta, proj, A, B, C, D, bias, acc, dims, first_task,
         for k in range(K):
             kc = np.uint64(k * channels + c0)
             for step in range(L):
-                p = step % window
-                _step_delta(z, delta, proj, b, k, p, c0, width, dims)
+                p, z = _held_window_step(zs, tokens, step, window, delta, proj, b, k, c0, width, dims)
                 u_row = np.uint64((b * T + p) * channels + c0)
                 for c in range(width):
                     d = _softplus(z[c] + bias[kc + c])
@@ -168,7 +182,7 @@ def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_
     dts = _scratch(window * block, A.dtype)
     slopes = _scratch(window * block, A.dtype)
     states = _scratch(window * N * block, A.dtype)
-    z = _scratch(block, A.dtype)
+    zs = _scratch(HELD * block, A.dtype)
     gy = _scratch(block, A.dtype)
     uc = _scratch(block, A.dtype)
     g_dt = _scratch(block, A.dtype)
@@ -188,9 +202,8 @@ def _arithmetic_backward(u, delta, proj, A, B, C, D, bias, grad_y, grad_u, grad_
         for k in range(K):
             kc = np.uint64(k * channels + c0)
             for step in range(L):
-                p = step % window
+                p, z = _held_window_step(zs, tokens, step, window, delta, proj, b, k, c0, width, dims)
                 sl = np.uint64(p * block)
-                _step_delta(z, delta, proj, b, k, p, c0, width, dims)
                 u_row = np.uint64((b * T + p) * channels + c0)
                 for c in range(width):
                     uc[c] = _load(u, u_row + c)

@@ -23,7 +23,7 @@ dispatch = importlib.import_module("qmamba.ops.selective_scan")  # the module (t
 @pytest.mark.parametrize("directions,height,width", ORDERS)
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("merge", [True, False])
-@pytest.mark.parametrize("rank", [None, 3])
+@pytest.mark.parametrize("rank", [None, 6])  # 6: the held steps' rank-quad loop and a remainder
 def test_ordered_cpu_scan_matches_sequential_reference(directions, height, width, n, merge, rank):
     """All orders, N = 1 and 3, merged or per-direction outputs, full or low-rank (dt_proj fused) step sizes."""
     check_ordered_scan("cpu", ScanOrder(directions, height, width), 2, 20, n, merge, rank)
