@@ -659,16 +659,30 @@ class _Problem:
         self.dims = (batch, ku, k, self.out_shape[1], tokens, length, channels, n, rank, self.block)
 
 
-def _visits_each_token_once(table: Tensor, tokens: int) -> bool:
-    """Whether every row of the table steps on each of the tokens exactly once (padding steps aside)."""
-    return all(np.array_equal(np.bincount(row[row >= 0], minlength=tokens), np.ones(tokens, np.int64))
-               for row in table.numpy())
+@njit(**_JIT)
+def _visits_each_token_once(table, rows, length, tokens):  # noqa: ANN001, ANN201
+    """Whether each of the first ``rows`` sequences of the flat (K, L) table steps on each of the tokens exactly once
+    (padding steps aside). Compiled, as every call checks it: numpy's bincount per row took 1.6 ms a QMamba-T batch."""
+    seen = np.zeros(tokens, dtype=np.bool_)
+    for k in range(rows):
+        seen[:] = False
+        visited = 0
+        for step in range(length):
+            p = table[k * length + step]
+            if p >= 0:
+                if p >= tokens or seen[p]:
+                    return False
+                seen[p] = True
+                visited += 1
+        if visited != tokens:
+            return False
+    return True
 
 
 def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
              table: Tensor, merge: bool, softplus: bool, out_dtype: torch.dtype) -> Tensor:
     problem = _Problem(u, delta, proj, A, table, merge)
-    assign = _visits_each_token_once(table[:1] if merge else table, u.shape[2])
+    assign = _visits_each_token_once(_flat(table), 1 if merge else table.shape[0], table.shape[1], u.shape[2])
     written = out_dtype if out_dtype == torch.bfloat16 else A.dtype  # the kernel writes bf16 or the compute dtype
     y = (torch.empty if assign or written == torch.bfloat16 else torch.zeros)(problem.out_shape, dtype=written)
     _run(_forward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, y)), problem.dims,
