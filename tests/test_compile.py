@@ -41,6 +41,9 @@ def test_cpu_scan_custom_ops_pass_opcheck(merge, rank, out_dtype):
     grad_y = torch.randn_like(selective_scan_cpu.op(*args))
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:-1]]  # the backward is not differentiable
     torch.library.opcheck(selective_scan_cpu.backward_op, (grad_y, *plain))
+    if merge:  # inference's scan with out_norm: no autograd
+        norm = (torch.rand(16) + 0.5, torch.randn(16), 1e-5)
+        torch.library.opcheck(selective_scan_cpu.normalized_op, (*plain[:9], plain[10], out_dtype, *norm))
 
 
 def _compiled_against_eager(name: str, size: int) -> None:

@@ -146,6 +146,73 @@ def test_a_bf16_output_is_the_fp32_scan_rounded_once(directions, height, width, 
     assert y_torch.dtype == torch.bfloat16 and rel_err(y_torch.float(), y32) < 1e-2  # fp32 scans, bf16 results
 
 
+def _ops_run(call) -> set[str]:  # noqa: ANN001
+    with torch.profiler.profile() as prof:
+        call()
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_layer_normalizes_the_merged_output_in_inference(out_dtype):
+    """SS2D's out_norm handed to the scan: in inference the kernel computes it from its fp32 sums where each task holds
+    whole rows (batch 2), torch after the scan where two threads split the channels (batch 1); either way torch's
+    LayerNorm of the fp32 scan output, rounded once to the output dtype. With autograd on, torch's op runs after the
+    scan's, as before."""
+    order = ScanOrder(("w3", "w3c", "w3_flip", "w3c_flip"), 5, 7)  # padding steps
+    g = torch.Generator().manual_seed(4)
+    norm = (1 + 0.3 * torch.randn(32, generator=g), 0.3 * torch.randn(32, generator=g), 1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for batch in (2, 1):
+            args, proj = low_rank(ordered_inputs(batch, 4, order.num_tokens, 32, 1), 3)
+            with torch.no_grad():
+                ran = _ops_run(lambda: ordered_selective_scan(*args, order, backend="cpu", delta_proj=proj,
+                                                              out_dtype=out_dtype, layer_norm=norm))
+                y = ordered_selective_scan(*args, order, backend="cpu", delta_proj=proj, out_dtype=out_dtype,
+                                           layer_norm=norm)
+                y32 = ordered_selective_scan(*args, order, backend="cpu", delta_proj=proj)
+            assert "qmamba::cpu_scan_normalized" in ran
+            assert ("aten::native_layer_norm" in ran) == (batch == 1)
+            expected = torch.nn.functional.layer_norm(y32, (32,), *norm)
+            assert y.dtype == out_dtype
+            if out_dtype == torch.float32 or batch == 2:  # bf16 from the fp32 sums: one rounding
+                torch.testing.assert_close(y.float(), expected, rtol=2**-8 if y.dtype == torch.bfloat16 else 1e-5,
+                                           atol=1e-5)
+            else:  # torch's LayerNorm of the bf16-rounded scan
+                torch.testing.assert_close(y.float(), expected, rtol=2**-6, atol=2**-6)
+    finally:
+        torch.set_num_threads(threads)
+    ran = _ops_run(lambda: ordered_selective_scan(*args, order, backend="cpu", delta_proj=proj, layer_norm=norm))
+    assert "qmamba::cpu_scan_normalized" not in ran and "aten::native_layer_norm" in ran
+    with pytest.raises(ValueError, match="merge=True"):
+        ordered_selective_scan(*args, order, merge=False, backend="cpu", delta_proj=proj, layer_norm=norm)
+
+
+def test_ss2d_inference_computes_out_norm_in_the_scan_unless_it_is_hooked():
+    from qmamba.models.ss2d import SS2D
+
+    torch.manual_seed(0)
+    layer = SS2D(16, scan_backend="cpu").eval()
+    torch.nn.init.normal_(layer.out_norm.weight, 1, 0.3)
+    torch.nn.init.normal_(layer.out_norm.bias, 0, 0.3)
+    x = torch.randn(2, 5, 7, 16)
+    expected = layer(x)  # autograd on: the module after the scan
+    with torch.no_grad():
+        ran = _ops_run(lambda: layer(x))
+        got = layer(x)
+    assert "qmamba::cpu_scan_normalized" in ran and "aten::native_layer_norm" not in ran
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+    seen = []
+    handle = layer.out_norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        with torch.no_grad():
+            ran = _ops_run(lambda: layer(x))
+    finally:
+        handle.remove()
+    assert seen and "qmamba::cpu_scan_normalized" not in ran
+
+
 def test_an_order_that_misses_a_token_is_summed_into_a_zeroed_output():
     """The kernel assigns each output token on its first visit (no zero-filled output) only when every sequence
     visits each token exactly once; with another table (here sequence 0 steps on padding instead of token 2) the

@@ -128,6 +128,11 @@ class SS2D(nn.Module):
         # expansion to (B, K, H*W, D) step sizes happens inside the scan (per step on the cpu backend)
         k, rank, n = len(self.directions), self.dt_rank, self.d_state
         scan_dtype = torch.float32 if self.scan_fp32 else None
+        # in CPU inference the scan's kernel computes out_norm from its fp32 sums (saving a pass over y); a hooked or
+        # replaced out_norm, training and everything else run the module after the scan
+        norm = self.out_norm
+        fused_norm = self.fusion is None and type(norm) is nn.LayerNorm and not cpu_fusion.hooked(norm) and \
+            cpu_fusion.eager_cpu_inference(x)
         proj = tokens @ self.x_proj_weight.view(k * (rank + 2 * n), self.inner).t()
         dts, bs, cs = proj.view(batch, height * width, k, rank + 2 * n).transpose(1, 2).split([rank, n, n], dim=-1)
 
@@ -145,10 +150,11 @@ class SS2D(nn.Module):
             delta_proj=self.dt_projs_weight,
             out_dtype=self.scan_out_dtype or scan_dtype,
             scan_dtype=scan_dtype,
+            layer_norm=(norm.weight, norm.bias, norm.eps) if fused_norm else None,
         )
         if self.fusion is not None:  # (B, K, H*W, D): gate each direction by its own statistics, then sum
             y = self.fusion(y).sum(1)
-        y = self.out_norm(y).view(batch, height, width, self.inner)
+        y = (y if fused_norm else norm(y)).view(batch, height, width, self.inner)
         if z is not None:
             y = y * F.silu(z)
         if not torch.is_autocast_enabled(y.device.type):  # e.g. an fp32 scan in a model cast to bf16

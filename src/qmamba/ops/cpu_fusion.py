@@ -19,6 +19,9 @@ and as the separate torch ops everywhere else:
 
 The fused result equals the separate ops' to rounding: oneDNN's GELU and SiLU round differently in the last bit
 (fp32), and in bf16 the activation reads the product before its rounding to bf16 instead of after.
+
+:func:`eager_cpu_inference` and :func:`hooked` say where any such fusion may run; the CPU scan uses them to compute
+SS2D's output LayerNorm in its kernel (:func:`qmamba.ops.ordered_selective_scan`'s ``layer_norm``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["conv2d", "fused_dtype", "linear"]
+__all__ = ["conv2d", "eager_cpu_inference", "fused_dtype", "hooked", "linear"]
 
 
 def linear(x: Tensor, layer: nn.Linear, act: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
@@ -59,14 +62,24 @@ def conv2d(x: Tensor, conv: nn.Conv2d, act: nn.Module | None = None) -> Tensor:
                                                    conv.stride, conv.dilation, conv.groups, *post_op)
 
 
+def eager_cpu_inference(x: Tensor) -> bool:
+    """Whether ``x`` is computed on the CPU without autograd, in eager mode, with nothing observing the ops (see the
+    module docstring): where a fused op may stand in for the ops a model is written with."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and \
+        not torch.jit.is_scripting() and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None and \
+        torch._C._functorch.peek_interpreter_stack() is None
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own or a global one) would see ``module`` run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module_hooks._global_forward_hooks or
+                module_hooks._global_forward_pre_hooks)
+
+
 def fused_dtype(x: Tensor, layer: nn.Module) -> torch.dtype | None:
     """The dtype oneDNN would compute ``layer(x)`` in, or None where the fused ops cannot stand in for torch's (see
     the module docstring)."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or type(layer) not in (nn.Linear, nn.Conv2d) or \
-            layer._forward_hooks or layer._forward_pre_hooks or module_hooks._global_forward_hooks or \
-            module_hooks._global_forward_pre_hooks or torch.compiler.is_compiling() or torch.jit.is_scripting() or \
-            torch.jit.is_tracing() or _get_current_dispatch_mode() is not None or \
-            torch._C._functorch.peek_interpreter_stack() is not None or \
+    if type(layer) not in (nn.Linear, nn.Conv2d) or hooked(layer) or not eager_cpu_inference(x) or \
             not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return None
     if torch.is_autocast_enabled("cpu"):

@@ -154,21 +154,49 @@ def _accumulator_impl(y, size):  # noqa: ANN001, ANN202
     return lambda y, size: (_scratch(size, np.float32), False)
 
 
-def _flush(y, acc, y_first, tokens, channels, width):  # noqa: ANN001, ANN202
-    """y[y_first + p * channels + c] = acc[p * width + c] rounded to bf16, for a bf16 y; nothing for the others,
-    which are their own accumulator."""
+def _flush(y, acc, y_first, tokens, channels, width, norm, shift, consts):  # noqa: ANN001, ANN202
+    """Complete a task's output sequence, rows y[y_first + p * channels:][:width] for each token p: layer-normalised
+    over the row first when ``norm`` is not empty (a LayerNorm's weight; ``shift`` its bias, ``consts`` 1 / width and
+    its eps; only for rows a task holds whole), and for a bf16 y rounded once from its accumulator acc[p * width:]. A
+    y in the compute dtype is its own accumulator: left as it is without a norm."""
+
+
+@njit(fastmath=_REDUCE, **_JIT)
+def _row_stats(values, start, width, consts):  # noqa: ANN001, ANN202
+    """A LayerNorm's statistics of values[start:start + width]: the mean and 1 / sqrt(variance + eps), ``consts`` =
+    (1 / width, eps), in two passes over the row (it stays in the L1 cache)."""
+    mean = _sum(values[start:], width) * consts[0]
+    squares = mean - mean
+    for c in range(width):
+        d = values[start + c] - mean
+        squares += d * d
+    return mean, _ONE / np.sqrt(squares * consts[0] + consts[1])
 
 
 @overload(_flush, inline="always")
-def _flush_impl(y, acc, y_first, tokens, channels, width):  # noqa: ANN001, ANN202
+def _flush_impl(y, acc, y_first, tokens, channels, width, norm, shift, consts):  # noqa: ANN001, ANN202
     if y.dtype != types.int16:
-        return lambda y, acc, y_first, tokens, channels, width: None
+        def normalize_in_place(y, acc, y_first, tokens, channels, width, norm, shift, consts):  # noqa: ANN001, ANN202
+            if norm.size == 0:
+                return
+            for p in range(tokens):
+                row = np.uint64(y_first + p * channels)
+                mean, rstd = _row_stats(y, row, width, consts)
+                for c in range(width):
+                    y[row + c] = (y[row + c] - mean) * rstd * norm[c] + shift[c]
 
-    def flush(y, acc, y_first, tokens, channels, width):  # noqa: ANN001, ANN202
+        return normalize_in_place
+
+    def flush(y, acc, y_first, tokens, channels, width, norm, shift, consts):  # noqa: ANN001, ANN202
         for p in range(tokens):
             row, acc_row = np.uint64(y_first + p * channels), np.uint64(p * width)
+            if norm.size == 0:
+                for c in range(width):
+                    y[row + c] = _bf16_bits(acc[acc_row + c])
+                continue
+            mean, rstd = _row_stats(acc, acc_row, width, consts)
             for c in range(width):
-                y[row + c] = _bf16_bits(acc[acc_row + c])
+                y[row + c] = _bf16_bits((acc[acc_row + c] - mean) * rstd * norm[c] + shift[c])
 
     return flush
 
@@ -412,12 +440,13 @@ def _task_block(task, channels, block):  # noqa: ANN001, ANN201
 
 
 @njit(fastmath=_CONTRACT, **_JIT)
-def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, assign, first_task,  # noqa: ANN001, ANN201
-                    last_task):
+def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, norm, shift, consts, dims, softplus, assign,  # noqa: ANN001, ANN201
+                    first_task, last_task):
     """y = the scans of every (batch row, channel block) task in [first_task, last_task). ``assign``: every output
     token's first visit (by sequence 0 when merging, else by its own sequence) assigns it, so that y needs no zeroing;
     only when each of those sequences visits each token exactly once. A bf16 y is summed in float32 and rounded once,
-    when its task's output sequence is complete."""
+    when its task's output sequence is complete; with a non-empty ``norm`` the merged output is layer-normalised
+    before (see :func:`_flush`)."""
     batch, Ku, K, Ko, T, L, channels, N, rank, block = dims
     state = _scratch(N * block, A.dtype)
     zs = _scratch(HELD * block, A.dtype)  # the step sizes of the steps in tokens[:HELD]
@@ -473,7 +502,7 @@ def _forward_kernel(u, delta, proj, A, B, C, D, bias, table, y, dims, softplus, 
                     for c in range(width):
                         acc[acc_row + c] += out[c]
             if last:
-                _flush(y, acc, y_first, T, channels, width)
+                _flush(y, acc, y_first, T, channels, width, norm, shift, consts)
 
 
 @njit(**_JIT)
@@ -680,13 +709,25 @@ def _visits_each_token_once(table, rows, length, tokens):  # noqa: ANN001, ANN20
 
 
 def _forward(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor,
-             table: Tensor, merge: bool, softplus: bool, out_dtype: torch.dtype) -> Tensor:
+             table: Tensor, merge: bool, softplus: bool, out_dtype: torch.dtype, norm: Tensor | None = None,
+             shift: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    """The scan; with ``norm`` (and ``shift``, ``eps``: a LayerNorm over the channels of the merged output), that
+    LayerNorm of it, computed by the kernel from its float32 sums where each task holds whole rows (a batch that feeds
+    every thread) and y is written in ``out_dtype``, else by torch after it."""
     problem = _Problem(u, delta, proj, A, table, merge)
-    assign = _visits_each_token_once(_flat(table), 1 if merge else table.shape[0], table.shape[1], u.shape[2])
+    channels = u.shape[-1]
     written = out_dtype if out_dtype == torch.bfloat16 else A.dtype  # the kernel writes bf16 or the compute dtype
+    if norm is not None and not (merge and problem.block == channels and written == out_dtype):
+        y = _forward(u, delta, proj, A, B, C, D, bias, table, merge, softplus, out_dtype)
+        return torch.nn.functional.layer_norm(y, (channels,), norm, shift, eps)
+    assign = _visits_each_token_once(_flat(table), 1 if merge else table.shape[0], table.shape[1], u.shape[2])
     y = (torch.empty if assign or written == torch.bfloat16 else torch.zeros)(problem.out_shape, dtype=written)
-    _run(_forward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, y)), problem.dims,
-         softplus, assign)
+    if norm is None:
+        norm = shift = consts = A.new_empty(0)
+    else:
+        norm, shift, consts = norm.to(A.dtype), shift.to(A.dtype), A.new_tensor([1 / channels, eps])
+    _run(_forward_kernel, problem.tasks, *map(_flat, (u, delta, proj, A, B, C, D, bias, table, y, norm, shift, consts)),
+         problem.dims, softplus, assign)
     return y.to(out_dtype)
 
 
@@ -723,8 +764,10 @@ def _gradients(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: 
     return grad_u, grad_delta.sum(0) if low_rank else grad_delta, grad_proj if low_rank else None, *rest
 
 
-selective_scan_cpu = fused_scan("cpu_scan", _forward, _gradients)
+selective_scan_cpu = fused_scan("cpu_scan", _forward, _gradients, normalizes=True)
 selective_scan_cpu.__doc__ = """The fused scan in the module's layout (see the module docstring): u, delta, B, C in
 float32, bf16 or float64, the rest in float32 (float64 for float64 inputs), y in float32 or ``out_dtype`` (bf16 is
 written by the kernel, any other dtype cast from its float32); ``delta_proj`` (K, R, C) makes
-``delta`` the rank-R input of the step-size projection. See :func:`qmamba.ops.fused_scan.fused_scan`."""
+``delta`` the rank-R input of the step-size projection; ``layer_norm`` (weight, bias, eps), with ``merge`` and in
+inference only, is a LayerNorm of the merged output over its channels, computed from the kernel's float32 sums where
+each task holds whole rows (:func:`_forward`). See :func:`qmamba.ops.fused_scan.fused_scan`."""

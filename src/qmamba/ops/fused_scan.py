@@ -32,10 +32,10 @@ def _assemble(inputs: tuple[Tensor, ...], raw: tuple[Tensor, ...]) -> tuple[Tens
             grad_bias.sum(0).to(bias.dtype))
 
 
-def fused_scan(name: str, forward: Callable[..., Tensor], gradients: Callable[..., tuple[Tensor | None, ...]]
-               ) -> Callable[..., Tensor]:
+def fused_scan(name: str, forward: Callable[..., Tensor], gradients: Callable[..., tuple[Tensor | None, ...]],
+               normalizes: bool = False) -> Callable[..., Tensor]:
     """The entry point of a fused backend:
-    ``scan(u, delta, A, B, C, D, bias, table, merge, softplus, delta_proj, out_dtype)``.
+    ``scan(u, delta, A, B, C, D, bias, table, merge, softplus, delta_proj, out_dtype, layer_norm)``.
 
     The kernels are registered as the ``torch.library`` custom ops ``qmamba::<name>`` (forward) and
     ``qmamba::<name>_backward`` (every input's gradient), with fake-tensor implementations, so that
@@ -43,6 +43,10 @@ def fused_scan(name: str, forward: Callable[..., Tensor], gradients: Callable[..
     registered autograd saves only the inputs; under ``no_grad`` / ``inference_mode`` only the forward kernel runs and
     nothing is saved. The output, of shape (batch, 1 or K, T, C), is in ``out_dtype``: by default the compute dtype,
     A's (fp32, or fp64 for gradcheck); the states and sums are in the compute dtype whatever it is.
+
+    A backend that ``normalizes`` also takes ``forward(..., out_dtype, weight, bias, eps)``: the merged output's
+    LayerNorm over its channels (SS2D's ``out_norm``), registered as ``qmamba::<name>_normalized``, for inference
+    only (it has no autograd): ``scan(..., layer_norm=(weight, bias, eps))`` with ``merge``.
     """
 
     @torch.library.custom_op(f"qmamba::{name}", mutates_args=())
@@ -80,12 +84,36 @@ def fused_scan(name: str, forward: Callable[..., Tensor], gradients: Callable[..
 
     scan_op.register_autograd(backward, setup_context=setup_context)
 
+    normalized_op = None
+    if normalizes:
+        @torch.library.custom_op(f"qmamba::{name}_normalized", mutates_args=())
+        def normalized_op(u: Tensor, delta: Tensor, proj: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                          bias: Tensor, table: Tensor, softplus: bool, out_dtype: torch.dtype, norm_weight: Tensor,
+                          norm_bias: Tensor, eps: float) -> Tensor:
+            return forward(u, delta, proj, A, B, C, D, bias, table, True, softplus, out_dtype, norm_weight, norm_bias,
+                           eps)
+
+        @normalized_op.register_fake
+        def _(u, delta, proj, A, B, C, D, bias, table, softplus, out_dtype, norm_weight, norm_bias, eps):  # noqa: ANN001, ANN202
+            batch, _, tokens, channels = u.shape
+            return u.new_empty(batch, 1, tokens, channels, dtype=out_dtype)
+
     def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, bias: Tensor, table: Tensor,
-             merge: bool, softplus: bool, delta_proj: Tensor | None = None, out_dtype: torch.dtype | None = None
-             ) -> Tensor:
+             merge: bool, softplus: bool, delta_proj: Tensor | None = None, out_dtype: torch.dtype | None = None,
+             layer_norm: tuple[Tensor | None, Tensor | None, float] | None = None) -> Tensor:
         proj = A.new_empty(0, 0, 0) if delta_proj is None else delta_proj
         operands = [x if x.is_contiguous() else x.contiguous() for x in (u, delta, proj, A, B, C, D, bias)]
-        return scan_op(*operands, table, merge, softplus, A.dtype if out_dtype is None else out_dtype)
+        out_dtype = A.dtype if out_dtype is None else out_dtype
+        if layer_norm is None:
+            return scan_op(*operands, table, merge, softplus, out_dtype)
+        if normalized_op is None or not merge:
+            raise ValueError(f"qmamba::{name} normalizes no output" if normalized_op is None else
+                             "layer_norm normalizes the merged output: pass merge=True")
+        weight, shift, eps = layer_norm
+        channels = u.shape[-1]
+        return normalized_op(*operands, table, softplus, out_dtype, A.new_ones(channels) if weight is None else weight,
+                             A.new_zeros(channels) if shift is None else shift, eps)
 
-    scan.op, scan.backward_op = scan_op, backward_op  # for torch.library.opcheck and tests
+    # for torch.library.opcheck and tests
+    scan.op, scan.backward_op, scan.normalized_op = scan_op, backward_op, normalized_op
     return scan

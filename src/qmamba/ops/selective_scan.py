@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qmamba.ops.cpu_fusion import eager_cpu_inference
 from qmamba.ops.linear_scan import linear_scan_reference, scan, scan_adjoint
 from qmamba.ops.scan_order import ScanOrder, identity_table
 
@@ -510,6 +511,7 @@ def ordered_selective_scan(
     delta_proj: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     scan_dtype: torch.dtype | None = None,
+    layer_norm: tuple[Tensor | None, Tensor | None, float] | None = None,
 ) -> Tensor:
     """Selective scans of one token set read in K orders (SS2D), inputs and outputs at the tokens' own positions.
 
@@ -537,6 +539,10 @@ def ordered_selective_scan(
             by default). So ``out_dtype=torch.float32`` is an fp32 scan of bf16 operands on every backend, without
             casting copies on the fused ones, and adding ``scan_dtype=torch.float32`` to ``out_dtype=torch.bfloat16``
             is the same fp32 scan returning bf16 (SS2D's for bf16 inference).
+        layer_norm: (weight, bias, eps) of a LayerNorm over the channels of the merged output (SS2D's ``out_norm``;
+            weight and bias optional), applied to y. In eager inference on the CPU
+            (:func:`qmamba.ops.cpu_fusion.eager_cpu_inference`) the ``cpu`` backend computes it in its kernel from
+            the float32 sums, saving a pass over y; everywhere else ``F.layer_norm`` runs after the scan.
 
     Returns:
         y in ``out_dtype``.
@@ -553,17 +559,22 @@ def ordered_selective_scan(
     if A.shape[0] != k * dim or B.shape[:3] != (batch, k, tokens) or C.shape != B.shape:
         raise ValueError(f"A must be ({k * dim}, N) and B, C (batch, {k}, {tokens}, N); got {tuple(A.shape)}, "
                          f"{tuple(B.shape)}, {tuple(C.shape)}")
+    if layer_norm is not None and not merge:
+        raise ValueError("layer_norm normalizes the merged output: pass merge=True")
     resolved = resolve_backend(backend, u.device)
     out_dtype = out_dtype or u.dtype
     if resolved in _FUSED:
         kernel, operand, params = _fused(resolved, u)
         A_k = A.to(params).view(k, dim, -1).transpose(1, 2)
+        in_kernel = layer_norm is not None and resolved == "cpu" and eager_cpu_inference(u)
         y = kernel(
             operand(u).unsqueeze(1), operand(delta), A_k, operand(B), operand(C), _skip_or_bias(D, (k, dim), A_k),
             _skip_or_bias(delta_bias, (k, dim), A_k), order.table, merge, delta_softplus,
             None if delta_proj is None else delta_proj.to(params).transpose(1, 2), out_dtype,
+            layer_norm if in_kernel else None,
         )
-        return y.squeeze(1) if merge else y
+        y = y.squeeze(1) if merge else y
+        return y if layer_norm is None or in_kernel else F.layer_norm(y, (dim,), *layer_norm)
     scan_dtype = scan_dtype or out_dtype
     u, delta, B, C = (x.to(scan_dtype) for x in (u, delta, B, C))
     if delta_proj is not None:
@@ -575,4 +586,5 @@ def ordered_selective_scan(
         backend,
     )
     ys = order.unscan(ys.view(batch, k, dim, order.length))  # (batch, K, D, T)
-    return (ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)).to(out_dtype)
+    y = (ys.sum(1).transpose(1, 2) if merge else ys.transpose(2, 3)).to(out_dtype)
+    return y if layer_norm is None else F.layer_norm(y, (dim,), *layer_norm)
