@@ -7,8 +7,9 @@ and fills (``aten::copy_``, ``aten::fill_``), which a channel-last model should 
     python benchmarks/profile_step.py --device cuda          # CUDA: bf16 autocast, batch 64 (benchmarks/gpu_check.sh)
     python benchmarks/profile_step.py --rows 25 --models qmamba_tiny --train-only
 
-CPU times are operators' self times (the fused scan is ``qmamba::cpu_scan`` and its backward); CUDA times are kernel
-times. In bf16, inference profiles a copy of the model prepared as ``qmamba score --precision bf16`` prepares it
+CPU times are operators' self times (the fused scan is ``qmamba::cpu_scan`` and its backward, in inference
+``qmamba::cpu_scan_normalized`` with SS2D's output LayerNorm); CUDA times are kernel times. In bf16, inference
+profiles a copy of the model prepared as ``qmamba score --precision bf16`` prepares it
 (:func:`qmamba.models.low_precision.prepare_bf16_inference`: matrix-product weights in bf16, on the CPU scans
 returning bf16); the training step is ``bf16-mixed``'s plain autocast. Profile on an otherwise idle machine.
 """

@@ -138,13 +138,13 @@ def test_profile_step_prints_the_layout_share_and_the_largest_operations(forked_
 
 @pytest.mark.slow
 def test_profile_step_in_bf16_profiles_inference_as_the_scorer_runs_it(forked_qmamba):
-    """bf16 inference on a prepared copy (the scan's output in bf16: no LayerNorm on an fp32 copy of it, no casts
-    around it), then the training step on the model's own fp32 weights."""
+    """bf16 inference on a prepared copy (the scan's output in bf16, SS2D's out_norm inside the scan's op: no
+    LayerNorm on an fp32 copy of it, no casts around it), then the training step on the model's own fp32 weights."""
     result = run_benchmark(forked_qmamba, "profile_step", "--models", "qmamba_test", "--size", "32", "--rows", "60",
                            "--precision", "bf16", "--inference-batch", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     inference, training = result.stdout.split("training step")
-    assert "inference (bf16)" in inference and "qmamba::cpu_scan " in inference
+    assert "inference (bf16)" in inference and "qmamba::cpu_scan_normalized " in inference
     assert "qmamba::cpu_scan_backward" in training
 
 

@@ -571,7 +571,7 @@ def ordered_selective_scan(
             operand(u).unsqueeze(1), operand(delta), A_k, operand(B), operand(C), _skip_or_bias(D, (k, dim), A_k),
             _skip_or_bias(delta_bias, (k, dim), A_k), order.table, merge, delta_softplus,
             None if delta_proj is None else delta_proj.to(params).transpose(1, 2), out_dtype,
-            layer_norm if in_kernel else None,
+            **({"layer_norm": layer_norm} if in_kernel else {}),  # the cpu kernel's alone
         )
         y = y.squeeze(1) if merge else y
         return y if layer_norm is None or in_kernel else F.layer_norm(y, (dim,), *layer_norm)
