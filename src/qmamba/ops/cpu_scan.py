@@ -154,13 +154,6 @@ def _accumulator_impl(y, size):  # noqa: ANN001, ANN202
     return lambda y, size: (_scratch(size, np.float32), False)
 
 
-def _flush(y, acc, y_first, tokens, channels, width, norm, shift, consts):  # noqa: ANN001, ANN202
-    """Complete a task's output sequence, rows y[y_first + p * channels:][:width] for each token p: layer-normalised
-    over the row first when ``norm`` is not empty (a LayerNorm's weight; ``shift`` its bias, ``consts`` 1 / width and
-    its eps; only for rows a task holds whole), and for a bf16 y rounded once from its accumulator acc[p * width:]. A
-    y in the compute dtype is its own accumulator: left as it is without a norm."""
-
-
 @njit(fastmath=_REDUCE, **_JIT)
 def _row_stats(values, start, width, consts):  # noqa: ANN001, ANN202
     """A LayerNorm's statistics of values[start:start + width]: the mean and 1 / sqrt(variance + eps), ``consts`` =
@@ -171,6 +164,13 @@ def _row_stats(values, start, width, consts):  # noqa: ANN001, ANN202
         d = values[start + c] - mean
         squares += d * d
     return mean, _ONE / np.sqrt(squares * consts[0] + consts[1])
+
+
+def _flush(y, acc, y_first, tokens, channels, width, norm, shift, consts):  # noqa: ANN001, ANN202
+    """Complete a task's output sequence, rows y[y_first + p * channels:][:width] for each token p: layer-normalised
+    over the row first when ``norm`` is not empty (a LayerNorm's weight; ``shift`` its bias, ``consts`` 1 / width and
+    its eps; only for rows a task holds whole), and for a bf16 y rounded once from its accumulator acc[p * width:]. A
+    y in the compute dtype is its own accumulator: left as it is without a norm."""
 
 
 @overload(_flush, inline="always")
