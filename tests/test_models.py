@@ -113,6 +113,56 @@ def test_convolutions_run_channels_last_without_copying_their_weights():
     assert all(p.grad.stride() == p.stride() for p in model.parameters() if p.dim() == 4)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 1, 2, 7, 10), (3, 2, 1, 1, 14, 14), (2, 2, 0, 2, 9, 8), (3, 1, 1, 1, 5, 6)],
+                         ids=["vmamba-odd", "vmamba", "patches", "stride-1"])
+def test_patchwise_conv_computes_the_convolution_as_a_matrix_product(monkeypatch, shape):
+    """The product over the patches (any kernel, stride, padding; odd and non-square maps) has the convolution's
+    values and every gradient, in fp32 and under bf16 autocast, and takes the channel-last weight as it is."""
+    from qmamba.models import layers
+
+    kernel, stride, padding, batch, height, width = shape
+    torch.manual_seed(0)
+    conv = layers.PatchwiseConv2d(8, 12, kernel, stride, padding).to(memory_format=torch.channels_last)
+    monkeypatch.setattr(layers, "PATCH_PRODUCT_WEIGHTS_PER_POSITION", 0)  # always the product
+    images = torch.randn(batch, height, width, 8).permute(0, 3, 1, 2)  # a channel-last map, as VMamba's
+    assert conv.as_product(images)
+    for bf16 in (False, True):
+        results = []
+        for compute in (conv, lambda x: torch.nn.Conv2d.forward(conv, x)):
+            x = images.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = compute(x)
+            grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+            results.append((y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), grad)))
+        tolerance = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=1e-5)
+        for product, convolution in zip(*results):
+            assert product.shape == convolution.shape and product.dtype == convolution.dtype
+            torch.testing.assert_close(product.float(), convolution.float(), **tolerance)
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)  # (B, C, H, W) over a channel-last map
+
+
+def test_vmamba_downsamples_with_a_matrix_product_only_where_its_map_is_small_and_nothing_observes_it():
+    """QMamba-T's last downsampling (384 -> 768 on a 14 x 14 map) runs as the product up to batch 4, the convolution
+    from batch 8 and at the downsampling before it; dispatch modes (FLOP counters, fake tensors), like compiling and
+    exporting, see the convolution."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model("qmamba_tiny")
+    last, before = (model.backbone.layers[i].downsample[1] for i in (2, 1))
+    assert isinstance(last, torch.nn.Conv2d) and type(last).__name__ == "PatchwiseConv2d"
+    assert [last.as_product(torch.empty(b, 384, 14, 14)) for b in (1, 2, 4, 8)] == [True, True, True, False]
+    assert not before.as_product(torch.empty(1, 192, 28, 28))
+    x = torch.randn(2, 14, 14, 384).permute(0, 3, 1, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        eager = last(x)
+    ran = {e.name for e in prof.events()}
+    assert "aten::convolution" not in ran and {"aten::linear", "aten::as_strided"} <= ran
+    with FlopCounterMode(display=False) as flops:
+        observed = last(x)
+    assert flops.get_flop_counts()["Global"] == {torch.ops.aten.convolution: 2 * 2 * 49 * 768 * 384 * 9}
+    torch.testing.assert_close(observed, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_qmamba_tiny_from_the_5_block_checkpoint_drops_exactly_one_block(tmp_path, caplog):
     path = tmp_path / "vssm_tiny_0230_ckpt_epoch_262.pth"
     state = fake_official_checkpoint(path, "keys_vmamba_tiny_s2l5.txt")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qmamba.ops import cpu_fusion
 
-__all__ = ["DropPath", "drop_path_rates", "Mlp", "Permute", "RMSNorm", "no_weight_decay", "trunc_normal_init"]
+__all__ = ["DropPath", "drop_path_rates", "Mlp", "PatchwiseConv2d", "Permute", "RMSNorm", "no_weight_decay",
+           "trunc_normal_init"]
 
 
 class DropPath(nn.Module):
@@ -45,6 +49,53 @@ class Permute(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}"
+
+
+# Output positions per weight value below which PatchwiseConv2d computes as a matrix product: on 2 AMX Xeon cores, at
+# QMamba-T's last downsampling (2.65 M weights) the product took 0.61-0.86x the convolution's time (training, fp32 and
+# bf16 autocast) and 0.66-0.89x (inference) with up to 196 output positions (13,500 weights per position), 0.85-1.08x
+# with 392 (6,800); at the downsampling before it (0.66 M weights) the convolution was the faster from 196 positions
+# (3,400) on. `python benchmarks/downsample_conv.py` measures both on the machine at hand.
+PATCH_PRODUCT_WEIGHTS_PER_POSITION = 8192
+
+
+class PatchwiseConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (the same parameters and function) that, in eager CPU execution, computes as one matrix product
+    over its input's patches where its output map has few positions for the size of its weight.
+
+    oneDNN's convolution reorders its weight into a blocked layout at every call, and in training again for the
+    backward and for the weight's gradient: at VMamba's last downsampling (384 -> 768 channels on a 14 x 14 map) that
+    costs more than the arithmetic at small batches. The product reads the channel-last weight (OHWI, as VMamba
+    stores its convolutions') as it is and gathers the patches from the channel-last input (the measurements are at
+    ``PATCH_PRODUCT_WEIGHTS_PER_POSITION``). Compiling, exporting, tracing, FLOP counting and every other backend see
+    the convolution. The two differ by rounding only (summation order)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.patch_product(x) if self.as_product(x) else super().forward(x)
+
+    def as_product(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` computes as the matrix product (:meth:`patch_product`)."""
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or \
+                isinstance(self.padding, str) or x.dim() != 4 or not cpu_fusion.eager_cpu(x):
+            return False
+        positions = x.shape[0] * math.prod(self._output_size(x))
+        return positions * PATCH_PRODUCT_WEIGHTS_PER_POSITION <= self.weight.numel()
+
+    def patch_product(self, x: Tensor) -> Tensor:
+        """The convolution of ``x`` (B, C, H, W) as one matrix product over its patches, channel-last in and out."""
+        batch, channels = x.shape[:2]
+        (out_h, out_w), (kh, kw), (sh, sw), (ph, pw) = self._output_size(x), self.kernel_size, self.stride, self.padding
+        padded = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view of a channel-last map
+        if ph or pw:
+            padded = F.pad(padded, (0, 0, pw, pw, ph, ph))
+        b, h, w, c = padded.stride()
+        patches = padded.as_strided((batch, out_h, out_w, kh, kw, channels), (b, sh * h, sw * w, h, w, c))
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, kh kw C): a view of OHWI
+        return F.linear(patches.reshape(batch, out_h, out_w, -1), weight, self.bias).permute(0, 3, 1, 2)
+
+    def _output_size(self, x: Tensor) -> tuple[int, int]:
+        return tuple((size + 2 * pad - kernel) // stride + 1 for size, pad, kernel, stride in
+                     zip(x.shape[2:], self.padding, self.kernel_size, self.stride))
 
 
 class Mlp(nn.Module):

@@ -23,7 +23,7 @@ from qmamba.files.checkpoint import CheckpointError, extract_state_dict, read_ch
 from qmamba.ops.scan_order import CROSS_2D
 from qmamba.ops.selective_scan import ScanBackend
 
-from .layers import DropPath, Mlp, Permute, drop_path_rates, trunc_normal_init
+from .layers import DropPath, Mlp, PatchwiseConv2d, Permute, drop_path_rates, trunc_normal_init
 from .ss2d import SS2D
 
 __all__ = ["VMamba", "VSSBlock", "LoadReport", "load_official_checkpoint", "remap_official_state_dict"]
@@ -73,7 +73,7 @@ def make_downsample(version: Literal["v1", "v3"], dim: int) -> nn.Module:
         return PatchMerging(dim)
     if version == "v3":  # conv 3x3 stride 2 + LN
         return nn.Sequential(
-            Permute(0, 3, 1, 2), nn.Conv2d(dim, 2 * dim, 3, 2, 1), Permute(0, 2, 3, 1), nn.LayerNorm(2 * dim)
+            Permute(0, 3, 1, 2), PatchwiseConv2d(dim, 2 * dim, 3, 2, 1), Permute(0, 2, 3, 1), nn.LayerNorm(2 * dim)
         )
     raise ValueError(f"downsample must be 'v1' or 'v3', got {version!r}")
 

@@ -21,7 +21,8 @@ The fused result equals the separate ops' to rounding: oneDNN's GELU and SiLU ro
 (fp32), and in bf16 the activation reads the product before its rounding to bf16 instead of after.
 
 :func:`eager_cpu_inference` and :func:`hooked` say where any such fusion may run; the CPU scan uses them to compute
-SS2D's output LayerNorm in its kernel (:func:`qmamba.ops.ordered_selective_scan`'s ``layer_norm``).
+SS2D's output LayerNorm in its kernel (:func:`qmamba.ops.ordered_selective_scan`'s ``layer_norm``), and
+:func:`eager_cpu` where a layer may run other ops for the same function with autograd on.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["conv2d", "eager_cpu_inference", "fused_dtype", "hooked", "linear"]
+__all__ = ["conv2d", "eager_cpu", "eager_cpu_inference", "fused_dtype", "hooked", "linear"]
 
 
 def linear(x: Tensor, layer: nn.Linear, act: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
@@ -62,12 +63,19 @@ def conv2d(x: Tensor, conv: nn.Conv2d, act: nn.Module | None = None) -> Tensor:
                                                    conv.stride, conv.dilation, conv.groups, *post_op)
 
 
-def eager_cpu_inference(x: Tensor) -> bool:
-    """Whether ``x`` is computed on the CPU without autograd, in eager mode, with nothing observing the ops (see the
-    module docstring): where a fused op may stand in for the ops a model is written with."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and \
-        not torch.jit.is_scripting() and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None and \
+def eager_cpu(x: Tensor) -> bool:
+    """Whether ``x`` is computed on the CPU in eager mode, with nothing observing the ops (not compiling, exporting,
+    scripting or tracing, no dispatch mode, no functorch transform): where other ops may compute what a model's are
+    written to compute, autograd included (:class:`qmamba.models.layers.PatchwiseConv2d`)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_scripting() and \
+        not torch.jit.is_tracing() and _get_current_dispatch_mode() is None and \
         torch._C._functorch.peek_interpreter_stack() is None
+
+
+def eager_cpu_inference(x: Tensor) -> bool:
+    """Whether ``x`` is computed without autograd in :func:`eager_cpu` execution: where a fused op, which has no
+    backward, may stand in for the ops a model is written with."""
+    return not torch.is_grad_enabled() and eager_cpu(x)
 
 
 def hooked(module: nn.Module) -> bool:
