@@ -51,11 +51,11 @@ class Permute(nn.Module):
         return f"dims={self.dims}"
 
 
-# Output positions per weight value below which PatchwiseConv2d computes as a matrix product: on 2 AMX Xeon cores, at
-# QMamba-T's last downsampling (2.65 M weights) the product took 0.61-0.86x the convolution's time (training, fp32 and
-# bf16 autocast) and 0.66-0.89x (inference) with up to 196 output positions (13,500 weights per position), 0.85-1.08x
-# with 392 (6,800); at the downsampling before it (0.66 M weights) the convolution was the faster from 196 positions
-# (3,400) on. `python benchmarks/downsample_conv.py` measures both on the machine at hand.
+# Weights per output position from which PatchwiseConv2d computes as a matrix product: on 2 AMX Xeon cores, at
+# QMamba-T's last downsampling (2.65 M weights) the product took 0.56-0.81x the convolution's time in training (fp32
+# and bf16 autocast) and 0.70-0.96x in inference with 49 to 196 output positions (13,500 or more weights each),
+# 0.82-1.06x with 392 (6,800); at the downsampling before it (0.66 M weights) the convolution was the faster from 196
+# positions (3,400 weights each) on. `python benchmarks/downsample_conv.py` measures both on the machine at hand.
 PATCH_PRODUCT_WEIGHTS_PER_POSITION = 8192
 
 
