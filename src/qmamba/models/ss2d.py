@@ -128,11 +128,10 @@ class SS2D(nn.Module):
         # expansion to (B, K, H*W, D) step sizes happens inside the scan (per step on the cpu backend)
         k, rank, n = len(self.directions), self.dt_rank, self.d_state
         scan_dtype = torch.float32 if self.scan_fp32 else None
-        # in CPU inference the scan's kernel computes out_norm from its fp32 sums (saving a pass over y); a hooked or
-        # replaced out_norm, training and everything else run the module after the scan
+        # a plain out_norm goes to the scan, whose cpu kernel computes it from its fp32 sums in eager inference (saving
+        # a pass over y; elsewhere F.layer_norm runs after the scan); a hooked or replaced one runs as the module
         norm = self.out_norm
-        fused_norm = self.fusion is None and type(norm) is nn.LayerNorm and not cpu_fusion.hooked(norm) and \
-            cpu_fusion.eager_cpu_inference(x)
+        fused_norm = self.fusion is None and type(norm) is nn.LayerNorm and not cpu_fusion.hooked(norm)
         proj = tokens @ self.x_proj_weight.view(k * (rank + 2 * n), self.inner).t()
         dts, bs, cs = proj.view(batch, height * width, k, rank + 2 * n).transpose(1, 2).split([rank, n, n], dim=-1)
 
